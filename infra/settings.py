@@ -1,0 +1,286 @@
+"""Settings: one frozen pydantic-settings class per area, all prefixed ``EDGEBILL_``.
+
+This is the only module that reads ``os.environ``. Everything else receives a
+:class:`Settings` object (or one of its parts) explicitly.
+
+``load_settings()`` builds every area, collects *all* validation problems and the
+cross-area interlocks (see :func:`interlock_problems`), and raises one
+:class:`~models.errors.ConfigError` listing them, so an operator fixes a config in one pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_EMBEDDED_KAFKA_PORT",
+    "DEFAULT_LOCAL_STRIPE_PORT",
+    "Authority",
+    "BillingSettings",
+    "DatabaseSettings",
+    "KafkaSettings",
+    "Settings",
+    "StripeSettings",
+    "WebSettings",
+    "child_env",
+    "interlock_problems",
+    "load_settings",
+]
+
+DEFAULT_EMBEDDED_KAFKA_PORT = 29092
+DEFAULT_LOCAL_STRIPE_PORT = 12111
+DEFAULT_VAR_DIR = Path("var")
+_T = TypeVar("_T")
+
+
+class Authority(StrEnum):
+    """Who is authoritative for Pro billing (``EDGEBILL_PRO_BILLING_AUTHORITY``)."""
+
+    CELL = "cell"
+    EDGE = "edge"
+
+
+def _cfg(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=prefix, frozen=True, extra="ignore", case_sensitive=False)
+
+
+class KafkaSettings(BaseSettings):
+    """Kafka / broker. ``EDGEBILL_KAFKA_BOOTSTRAP`` unset means the embedded broker on 127.0.0.1."""
+
+    model_config = _cfg("EDGEBILL_KAFKA_")
+
+    bootstrap: str | None = Field(
+        default=None, description="host:port[,host:port]; unset = embedded broker on 127.0.0.1"
+    )
+    embedded_port: int = Field(default=DEFAULT_EMBEDDED_KAFKA_PORT, ge=1, le=65535)
+    topic_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$")
+    partitions: int = Field(default=4, ge=1, le=1024, description="partitions for topics edgebill creates")
+    group_id: str = Field(default="edgebill", min_length=1)
+    # Faust timings (seconds). Tansu's join phase lasts ~session_timeout/2; 3/0.3/3 gives a ~4 s start.
+    session_timeout: float = Field(default=3.0, gt=0)
+    heartbeat_interval: float = Field(default=0.3, gt=0)
+    rebalance_timeout: float = Field(default=3.0, gt=0)
+    request_timeout: float = Field(default=30.0, gt=0)
+    max_fetch_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+
+    @property
+    def embedded(self) -> bool:
+        return self.bootstrap is None
+
+    @property
+    def servers(self) -> str:
+        """Bootstrap servers as ``host:port[,…]``."""
+        return self.bootstrap or f"127.0.0.1:{self.embedded_port}"
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+
+class DatabaseSettings(BaseSettings):
+    """SQL ledger. ``EDGEBILL_DATABASE_URL`` unset means a SQLite file under ``./var/``."""
+
+    model_config = _cfg("EDGEBILL_DATABASE_")
+
+    url: str | None = None
+    var_dir: Path = DEFAULT_VAR_DIR
+
+    @property
+    def resolved_url(self) -> str:
+        if self.url:
+            return self.url
+        return f"sqlite:///{(self.var_dir / 'edgebill.db').as_posix()}"
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://")):
+            raise ValueError("must start with sqlite:// or postgresql+psycopg://")
+        if v is not None and v.startswith("postgresql://"):
+            return "postgresql+psycopg://" + v.removeprefix("postgresql://")
+        return v
+
+
+class StripeSettings(BaseSettings):
+    """Stripe. ``EDGEBILL_STRIPE_API_BASE`` unset means the local Stripe-compatible server."""
+
+    model_config = _cfg("EDGEBILL_STRIPE_")
+
+    api_base: str | None = None
+    api_key: SecretStr = SecretStr("sk_test_edgebill_local")
+    webhook_secret: SecretStr = SecretStr("whsec_edgebill_local")
+    local_port: int = Field(default=DEFAULT_LOCAL_STRIPE_PORT, ge=1, le=65535)
+    mode: Literal["v1", "v2"] = "v1"
+    send_batch: int = Field(default=500, ge=1, le=10_000, description="outbox rows per send cycle")
+    concurrency: int = Field(default=8, ge=1, le=256)
+    max_attempts: int = Field(default=6, ge=1, le=50, description="attempts per row per send cycle")
+    send_interval: float = Field(default=1.0, gt=0, description="seconds between send cycles")
+    timeout: float = Field(default=20.0, gt=0)
+
+    @property
+    def base(self) -> str:
+        return (self.api_base or f"http://127.0.0.1:{self.local_port}").rstrip("/")
+
+    @field_validator("api_base")
+    @classmethod
+    def _http(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+
+class BillingSettings(BaseSettings):
+    """Billing semantics and the cutover flags (DESIGN §4)."""
+
+    model_config = _cfg("EDGEBILL_")
+
+    shadow: bool = Field(default=True, description="compute rows but never send them (state=shadow)")
+    bill_from: int = Field(default=0, ge=0, description="cutover boundary on bucket start, unix s; 0=off")
+    pro_billing_authority: Authority = Authority.CELL
+    bucket_seconds: int = Field(default=3600, ge=60, le=86400)
+    grace_seconds: int = Field(default=600, ge=0, le=7 * 86400)
+    close_interval: float = Field(default=1.0, gt=0, description="seconds between closer runs")
+    progress_stale_after: float = Field(
+        default=15.0, gt=0, description="a partition whose progress report is older is treated as lagging"
+    )
+
+    @field_validator("bucket_seconds")
+    @classmethod
+    def _divides_day(cls, v: int) -> int:
+        if 86400 % v:
+            raise ValueError("must divide 86400 so buckets align to UTC days")
+        return v
+
+
+class WebSettings(BaseSettings):
+    """The worker's web server (webhooks, parity, dashboard, health, metrics)."""
+
+    model_config = _cfg("EDGEBILL_WEB_")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=6066, ge=0, le=65535)
+    internal_secret: SecretStr = SecretStr("edgebill-local-internal-secret")
+
+
+class Settings:
+    """All areas together. Built by :func:`load_settings`; immutable parts, passed explicitly."""
+
+    __slots__ = ("billing", "db", "kafka", "stripe", "web")
+
+    def __init__(
+        self,
+        *,
+        kafka: KafkaSettings,
+        db: DatabaseSettings,
+        stripe: StripeSettings,
+        billing: BillingSettings,
+        web: WebSettings,
+    ) -> None:
+        self.kafka = kafka
+        self.db = db
+        self.stripe = stripe
+        self.billing = billing
+        self.web = web
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Every effective value, secrets masked (for ``check-config`` and logs)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in self.__slots__:
+            part: BaseSettings = getattr(self, name)
+            out[name] = {
+                k: ("**********" if isinstance(v, SecretStr) else (str(v) if isinstance(v, Path) else v))
+                for k, v in part.model_dump().items()
+            }
+        return out
+
+
+_AREAS: dict[str, type[BaseSettings]] = {
+    "kafka": KafkaSettings,
+    "db": DatabaseSettings,
+    "stripe": StripeSettings,
+    "billing": BillingSettings,
+    "web": WebSettings,
+}
+
+
+def interlock_problems(billing: BillingSettings) -> list[str]:
+    """Configurations that could double-bill or leave a gap at the cutover seam."""
+    problems: list[str] = []
+    if not billing.shadow:
+        if billing.pro_billing_authority is not Authority.EDGE:
+            problems.append(
+                "EDGEBILL_SHADOW=false requires EDGEBILL_PRO_BILLING_AUTHORITY=edge: with the cell still "
+                "authoritative both sides would bill the same usage"
+            )
+        if billing.bill_from <= 0:
+            problems.append(
+                "EDGEBILL_SHADOW=false requires EDGEBILL_BILL_FROM > 0 (the cutover boundary): without it "
+                "the edge would bill hours the cell already billed"
+            )
+    if billing.bill_from % billing.bucket_seconds:
+        lower = billing.bill_from - billing.bill_from % billing.bucket_seconds
+        problems.append(
+            f"EDGEBILL_BILL_FROM={billing.bill_from} is not aligned to EDGEBILL_BUCKET_SECONDS="
+            f"{billing.bucket_seconds}: the straddling bucket would be billed by neither side "
+            f"(use {lower} or {lower + billing.bucket_seconds})"
+        )
+    if billing.pro_billing_authority is Authority.EDGE and billing.shadow:
+        problems.append(
+            "EDGEBILL_PRO_BILLING_AUTHORITY=edge with EDGEBILL_SHADOW=true: the cell stops billing but the "
+            "edge does not send, so usage from now on would be billed by nobody"
+        )
+    return problems
+
+
+def load_settings(**overrides: Mapping[str, Any]) -> Settings:
+    """Build all settings from the environment, raising one ConfigError that lists every problem.
+
+    ``overrides`` maps an area name (``kafka``, ``db``, ``stripe``, ``billing``, ``web``) to field
+    values that take precedence over the environment (used by tests and the demo).
+    """
+    problems: list[str] = []
+    built: dict[str, BaseSettings] = {}
+    for area, cls in _AREAS.items():
+        try:
+            built[area] = cls(**dict(overrides.get(area, {})))
+        except ValidationError as exc:
+            prefix = str(cls.model_config.get("env_prefix", ""))
+            for err in exc.errors():
+                field = ".".join(str(p) for p in err["loc"]) or "?"
+                problems.append(f"{prefix}{field.upper()}: {err['msg']} (got {err.get('input')!r})")
+    billing = built.get("billing")
+    if isinstance(billing, BillingSettings):
+        problems.extend(interlock_problems(billing))
+    if problems:
+        raise ConfigError(problems)
+    return Settings(
+        kafka=_as(built["kafka"], KafkaSettings),
+        db=_as(built["db"], DatabaseSettings),
+        stripe=_as(built["stripe"], StripeSettings),
+        billing=_as(built["billing"], BillingSettings),
+        web=_as(built["web"], WebSettings),
+    )
+
+
+def _as(value: object, cls: type[_T]) -> _T:
+    assert isinstance(value, cls)
+    return value
+
+
+def child_env(overrides: Mapping[str, str | None]) -> dict[str, str]:
+    """The current environment with ``overrides`` applied (None removes), for child processes."""
+    env = dict(os.environ)
+    for k, v in overrides.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env

@@ -1,0 +1,1 @@
+"""edgebill models package."""

@@ -1,0 +1,175 @@
+"""Pure time and money math: buckets, GB-seconds, meters, value formatting, rounding carry.
+
+No I/O, no floats: usage is kept as exact integers (MB-seconds for the unified meter, seconds for
+legacy tier meters) and turned into a Stripe value string only at the edge, with
+:func:`carry_rounded_delta` guaranteeing that the values sent for one (org, meter) always add up
+to the exact running total rounded once (DESIGN §4 "Rounding never loses money over time").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
+from enum import StrEnum
+from typing import Final
+
+__all__ = [
+    "LEGACY_TIER_METERS",
+    "MAX_IDENTIFIER_LENGTH",
+    "MAX_SIGNIFICANT_DIGITS",
+    "STRIPE_MAX_AGE_SECONDS",
+    "STRIPE_MAX_FUTURE_SECONDS",
+    "UNIFIED_METER",
+    "VALUE_DECIMALS",
+    "BillingMode",
+    "MeterAmount",
+    "Plan",
+    "RowState",
+    "bucket_end",
+    "bucket_start",
+    "carry_rounded_delta",
+    "format_value",
+    "gb_seconds",
+    "meter_amounts",
+    "meter_row_id",
+    "meter_unit_divisor",
+    "round_value",
+    "significant_digits",
+]
+
+UNIFIED_METER: Final = "sandbox_compute_sandbox_overage"
+LEGACY_TIER_METERS: Final[dict[int, str]] = {
+    1024: "sandbox_compute_sandbox_1gb",
+    4096: "sandbox_compute_sandbox_4gb",
+    8192: "sandbox_compute_sandbox_8gb",
+    16384: "sandbox_compute_sandbox_16gb",
+    32768: "sandbox_compute_sandbox_32gb",
+    65536: "sandbox_compute_sandbox_64gb",
+}
+VALUE_DECIMALS: Final = 6
+MAX_SIGNIFICANT_DIGITS: Final = 15
+MAX_IDENTIFIER_LENGTH: Final = 100
+STRIPE_MAX_AGE_SECONDS: Final = 35 * 86_400
+STRIPE_MAX_FUTURE_SECONDS: Final = 5 * 60
+_QUANTUM: Final = Decimal(1).scaleb(-VALUE_DECIMALS)
+
+
+class Plan(StrEnum):
+    PRO = "pro"
+    FREE = "free"
+
+
+class BillingMode(StrEnum):
+    LEGACY = "legacy"
+    UNIFIED = "unified"
+
+
+class RowState(StrEnum):
+    """States of a meter row in the outbox (DESIGN §4)."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    SHADOW = "shadow"
+    SKIPPED_BEFORE_BILL_FROM = "skipped_before_bill_from"
+    DEFERRED_NO_CUSTOMER = "deferred_no_customer"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+def bucket_start(ts_ms: int, bucket_seconds: int) -> int:
+    """Start (unix s) of the tumbling UTC-epoch-aligned bucket holding ``ts_ms``; floors negatives too."""
+    return (ts_ms // 1000) // bucket_seconds * bucket_seconds
+
+
+def bucket_end(start: int, bucket_seconds: int) -> int:
+    return start + bucket_seconds
+
+
+def gb_seconds(memory_mb: int, interval_s: int) -> Decimal:
+    """Exact GB-s of one tick: ``memory_mb × interval_s / 1024`` (exact: 1/1024 has 10 decimals)."""
+    return Decimal(memory_mb * interval_s) / 1024
+
+
+def meter_unit_divisor(meter: str) -> int:
+    """Integer units per meter value: MB-s per GB-s for the unified meter, 1 s per s for tier meters."""
+    return 1024 if meter == UNIFIED_METER else 1
+
+
+@dataclass(frozen=True, slots=True)
+class MeterAmount:
+    meter: str
+    units: int  # exact integer units (see meter_unit_divisor)
+
+
+def meter_amounts(mode: BillingMode, memory_mb: int, seconds: int, mb_seconds: int) -> MeterAmount | None:
+    """The meter and exact units an aggregate of ticks at one memory size contributes, or None.
+
+    ``None`` means the usage is not billable in this mode (a legacy memory size outside the six
+    tiers); callers record it as unbillable, visibly.
+    """
+    if mode is BillingMode.UNIFIED:
+        return MeterAmount(UNIFIED_METER, mb_seconds)
+    meter = LEGACY_TIER_METERS.get(memory_mb)
+    if meter is None:
+        return None
+    return MeterAmount(meter, seconds)
+
+
+def meter_row_id(org_id: str, start: int, meter: str, revision: int = 0) -> str:
+    """Outbox id and Stripe ``identifier``: ``{org}:{bucket_start}:{meter}`` or ``…:r{n}`` for corrections."""
+    base = f"{org_id}:{start}:{meter}"
+    return base if revision == 0 else f"{base}:r{revision}"
+
+
+def significant_digits(value: Decimal) -> int:
+    """Significant digits of a finite decimal, ignoring trailing zeros of the fraction."""
+    if value.is_zero():
+        return 1
+    t = value.normalize().as_tuple()
+    digits = len(t.digits)
+    exp = int(t.exponent)
+    return digits if exp <= 0 else digits + exp
+
+
+def round_value(units: int, divisor: int) -> Decimal:
+    """Exact ``units/divisor`` rounded once, half up, to VALUE_DECIMALS."""
+    return (Decimal(units) / divisor).quantize(_QUANTUM, rounding=ROUND_HALF_UP)
+
+
+def format_value(value: Decimal) -> str:
+    """Stripe value string: plain notation, at most 6 decimals, no trailing zeros, ≤ 15 significant digits.
+
+    Raises ValueError when the value cannot be written within Stripe's 15 significant digits.
+    """
+    q = value.quantize(_QUANTUM, rounding=ROUND_HALF_UP)
+    if significant_digits(q) > MAX_SIGNIFICANT_DIGITS:
+        raise ValueError(f"value {value} needs more than {MAX_SIGNIFICANT_DIGITS} significant digits")
+    text = format(q.normalize(), "f")
+    return "0" if text in ("-0", "") else text
+
+
+def _fit_digits(value: Decimal) -> Decimal:
+    """Truncate decimals (toward zero) until ``value`` has ≤ 15 significant digits."""
+    decimals = VALUE_DECIMALS
+    while decimals > 0 and significant_digits(value) > MAX_SIGNIFICANT_DIGITS:
+        decimals -= 1
+        value = value.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_DOWN)
+    if significant_digits(value) > MAX_SIGNIFICANT_DIGITS:
+        raise ValueError(f"value {value} cannot be sent: more than {MAX_SIGNIFICANT_DIGITS} integer digits")
+    return value
+
+
+def carry_rounded_delta(
+    total_units_before: int, sent_before: Decimal, added_units: int, divisor: int
+) -> tuple[Decimal, Decimal]:
+    """The value to put on the next row of one (org, meter), and the new cumulative sent value.
+
+    ``total_units_before``: exact units of every earlier row of this (org, meter, stream);
+    ``sent_before``: the sum of the values already assigned to those rows.
+    The new row gets ``round(total_after) - sent_before``, so after any number of rows the values add
+    up to the exact total rounded once, never the sum of per-row roundings. A delta that would need
+    more than 15 significant digits is truncated; the remainder is carried to the next row.
+    """
+    target = round_value(total_units_before + added_units, divisor)
+    delta = _fit_digits(target - sent_before)
+    return delta, sent_before + delta

@@ -1,0 +1,260 @@
+"""``usage-ticks`` wire format: envelopes, parsing, and the reasons a record is rejected.
+
+A Kafka record's value is one envelope or a JSON array of envelopes (DESIGN §3). Parsing never
+raises on bad input: it returns :class:`ParsedRecord` with the good ticks, the rejected parts
+(each with a short machine-readable reason and the exact bytes to dead-letter) and how many
+envelopes of another ``type`` were ignored.
+
+Two implementations of the same contract live here:
+
+* :class:`UsageTickEnvelope` — the frozen pydantic wire model (producers, the simulator, docs);
+* :func:`parse_record` — the hot path used by the ingest agent: ``orjson`` plus hand-written checks
+  (about 20x faster than pydantic per tick). A property test keeps the two in agreement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "MAX_ID_LENGTH",
+    "TICK_TYPE",
+    "ParsedRecord",
+    "Rejected",
+    "Tick",
+    "TickPayload",
+    "UsageTickEnvelope",
+    "parse_record",
+    "parse_timestamp_ms",
+]
+
+TICK_TYPE: Final = "usage_tick"
+MAX_ID_LENGTH: Final = 255
+MAX_MEMORY_MB: Final = 16 * 1024 * 1024  # 16 TiB: anything larger is a producer bug
+MAX_INTERVAL_S: Final = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """One validated usage tick, in the units the ledger stores (ints only; no floats)."""
+
+    id: str
+    org_id: str
+    sandbox_id: str
+    worker_id: str
+    cell_id: str
+    memory_mb: int
+    cpu_count: int
+    interval_s: int
+    ts_ms: int
+
+    @property
+    def mb_seconds(self) -> int:
+        """Exact usage in MB-seconds (GB-s = this / 1024)."""
+        return self.memory_mb * self.interval_s
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A record (or one element of an array record) that cannot be billed."""
+
+    reason: str
+    raw: bytes
+    index: int | None = None  # position in an array record; None for the whole record
+
+
+@dataclass(slots=True)
+class ParsedRecord:
+    ticks: list[Tick] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    ignored: int = 0  # envelopes of another type: accepted, counted, not billed
+
+
+class TickPayload(BaseModel):
+    """``payload`` of a ``usage_tick``. Old producers omit the dimensions: they read as 0."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    sandbox_id: str | None = None
+    cost_cents: int = 0
+    interval_s: int = Field(default=0, ge=0, le=MAX_INTERVAL_S)
+    memory_mb: int = Field(default=0, ge=0, le=MAX_MEMORY_MB)
+    cpu_count: int = Field(default=0, ge=0)
+
+
+class UsageTickEnvelope(BaseModel):
+    """The envelope on ``usage-ticks`` (DESIGN §3). ``plan`` is advisory and never used for pricing."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    type: str = TICK_TYPE
+    sandbox_id: str = ""
+    org_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    plan: str | None = None
+    worker_id: str = ""
+    cell_id: str = ""
+    payload: TickPayload = TickPayload()
+    timestamp: datetime
+
+    @field_validator("timestamp")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        if v.tzinfo is None:
+            raise ValueError("timestamp must carry a UTC offset (e.g. 'Z')")
+        return v.astimezone(UTC)
+
+    def to_tick(self) -> Tick:
+        return Tick(
+            id=self.id,
+            org_id=self.org_id,
+            sandbox_id=self.sandbox_id or (self.payload.sandbox_id or ""),
+            worker_id=self.worker_id,
+            cell_id=self.cell_id,
+            memory_mb=self.payload.memory_mb,
+            cpu_count=self.payload.cpu_count,
+            interval_s=self.payload.interval_s,
+            ts_ms=_dt_to_ms(self.timestamp),
+        )
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True))
+
+
+def _dt_to_ms(dt: datetime) -> int:
+    delta = dt - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def parse_timestamp_ms(value: object) -> int | None:
+    """RFC 3339 timestamp with an offset -> unix milliseconds, or None when it cannot be one."""
+    if not isinstance(value, str) or len(value) < 20 or len(value) > 40:
+        return None
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if dt.tzinfo is None or not (1970 <= dt.year <= 9999):
+        return None
+    return _dt_to_ms(dt)
+
+
+def _nonneg_int(payload: dict[str, Any], key: str, limit: int) -> int | str:
+    """A non-negative integer dimension; missing/null reads as 0. Returns a reason string on error."""
+    v = payload.get(key)
+    if v is None:
+        return 0
+    if type(v) is float and v.is_integer():
+        v = int(v)
+    if type(v) is not int:
+        return f"bad_{key}"
+    if v < 0:
+        return f"negative_{key}"
+    if v > limit:
+        return f"{key}_out_of_range"
+    return v
+
+
+def _str_field(env: dict[str, Any], key: str) -> str:
+    v = env.get(key)
+    return v if isinstance(v, str) else ""
+
+
+def _parse_envelope(env: Any, max_ts_ms: int | None) -> Tick | str | None:
+    """A tick, a rejection reason, or None for an envelope of another type (ignored)."""
+    if not isinstance(env, dict):
+        return "not_an_envelope"
+    typ = env.get("type", TICK_TYPE)
+    if typ != TICK_TYPE:
+        return None if isinstance(typ, str) else "bad_type"
+    tick_id = env.get("id")
+    if not isinstance(tick_id, str) or not tick_id:
+        return "missing_id"
+    if len(tick_id) > MAX_ID_LENGTH:
+        return "id_too_long"
+    org_id = env.get("org_id")
+    if not isinstance(org_id, str) or not org_id:
+        return "missing_org_id"
+    if len(org_id) > MAX_ID_LENGTH:
+        return "org_id_too_long"
+    ts_ms = parse_timestamp_ms(env.get("timestamp"))
+    if ts_ms is None:
+        return "bad_timestamp"
+    if max_ts_ms is not None and ts_ms > max_ts_ms:
+        return "timestamp_in_future"
+    payload = env.get("payload")
+    if payload is None:
+        payload = {}
+    elif not isinstance(payload, dict):
+        return "bad_payload"
+    interval = _nonneg_int(payload, "interval_s", MAX_INTERVAL_S)
+    if isinstance(interval, str):
+        return interval
+    memory = _nonneg_int(payload, "memory_mb", MAX_MEMORY_MB)
+    if isinstance(memory, str):
+        return memory
+    cpus = _nonneg_int(payload, "cpu_count", 1_000_000)
+    if isinstance(cpus, str):
+        return cpus
+    sandbox = _str_field(env, "sandbox_id") or _str_field(payload, "sandbox_id")
+    return Tick(
+        id=tick_id,
+        org_id=org_id,
+        sandbox_id=sandbox,
+        worker_id=_str_field(env, "worker_id"),
+        cell_id=_str_field(env, "cell_id"),
+        memory_mb=memory,
+        cpu_count=cpus,
+        interval_s=interval,
+        ts_ms=ts_ms,
+    )
+
+
+def parse_record(raw: bytes | None, *, max_ts_ms: int | None = None) -> ParsedRecord:
+    """Parse one Kafka record value. Never raises on bad input.
+
+    ``max_ts_ms``: ticks stamped later than this are rejected (``timestamp_in_future``): a producer
+    clock far ahead would otherwise hold a bucket open for its whole skew.
+
+    A whole-record failure (not JSON, not an object or array, empty array) rejects the record with
+    its original bytes. Inside an array each element stands alone: good elements are kept, bad
+    ones are rejected individually (their bytes re-serialized, with their index).
+    """
+    out = ParsedRecord()
+    if raw is None or not raw:
+        out.rejected.append(Rejected("empty_record", raw or b""))
+        return out
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        out.rejected.append(Rejected("not_json", raw))
+        return out
+    if isinstance(doc, list):
+        if not doc:
+            out.rejected.append(Rejected("empty_array", raw))
+            return out
+        for i, env in enumerate(doc):
+            result = _parse_envelope(env, max_ts_ms)
+            if isinstance(result, Tick):
+                out.ticks.append(result)
+            elif result is None:
+                out.ignored += 1
+            else:
+                out.rejected.append(Rejected(result, orjson.dumps(env), i))
+        return out
+    result = _parse_envelope(doc, max_ts_ms)
+    if isinstance(result, Tick):
+        out.ticks.append(result)
+    elif result is None:
+        out.ignored += 1
+    else:
+        out.rejected.append(Rejected(result, raw))
+    return out

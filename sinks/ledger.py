@@ -1,0 +1,783 @@
+"""The SQL ledger: usage samples (dedup by tick id), org policy history, the meter-row outbox.
+
+Every write here is one database transaction; each function's docstring gives the order of its
+side effects and what a crash between two of them does. The tables are in :mod:`infra.db`.
+
+Concurrency: SQLite serialises writers; on PostgreSQL the closer takes a transaction-scoped
+advisory lock so that two workers can never close at once, and ingest only inserts (a row is
+claimed by exactly one close run through ``close_id``), so ingest never blocks on the closer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, case, func, insert, literal, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from infra.db import (
+    close_runs,
+    closed_buckets,
+    counters,
+    meter_events,
+    meter_totals,
+    org_policies,
+    partition_progress,
+    unbilled_usage,
+    usage_samples,
+)
+from models.billing import (
+    STRIPE_MAX_AGE_SECONDS,
+    BillingMode,
+    RowState,
+    carry_rounded_delta,
+    format_value,
+    meter_amounts,
+    meter_row_id,
+    meter_unit_divisor,
+    round_value,
+)
+from models.errors import LedgerError
+from models.policy import OrgPolicy, PolicyHistory
+from models.ticks import Tick
+from models.watermark import PartitionState
+
+__all__ = [
+    "CloseConfig",
+    "CloseResult",
+    "IngestResult",
+    "Ledger",
+    "MeterRow",
+    "SourcedTick",
+]
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], int]  # unix milliseconds
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class SourcedTick:
+    tick: Tick
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    inserted: int
+    duplicates: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConfig:
+    bucket_seconds: int
+    grace_seconds: int
+    shadow: bool
+    bill_from: int
+
+
+@dataclass(slots=True)
+class CloseResult:
+    close_id: int | None = None
+    last_bucket: int | None = None
+    samples: int = 0
+    rows: int = 0
+    corrections: int = 0
+    buckets: list[int] = field(default_factory=list)
+    unbilled: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MeterRow:
+    """An outbox row as the sender sees it."""
+
+    id: str
+    org_id: str
+    bucket_start: int
+    bucket_end: int
+    meter: str
+    value: str
+    state: str
+    stripe_customer_id: str | None
+    attempts: int
+
+
+_ADVISORY_LOCK_CLOSER = 0x6564676562696C  # "edgebil"
+
+
+class Ledger:
+    """All ledger reads and writes. One instance per process; thread-safe through the engine pool."""
+
+    def __init__(self, engine: Engine, *, clock: Clock = wall_clock_ms) -> None:
+        self.engine = engine
+        self._clock = clock
+        self._dialect = engine.dialect.name
+        if self._dialect not in ("sqlite", "postgresql"):
+            raise LedgerError(f"unsupported database dialect {self._dialect!r}")
+        # Writes go through this engine view: on SQLite it begins with BEGIN IMMEDIATE (infra.db).
+        self._w = engine.execution_options(sqlite_write=True)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _insert(self, table: Any) -> Any:
+        return (sqlite.insert if self._dialect == "sqlite" else postgresql.insert)(table)
+
+    def _bump_counters(self, conn: Connection, deltas: Mapping[str, int]) -> None:
+        rows = [{"name": k, "value": v} for k, v in deltas.items() if v]
+        if not rows:
+            return
+        stmt = self._insert(counters)
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["name"], set_={"value": counters.c.value + stmt.excluded.value}
+            ),
+            rows,
+        )
+
+    def _upsert_progress(
+        self, conn: Connection, topic: str, progress: Mapping[int, tuple[int, int | None]]
+    ) -> None:
+        """progress: partition -> (last offset written, newest event ms or None). Never moves backwards."""
+        if not progress:
+            return
+        stmt = self._insert(partition_progress)
+        ex = stmt.excluded
+        pp = partition_progress.c
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["topic", "partition"],
+            set_={
+                "committed_offset": case(
+                    (ex.committed_offset > pp.committed_offset, ex.committed_offset),
+                    else_=pp.committed_offset,
+                ),
+                "max_event_ms": case(
+                    (pp.max_event_ms.is_(None), ex.max_event_ms),
+                    (ex.max_event_ms > pp.max_event_ms, ex.max_event_ms),
+                    else_=pp.max_event_ms,
+                ),
+            },
+        )
+        conn.execute(
+            stmt,
+            [
+                {"topic": topic, "partition": p, "committed_offset": off, "max_event_ms": ev}
+                for p, (off, ev) in progress.items()
+            ],
+        )
+
+    # ------------------------------------------------------------------ ingest
+
+    def check_bucket_seconds(self, bucket_seconds: int) -> None:
+        """Refuse to run with a bucket size other than the one this ledger was started with."""
+        with self._w.begin() as conn:
+            got = conn.execute(
+                select(counters.c.value).where(counters.c.name == "config.bucket_seconds")
+            ).scalar_one_or_none()
+            if got is None:
+                conn.execute(insert(counters).values(name="config.bucket_seconds", value=bucket_seconds))
+            elif got != bucket_seconds:
+                raise LedgerError(
+                    f"this ledger was built with EDGEBILL_BUCKET_SECONDS={got}; refusing to run with "
+                    f"{bucket_seconds} (stored bucket starts would no longer line up)"
+                )
+
+    def write_ticks(
+        self,
+        topic: str,
+        ticks: Sequence[SourcedTick],
+        *,
+        bucket_seconds: int,
+        progress: Mapping[int, tuple[int, int | None]],
+        counts: Mapping[str, int] | None = None,
+    ) -> IngestResult:
+        """Insert ticks (ignoring ids already present) and advance partition progress, atomically.
+
+        One transaction, in this order: (1) INSERT samples ON CONFLICT(id) DO NOTHING; (2) upsert
+        ``partition_progress`` (offset and newest event time, monotonic); (3) bump counters; commit.
+        A crash before the commit writes nothing: the records are redelivered (their offsets were not
+        committed to Kafka, which happens only after this returns) and inserted then. A crash after
+        the commit but before the Kafka offset commit redelivers them too: their ids already exist,
+        so they count as duplicates, not twice. The dedup and the aggregate input are the same row,
+        so there is no window in which one is written without the other.
+        """
+        rows: list[dict[str, Any]] = [
+            {
+                "id": st.tick.id,
+                "org_id": st.tick.org_id,
+                "sandbox_id": st.tick.sandbox_id,
+                "worker_id": st.tick.worker_id,
+                "cell_id": st.tick.cell_id,
+                "memory_mb": st.tick.memory_mb,
+                "cpu_count": st.tick.cpu_count,
+                "interval_s": st.tick.interval_s,
+                "ts_ms": st.tick.ts_ms,
+                "bucket_start": (st.tick.ts_ms // 1000) // bucket_seconds * bucket_seconds,
+                "src_partition": st.partition,
+                "src_offset": st.offset,
+                "close_id": None,
+            }
+            for st in ticks
+        ]
+        # The same id twice inside one batch: keep the first (the insert below would ignore it anyway).
+        unique: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            unique.setdefault(r["id"], r)
+        inserted = 0
+        with self._w.begin() as conn:
+            if unique:
+                stmt = self._insert(usage_samples).on_conflict_do_nothing(index_elements=["id"])
+                result = conn.execute(stmt, list(unique.values()))
+                inserted = result.rowcount if result.rowcount is not None and result.rowcount >= 0 else 0
+            self._upsert_progress(conn, topic, progress)
+            dup = len(rows) - inserted
+            all_counts = dict(counts or {})
+            all_counts["ticks.ingested"] = all_counts.get("ticks.ingested", 0) + inserted
+            all_counts["ticks.duplicate"] = all_counts.get("ticks.duplicate", 0) + dup
+            self._bump_counters(conn, all_counts)
+        return IngestResult(inserted=inserted, duplicates=len(rows) - inserted)
+
+    def record_progress(
+        self, topic: str, progress: Mapping[int, tuple[int, int | None]], counts: Mapping[str, int]
+    ) -> None:
+        """Advance progress for records that produced no sample (all rejected / ignored), with counters."""
+        with self._w.begin() as conn:
+            self._upsert_progress(conn, topic, progress)
+            self._bump_counters(conn, counts)
+
+    def write_policies(
+        self,
+        topic: str,
+        policies: Sequence[tuple[OrgPolicy, int, int]],
+        progress: Mapping[int, tuple[int, int | None]],
+        counts: Mapping[str, int],
+    ) -> None:
+        """Upsert policy records ((org, effective_at) -> the later record wins) and advance progress.
+
+        One transaction: (1) upsert ``org_policies``; (2) upsert progress; (3) counters. A crash before
+        the commit redelivers the records; applying one again is a no-op (same key, same values).
+        """
+        now = self._clock()
+        with self._w.begin() as conn:
+            for pol, part, off in policies:
+                values = {
+                    "org_id": pol.org_id,
+                    "effective_ms": pol.effective_at_ms,
+                    "plan": pol.plan.value,
+                    "billing_mode": pol.billing_mode.value,
+                    "stripe_customer_id": pol.stripe_customer_id,
+                    "stripe_subscription_id": pol.stripe_subscription_id,
+                    "billing_provider": pol.billing_provider,
+                    "src_partition": part,
+                    "src_offset": off,
+                    "received_ms": now,
+                }
+                upd = {k: v for k, v in values.items() if k not in ("org_id", "effective_ms")}
+                conn.execute(
+                    self._insert(org_policies)
+                    .values(**values)
+                    .on_conflict_do_update(index_elements=["org_id", "effective_ms"], set_=upd)
+                )
+            self._upsert_progress(conn, topic, progress)
+            self._bump_counters(conn, counts)
+
+    def report_highwaters(self, topic: str, highwaters: Mapping[int, int], owner: str) -> None:
+        """Record the log end of the partitions this worker owns (drives the caught-up test)."""
+        if not highwaters:
+            return
+        now = self._clock()
+        stmt = self._insert(partition_progress)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["topic", "partition"],
+            set_={
+                "highwater": stmt.excluded.highwater,
+                "reported_ms": stmt.excluded.reported_ms,
+                "owner": stmt.excluded.owner,
+            },
+        )
+        with self._w.begin() as conn:
+            conn.execute(
+                stmt,
+                [
+                    {
+                        "topic": topic,
+                        "partition": p,
+                        "committed_offset": -1,
+                        "max_event_ms": None,
+                        "highwater": hw,
+                        "reported_ms": now,
+                        "owner": owner,
+                    }
+                    for p, hw in highwaters.items()
+                ],
+            )
+
+    def partition_states(self) -> list[PartitionState]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(partition_progress)).all()
+        return [
+            PartitionState(
+                topic=r.topic,
+                partition=r.partition,
+                committed_offset=r.committed_offset,
+                max_event_ms=r.max_event_ms,
+                highwater=r.highwater,
+                reported_ms=r.reported_ms,
+            )
+            for r in rows
+        ]
+
+    # ------------------------------------------------------------------ closing
+
+    def _policy_histories(self, conn: Connection, orgs: Iterable[str]) -> dict[str, PolicyHistory]:
+        wanted = set(orgs)
+        found: dict[str, list[OrgPolicy]] = defaultdict(list)
+        chunk: list[str] = []
+        ordered = sorted(wanted)
+        for i in range(0, len(ordered), 500):
+            chunk = ordered[i : i + 500]
+            for r in conn.execute(select(org_policies).where(org_policies.c.org_id.in_(chunk))):
+                found[r.org_id].append(
+                    OrgPolicy.model_validate(
+                        {
+                            "org_id": r.org_id,
+                            "plan": r.plan,
+                            "billing_mode": r.billing_mode,
+                            "stripe_customer_id": r.stripe_customer_id,
+                            "stripe_subscription_id": r.stripe_subscription_id,
+                            "billing_provider": r.billing_provider,
+                            "effective_at": r.effective_ms / 1000,
+                        }
+                    )
+                )
+        return {org: PolicyHistory(pols) for org, pols in found.items()}
+
+    def close(self, watermark_ms: int, cfg: CloseConfig) -> CloseResult:
+        """Close every bucket the watermark allows, and turn late samples into corrections.
+
+        One transaction, in this order:
+          1. take the closer lock (PostgreSQL advisory lock; SQLite: the write lock of BEGIN IMMEDIATE);
+          2. insert a ``close_runs`` row -> ``close_id``;
+          3. claim samples: ``UPDATE usage_samples SET close_id = :id WHERE close_id IS NULL AND
+             bucket_start <= last closable bucket`` — on-time samples and late ones alike;
+          4. aggregate exactly the claimed rows per (org, bucket, memory size), price them with the policy
+             in effect at each tick's time (only buckets with a policy change are split per tick);
+          5. per (org, bucket, meter): the next revision (0, or r{n} when the bucket already has rows),
+             the value through the rounding carry in ``meter_totals``, the state (pending / shadow /
+             skipped_before_bill_from / expired), insert the row; non-billable usage into ``unbilled_usage``;
+          6. mark the buckets closed; commit.
+        A crash anywhere before the commit leaves every sample unclaimed and no row written: the next run
+        does the same work again. After the commit the samples belong to exactly one row set, so a
+        sample is never aggregated twice and never skipped; rows are never rewritten afterwards, so an
+        identifier can never reach Stripe with two values.
+        """
+        from models.watermark import last_closable_bucket
+
+        result = CloseResult()
+        last = last_closable_bucket(watermark_ms, cfg.bucket_seconds, cfg.grace_seconds)
+        result.last_bucket = last
+        if last is None:
+            return result
+        with self.engine.connect() as probe:
+            todo = probe.execute(
+                select(literal(1))
+                .select_from(usage_samples)
+                .where(usage_samples.c.close_id.is_(None), usage_samples.c.bucket_start <= last)
+                .limit(1)
+            ).first()
+        if todo is None:
+            return result
+        now = self._clock()
+        with self._w.begin() as conn:
+            if self._dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_CLOSER})
+            self._close_in_tx(conn, now, watermark_ms, last, cfg, result)
+        if result.rows or result.samples:
+            log.info(
+                "close run %s: buckets<=%s claimed %d samples -> %d rows (%d corrections); unbilled %s",
+                result.close_id,
+                last,
+                result.samples,
+                result.rows,
+                result.corrections,
+                result.unbilled or "{}",
+            )
+        return result
+
+    def _close_in_tx(
+        self, conn: Connection, now: int, watermark_ms: int, last: int, cfg: CloseConfig, result: CloseResult
+    ) -> None:
+        us = usage_samples.c
+        cid = conn.execute(
+            insert(close_runs)
+            .values(started_ms=now, watermark_ms=watermark_ms, samples=0, rows=0)
+            .returning(close_runs.c.id)
+        ).scalar_one()
+        result.close_id = cid
+        claimed = conn.execute(
+            update(usage_samples).where(us.close_id.is_(None), us.bucket_start <= last).values(close_id=cid)
+        ).rowcount
+        result.samples = claimed
+        if not claimed:
+            return
+        groups = conn.execute(
+            select(
+                us.org_id,
+                us.bucket_start,
+                us.memory_mb,
+                func.count().label("n"),
+                func.sum(us.interval_s).label("secs"),
+                func.sum(us.memory_mb * us.interval_s).label("mbs"),
+            )
+            .where(us.close_id == cid)
+            .group_by(us.org_id, us.bucket_start, us.memory_mb)
+        ).all()
+        histories = self._policy_histories(conn, {g.org_id for g in groups})
+        size = cfg.bucket_seconds
+        # (org, bucket, meter) -> [units, samples, mode];  (org, bucket, reason) -> [samples, mb_s]
+        billable: dict[tuple[str, int, str], list[Any]] = {}
+        unbilled: dict[tuple[str, int, str], list[int]] = defaultdict(lambda: [0, 0])
+        split: set[tuple[str, int]] = set()
+        for g in groups:
+            hist = histories.get(g.org_id)
+            if hist is not None and hist.change_points(g.bucket_start * 1000, (g.bucket_start + size) * 1000):
+                split.add((g.org_id, g.bucket_start))
+                continue
+            pol = hist.as_of(g.bucket_start * 1000) if hist else None
+            self._price(pol, g.org_id, g.bucket_start, g.memory_mb, g.n, g.secs, g.mbs, billable, unbilled)
+        for org, bstart in sorted(split):
+            hist = histories[org]
+            for r in conn.execute(
+                select(us.ts_ms, us.memory_mb, us.interval_s).where(
+                    us.close_id == cid, us.org_id == org, us.bucket_start == bstart
+                )
+            ):
+                pol = hist.as_of(r.ts_ms)
+                self._price(
+                    pol,
+                    org,
+                    bstart,
+                    r.memory_mb,
+                    1,
+                    r.interval_s,
+                    r.memory_mb * r.interval_s,
+                    billable,
+                    unbilled,
+                )
+        for (org, bstart, meter), (units, n, mode) in sorted(billable.items()):
+            self._write_row(conn, cid, now, org, bstart, meter, units, n, mode, cfg, result)
+        if unbilled:
+            stmt = self._insert(unbilled_usage)
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["org_id", "bucket_start", "reason"],
+                    set_={
+                        "samples": unbilled_usage.c.samples + stmt.excluded.samples,
+                        "mb_seconds": unbilled_usage.c.mb_seconds + stmt.excluded.mb_seconds,
+                    },
+                ),
+                [
+                    {"org_id": o, "bucket_start": b, "reason": reason, "samples": v[0], "mb_seconds": v[1]}
+                    for (o, b, reason), v in unbilled.items()
+                ],
+            )
+            for (_, _, reason), v in unbilled.items():
+                result.unbilled[reason] = result.unbilled.get(reason, 0) + v[0]
+        buckets = sorted({g.bucket_start for g in groups})
+        result.buckets = buckets
+        stmt = self._insert(closed_buckets).on_conflict_do_nothing(index_elements=["bucket_start"])
+        conn.execute(stmt, [{"bucket_start": b, "closed_ms": now, "close_id": cid} for b in buckets])
+        conn.execute(
+            update(close_runs).where(close_runs.c.id == cid).values(samples=claimed, rows=result.rows)
+        )
+        self._bump_counters(
+            conn,
+            {
+                "close.runs": 1,
+                "close.samples": claimed,
+                "close.rows": result.rows,
+                "close.corrections": result.corrections,
+                **{f"unbilled.{k}": v for k, v in result.unbilled.items()},
+            },
+        )
+
+    @staticmethod
+    def _price(
+        pol: OrgPolicy | None,
+        org: str,
+        bstart: int,
+        memory_mb: int,
+        n: int,
+        secs: int,
+        mbs: int,
+        billable: dict[tuple[str, int, str], list[Any]],
+        unbilled: dict[tuple[str, int, str], list[int]],
+    ) -> None:
+        reason: str | None = None
+        if pol is None:
+            reason = "unknown_org"
+        elif not pol.billable:
+            reason = "free_plan" if pol.billing_provider == "stripe" else f"provider_{pol.billing_provider}"
+        else:
+            amount = meter_amounts(pol.billing_mode, int(memory_mb), int(secs), int(mbs))
+            if amount is None:
+                reason = "legacy_unknown_tier"
+            else:
+                key = (org, bstart, amount.meter)
+                slot = billable.setdefault(key, [0, 0, pol.billing_mode])
+                slot[0] += amount.units
+                slot[1] += n
+                return
+        u = unbilled[(org, bstart, reason)]
+        u[0] += int(n)
+        u[1] += int(mbs)
+
+    def _write_row(
+        self,
+        conn: Connection,
+        cid: int,
+        now: int,
+        org: str,
+        bstart: int,
+        meter: str,
+        units: int,
+        samples: int,
+        mode: BillingMode,
+        cfg: CloseConfig,
+        result: CloseResult,
+    ) -> None:
+        me = meter_events.c
+        bend = bstart + cfg.bucket_seconds
+        divisor = meter_unit_divisor(meter)
+        if bstart < cfg.bill_from:
+            state, stream = RowState.SKIPPED_BEFORE_BILL_FROM, None
+        elif bend < now // 1000 - STRIPE_MAX_AGE_SECONDS + 300:
+            state, stream = RowState.EXPIRED, None
+        elif cfg.shadow:
+            state, stream = RowState.SHADOW, "shadow"
+        else:
+            state, stream = RowState.PENDING, "billed"
+        if stream is None:
+            value = round_value(units, divisor)
+        else:
+            tot = conn.execute(
+                select(meter_totals.c.units, meter_totals.c.assigned).where(
+                    meter_totals.c.org_id == org,
+                    meter_totals.c.meter == meter,
+                    meter_totals.c.stream == stream,
+                )
+            ).first()
+            before_units, before_assigned = (tot.units, Decimal(tot.assigned)) if tot else (0, Decimal(0))
+            value, assigned = carry_rounded_delta(before_units, before_assigned, units, divisor)
+            stmt = self._insert(meter_totals)
+            conn.execute(
+                stmt.values(
+                    org_id=org, meter=meter, stream=stream, units=before_units + units, assigned=str(assigned)
+                ).on_conflict_do_update(
+                    index_elements=["org_id", "meter", "stream"],
+                    set_={"units": stmt.excluded.units, "assigned": stmt.excluded.assigned},
+                )
+            )
+        if value <= 0:
+            return  # nothing to send (rounding carry keeps the units for the next row)
+        prev = conn.execute(
+            select(func.max(me.revision)).where(
+                and_(me.org_id == org, me.bucket_start == bstart, me.meter == meter)
+            )
+        ).scalar_one_or_none()
+        revision = 0 if prev is None else prev + 1
+        row_id = meter_row_id(org, bstart, meter, revision)
+        conn.execute(
+            insert(meter_events).values(
+                id=row_id,
+                org_id=org,
+                bucket_start=bstart,
+                bucket_end=bend,
+                meter=meter,
+                revision=revision,
+                billing_mode=mode.value,
+                value=format_value(value),
+                units=units,
+                samples=samples,
+                state=state.value,
+                stripe_customer_id=None,
+                close_id=cid,
+                created_ms=now,
+                updated_ms=now,
+                sent_ms=None,
+                attempts=0,
+                last_error=None,
+            )
+        )
+        result.rows += 1
+        if revision:
+            result.corrections += 1
+
+    # ------------------------------------------------------------------ sending
+
+    def sendable(self, limit: int, *, now_ms: int | None = None) -> list[MeterRow]:
+        """Rows to send now: ``pending`` first (oldest bucket first), then ``deferred_no_customer`` rows
+        whose org has a customer by now, each with its own share of ``limit`` so a deferred backlog
+        never starves new rows. The customer is read fresh (latest policy of the org with one)."""
+        me = meter_events.c
+        cust = self._customer_subquery()
+        with self.engine.connect() as conn:
+            pending = conn.execute(
+                select(meter_events, cust.c.customer)
+                .join(cust, cust.c.org_id == me.org_id, isouter=True)
+                .where(me.state == RowState.PENDING.value)
+                .order_by(me.bucket_start, me.id)
+                .limit(limit)
+            ).all()
+            deferred = conn.execute(
+                select(meter_events, cust.c.customer)
+                .join(cust, cust.c.org_id == me.org_id)
+                .where(me.state == RowState.DEFERRED_NO_CUSTOMER.value, cust.c.customer.is_not(None))
+                .order_by(me.bucket_start, me.id)
+                .limit(max(1, limit // 4))
+            ).all()
+        return [
+            MeterRow(
+                id=r.id,
+                org_id=r.org_id,
+                bucket_start=r.bucket_start,
+                bucket_end=r.bucket_end,
+                meter=r.meter,
+                value=r.value,
+                state=r.state,
+                stripe_customer_id=r.customer,
+                attempts=r.attempts,
+            )
+            for r in [*pending, *deferred]
+        ]
+
+    @staticmethod
+    def _customer_subquery() -> Any:
+        op = org_policies.c
+        latest = (
+            select(op.org_id, func.max(op.effective_ms).label("eff"))
+            .where(op.stripe_customer_id.is_not(None))
+            .group_by(op.org_id)
+            .subquery()
+        )
+        return (
+            select(op.org_id, op.stripe_customer_id.label("customer"))
+            .join(latest, and_(latest.c.org_id == op.org_id, latest.c.eff == op.effective_ms))
+            .subquery()
+        )
+
+    def set_states(
+        self, updates: Sequence[tuple[str, RowState, str | None, str | None]], *, attempts: int = 0
+    ) -> None:
+        """Apply send outcomes: (row id, new state, customer, error). ``sent`` rows get ``sent_ms``.
+
+        One transaction. Only rows still in ``pending``/``deferred_no_customer`` are changed, so a late
+        outcome can never move a row out of ``sent``.
+        """
+        if not updates:
+            return
+        now = self._clock()
+        me = meter_events.c
+        with self._w.begin() as conn:
+            for row_id, state, customer, error in updates:
+                values: dict[str, Any] = {
+                    "state": state.value,
+                    "updated_ms": now,
+                    "attempts": me.attempts + attempts,
+                    "last_error": error,
+                }
+                if customer is not None:
+                    values["stripe_customer_id"] = customer
+                if state is RowState.SENT:
+                    values["sent_ms"] = now
+                conn.execute(
+                    update(meter_events)
+                    .where(
+                        me.id == row_id,
+                        me.state.in_([RowState.PENDING.value, RowState.DEFERRED_NO_CUSTOMER.value]),
+                    )
+                    .values(**values)
+                )
+            counts: dict[str, int] = defaultdict(int)
+            for _, state, _, _ in updates:
+                counts[f"rows.{state.value}"] += 1
+            self._bump_counters(conn, counts)
+
+    # ------------------------------------------------------------------ reading
+
+    def counters(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            return {r.name: r.value for r in conn.execute(select(counters))}
+
+    def rows(
+        self, *, org: str | None = None, state: str | None = None, bucket: int | None = None
+    ) -> list[dict[str, Any]]:
+        q = select(meter_events).order_by(
+            meter_events.c.org_id, meter_events.c.bucket_start, meter_events.c.id
+        )
+        if org:
+            q = q.where(meter_events.c.org_id == org)
+        if state:
+            q = q.where(meter_events.c.state == state)
+        if bucket is not None:
+            q = q.where(meter_events.c.bucket_start == bucket)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def state_counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            return {
+                r.state: r.n
+                for r in conn.execute(
+                    select(meter_events.c.state, func.count().label("n")).group_by(meter_events.c.state)
+                )
+            }
+
+    def open_samples(self) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).select_from(usage_samples).where(usage_samples.c.close_id.is_(None))
+                ).scalar_one()
+            )
+
+    def sample_totals(self) -> dict[str, tuple[int, int]]:
+        """org -> (samples, MB-s) over every sample in the ledger."""
+        us = usage_samples.c
+        with self.engine.connect() as conn:
+            return {
+                r.org_id: (int(r.n), int(r.mbs or 0))
+                for r in conn.execute(
+                    select(
+                        us.org_id,
+                        func.count().label("n"),
+                        func.sum(us.memory_mb * us.interval_s).label("mbs"),
+                    ).group_by(us.org_id)
+                )
+            }
+
+    def unbilled(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [
+                dict(r._mapping)
+                for r in conn.execute(
+                    select(unbilled_usage).order_by(unbilled_usage.c.org_id, unbilled_usage.c.bucket_start)
+                )
+            ]
+
+    def policies(self, org: str | None = None) -> list[dict[str, Any]]:
+        q = select(org_policies).order_by(org_policies.c.org_id, org_policies.c.effective_ms)
+        if org:
+            q = q.where(org_policies.c.org_id == org)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]

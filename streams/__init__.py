@@ -1,0 +1,1 @@
+"""edgebill streams package."""

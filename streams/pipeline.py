@@ -1,0 +1,351 @@
+"""Topics, agents, timers and web views of the worker, wired to explicit dependencies.
+
+* ``ingest`` agent (``usage-ticks``): batches of records -> parse -> bad parts to ``usage-ticks-dlq``
+  (reason + original bytes) -> valid ticks into the ledger, deduplicated by tick id, together with
+  the partition's progress. Offsets are acked only after the ledger commit.
+* ``policy`` agent (``org-policy``): policy history into the ledger.
+* ``progress`` timer (every worker): reports the log end of the partitions it owns.
+* ``closer`` timer (leader): computes the watermark and closes buckets (:meth:`Ledger.close`).
+* ``sender`` timer (leader, only when not in shadow): drains the outbox to Stripe.
+
+No Stripe call and no long transaction runs on the event loop: the closer and the sender run in a
+thread, one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from infra.settings import Settings
+from models.errors import InvalidRecord
+from models.policy import OrgPolicy
+from models.ticks import parse_record
+from models.watermark import watermark
+from sinks.ledger import CloseConfig, CloseResult, Ledger, SourcedTick
+from sinks.outbox import OutboxSender, SendReport
+
+__all__ = [
+    "TOPIC_DLQ",
+    "TOPIC_POLICY",
+    "TOPIC_POLICY_DLQ",
+    "TOPIC_TICKS",
+    "Deps",
+    "IngestBatch",
+    "Pipeline",
+    "install",
+    "prepare_ingest",
+]
+
+log = logging.getLogger(__name__)
+
+TOPIC_TICKS = "usage-ticks"
+TOPIC_DLQ = "usage-ticks-dlq"
+TOPIC_POLICY = "org-policy"
+TOPIC_POLICY_DLQ = "org-policy-dlq"
+FUTURE_TOLERANCE_MS = 3600 * 1000  # a tick stamped more than 1 h ahead of the worker's clock is rejected
+
+
+class Record(Protocol):
+    """What the ingest step needs of a Kafka record."""
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def key(self) -> bytes | None: ...
+
+    @property
+    def value(self) -> bytes | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    key: bytes | None
+    value: bytes
+    headers: dict[str, bytes]
+
+
+@dataclass(slots=True)
+class IngestBatch:
+    ticks: list[SourcedTick] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    progress: dict[int, tuple[int, int | None]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def prepare_ingest(records: Iterable[Record], topic: str, now_ms: int) -> IngestBatch:
+    """Parse a batch of ``usage-ticks`` records: good ticks, dead letters, per-partition progress. Pure."""
+    out = IngestBatch()
+    rejected = ignored = read = 0
+    for rec in records:
+        parsed = parse_record(rec.value, max_ts_ms=now_ms + FUTURE_TOLERANCE_MS)
+        newest: int | None = None
+        read += 1
+        for tick in parsed.ticks:
+            out.ticks.append(SourcedTick(tick, rec.partition, rec.offset))
+            if newest is None or tick.ts_ms > newest:
+                newest = tick.ts_ms
+        for r in parsed.rejected:
+            out.dead.append(_dead(rec, topic, r.reason, r.raw, r.index))
+            rejected += 1
+        ignored += parsed.ignored
+        prev = out.progress.get(rec.partition)
+        if prev is None:
+            out.progress[rec.partition] = (rec.offset, newest)
+        else:
+            ev = prev[1] if newest is None else (newest if prev[1] is None else max(prev[1], newest))
+            out.progress[rec.partition] = (max(prev[0], rec.offset), ev)
+    out.counts = {"records.read": read, "records.rejected": rejected, "records.ignored_type": ignored}
+    return out
+
+
+def _dead(rec: Record, topic: str, reason: str, raw: bytes, index: int | None) -> DeadLetter:
+    headers = {
+        "edgebill-reason": reason.encode(),
+        "edgebill-source": f"{topic}/{rec.partition}/{rec.offset}".encode(),
+    }
+    if index is not None:
+        headers["edgebill-array-index"] = str(index).encode()
+    return DeadLetter(key=rec.key, value=raw, headers=headers)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Deps:
+    """Everything the pipeline needs, passed in (the Faust app is the only global)."""
+
+    settings: Settings
+    ledger: Ledger
+    sender: OutboxSender | None
+    clock_ms: Callable[[], int] = field(default=lambda: time.time_ns() // 1_000_000)
+    owner: str = field(default_factory=_owner)
+
+
+class Pipeline:
+    """The worker's behaviour, independent of Faust's decorators so it can be driven by tests."""
+
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+        k = deps.settings.kafka
+        self.ticks_topic = k.topic(TOPIC_TICKS)
+        self.dlq_topic = k.topic(TOPIC_DLQ)
+        self.policy_topic = k.topic(TOPIC_POLICY)
+        self.policy_dlq_topic = k.topic(TOPIC_POLICY_DLQ)
+        b = deps.settings.billing
+        self.close_cfg = CloseConfig(
+            bucket_seconds=b.bucket_seconds,
+            grace_seconds=b.grace_seconds,
+            shadow=b.shadow,
+            bill_from=b.bill_from,
+        )
+        self.partitions: dict[str, int] = {self.ticks_topic: k.partitions, self.policy_topic: k.partitions}
+        self._close_lock = asyncio.Lock()
+        self._send_lock = asyncio.Lock()
+        self.last_close: CloseResult | None = None
+        self.last_send: SendReport | None = None
+
+    # -- ingest -------------------------------------------------------------------------------
+
+    def write_batch(self, batch: IngestBatch) -> None:
+        """Write a prepared batch to the ledger (ticks + progress + counters in one transaction)."""
+        led = self.deps.ledger
+        if batch.ticks:
+            led.write_ticks(
+                self.ticks_topic,
+                batch.ticks,
+                bucket_seconds=self.deps.settings.billing.bucket_seconds,
+                progress=batch.progress,
+                counts=batch.counts,
+            )
+        else:
+            led.record_progress(self.ticks_topic, batch.progress, batch.counts)
+
+    def policies_from(
+        self, records: Sequence[Record]
+    ) -> tuple[list[tuple[OrgPolicy, int, int]], list[DeadLetter]]:
+        good: list[tuple[OrgPolicy, int, int]] = []
+        dead: list[DeadLetter] = []
+        for rec in records:
+            try:
+                if not rec.value:
+                    raise InvalidRecord("empty_record")
+                good.append((OrgPolicy.from_json(rec.value), rec.partition, rec.offset))
+            except (InvalidRecord, ValueError) as exc:
+                reason = exc.reason if isinstance(exc, InvalidRecord) else "invalid_policy"
+                log.error("org-policy %s/%s rejected: %s", rec.partition, rec.offset, exc)
+                dead.append(_dead(rec, self.policy_topic, reason, rec.value or b"", None))
+        return good, dead
+
+    # -- closing and sending ------------------------------------------------------------------
+
+    def close_once(self) -> CloseResult | None:
+        """One closer run: watermark from partition progress, then :meth:`Ledger.close`."""
+        now = self.deps.clock_ms()
+        wm = watermark(
+            self.deps.ledger.partition_states(),
+            self.partitions,
+            now,
+            int(self.deps.settings.billing.progress_stale_after * 1000),
+            event_time_topics=frozenset({self.ticks_topic}),
+        )
+        if wm is None:
+            return None
+        result = self.deps.ledger.close(wm, self.close_cfg)
+        self.last_close = result
+        return result
+
+    def send_once(self) -> SendReport | None:
+        if self.deps.sender is None or self.deps.settings.billing.shadow:
+            return None
+        report = self.deps.sender.run_once()
+        self.last_send = report
+        return report
+
+    async def close_tick(self) -> None:
+        if self._close_lock.locked():
+            return
+        async with self._close_lock:
+            try:
+                await asyncio.to_thread(self.close_once)
+            except Exception:
+                log.exception("closer run failed; it will run again")
+
+    async def send_tick(self) -> None:
+        if self._send_lock.locked():
+            return
+        async with self._send_lock:
+            try:
+                await asyncio.to_thread(self.send_once)
+            except Exception:
+                log.exception("sender run failed; it will run again")
+
+
+async def _retry_forever(what: str, fn: Callable[[], Any]) -> None:
+    """Run a ledger write until it succeeds. Never ack a batch whose write failed (Faust would commit it)."""
+    delay = 0.2
+    while True:
+        try:
+            await asyncio.to_thread(fn)
+            return
+        except Exception:
+            log.exception("%s failed; retrying in %.1fs (offsets are not committed meanwhile)", what, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def install(app: Any, deps: Deps) -> Pipeline:
+    """Register topics, agents, timers and pages on ``app`` (a configured :class:`faust.App`)."""
+    pipe = Pipeline(deps)
+    k = deps.settings.kafka
+    raw: dict[str, Any] = {
+        "key_type": bytes,
+        "value_type": bytes,
+        "key_serializer": "raw",
+        "value_serializer": "raw",
+    }
+    ticks = app.topic(pipe.ticks_topic, partitions=k.partitions, **raw)
+    dlq = app.topic(pipe.dlq_topic, partitions=k.partitions, **raw)
+    policy = app.topic(pipe.policy_topic, partitions=k.partitions, **raw)
+    policy_dlq = app.topic(pipe.policy_dlq_topic, partitions=1, **raw)
+
+    async def send_dead(topic: Any, dead: list[DeadLetter]) -> None:
+        futs = [await topic.send(key=d.key, value=d.value, headers=d.headers) for d in dead]
+        for f in futs:
+            await f
+
+    async def ingest(stream: Any) -> Any:
+        async for events in stream.take_events(2000, within=0.1):
+            records = [
+                RawRecord(e.message.partition, e.message.offset, e.message.key, e.message.value)
+                for e in events
+            ]
+            batch = prepare_ingest(records, pipe.ticks_topic, deps.clock_ms())
+            if batch.dead:
+                for d in batch.dead:
+                    log.warning(
+                        "dead-lettered %s: %s",
+                        d.headers["edgebill-source"].decode(),
+                        d.headers["edgebill-reason"].decode(),
+                    )
+                await send_dead(dlq, batch.dead)
+            await _retry_forever("ledger write", functools.partial(pipe.write_batch, batch))
+            yield len(records)
+
+    async def policy_agent(stream: Any) -> Any:
+        async for events in stream.take_events(500, within=0.1):
+            records = [
+                RawRecord(e.message.partition, e.message.offset, e.message.key, e.message.value)
+                for e in events
+            ]
+            good, dead = pipe.policies_from(records)
+            if dead:
+                await send_dead(policy_dlq, dead)
+            progress: dict[int, tuple[int, int | None]] = {}
+            for r in records:
+                progress[r.partition] = (max(r.offset, progress.get(r.partition, (-1, None))[0]), None)
+            counts = {"policies.read": len(records), "policies.rejected": len(dead)}
+
+            await _retry_forever(
+                "policy write",
+                functools.partial(deps.ledger.write_policies, pipe.policy_topic, good, progress, counts),
+            )
+            yield len(records)
+
+    app.agent(ticks, name="edgebill.ingest")(ingest)
+    app.agent(policy, name="edgebill.policy")(policy_agent)
+
+    async def report_progress() -> None:
+        try:
+            tps = [tp for tp in app.consumer.assignment() if tp.topic in pipe.partitions]
+            if not tps:
+                return
+            hws = await app.consumer.highwaters(*tps)
+            by_topic: dict[str, dict[int, int]] = {}
+            for tp, hw in hws.items():
+                if hw is not None:
+                    by_topic.setdefault(tp.topic, {})[tp.partition] = int(hw)
+            for topic, marks in by_topic.items():
+                await asyncio.to_thread(deps.ledger.report_highwaters, topic, marks, deps.owner)
+        except Exception:
+            log.exception("progress report failed")
+
+    app.timer(0.5, name="edgebill.progress")(report_progress)
+    app.timer(deps.settings.billing.close_interval, on_leader=True, name="edgebill.closer")(pipe.close_tick)
+    app.timer(deps.settings.stripe.send_interval, on_leader=True, name="edgebill.sender")(pipe.send_tick)
+
+    @app.page("/healthz")  # type: ignore[untyped-decorator]
+    async def healthz(web: Any, request: Any) -> Any:
+        return web.json(
+            {
+                "ok": True,
+                "owner": deps.owner,
+                "shadow": deps.settings.billing.shadow,
+                "bill_from": deps.settings.billing.bill_from,
+                "authority": deps.settings.billing.pro_billing_authority.value,
+                "rows": await asyncio.to_thread(deps.ledger.state_counts),
+            }
+        )
+
+    return pipe
