@@ -139,15 +139,11 @@ class Ledger:
             return
         stmt = self._insert(counters)
         conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["name"], set_={"value": counters.c.value + stmt.excluded.value}
-            ),
+            stmt.on_conflict_do_update(index_elements=["name"], set_={"value": counters.c.value + stmt.excluded.value}),
             rows,
         )
 
-    def _upsert_progress(
-        self, conn: Connection, topic: str, progress: Mapping[int, tuple[int, int | None]]
-    ) -> None:
+    def _upsert_progress(self, conn: Connection, topic: str, progress: Mapping[int, tuple[int, int | None]]) -> None:
         """progress: partition -> (last offset written, newest event ms or None). Never moves backwards."""
         if not progress:
             return
@@ -497,9 +493,7 @@ class Ledger:
         result.buckets = buckets
         stmt = self._insert(closed_buckets).on_conflict_do_nothing(index_elements=["bucket_start"])
         conn.execute(stmt, [{"bucket_start": b, "closed_ms": now, "close_id": cid} for b in buckets])
-        conn.execute(
-            update(close_runs).where(close_runs.c.id == cid).values(samples=claimed, rows=result.rows)
-        )
+        conn.execute(update(close_runs).where(close_runs.c.id == cid).values(samples=claimed, rows=result.rows))
         self._bump_counters(
             conn,
             {
@@ -591,9 +585,7 @@ class Ledger:
         if value <= 0:
             return  # nothing to send (rounding carry keeps the units for the next row)
         prev = conn.execute(
-            select(func.max(me.revision)).where(
-                and_(me.org_id == org, me.bucket_start == bstart, me.meter == meter)
-            )
+            select(func.max(me.revision)).where(and_(me.org_id == org, me.bucket_start == bstart, me.meter == meter))
         ).scalar_one_or_none()
         revision = 0 if prev is None else prev + 1
         row_id = meter_row_id(org, bstart, meter, revision)
@@ -676,9 +668,7 @@ class Ledger:
             .subquery()
         )
 
-    def set_states(
-        self, updates: Sequence[tuple[str, RowState, str | None, str | None]], *, attempts: int = 0
-    ) -> None:
+    def set_states(self, updates: Sequence[tuple[str, RowState, str | None, str | None]], *, attempts: int = 0) -> None:
         """Apply send outcomes: (row id, new state, customer, error). ``sent`` rows get ``sent_ms``.
 
         One transaction. Only rows still in ``pending``/``deferred_no_customer`` are changed, so a late
@@ -722,9 +712,7 @@ class Ledger:
     def rows(
         self, *, org: str | None = None, state: str | None = None, bucket: int | None = None
     ) -> list[dict[str, Any]]:
-        q = select(meter_events).order_by(
-            meter_events.c.org_id, meter_events.c.bucket_start, meter_events.c.id
-        )
+        q = select(meter_events).order_by(meter_events.c.org_id, meter_events.c.bucket_start, meter_events.c.id)
         if org:
             q = q.where(meter_events.c.org_id == org)
         if state:

@@ -74,9 +74,7 @@ class OutboxSender:
                 report.expired += 1
             elif not row.stripe_customer_id:
                 if row.state != RowState.DEFERRED_NO_CUSTOMER.value:
-                    pre.append(
-                        (row.id, RowState.DEFERRED_NO_CUSTOMER, None, "org has no Stripe customer yet")
-                    )
+                    pre.append((row.id, RowState.DEFERRED_NO_CUSTOMER, None, "org has no Stripe customer yet"))
                     report.deferred += 1
             else:
                 by_id[row.id] = row

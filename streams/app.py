@@ -22,7 +22,6 @@ def faust_options(settings: Settings) -> dict[str, Any]:
     """Faust settings derived from ours (timings tuned for a ~4 s start; see local-infra-findings §2d)."""
     k = settings.kafka
     return {
-        "id": k.group_id,
         "broker": [f"kafka://{s.strip()}" for s in k.servers.split(",") if s.strip()],
         "broker_session_timeout": k.session_timeout,
         "broker_heartbeat_interval": k.heartbeat_interval,
@@ -49,4 +48,6 @@ def faust_options(settings: Settings) -> dict[str, Any]:
 def configure(settings: Settings) -> faust.App:
     """Give the global app its settings. Call once, before :func:`streams.pipeline.install`."""
     app.config_from_object(faust_options(settings), force=True)
+    # The app id is Faust's consumer group id; it comes from our settings, not from the constructor.
+    app.conf.id = settings.kafka.group_id
     return app

@@ -182,9 +182,7 @@ class Pipeline:
         else:
             led.record_progress(self.ticks_topic, batch.progress, batch.counts)
 
-    def policies_from(
-        self, records: Sequence[Record]
-    ) -> tuple[list[tuple[OrgPolicy, int, int]], list[DeadLetter]]:
+    def policies_from(self, records: Sequence[Record]) -> tuple[list[tuple[OrgPolicy, int, int]], list[DeadLetter]]:
         good: list[tuple[OrgPolicy, int, int]] = []
         dead: list[DeadLetter] = []
         for rec in records:
@@ -277,10 +275,7 @@ def install(app: Any, deps: Deps) -> Pipeline:
 
     async def ingest(stream: Any) -> Any:
         async for events in stream.take_events(2000, within=0.1):
-            records = [
-                RawRecord(e.message.partition, e.message.offset, e.message.key, e.message.value)
-                for e in events
-            ]
+            records = [RawRecord(e.message.partition, e.message.offset, e.message.key, e.message.value) for e in events]
             batch = prepare_ingest(records, pipe.ticks_topic, deps.clock_ms())
             if batch.dead:
                 for d in batch.dead:
@@ -295,10 +290,7 @@ def install(app: Any, deps: Deps) -> Pipeline:
 
     async def policy_agent(stream: Any) -> Any:
         async for events in stream.take_events(500, within=0.1):
-            records = [
-                RawRecord(e.message.partition, e.message.offset, e.message.key, e.message.value)
-                for e in events
-            ]
+            records = [RawRecord(e.message.partition, e.message.offset, e.message.key, e.message.value) for e in events]
             good, dead = pipe.policies_from(records)
             if dead:
                 await send_dead(policy_dlq, dead)
@@ -317,13 +309,17 @@ def install(app: Any, deps: Deps) -> Pipeline:
     app.agent(policy, name="edgebill.policy")(policy_agent)
 
     async def report_progress() -> None:
+        """Report the log end of owned partitions, from the consumer's last Fetch responses.
+
+        The Fetch high watermark is right on Tansu (ListOffsets is not, see infra.kafka_fixes) and costs
+        no request. A partition with no Fetch answer yet is not reported: it stays "lagging".
+        """
         try:
-            tps = [tp for tp in app.consumer.assignment() if tp.topic in pipe.partitions]
-            if not tps:
-                return
-            hws = await app.consumer.highwaters(*tps)
             by_topic: dict[str, dict[int, int]] = {}
-            for tp, hw in hws.items():
+            for tp in app.consumer.assignment():
+                if tp.topic not in pipe.partitions:
+                    continue
+                hw = app.consumer.highwater(tp)
                 if hw is not None:
                     by_topic.setdefault(tp.topic, {})[tp.partition] = int(hw)
             for topic, marks in by_topic.items():

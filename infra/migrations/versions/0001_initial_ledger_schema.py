@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-
 revision: str = "0001"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
@@ -31,9 +30,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "close_runs",
-        sa.Column(
-            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
-        ),
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
         sa.Column("started_ms", sa.BigInteger(), nullable=False),
         sa.Column("watermark_ms", sa.BigInteger(), nullable=False),
         sa.Column("samples", sa.Integer(), nullable=False),

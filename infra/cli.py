@@ -1,0 +1,343 @@
+"""``edgebill`` command line (click). Commands print for humans (or ``--json``); logs go to stderr."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from models.errors import ConfigError, EdgebillError
+
+__all__ = ["main"]
+
+log = logging.getLogger("edgebill")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("alembic", "stripe", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _settings() -> Any:
+    from infra.settings import load_settings
+
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _parse_time(value: str) -> int:
+    """Unix seconds from an integer or an RFC 3339 timestamp."""
+    if value.lstrip("-").isdigit():
+        return int(value)
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is neither unix seconds nor an RFC 3339 timestamp") from exc
+    if dt.tzinfo is None:
+        raise click.BadParameter(f"{value!r} has no UTC offset (add 'Z')")
+    return int(dt.timestamp())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(verbose: bool) -> None:
+    """edgebill: usage ticks on Kafka -> exact GB-second buckets -> idempotent Stripe meter events.
+
+    Settings come from EDGEBILL_* environment variables (`edgebill check-config` shows them all).
+    """
+    _setup_logging(verbose)
+
+
+# ----------------------------------------------------------------------------------- config
+
+
+@cli.command("check-config")
+@click.option("--json", "as_json", is_flag=True, help="Print effective settings as JSON.")
+def check_config(as_json: bool) -> None:
+    """Validate every setting and the cutover interlocks; report every problem at once (exit 1)."""
+    from infra.settings import load_settings
+
+    try:
+        s = load_settings()
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    desc = s.describe()
+    if as_json:
+        click.echo(json.dumps(desc, indent=2, default=str))
+        return
+    for area, values in desc.items():
+        click.echo(f"[{area}]")
+        for k, v in values.items():
+            click.echo(f"  {k} = {v}")
+    click.echo("configuration OK")
+
+
+# ----------------------------------------------------------------------------------- servers
+
+
+@cli.command()
+@click.option("--port", type=int, default=None, help="Port on 127.0.0.1 (default EDGEBILL_KAFKA_EMBEDDED_PORT).")
+@click.option("--log-dir", type=click.Path(path_type=Path), default=None, help="Where the broker log goes.")
+def broker(port: int | None, log_dir: Path | None) -> None:
+    """Run the embedded Kafka-compatible broker (Tansu, memory storage; dev/test only) until Ctrl-C."""
+    from infra.broker import run_foreground
+
+    p = port if port is not None else _settings().kafka.embedded_port
+    sys.exit(run_foreground(p, log_dir=log_dir))
+
+
+@cli.command("stripe-fake")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address.")
+@click.option("--port", type=int, default=None, help="Port (default EDGEBILL_STRIPE_LOCAL_PORT, 12111).")
+@click.option("--fault-429", type=float, default=0.0, show_default=True, help="Share of POSTs answered 429.")
+@click.option("--fault-500", type=float, default=0.0, show_default=True, help="Share of POSTs answered 500.")
+@click.option(
+    "--fault-cutoff",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of POSTs recorded by the server, then cut off without an answer.",
+)
+@click.option("--fault-slow", type=float, default=0.0, show_default=True, help="Share of POSTs delayed.")
+@click.option("--fault-seed", type=int, default=1, show_default=True, help="Seed of the fault RNG (repeatable runs).")
+@click.option("--live-limits", is_flag=True, help="Enforce live-mode rate limits (1,000/s, one per customer+meter).")
+def stripe_fake(
+    host: str,
+    port: int | None,
+    fault_429: float,
+    fault_500: float,
+    fault_cutoff: float,
+    fault_slow: float,
+    fault_seed: int,
+    live_limits: bool,
+) -> None:
+    """Run the local Stripe-compatible server (customers, meters, meter events, summaries, ...)."""
+    from infra.stripe_fake import FaultConfig, run_foreground
+
+    p = port if port is not None else _settings().stripe.local_port
+    try:
+        faults = FaultConfig(
+            seed=fault_seed,
+            p_429=fault_429,
+            p_500=fault_500,
+            p_cutoff=fault_cutoff,
+            p_slow=fault_slow,
+            live_limits=live_limits,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    sys.exit(run_foreground(host, p, faults=faults))
+
+
+@cli.command()
+def worker() -> None:
+    """Run all agents and the web server (bound to EDGEBILL_WEB_HOST, 127.0.0.1 by default)."""
+    from infra.runtime import run_worker
+
+    try:
+        run_worker(_settings())
+    except EdgebillError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+@cli.command()
+@click.option("--orgs", type=int, default=24, show_default=True, help="Simulated orgs.")
+@click.option("--hours", type=int, default=4, show_default=True, help="Simulated past hours.")
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--duplicates", type=float, default=0.10, show_default=True, help="Share of ticks sent twice.")
+@click.option(
+    "--file", "path", type=click.File("rb"), default=None, help="JSON lines to publish instead ('-' = stdin)."
+)
+@click.option("--policies/--no-policies", default=True, show_default=True, help="Also publish simulated org policies.")
+def produce(orgs: int, hours: int, seed: int, duplicates: float, path: Any, policies: bool) -> None:
+    """Publish usage ticks: a seeded simulated fleet over past hours, or JSON lines from a file / stdin."""
+    from infra.kafka_io import publish_sync
+    from infra.simulator import FleetSpec, build_fleet, iter_file_messages
+    from models.policy import OrgPolicy
+    from streams.pipeline import TOPIC_POLICY, TOPIC_TICKS
+
+    s = _settings()
+    bootstrap = s.kafka.servers
+    if path is not None:
+        n = publish_sync(bootstrap, s.kafka.topic(TOPIC_TICKS), iter_file_messages(iter(path)))
+        click.echo(f"published {n} message(s) to {s.kafka.topic(TOPIC_TICKS)}")
+        return
+    size = s.billing.bucket_seconds
+    now = int(time.time())
+    start = (now // size - hours - 1) * size
+    fleet = build_fleet(
+        FleetSpec(orgs=orgs, hours=hours, start=start, bucket_seconds=size, seed=seed, duplicate_rate=duplicates)
+    )
+    if policies:
+        pols = [
+            (
+                o.org_id.encode(),
+                OrgPolicy.model_validate(
+                    {
+                        "org_id": o.org_id,
+                        "plan": o.plan,
+                        "billing_mode": o.billing_mode,
+                        "effective_at": start - 86400,
+                    }
+                ).to_json(),
+            )
+            for o in fleet.orgs
+        ]
+        publish_sync(bootstrap, s.kafka.topic(TOPIC_POLICY), pols)
+    msgs = fleet.messages()
+    publish_sync(bootstrap, s.kafka.topic(TOPIC_TICKS), msgs)
+    click.echo(
+        f"published {len(fleet.ticks)} unique ticks in {len(msgs)} messages for {orgs} orgs over {hours} h "
+        f"from {datetime.fromtimestamp(start, UTC).isoformat()}"
+    )
+
+
+@cli.group()
+def org() -> None:
+    """Show or set org policy (history: each record holds from its effective time on)."""
+
+
+@org.command("set")
+@click.argument("org_id")
+@click.option("--plan", type=click.Choice(["pro", "free"]), required=True)
+@click.option("--billing-mode", type=click.Choice(["unified", "legacy"]), default="unified", show_default=True)
+@click.option("--customer", default=None, help="Stripe customer id (cus_…).")
+@click.option("--subscription", default=None, help="Stripe subscription id (sub_…).")
+@click.option("--provider", default="stripe", show_default=True, help="Billing provider (only 'stripe' is billed).")
+@click.option("--effective-at", default=None, help="Unix seconds or RFC 3339 (default: now).")
+def org_set(
+    org_id: str,
+    plan: str,
+    billing_mode: str,
+    customer: str | None,
+    subscription: str | None,
+    provider: str,
+    effective_at: str | None,
+) -> None:
+    """Publish a policy record for ORG_ID to the org-policy topic."""
+    from infra.kafka_io import publish_sync
+    from models.policy import OrgPolicy
+    from streams.pipeline import TOPIC_POLICY
+
+    s = _settings()
+    eff = _parse_time(effective_at) if effective_at else int(time.time())
+    try:
+        pol = OrgPolicy.model_validate(
+            {
+                "org_id": org_id,
+                "plan": plan,
+                "billing_mode": billing_mode,
+                "stripe_customer_id": customer,
+                "stripe_subscription_id": subscription,
+                "billing_provider": provider,
+                "effective_at": eff,
+            }
+        )
+    except ValueError as exc:
+        raise click.ClickException(f"invalid policy: {exc}") from exc
+    publish_sync(s.kafka.servers, s.kafka.topic(TOPIC_POLICY), [(org_id.encode(), pol.to_json())])
+    click.echo(json.dumps(pol.to_wire()))
+
+
+@org.command("show")
+@click.argument("org_id", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def org_show(org_id: str | None, as_json: bool) -> None:
+    """Policy history as the ledger holds it (what the worker has read from org-policy)."""
+    led = _ledger()
+    rows = led.policies(org_id)
+    if as_json:
+        click.echo(json.dumps(rows, default=str, indent=2))
+        return
+    if not rows:
+        click.echo("no policy records" + (f" for {org_id}" if org_id else ""))
+        return
+    click.echo(f"{'org':<20} {'effective_at':<26} {'plan':<5} {'mode':<8} customer")
+    for r in rows:
+        eff = datetime.fromtimestamp(r["effective_ms"] / 1000, UTC).isoformat()
+        click.echo(
+            f"{r['org_id']:<20} {eff:<26} {r['plan']:<5} {r['billing_mode']:<8} {r['stripe_customer_id'] or '-'}"
+        )
+
+
+def _ledger() -> Any:
+    from infra.db import make_engine, migrate
+    from sinks.ledger import Ledger
+
+    s = _settings()
+    engine = make_engine(s.db.resolved_url)
+    migrate(engine)
+    return Ledger(engine)
+
+
+@cli.command()
+@click.option("--org", "org_id", default=None)
+@click.option("--state", default=None, help="pending, sent, shadow, skipped_before_bill_from, rejected, ...")
+@click.option("--bucket", type=int, default=None, help="Bucket start (unix s).")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--summary", is_flag=True, help="Only counts by state, counters and unbilled usage.")
+def ledger(org_id: str | None, state: str | None, bucket: int | None, as_json: bool, summary: bool) -> None:
+    """Meter rows by state, org, bucket; counters; usage counted but not billed (and why)."""
+    led = _ledger()
+    if summary:
+        out = {"rows_by_state": led.state_counts(), "counters": led.counters(), "unbilled": led.unbilled()}
+        click.echo(json.dumps(out, indent=2, default=str))
+        return
+    rows = led.rows(org=org_id, state=state, bucket=bucket)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    click.echo(f"{'id':<60} {'value':>16} {'state':<26} error")
+    for r in rows:
+        click.echo(f"{r['id']:<60} {r['value']:>16} {r['state']:<26} {r['last_error'] or ''}")
+    click.echo(f"{len(rows)} row(s); by state: {led.state_counts()}")
+
+
+@cli.command()
+@click.option("--orgs", type=int, default=24, show_default=True)
+@click.option("--hours", type=int, default=4, show_default=True)
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option(
+    "--kill-worker",
+    "kills",
+    type=int,
+    default=1,
+    show_default=True,
+    help="SIGKILL the worker this many times mid-run (it is restarted each time).",
+)
+@click.option("--timeout", type=float, default=150.0, show_default=True, help="Seconds to wait for the pipeline.")
+@click.option("--keep", is_flag=True, help="Keep the demo folder under ./var/demo/ afterwards.")
+def demo(orgs: int, hours: int, seed: int, kills: int, timeout: float, keep: bool) -> None:
+    """Everything embedded: broker, local Stripe, worker, a simulated fleet; exits 0 only if all totals agree."""
+    from infra.demo import DemoOptions, run_demo
+
+    sys.exit(run_demo(DemoOptions(orgs=orgs, hours=hours, seed=seed, kills=kills, timeout=timeout, keep=keep)))
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except EdgebillError as exc:  # pragma: no cover - click handles most
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Small aiokafka helpers for the CLI, the demo and tests: publish messages, read a topic."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+__all__ = ["ReadRecord", "create_topics", "publish", "publish_sync", "read_topic", "read_topic_sync"]
+
+log = logging.getLogger(__name__)
+
+
+async def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
+    """Create topics with the given partition counts; existing ones are left as they are."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [NewTopic(name=t, num_partitions=n, replication_factor=1) for t, n in topics.items() if t not in existing]
+        if new:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(new)
+    finally:
+        await admin.close()
+
+
+async def publish(
+    bootstrap: str,
+    topic: str,
+    messages: Iterable[tuple[bytes | None, bytes]],
+    *,
+    headers: list[tuple[str, bytes]] | None = None,
+) -> int:
+    """Send (key, value) messages and wait until every one is acknowledged. Returns the count."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        linger_ms=5,
+        max_batch_size=256 * 1024,
+        max_request_size=16 * 1024 * 1024,
+        acks="all",
+    )
+    await producer.start()
+    n = 0
+    try:
+        futures = []
+        for key, value in messages:
+            futures.append(await producer.send(topic, value=value, key=key, headers=headers))
+            n += 1
+            if len(futures) >= 5000:
+                await asyncio.gather(*futures)
+                futures.clear()
+        await asyncio.gather(*futures)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return n
+
+
+def publish_sync(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes]]) -> int:
+    return asyncio.run(publish(bootstrap, topic, messages))
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRecord:
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+
+
+async def read_topic(
+    bootstrap: str, topic: str, *, idle_timeout: float = 1.0, max_wait: float = 10.0
+) -> list[ReadRecord]:
+    """Every record of ``topic`` from the beginning (no group), stopping after ``idle_timeout`` of silence."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    out: list[ReadRecord] = []
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            await consumer.topics()
+            parts = consumer.partitions_for_topic(topic) or set()
+        from aiokafka import TopicPartition
+
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return out
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max_wait
+        idle_since = loop.time()
+        while loop.time() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            got = False
+            for tp, recs in batch.items():
+                for r in recs:
+                    got = True
+                    out.append(
+                        ReadRecord(
+                            tp.partition,
+                            r.offset,
+                            r.key,
+                            r.value,
+                            {k: bytes(v) for k, v in (r.headers or ())},
+                        )
+                    )
+            if got:
+                idle_since = loop.time()
+            elif loop.time() - idle_since >= idle_timeout:
+                break
+    finally:
+        await consumer.stop()
+    return out
+
+
+def read_topic_sync(
+    bootstrap: str, topic: str, *, idle_timeout: float = 1.0, max_wait: float = 10.0
+) -> list[ReadRecord]:
+    return asyncio.run(read_topic(bootstrap, topic, idle_timeout=idle_timeout, max_wait=max_wait))
