@@ -26,9 +26,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import IO, Any
 
-from infra.broker import free_port, kafka_answers
+from infra.broker import ensure_topics, free_port, kafka_answers
 from infra.catalog import ensure_customers, ensure_meters, meter_totals
-from infra.kafka_io import create_topics, publish_sync
+from infra.kafka_io import publish_sync
 from infra.settings import child_env
 from infra.simulator import TIERS, UNIFIED_METER, Fleet, FleetSpec, build_fleet
 from models.policy import OrgPolicy
@@ -163,9 +163,7 @@ def run_demo(opts: DemoOptions) -> int:
         customers = ensure_customers(client, {o.org_id: o.customer_email for o in fleet.orgs if o.plan == "pro"})
         print(f"  Stripe: {len(meters)} meters, {len(customers)} customers")
 
-        import asyncio
-
-        asyncio.run(create_topics(bootstrap, {"usage-ticks": 4, "org-policy": 4, "usage-ticks-dlq": 4}))
+        ensure_topics(bootstrap, {"usage-ticks": 4, "org-policy": 4, "usage-ticks-dlq": 4})
         policies = [
             (
                 o.org_id.encode(),

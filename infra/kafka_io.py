@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
 
-__all__ = ["ReadRecord", "create_topics", "publish", "publish_sync", "read_topic", "read_topic_sync"]
+__all__ = ["ReadRecord", "publish", "publish_sync", "read_topic", "read_topic_sync"]
 
 log = logging.getLogger(__name__)
-
-
-async def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
-    """Create topics with the given partition counts; existing ones are left as they are."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        new = [NewTopic(name=t, num_partitions=n, replication_factor=1) for t, n in topics.items() if t not in existing]
-        if new:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(new)
-    finally:
-        await admin.close()
 
 
 async def publish(
