@@ -232,9 +232,14 @@ class Ledger:
         inserted = 0
         with self._w.begin() as conn:
             if unique:
-                stmt = self._insert(usage_samples).on_conflict_do_nothing(index_elements=["id"])
-                result = conn.execute(stmt, list(unique.values()))
-                inserted = result.rowcount if result.rowcount is not None and result.rowcount >= 0 else 0
+                # RETURNING lists exactly the rows inserted (driver rowcounts for executemany are not
+                # reliable across drivers); SQLAlchemy batches this as multi-row INSERTs.
+                stmt = (
+                    self._insert(usage_samples)
+                    .on_conflict_do_nothing(index_elements=["id"])
+                    .returning(usage_samples.c.id)
+                )
+                inserted = len(conn.execute(stmt, list(unique.values())).all())
             self._upsert_progress(conn, topic, progress)
             dup = len(rows) - inserted
             all_counts = dict(counts or {})

@@ -4,8 +4,13 @@ Stripe's exceptions end here: :func:`classify` maps every one onto a :class:`~si
 (transient / permanent / duplicate), and nothing Stripe-specific leaks past this module.
 
 Delivery guarantee: at-least-once per flush, made effectively-once by Stripe's ``identifier``
-dedup (our row id) and an ``Idempotency-Key`` equal to that identifier. A row's value never
-changes after it is created, so a re-send is always the same event.
+dedup (our row id; Stripe answers a repeat with 400 "An event already exists with identifier …",
+which :func:`classify` turns into ``duplicate`` = delivered). A row's value never changes after it
+is created, so a re-send is always the same event.
+
+Why no deterministic ``Idempotency-Key``: Stripe stores the *first* answer under a key, 500s
+included, and replays it for 24 h — a key equal to the identifier would turn one transient 500 into
+a day of identical 500s. The SDK's random per-call key plus the identifier dedup is strictly better.
 """
 
 from __future__ import annotations
@@ -162,8 +167,7 @@ class StripeMeterSink:
                     "identifier": ev.identifier,
                     "timestamp": ev.timestamp,
                     "payload": {"stripe_customer_id": ev.customer, "value": ev.value},
-                },
-                {"idempotency_key": ev.identifier},
+                }
             )
         except Exception as exc:  # every Stripe failure is classified, none escapes
             status, message, code, retry_after = classify(exc)

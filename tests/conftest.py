@@ -41,6 +41,8 @@ class _TestEnv(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDGEBILL_TEST_", frozen=True, extra="ignore")
 
     kafka: Literal["embedded", "testcontainers"] = "embedded"
+    # PostgreSQL for the DB tests (they skip with a reason when it does not answer).
+    pg_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 class _DockerEnv(BaseSettings):
@@ -176,3 +178,62 @@ async def _round_trip(bootstrap: str, topic: str, count: int = 10) -> list[bytes
 def round_trip() -> Callable[[str, str, int], Coroutine[Any, Any, list[bytes]]]:
     """``await round_trip(bootstrap, topic, n)``: produce n records, return the values read back."""
     return _round_trip
+
+
+# ======================================================================================= Databases
+#
+# ``db_url`` runs a test once on SQLite (a fresh file) and once on PostgreSQL (a fresh schema in the
+# database of EDGEBILL_TEST_PG_URL, dropped afterwards); the PostgreSQL run skips with the reason when
+# nothing answers on 127.0.0.1:5432.
+
+
+def _pg_unavailable_reason(url: str) -> str | None:
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        engine.dispose()
+    except Exception as exc:
+        return f"PostgreSQL not available at {url}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_base_url() -> str:
+    url = _TestEnv().pg_url
+    reason = _pg_unavailable_reason(url)
+    if reason:
+        pytest.skip(reason)
+    return url
+
+
+def _pg_schema_url(base: str) -> Iterator[str]:
+    import sqlalchemy
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(base)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in base else "?"
+    try:
+        yield f"{base}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+        return
+    base = request.getfixturevalue("pg_base_url")
+    yield from _pg_schema_url(base)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'ledger.db'}"

@@ -1,0 +1,110 @@
+"""Time and money math: buckets, GB-s, meters, value strings, the rounding carry."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from fractions import Fraction
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from models.billing import (
+    LEGACY_TIER_METERS,
+    UNIFIED_METER,
+    BillingMode,
+    bucket_start,
+    carry_rounded_delta,
+    format_value,
+    gb_seconds,
+    meter_amounts,
+    meter_row_id,
+    round_value,
+    significant_digits,
+)
+
+SEED_BILL_FROM = 1781564400  # 2026-06-15T23:00:00Z, the seed's prod cutover (hour aligned)
+
+
+def test_bucket_of_the_seed_example_tick() -> None:
+    # "timestamp": "2026-06-15T23:00:12Z" counts whole in the bucket [23:00, 00:00)
+    assert bucket_start(1781564412000, 3600) == SEED_BILL_FROM
+    assert bucket_start(SEED_BILL_FROM * 1000 - 1, 3600) == SEED_BILL_FROM - 3600
+    assert SEED_BILL_FROM % 3600 == 0
+
+
+@given(st.integers(-(10**15), 10**15), st.sampled_from([60, 300, 900, 3600, 86400]))
+def test_bucket_contains_its_tick_and_is_epoch_aligned(ts_ms: int, size: int) -> None:
+    start = bucket_start(ts_ms, size)
+    assert start % size == 0
+    assert start * 1000 <= ts_ms < (start + size) * 1000
+
+
+def test_gb_seconds_is_exact() -> None:
+    assert gb_seconds(4096, 20) == Decimal(80)  # the seed's default tick: 4 GB for 20 s
+    assert gb_seconds(3000, 21) == Decimal("61.5234375")
+    assert gb_seconds(0, 20) == 0 and gb_seconds(1024, 0) == 0
+
+
+def test_meters_per_mode() -> None:
+    unified = meter_amounts(BillingMode.UNIFIED, 3000, 21, 63000)
+    assert unified is not None and (unified.meter, unified.units) == (UNIFIED_METER, 63000)
+    legacy = meter_amounts(BillingMode.LEGACY, 4096, 40, 4096 * 40)
+    assert legacy is not None and (legacy.meter, legacy.units) == ("sandbox_compute_sandbox_4gb", 40)
+    assert meter_amounts(BillingMode.LEGACY, 2048, 40, 2048 * 40) is None  # not a legacy tier
+    assert sorted(LEGACY_TIER_METERS) == [1024, 4096, 8192, 16384, 32768, 65536]
+    assert all(m.startswith("sandbox_compute_sandbox_") for m in LEGACY_TIER_METERS.values())
+
+
+def test_row_ids_and_stripe_identifier_limit() -> None:
+    assert meter_row_id("org_7", SEED_BILL_FROM, UNIFIED_METER) == f"org_7:{SEED_BILL_FROM}:{UNIFIED_METER}"
+    assert meter_row_id("org_7", SEED_BILL_FROM, UNIFIED_METER, 2).endswith(":r2")
+    assert len(meter_row_id("o" * 50, SEED_BILL_FROM, "sandbox_compute_sandbox_64gb", 99)) <= 100
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (Decimal("80"), "80"),
+        (Decimal("61.5234375"), "61.523438"),  # half up at the 7th decimal
+        (Decimal("0.0000004"), "0"),
+        (Decimal("1E+3"), "1000"),
+        (Decimal("123456789.123456"), "123456789.123456"),
+    ],
+)
+def test_value_strings(value: Decimal, text: str) -> None:
+    assert format_value(value) == text
+
+
+def test_value_with_more_than_15_significant_digits_is_refused() -> None:
+    with pytest.raises(ValueError, match="15 significant digits"):
+        format_value(Decimal("1234567890.123456"))
+    assert significant_digits(Decimal("1234567890.12345")) == 15
+    assert significant_digits(Decimal("100.000")) == 3
+
+
+def test_carry_rounds_the_running_total_once() -> None:
+    # 3000 MB x 21 s = 61.5234375 GB-s per tick; per-row rounding would send 61.523438 each time.
+    units = 3000 * 21
+    sent = Decimal(0)
+    values = []
+    for i in range(1, 9):
+        v, sent = carry_rounded_delta(units * (i - 1), sent, units, 1024)
+        values.append(v)
+    assert sum(values) == round_value(units * 8, 1024) == Decimal("492.1875")
+    assert values[0] == Decimal("61.523438") and values[1] == Decimal("61.523437")
+
+
+@given(st.lists(st.integers(0, 10**9), min_size=1, max_size=60), st.sampled_from([1, 1024]))
+def test_sum_of_sent_values_equals_exact_total_rounded_once(chunks: list[int], divisor: int) -> None:
+    sent = Decimal(0)
+    total = 0
+    parts = []
+    for units in chunks:
+        v, sent = carry_rounded_delta(total, sent, units, divisor)
+        total += units
+        assert v >= 0
+        parts.append(v)
+    exact = Fraction(total, divisor)
+    assert sum(parts) == sent == round_value(total, divisor)
+    assert abs(Fraction(str(sent)) - exact) <= Fraction(1, 2 * 10**6)
