@@ -8,6 +8,17 @@ inspection endpoints under ``/_fake/``. Bound to 127.0.0.1 unless told otherwise
 Public API: :class:`FakeStripe` (state + operations), :func:`build_app`, :func:`run_foreground`
 (``edgebill stripe-fake``), :class:`StripeServerThread` (tests), :class:`FaultConfig`,
 :class:`StripeError`.
+
+Stripe endpoints: customers (+ search, balance_transactions), products (+ search), prices (+ search),
+subscriptions, subscription_items, checkout/sessions (+ expire), webhook_endpoints, events,
+billing/meters (+ deactivate, reactivate, event_summaries), billing/meter_events,
+billing/meter_event_adjustments; v2 billing/meter_event_session, meter_event_stream, meter_events,
+meter_event_adjustments, core/events.
+
+Inspection (not Stripe): ``GET /_fake/meter_events``, ``/_fake/duplicates``, ``/_fake/requests``,
+``/_fake/error_reports``, ``/_fake/webhook_deliveries``; ``GET|POST /_fake/faults`` and
+``/_fake/clock`` (``{"advance": seconds}``); ``POST /_fake/reset``,
+``POST /_fake/checkout_sessions/{id}/complete``.
 """
 
 from __future__ import annotations

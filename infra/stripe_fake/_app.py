@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -76,9 +78,6 @@ def _bearer(request: web.Request) -> str | None:
     if auth.startswith("Bearer "):
         return auth[len("Bearer ") :].strip() or None
     if auth.startswith("Basic "):
-        import base64
-        import binascii
-
         try:
             decoded = base64.b64decode(auth[len("Basic ") :]).decode()
         except (binascii.Error, UnicodeDecodeError):
@@ -184,11 +183,9 @@ def _live_limits(state: FakeStripe, cfg: FaultConfig, request: web.Request, data
     if isinstance(payload, dict):
         customer = str(payload.get("stripe_customer_id") or next(iter(payload.values()), ""))
     slot = (customer, str(data.get("event_name", "")))
-    with state._lock:
-        if slot in state.in_flight_meter_calls:
-            state.faults.note("limit_v1_concurrency")
-            raise rate_limit_error()
-        state.in_flight_meter_calls.add(slot)
+    if not state.claim_meter_slot(slot):
+        state.faults.note("limit_v1_concurrency")
+        raise rate_limit_error()
     return slot
 
 
@@ -259,12 +256,14 @@ async def _serve(request: web.Request, handler: Handler, state: FakeStripe, requ
         return resp
     except StripeError as exc:
         return _error_response(exc, request_id)
+    except Exception:
+        log.exception("local Stripe server: unexpected error on %s %s", request.method, request.path)
+        return _error_response(
+            StripeError(500, "An unknown error occurred while processing your request.", type_="api_error"),
+            request_id,
+        )
     finally:
-        with state._lock:
-            if idem_slot is not None:
-                state.in_flight_keys.discard(idem_slot)
-            if meter_slot is not None:
-                state.in_flight_meter_calls.discard(meter_slot)
+        state.release_slots(meter_slot, idem_slot)
 
 
 async def _execute(
@@ -295,22 +294,9 @@ async def _execute(
 def _check_idempotency(
     state: FakeStripe, slot: tuple[str, str], request: web.Request, data: Obj
 ) -> web.Response | None:
-    with state._lock:
-        stored = state.idempotency.get(slot)
-        if stored is not None and state.now() - stored.created > IDEMPOTENCY_TTL_S:
-            del state.idempotency[slot]
-            stored = None
-        if stored is None:
-            if slot in state.in_flight_keys:
-                raise StripeError(
-                    409,
-                    "There is currently another in-progress request using this Stripe idempotency key (that "
-                    "probably means you submitted twice, and the other request is still going through): "
-                    f"{slot[1]}. Please try again later.",
-                    type_="idempotency_error",
-                )
-            state.in_flight_keys.add(slot)
-            return None
+    stored = state.idempotency_claim(slot, IDEMPOTENCY_TTL_S)
+    if stored is None:
+        return None
     if stored.fingerprint != _fingerprint(request.method, request.path, data):
         raise StripeError(
             400,
@@ -332,16 +318,17 @@ def _store_idempotency(
     request_id: str,
 ) -> None:
     body = resp.body
-    raw = body if isinstance(body, bytes) else b""
     keep = ("Request-Id", "Stripe-Version", "Idempotency-Key", "Stripe-Should-Retry")
-    with state._lock:
-        state.idempotency[slot] = IdempotentResult(
+    state.idempotency_store(
+        slot,
+        IdempotentResult(
             method=request.method,
             path=request.path,
             fingerprint=_fingerprint(request.method, request.path, data),
             status=resp.status,
-            body=raw,
+            body=body if isinstance(body, bytes) else b"",
             headers={k: v for k, v in resp.headers.items() if k in keep},
             request_id=request_id,
             created=state.now(),
-        )
+        ),
+    )

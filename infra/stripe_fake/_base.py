@@ -204,6 +204,50 @@ class StateBase:
             listener(event)
         return event
 
+    # -- in-flight slots and the Idempotency-Key store (used by the HTTP layer) ---------------------
+
+    @locked
+    def claim_meter_slot(self, slot: tuple[str, str]) -> bool:
+        """Take the one concurrent v1 meter-event call allowed per (customer, meter); False if taken."""
+        if slot in self.in_flight_meter_calls:
+            return False
+        self.in_flight_meter_calls.add(slot)
+        return True
+
+    @locked
+    def release_slots(self, meter_slot: tuple[str, str] | None, idem_slot: tuple[str, str] | None) -> None:
+        if meter_slot is not None:
+            self.in_flight_meter_calls.discard(meter_slot)
+        if idem_slot is not None:
+            self.in_flight_keys.discard(idem_slot)
+
+    @locked
+    def idempotency_claim(self, slot: tuple[str, str], ttl_s: float) -> IdempotentResult | None:
+        """The stored result for (api key, Idempotency-Key), or None after marking the key in flight.
+
+        Raises 409 while another request with the same key is in flight, as Stripe does.
+        """
+        stored = self.idempotency.get(slot)
+        if stored is not None and self.now() - stored.created > ttl_s:
+            del self.idempotency[slot]
+            stored = None
+        if stored is not None:
+            return stored
+        if slot in self.in_flight_keys:
+            raise StripeError(
+                409,
+                "There is currently another in-progress request using this Stripe idempotency key (that "
+                "probably means you submitted twice, and the other request is still going through): "
+                f"{slot[1]}. Please try again later.",
+                type_="idempotency_error",
+            )
+        self.in_flight_keys.add(slot)
+        return None
+
+    @locked
+    def idempotency_store(self, slot: tuple[str, str], result: IdempotentResult) -> None:
+        self.idempotency[slot] = result
+
     # -- inspection --------------------------------------------------------------------------------
 
     def count_request(self, method: str, route: str, status: int) -> None:

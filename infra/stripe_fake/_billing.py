@@ -648,6 +648,11 @@ class BillingMixin(CustomersMixin):
         return [r.as_dict() for r in self.meter_events.values() if include_cancelled or r.cancelled_at is None]
 
     @locked
+    def duplicate_attempt_list(self) -> list[Obj]:
+        """Every refused re-send of an accepted identifier (with its value and the accepted one)."""
+        return [dict(d) for d in self.duplicate_attempts]
+
+    @locked
     def conflicting_identifiers(self) -> list[Obj]:
         """Duplicate attempts that carried a different value or customer than the accepted event."""
         return [dict(d) for d in self.duplicate_attempts if not d["same_value"]]

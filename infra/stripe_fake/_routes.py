@@ -58,9 +58,7 @@ async def fake_meter_events(request: web.Request) -> web.StreamResponse:
 
 async def fake_duplicates(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
-    with state._lock:
-        data = [dict(d) for d in state.duplicate_attempts]
-    return json_response({"data": data, "conflicting": state.conflicting_identifiers()})
+    return json_response({"data": state.duplicate_attempt_list(), "conflicting": state.conflicting_identifiers()})
 
 
 async def fake_requests(request: web.Request) -> web.StreamResponse:

@@ -667,6 +667,16 @@ def test_live_limits(client: stripe.StripeClient, server: StripeServerThread, me
         both = sorted(pool.map(lambda i: _raw_meter_event(server.base_url, customer.id, f"c{i}"), range(2)))
     assert both == [200, 429]  # one concurrent call per (customer, meter)
     assert server.state.faults.injected.get("limit_v1_concurrency") == 1
+    server.state.set_faults(FaultConfig(live_limits=True, v2_stream_per_s=2))
+    token = client.v2.billing.meter_event_session.create().authentication_token
+    streamer, transport = make_client(server.base_url, key=token)
+    try:
+        for i in range(2):
+            streamer.v2.billing.meter_event_stream.create({"events": [stream_event(customer, "1", identifier=f"v{i}")]})
+        with pytest.raises(stripe.RateLimitError):
+            streamer.v2.billing.meter_event_stream.create({"events": [stream_event(customer, "1")]})
+    finally:
+        transport.close()  # type: ignore[no-untyped-call]
 
 
 def test_concurrent_requests_with_one_idempotency_key(server: StripeServerThread, meter: Any, customer: Any) -> None:

@@ -9,7 +9,6 @@ which that file does not cover, are compared with the fields the official SDK de
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,12 +22,8 @@ from infra.stripe_fake import StripeServerThread
 
 pytestmark = pytest.mark.integration
 
-#: Where Stripe's fixtures may be: EDGEBILL_STRIPE_FIXTURES, a vendored copy, or the shared reference.
-FIXTURE_CANDIDATES = [
-    Path(os.environ.get("EDGEBILL_STRIPE_FIXTURES", "/nonexistent")),
-    Path(__file__).resolve().parents[1] / "fixtures" / "stripe" / "fixtures3.json",
-    Path("/work/shared/reference/stripe/fixtures3.json"),
-]
+#: Stripe's own example object for every resource (MIT, Stripe), vendored with its licence.
+FIXTURE_CANDIDATES = [Path(__file__).resolve().parents[1] / "fixtures" / "stripe" / "fixtures3.json"]
 FREE_FORM = {"metadata", "payload", "previous_attributes"}
 #: Sub-objects whose content is another resource (checked on its own) rather than this one's shape.
 OTHER_RESOURCE = {"event.data.object"}
