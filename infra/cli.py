@@ -331,6 +331,20 @@ def demo(orgs: int, hours: int, seed: int, kills: int, timeout: float, keep: boo
     sys.exit(run_demo(DemoOptions(orgs=orgs, hours=hours, seed=seed, kills=kills, timeout=timeout, keep=keep)))
 
 
+@cli.command()
+@click.option("--only", default=None, help="Comma-separated benchmark names (the raw limit always runs first).")
+@click.option("--quick", is_flag=True, help="Smaller inputs (a smoke run, not a measurement).")
+def bench(only: str | None, quick: bool) -> None:
+    """Performance benchmark on a fresh embedded broker: JSON lines with ratios to the raw limit."""
+    from infra.bench import run_benchmarks
+
+    names = [n.strip() for n in only.split(",") if n.strip()] if only else None
+    try:
+        sys.exit(run_benchmarks(names, quick, click.echo))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)
