@@ -17,11 +17,14 @@ log = logging.getLogger(__name__)
 async def publish(
     bootstrap: str,
     topic: str,
-    messages: Iterable[tuple[bytes | None, bytes]],
+    messages: Iterable[tuple[bytes | None, bytes]] | Iterable[tuple[bytes | None, bytes, int | None]],
     *,
     headers: list[tuple[str, bytes]] | None = None,
 ) -> int:
-    """Send (key, value) messages and wait until every one is acknowledged. Returns the count."""
+    """Send (key, value[, partition]) messages; wait until every one is acknowledged. Returns the count.
+
+    A partition of None (or a 2-tuple) lets the key choose the partition, as producers normally do.
+    """
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         linger_ms=5,
@@ -33,8 +36,11 @@ async def publish(
     n = 0
     try:
         futures = []
-        for key, value in messages:
-            futures.append(await producer.send(topic, value=value, key=key, headers=headers))
+        for msg in messages:
+            partition = msg[2] if len(msg) > 2 else None
+            futures.append(
+                await producer.send(topic, value=msg[1], key=msg[0], partition=partition, headers=headers)
+            )
             n += 1
             if len(futures) >= 5000:
                 await asyncio.gather(*futures)
@@ -46,7 +52,11 @@ async def publish(
     return n
 
 
-def publish_sync(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes]]) -> int:
+def publish_sync(
+    bootstrap: str,
+    topic: str,
+    messages: Iterable[tuple[bytes | None, bytes]] | Iterable[tuple[bytes | None, bytes, int | None]],
+) -> int:
     return asyncio.run(publish(bootstrap, topic, messages))
 
 
