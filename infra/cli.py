@@ -166,11 +166,47 @@ def worker() -> None:
     "--file", "path", type=click.File("rb"), default=None, help="JSON lines to publish instead ('-' = stdin)."
 )
 @click.option("--policies/--no-policies", default=True, show_default=True, help="Also publish simulated org policies.")
-def produce(orgs: int, hours: int, seed: int, duplicates: float, path: Any, policies: bool) -> None:
-    """Publish usage ticks: a seeded simulated fleet over past hours, or JSON lines from a file / stdin."""
+@click.option(
+    "--scale-events/--no-scale-events",
+    default=True,
+    show_default=True,
+    help="Also publish the matching cell rows to sandbox-scale-events.",
+)
+@click.option(
+    "--drift",
+    "drifts",
+    multiple=True,
+    metavar="KIND[:ORG[:BUCKET_START]]",
+    help="Inject edge-side drift: missing, zombie or skew (org and bucket chosen when omitted). Repeatable.",
+)
+def produce(
+    orgs: int,
+    hours: int,
+    seed: int,
+    duplicates: float,
+    path: Any,
+    policies: bool,
+    scale_events: bool,
+    drifts: tuple[str, ...],
+) -> None:
+    """Publish usage ticks: a seeded simulated fleet over past hours, or JSON lines from a file / stdin.
+
+    The fleet's cell rows go to sandbox-scale-events too, so the parity table has both sides; --drift makes
+    the edge side disagree on purpose, and the command prints the (org, bucket) pairs it affects.
+    """
     from infra.kafka_io import publish_sync
-    from infra.simulator import FleetSpec, build_fleet, iter_file_messages
+    from infra.simulator import (
+        DRIFT_KINDS,
+        DriftSpec,
+        FleetSpec,
+        build_fleet,
+        encode_messages,
+        inject_drift,
+        iter_file_messages,
+        pick_drift_specs,
+    )
     from models.policy import OrgPolicy
+    from streams.cell import TOPIC_SCALE
     from streams.pipeline import TOPIC_POLICY, TOPIC_TICKS
 
     s = _settings()
@@ -201,12 +237,38 @@ def produce(orgs: int, hours: int, seed: int, duplicates: float, path: Any, poli
             for o in fleet.orgs
         ]
         publish_sync(bootstrap, s.kafka.topic(TOPIC_POLICY), pols)
-    msgs = fleet.messages()
+    ticks = fleet.ticks
+    if drifts:
+        specs: list[DriftSpec] = []
+        for d in drifts:
+            kind, _, rest = d.partition(":")
+            if kind not in DRIFT_KINDS:
+                raise click.BadParameter(f"{kind!r} is not one of {', '.join(DRIFT_KINDS)}", param_hint="--drift")
+            org, _, bucket = rest.partition(":")
+            if org:
+                b = _parse_time(bucket) if bucket else start + size
+                specs.append(DriftSpec(kind, org, b))
+            else:
+                specs.extend(pick_drift_specs(fleet, [kind], seed=seed + len(specs), exclude=[x.org_id for x in specs]))
+        try:
+            case = inject_drift(fleet, specs)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--drift") from exc
+        ticks = case.ticks
+        for spec in specs:
+            click.echo(f"drift {spec.kind} on {spec.org_id} at {datetime.fromtimestamp(spec.bucket_start, UTC):%H:%MZ}")
+        for org, b in sorted(case.affected):
+            click.echo(f"  affects {org} bucket {b} ({datetime.fromtimestamp(b, UTC):%Y-%m-%d %H:%MZ})")
+    msgs = encode_messages(ticks, fleet.spec)
     publish_sync(bootstrap, s.kafka.topic(TOPIC_TICKS), msgs)
     click.echo(
-        f"published {len(fleet.ticks)} unique ticks in {len(msgs)} messages for {orgs} orgs over {hours} h "
+        f"published {len(ticks)} unique ticks in {len(msgs)} messages for {orgs} orgs over {hours} h "
         f"from {datetime.fromtimestamp(start, UTC).isoformat()}"
     )
+    if scale_events:
+        scale = fleet.scale_messages()
+        publish_sync(bootstrap, s.kafka.topic(TOPIC_SCALE), scale)
+        click.echo(f"published {len(fleet.scale_rows())} cell rows as {len(scale)} scale events")
 
 
 @cli.group()
@@ -311,6 +373,123 @@ def ledger(org_id: str | None, state: str | None, bucket: int | None, as_json: b
 
 
 @cli.command()
+@click.option("--from", "from_", default=None, help="Window start: unix s or RFC 3339 (default: 24 h before --to).")
+@click.option("--to", "to", default=None, help="Window end, exclusive (default: now).")
+@click.option("--org", "org_id", default=None, help="Only this org.")
+@click.option("--flagged", is_flag=True, help="Only rows that are not ok.")
+@click.option("--json", "as_json", is_flag=True, help="Rows, per-bucket summaries and the gate as JSON.")
+@click.option("--refresh", is_flag=True, help="Recompute the window's buckets from the raw data first.")
+@click.option(
+    "--window", "whole", is_flag=True, help="One row per org over the whole window, live (the endpoint's view)."
+)
+@click.option("--dashboard-url", is_flag=True, help="Print a signed link to the worker's dashboard and exit.")
+def parity(
+    from_: str | None,
+    to: str | None,
+    org_id: str | None,
+    flagged: bool,
+    as_json: bool,
+    refresh: bool,
+    whole: bool,
+    dashboard_url: bool,
+) -> None:
+    """The parity table: edge (usage ticks) vs cell (scale events) GB-s per pro org and bucket.
+
+    Status is ok, drift (|drift| > EDGEBILL_PARITY_TOLERANCE), edge_only or cell_only. The worker keeps the
+    table up to date; --refresh recomputes the window here (e.g. with no worker running).
+    """
+    from sinks.parity import ParityStore
+    from streams.cell import parity_config
+
+    s = _settings()
+    if dashboard_url:
+        from streams.web import dashboard_url as make_url
+
+        click.echo(make_url(s, int(time.time())))
+        return
+    end = _parse_time(to) if to else int(time.time())
+    start = _parse_time(from_) if from_ else end - 86_400
+    if end <= start:
+        raise click.BadParameter("--to must be after --from")
+    cfg = parity_config(s)
+    led = _ledger()
+    store = ParityStore(led.engine, bucket_seconds=s.billing.bucket_seconds)
+    if whole:
+        orgs = [o for o in store.window(start, end, cfg) if (not org_id or o.org_id == org_id)]
+        orgs = [o for o in orgs if not flagged or o.status.value != "ok"]
+        out = [
+            {
+                "org_id": o.org_id,
+                "gb_seconds": str(o.measure.edge_gb_s),
+                "samples": o.measure.samples,
+                "cell_gb_seconds": str(o.measure.cell_gb_s),
+                "drift": str(o.drift),
+                "status": o.status.value,
+            }
+            for o in orgs
+        ]
+        if as_json:
+            click.echo(json.dumps({"window": {"from": start, "to": end}, "orgs": out}, indent=2))
+            return
+        click.echo(f"{'org':<20} {'edge GB-s':>18} {'cell GB-s':>18} {'samples':>8} {'drift':>9}  status")
+        for o, w in zip(orgs, out, strict=True):
+            click.echo(
+                f"{o.org_id:<20} {o.measure.edge_gb_s:>18,.3f} {o.measure.cell_gb_s:>18,.3f} "
+                f"{o.measure.samples:>8} {o.drift * 100:>+8.2f}%  {w['status']}"
+            )
+        return
+    if refresh:
+        n = store.recompute_range(start, end, cfg)
+        click.echo(f"recomputed {n} row(s)", err=True)
+    size = s.billing.bucket_seconds
+    rows = store.rows(start // size * size, end, org=org_id, flagged_only=flagged)
+    gate = store.gate(s.billing.grace_seconds)
+    settled = gate.last_settled
+    by_bucket: dict[int, list[Any]] = {}
+    for r in rows:
+        by_bucket.setdefault(r.bucket_start, []).append(r)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "window": {"from": start, "to": end},
+                    "rows": [r.to_wire() for r in rows],
+                    "gate": {
+                        "clean_buckets": gate.clean_buckets,
+                        "clean_hours": str(gate.clean_hours),
+                        "required_hours": s.parity.gate_hours,
+                        "last_settled": gate.last_settled,
+                        "last_flagged": gate.last_flagged,
+                    },
+                    "state": store.state(),
+                },
+                indent=2,
+            )
+        )
+        return
+    if not rows:
+        click.echo("no parity rows in the window (is a worker running? --refresh computes them here)")
+    for b, rs in sorted(by_bucket.items()):
+        label = datetime.fromtimestamp(b, UTC).strftime("%Y-%m-%d %H:%MZ")
+        click.echo(f"\n{label} {'(settled)' if settled is not None and b <= settled else '(not settled)'}")
+        click.echo(f"  {'org':<20} {'edge GB-s':>16} {'cell GB-s':>16} {'samples':>8} {'drift':>9}  status")
+        for r in rs:
+            click.echo(
+                f"  {r.org_id:<20} {r.edge_gb_s:>16,.3f} {r.cell_gb_s:>16,.3f} {r.samples:>8} "
+                f"{r.drift * 100:>+8.2f}%  {r.status.value}"
+            )
+        bad = [r for r in rs if r.flagged]
+        worst = max(rs, key=lambda r: abs(r.drift))
+        click.echo(
+            f"  checked={len(rs)} flagged={len(bad)} (tolerance={s.parity.tolerance * 100:.1f}%) "
+            f"worst={worst.org_id} ({worst.drift * 100:+.1f}%)"
+        )
+    click.echo(
+        f"\ngate: {gate.clean_hours:.0f} consecutive clean hour(s) of parity (cutover needs {s.parity.gate_hours})"
+    )
+
+
+@cli.command()
 @click.option("--orgs", type=int, default=24, show_default=True)
 @click.option("--hours", type=int, default=4, show_default=True)
 @click.option("--seed", type=int, default=7, show_default=True)
@@ -324,11 +503,22 @@ def ledger(org_id: str | None, state: str | None, bucket: int | None, as_json: b
 )
 @click.option("--timeout", type=float, default=150.0, show_default=True, help="Seconds to wait for the pipeline.")
 @click.option("--keep", is_flag=True, help="Keep the demo folder under ./var/demo/ afterwards.")
-def demo(orgs: int, hours: int, seed: int, kills: int, timeout: float, keep: bool) -> None:
-    """Everything embedded: broker, local Stripe, worker, a simulated fleet; exits 0 only if all totals agree."""
+@click.option(
+    "--drift",
+    type=click.Choice(["missing", "skew", "none"]),
+    multiple=True,
+    default=("missing",),
+    show_default=True,
+    help="Edge-side drift to inject for the parity check, one org per kind ('none' for a clean fleet).",
+)
+def demo(orgs: int, hours: int, seed: int, kills: int, timeout: float, keep: bool, drift: tuple[str, ...]) -> None:
+    """Everything embedded: broker, local Stripe, worker, a simulated fleet; exits 0 only if all totals agree
+    and the parity table is clean except exactly where drift was injected."""
     from infra.demo import DemoOptions, run_demo
 
-    sys.exit(run_demo(DemoOptions(orgs=orgs, hours=hours, seed=seed, kills=kills, timeout=timeout, keep=keep)))
+    kinds = tuple(d for d in drift if d != "none")
+    opts = DemoOptions(orgs=orgs, hours=hours, seed=seed, kills=kills, timeout=timeout, keep=keep, drift=kinds)
+    sys.exit(run_demo(opts))
 
 
 @cli.command()

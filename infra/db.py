@@ -32,6 +32,7 @@ from sqlalchemy.engine import make_url
 
 __all__ = [
     "billing_prices",
+    "cell_intervals",
     "close_runs",
     "closed_buckets",
     "counters",
@@ -41,8 +42,12 @@ __all__ = [
     "meter_totals",
     "migrate",
     "org_policies",
+    "parity_alerts",
+    "parity_dirty",
+    "parity_state",
     "partition_progress",
     "unbilled_usage",
+    "usage_parity",
     "usage_samples",
 ]
 
@@ -184,6 +189,72 @@ billing_prices = Table(
     Column("meter", String(100), nullable=False),
     Column("price_id", String(255), nullable=False),
     Column("updated_ms", BigInteger, nullable=False),
+)
+
+# ------------------------------------------------------------------------------------ parity (issue 6)
+# The cell side (``sandbox-scale-events`` rows), the parity table, its bookkeeping and its alerts.
+# Written by sinks.parity; cell_intervals is also read to tell whether a worker owned a sandbox at a time.
+
+cell_intervals = Table(
+    "cell_intervals",
+    metadata,
+    Column("id", String(255), primary_key=True),  # the cell row id (scale event id)
+    Column("sandbox_id", String(255), nullable=False),
+    Column("org_id", String(255), nullable=False),
+    Column("cell_id", String(255), nullable=False),
+    Column("worker_id", String(255), nullable=False),  # the worker that owns the sandbox during the interval
+    Column("memory_mb", BigInteger, nullable=False),
+    Column("cpu_percent", Integer, nullable=False),
+    Column("disk_mb", BigInteger, nullable=False),
+    Column("started_ms", BigInteger, nullable=False),
+    Column("ended_ms", BigInteger, nullable=True),  # NULL = open (counted up to now)
+    Column("src_partition", Integer, nullable=False),
+    Column("src_offset", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+    Index("ix_cell_intervals_sandbox", "sandbox_id", "started_ms"),
+    Index("ix_cell_intervals_org", "org_id", "started_ms"),
+)
+
+usage_parity = Table(
+    "usage_parity",
+    metadata,
+    Column("org_id", String(255), nullable=False),
+    Column("bucket_start", BigInteger, nullable=False),
+    Column("edge_mb_s", BigInteger, nullable=False),  # Σ memory_mb × interval_s of the raw samples
+    Column("samples", BigInteger, nullable=False),
+    Column("cell_mb_ms", BigInteger, nullable=False),  # Σ memory_mb × clipped ms of the cell intervals
+    Column("slack_mb_ms", BigInteger, nullable=False),  # boundary slack (models.parity)
+    Column("drift", String(40), nullable=False),  # (edge − cell) / cell, 6 decimals
+    Column("status", String(16), nullable=False),  # ok | drift | edge_only | cell_only
+    Column("updated_ms", BigInteger, nullable=False),
+    PrimaryKeyConstraint("org_id", "bucket_start"),
+    Index("ix_usage_parity_bucket", "bucket_start"),
+    Index("ix_usage_parity_status", "status", "bucket_start"),
+)
+
+parity_dirty = Table(
+    "parity_dirty",
+    metadata,
+    Column("bucket_start", BigInteger, primary_key=True, autoincrement=False),
+    Column("version", BigInteger, nullable=False),  # bumped on every new mark; cleared only if unchanged
+)
+
+parity_alerts = Table(
+    "parity_alerts",
+    metadata,
+    Column("id", String(255), primary_key=True),  # dedup key: billing_drift:{first bucket of the episode}
+    Column("first_bucket", BigInteger, nullable=False),
+    Column("fired_bucket", BigInteger, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("published_ms", BigInteger, nullable=True),  # NULL = not yet on the alerts topic
+    Column("body", Text, nullable=False),  # the alert record (JSON)
+)
+
+parity_state = Table(
+    "parity_state",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", BigInteger, nullable=False),
 )
 
 

@@ -8,6 +8,12 @@ SIGKILL it mid-run and start it again (``--kill-worker``); wait until every tick
 every bucket is closed and every row is sent; then read Stripe's totals back through meter event
 summaries and print, per org: ticks, GB-s from the simulator, from the ledger, and from Stripe.
 Exit 0 only when all three agree exactly (and per meter). Everything started is stopped.
+
+Parity (issue 6): the fleet's cell rows are published to ``sandbox-scale-events`` and one drift case is
+injected on the edge side (``--drift``, default: one org loses a sandbox's ticks for an hour). The demo
+prints the parity table (drift per org and bucket) and passes only when it is clean for every other org
+and flagged for exactly the injected (org, bucket) pairs. Billing exactness is checked against the truth
+of the ticks actually published (a lost tick is not billed, and must not be).
 """
 
 from __future__ import annotations
@@ -30,7 +36,17 @@ from infra.broker import ensure_topics, free_port, kafka_answers
 from infra.catalog import ensure_customers, ensure_meters, meter_totals
 from infra.kafka_io import publish_sync
 from infra.settings import child_env
-from infra.simulator import TIERS, UNIFIED_METER, Fleet, FleetSpec, build_fleet
+from infra.simulator import (
+    TIERS,
+    UNIFIED_METER,
+    DriftCase,
+    Fleet,
+    FleetSpec,
+    build_fleet,
+    inject_drift,
+    pick_drift_specs,
+    truth_of,
+)
 from models.policy import OrgPolicy
 from sinks.stripe import make_client
 
@@ -50,6 +66,7 @@ class DemoOptions:
     timeout: float = 150.0
     keep: bool = False
     var_dir: Path = Path("var/demo")
+    drift: tuple[str, ...] = ("missing",)  # kinds injected on the edge side (missing, skew), one org each
 
 
 class Child:
@@ -143,6 +160,7 @@ def run_demo(opts: DemoOptions) -> int:
             "EDGEBILL_BUCKET_SECONDS": str(size),
             "EDGEBILL_KAFKA_TOPIC_PREFIX": None,
             "EDGEBILL_KAFKA_GROUP_ID": "edgebill-demo",
+            "EDGEBILL_PARITY_REFRESH_INTERVAL": "1",
         }
     )
     broker = Child("broker", _cli("broker", "--port", str(kport), "--log-dir", str(root)), env, root)
@@ -158,12 +176,25 @@ def run_demo(opts: DemoOptions) -> int:
         _wait(lambda: _stripe_up(client), 30, "the local Stripe server")
         print(f"  broker {bootstrap}, local Stripe {stripe_base}   ({time.monotonic() - t0:.1f}s)")
 
-        fleet = build_fleet(FleetSpec(orgs=opts.orgs, hours=opts.hours, start=start, seed=opts.seed))
+        clean = build_fleet(FleetSpec(orgs=opts.orgs, hours=opts.hours, start=start, seed=opts.seed))
+        # One drift case per kind, on the edge side; the fleet below is what the edge publishes (and bills).
+        case = inject_drift(clean, pick_drift_specs(clean, list(opts.drift), seed=opts.seed) if opts.drift else [])
+        fleet = Fleet(clean.spec, clean.orgs, case.ticks, truth_of(clean.orgs, case.ticks))
         meters = ensure_meters(client)
         customers = ensure_customers(client, {o.org_id: o.customer_email for o in fleet.orgs if o.plan == "pro"})
         print(f"  Stripe: {len(meters)} meters, {len(customers)} customers")
 
-        ensure_topics(bootstrap, {"usage-ticks": 4, "org-policy": 4, "usage-ticks-dlq": 4})
+        ensure_topics(
+            bootstrap,
+            {
+                "usage-ticks": 4,
+                "org-policy": 4,
+                "usage-ticks-dlq": 4,
+                "sandbox-scale-events": 4,
+                "sandbox-scale-events-dlq": 4,
+                "billing-alerts": 1,
+            },
+        )
         policies = [
             (
                 o.org_id.encode(),
@@ -182,11 +213,19 @@ def run_demo(opts: DemoOptions) -> int:
         publish_sync(bootstrap, "org-policy", policies)
         messages = fleet.messages()
         publish_sync(bootstrap, "usage-ticks", messages)
+        scale = clean.scale_messages()  # the cell's view comes from the fleet as it really ran
+        publish_sync(bootstrap, "sandbox-scale-events", scale)
         print(
             f"  produced {len(fleet.ticks):,} unique ticks as {len(messages):,} messages "
             f"({sum(1 for _, v in messages if v.startswith(b'[')):,} arrays) for {len(fleet.orgs)} orgs, "
-            f"{opts.hours} h from {datetime.fromtimestamp(start, UTC):%Y-%m-%d %H:%M}Z   ({time.monotonic() - t0:.1f}s)"
+            f"{opts.hours} h from {datetime.fromtimestamp(start, UTC):%Y-%m-%d %H:%M}Z, and "
+            f"{len(clean.scale_rows()):,} cell rows as {len(scale):,} scale events   ({time.monotonic() - t0:.1f}s)"
         )
+        for spec in case.specs:
+            print(
+                f"  injected drift: {spec.kind} on {spec.org_id} at "
+                f"{datetime.fromtimestamp(spec.bucket_start, UTC):%H:%M}Z (edge side only)"
+            )
 
         from infra.db import make_engine, migrate
         from sinks.ledger import Ledger
@@ -228,6 +267,7 @@ def run_demo(opts: DemoOptions) -> int:
         _wait(finished, opts.timeout, "every tick billed and sent", 0.5)
         print(f"  pipeline done: {ledger.state_counts()}   ({time.monotonic() - t0:.1f}s)")
         ok = _report(fleet, ledger, client, meters, customers, start, start + opts.hours * size)
+        parity_ok = _parity(ledger, fleet, case, len(scale), finished_ms=int(time.time() * 1000), timeout=opts.timeout)
         counters = ledger.counters()
         print(
             f"  ledger counters: ingested={counters.get('ticks.ingested', 0):,} "
@@ -236,10 +276,12 @@ def run_demo(opts: DemoOptions) -> int:
             f"worker starts={worker.starts}"
         )
         print(
-            f"\n{'PASS' if ok else 'FAIL'}: simulator, ledger and Stripe {'agree exactly' if ok else 'DISAGREE'} "
+            f"\n{'PASS' if ok and parity_ok else 'FAIL'}: simulator, ledger and Stripe "
+            f"{'agree exactly' if ok else 'DISAGREE'}; parity "
+            f"{'clean for every other org, drift flagged exactly where injected' if parity_ok else 'WRONG'} "
             f"({time.monotonic() - t0:.1f}s)"
         )
-        return 0 if ok else 1
+        return 0 if ok and parity_ok else 1
     except Exception as exc:
         print(f"\nFAIL: {type(exc).__name__}: {exc}")
         for c in children:
@@ -331,4 +373,41 @@ def _report(
         for u in unbilled:
             reasons[u["reason"]] = reasons.get(u["reason"], 0) + int(u["samples"])
         print(f"  counted, not billed (by design): {reasons}")
+    return ok
+
+
+def _parity(ledger: Any, fleet: Fleet, case: DriftCase, scale_records: int, finished_ms: int, timeout: float) -> bool:
+    """Wait for a parity refresh after everything was read, print the table; True when it is clean for every
+    org except the drifted ones, flagged for exactly the (org, bucket) pairs the injection changed."""
+    from sinks.parity import ParityStore
+
+    size = fleet.spec.bucket_seconds
+    store = ParityStore(ledger.engine, bucket_seconds=size)
+    _wait(lambda: ledger.counters().get("scale.read", 0) >= scale_records, timeout, "the scale events", 0.3)
+    mark = max(finished_ms, int(time.time() * 1000))  # a refresh that starts after this has seen everything
+    _wait(lambda: store.state().get("refreshed_ms", 0) > mark, timeout, "a parity refresh", 0.3)
+    start = fleet.spec.start
+    buckets = list(range(start, start + fleet.spec.hours * size, size))
+    rows = {(r.org_id, r.bucket_start): r for r in store.rows(start, buckets[-1] + size)}
+    orgs = sorted({o for o, _ in rows})
+    print("\n  parity: edge (usage ticks) vs cell (scale events), drift = (edge - cell) / cell per pro org and hour")
+    print(f"  {'org':<8} " + " ".join(f"{datetime.fromtimestamp(b, UTC):%H:%M}Z".rjust(19) for b in buckets))
+    for org in orgs:
+        cells = []
+        for b in buckets:
+            r = rows.get((org, b))
+            if r is None:
+                cells.append("-".rjust(19))
+                continue
+            flag = "" if r.status.value == "ok" else f" {r.status.value.upper()}"
+            cells.append(f"{r.drift * 100:+.2f}%{flag}".rjust(19))
+        print(f"  {org:<8} " + " ".join(cells))
+    flagged = {k for k, r in rows.items() if r.flagged}
+    drifted = {s.org_id for s in case.specs}
+    clean_orgs = [o for o in orgs if o not in drifted]
+    ok = flagged == case.affected and all(not rows[k].flagged for k in rows if k[0] in clean_orgs)
+    print(
+        f"  {len(rows)} (org, hour) rows: {len(clean_orgs)} orgs clean in every hour; flagged {sorted(flagged)} "
+        f"{'== injected' if flagged == case.affected else f'!= injected {sorted(case.affected)}'}"
+    )
     return ok

@@ -38,9 +38,7 @@ async def publish(
         futures = []
         for msg in messages:
             partition = msg[2] if len(msg) > 2 else None
-            futures.append(
-                await producer.send(topic, value=msg[1], key=msg[0], partition=partition, headers=headers)
-            )
+            futures.append(await producer.send(topic, value=msg[1], key=msg[0], partition=partition, headers=headers))
             n += 1
             if len(futures) >= 5000:
                 await asyncio.gather(*futures)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -28,6 +29,7 @@ __all__ = [
     "BillingSettings",
     "DatabaseSettings",
     "KafkaSettings",
+    "ParitySettings",
     "Settings",
     "StripeSettings",
     "WebSettings",
@@ -118,18 +120,43 @@ class StripeSettings(BaseSettings):
     api_key: SecretStr = SecretStr("sk_test_edgebill_local")
     webhook_secret: SecretStr = SecretStr("whsec_edgebill_local")
     local_port: int = Field(default=DEFAULT_LOCAL_STRIPE_PORT, ge=1, le=65535)
-    mode: Literal["v1", "v2"] = "v1"
-    send_batch: int = Field(default=500, ge=1, le=10_000, description="outbox rows per send cycle")
-    concurrency: int = Field(default=8, ge=1, le=256)
+    mode: Literal["v1", "v2"] = Field(
+        default="v1",
+        description="v1: POST /v1/billing/meter_events; v2: the meter-event stream (sessions, 100/request)",
+    )
+    meter_events_base: str | None = Field(
+        default=None,
+        description="v2 stream host; unset: meter-events.stripe.com for api.stripe.com, else the API base",
+    )
+    send_batch: int | None = Field(
+        default=None, ge=1, le=10_000, description="outbox rows per send batch; unset: 500 (v1), 2,000 (v2)"
+    )
+    concurrency: int = Field(default=8, ge=1, le=256, description="Stripe requests in flight at once")
     max_attempts: int = Field(default=6, ge=1, le=50, description="attempts per row per send cycle")
     send_interval: float = Field(default=1.0, gt=0, description="seconds between send cycles")
     timeout: float = Field(default=20.0, gt=0)
+    v1_max_calls_per_s: float = Field(
+        default=900.0, ge=0, description="client-side pacing of v1 calls (Stripe live limit: 1,000/s); 0 = off"
+    )
+    session_refresh_margin: float = Field(
+        default=60.0, ge=0, le=450, description="renew a v2 session this many seconds before it expires"
+    )
+    reconcile_interval: float = Field(
+        default=30.0, gt=0, description="seconds between reads of Stripe's v2 error reports"
+    )
 
     @property
     def base(self) -> str:
         return (self.api_base or f"http://127.0.0.1:{self.local_port}").rstrip("/")
 
-    @field_validator("api_base")
+    @property
+    def batch_rows(self) -> int:
+        """Rows per send batch: ``send_batch``, or the mode's default (v2 requests carry 100 events)."""
+        if self.send_batch is not None:
+            return self.send_batch
+        return 2000 if self.mode == "v2" else 500
+
+    @field_validator("api_base", "meter_events_base")
     @classmethod
     def _http(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith(("http://", "https://")):
@@ -166,14 +193,42 @@ class WebSettings(BaseSettings):
     model_config = _cfg("EDGEBILL_WEB_")
 
     host: str = "127.0.0.1"
-    port: int = Field(default=6066, ge=0, le=65535)
+    port: int = Field(default=6066, ge=1, le=65535)
     internal_secret: SecretStr = SecretStr("edgebill-local-internal-secret")
+
+
+class ParitySettings(BaseSettings):
+    """The parity table, its alert rule and the dashboard (issue 6; models.parity has the rules)."""
+
+    model_config = _cfg("EDGEBILL_PARITY_")
+
+    tolerance: Decimal = Field(default=Decimal("0.02"), ge=0, le=10, description="|drift| above this flags a row")
+    boundary_slack_seconds: int = Field(
+        default=40,
+        ge=0,
+        le=3600,
+        description="one tick of slack per interval near a bucket boundary (2x the 20 s tick); 0 = the seed's rule",
+    )
+    refresh_interval: float = Field(default=5.0, gt=0, description="seconds between parity refreshes (leader)")
+    lookback_hours: int = Field(
+        default=48, ge=1, le=35 * 24, description="rebuilt at start and on policy changes; alerts evaluated over it"
+    )
+    alert_org_min_gb_seconds: Decimal = Field(default=Decimal(100), ge=0)
+    alert_org_drift: Decimal = Field(default=Decimal("0.10"), ge=0)
+    alert_min_orgs: int = Field(default=3, ge=1)
+    alert_aggregate_min_gb_seconds: Decimal = Field(default=Decimal(300), ge=0)
+    alert_aggregate_drift: Decimal = Field(default=Decimal("0.10"), ge=0)
+    alert_consecutive_buckets: int = Field(default=2, ge=1, le=48)
+    alerts_topic: str = Field(default="billing-alerts", pattern=r"^[A-Za-z0-9._-]+$")
+    gate_hours: int = Field(default=72, ge=1, description="consecutive clean hours the cutover gate asks for")
+    signature_tolerance_seconds: int = Field(default=300, ge=1, le=3600)
+    dashboard_token_ttl: int = Field(default=12 * 3600, ge=60, description="seconds a dashboard link stays valid")
 
 
 class Settings:
     """All areas together. Built by :func:`load_settings`; immutable parts, passed explicitly."""
 
-    __slots__ = ("billing", "db", "kafka", "stripe", "web")
+    __slots__ = ("billing", "db", "kafka", "parity", "stripe", "web")
 
     def __init__(
         self,
@@ -183,12 +238,14 @@ class Settings:
         stripe: StripeSettings,
         billing: BillingSettings,
         web: WebSettings,
+        parity: ParitySettings | None = None,
     ) -> None:
         self.kafka = kafka
         self.db = db
         self.stripe = stripe
         self.billing = billing
         self.web = web
+        self.parity = parity if parity is not None else ParitySettings()
 
     def describe(self) -> dict[str, dict[str, Any]]:
         """Every effective value, secrets masked (for ``check-config`` and logs)."""
@@ -208,6 +265,7 @@ _AREAS: dict[str, type[BaseSettings]] = {
     "stripe": StripeSettings,
     "billing": BillingSettings,
     "web": WebSettings,
+    "parity": ParitySettings,
 }
 
 
@@ -243,7 +301,7 @@ def interlock_problems(billing: BillingSettings) -> list[str]:
 def load_settings(**overrides: Mapping[str, Any]) -> Settings:
     """Build all settings from the environment, raising one ConfigError that lists every problem.
 
-    ``overrides`` maps an area name (``kafka``, ``db``, ``stripe``, ``billing``, ``web``) to field
+    ``overrides`` maps an area name (``kafka``, ``db``, ``stripe``, ``billing``, ``web``, ``parity``) to field
     values that take precedence over the environment (used by tests and the demo).
     """
     problems: list[str] = []
@@ -267,6 +325,7 @@ def load_settings(**overrides: Mapping[str, Any]) -> Settings:
         stripe=_as(built["stripe"], StripeSettings),
         billing=_as(built["billing"], BillingSettings),
         web=_as(built["web"], WebSettings),
+        parity=_as(built["parity"], ParitySettings),
     )
 
 

@@ -116,6 +116,38 @@ class MeterRow:
 _ADVISORY_LOCK_CLOSER = 0x6564676562696C  # "edgebil"
 
 
+ZOMBIE_SLACK_MS = 5_000  # beyond the tick's own interval: clock jitter between worker and cell
+
+
+def _zombie_expr() -> Any:
+    """1 when a sample is a zombie tick (seed #365, in event time), else 0. Used inside the close claim.
+
+    A tick of sandbox S from worker W at time t is a zombie when the cell side knows S had started by t
+    (some interval of S starts at or before t) and yet no interval of S owned by W covers t — either
+    another worker owned S then, or every interval of S had ended before t (a terminal sandbox). A tick
+    covers ``(t - interval_s, t]``, so an interval counts as covering when ``started - (interval_s + slack)
+    <= t <= ended + interval_s + slack``. Unknown ownership (no interval of S yet, or a tick without a
+    worker id) is allowed, as in the seed.
+    """
+    from infra.db import cell_intervals
+
+    us = usage_samples.c
+    ci = cell_intervals.c
+    slack = us.interval_s * 1000 + ZOMBIE_SLACK_MS
+    known = select(literal(1)).where(ci.sandbox_id == us.sandbox_id, ci.started_ms <= us.ts_ms + slack).exists()
+    owned = (
+        select(literal(1))
+        .where(
+            ci.sandbox_id == us.sandbox_id,
+            ci.worker_id == us.worker_id,
+            ci.started_ms - slack <= us.ts_ms,
+            (ci.ended_ms.is_(None)) | (us.ts_ms <= ci.ended_ms + slack),
+        )
+        .exists()
+    )
+    return case((and_(us.worker_id != "", known, ~owned), 1), else_=0)
+
+
 class Ledger:
     """All ledger reads and writes. One instance per process; thread-safe through the engine pool."""
 
@@ -371,11 +403,13 @@ class Ledger:
           2. insert a ``close_runs`` row -> ``close_id``;
           3. claim samples: ``UPDATE usage_samples SET close_id = :id WHERE close_id IS NULL AND
              bucket_start <= last closable bucket`` — on-time samples and late ones alike;
-          4. aggregate exactly the claimed rows per (org, bucket, memory size), price them with the policy
-             in effect at each tick's time (only buckets with a policy change are split per tick);
+          4. aggregate exactly the claimed rows per (org, bucket, memory size), set zombie ticks aside
+             (:func:`_zombie_expr`), price the rest with the policy in effect at each tick's time (only
+             buckets with a policy change are split per tick);
           5. per (org, bucket, meter): the next revision (0, or r{n} when the bucket already has rows),
              the value through the rounding carry in ``meter_totals``, the state (pending / shadow /
-             skipped_before_bill_from / expired), insert the row; non-billable usage into ``unbilled_usage``;
+             skipped_before_bill_from / expired), insert the row; non-billable usage (unknown org, free
+             plan, legacy size outside the tiers, zombie) into ``unbilled_usage`` with its reason;
           6. mark the buckets closed; commit.
         A crash anywhere before the commit leaves every sample unclaimed and no row written: the next run
         does the same work again. After the commit the samples belong to exactly one row set, so a
@@ -431,17 +465,19 @@ class Ledger:
         result.samples = claimed
         if not claimed:
             return
+        zombie = _zombie_expr().label("zombie")
         groups = conn.execute(
             select(
                 us.org_id,
                 us.bucket_start,
                 us.memory_mb,
+                zombie,
                 func.count().label("n"),
                 func.sum(us.interval_s).label("secs"),
                 func.sum(us.memory_mb * us.interval_s).label("mbs"),
             )
             .where(us.close_id == cid)
-            .group_by(us.org_id, us.bucket_start, us.memory_mb)
+            .group_by(us.org_id, us.bucket_start, us.memory_mb, zombie)
         ).all()
         histories = self._policy_histories(conn, {g.org_id for g in groups})
         size = cfg.bucket_seconds
@@ -450,6 +486,11 @@ class Ledger:
         unbilled: dict[tuple[str, int, str], list[int]] = defaultdict(lambda: [0, 0])
         split: set[tuple[str, int]] = set()
         for g in groups:
+            if g.zombie:
+                u = unbilled[(g.org_id, g.bucket_start, "zombie")]
+                u[0] += int(g.n)
+                u[1] += int(g.mbs or 0)
+                continue
             hist = histories.get(g.org_id)
             if hist is not None and hist.change_points(g.bucket_start * 1000, (g.bucket_start + size) * 1000):
                 split.add((g.org_id, g.bucket_start))
@@ -460,7 +501,7 @@ class Ledger:
             hist = histories[org]
             for r in conn.execute(
                 select(us.ts_ms, us.memory_mb, us.interval_s).where(
-                    us.close_id == cid, us.org_id == org, us.bucket_start == bstart
+                    us.close_id == cid, us.org_id == org, us.bucket_start == bstart, _zombie_expr() == 0
                 )
             ):
                 pol = hist.as_of(r.ts_ms)
@@ -774,3 +815,101 @@ class Ledger:
             q = q.where(org_policies.c.org_id == org)
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
+
+    # ---- Stripe reconciliation (issue C)
+
+    def stripe_cursor(self, name: str) -> int | None:
+        """A reconciliation cursor kept in ``counters`` (e.g. the newest Stripe error report read, in ms)."""
+        with self.engine.connect() as conn:
+            value = conn.execute(select(counters.c.value).where(counters.c.name == name)).scalar_one_or_none()
+        return None if value is None else int(value)
+
+    def reject_after_send(
+        self,
+        rejections: Sequence[tuple[str, str]],
+        *,
+        cursor: tuple[str, int] | None = None,
+    ) -> list[str]:
+        """Move rows Stripe refused *after* accepting the request (v2 stream error reports) to ``rejected``.
+
+        rejections: (row id, error). One transaction, in this order: (1) each named row that is ``sent``
+        or ``pending`` becomes ``rejected`` with the error (other states are left alone: a row already
+        rejected, or never sent, is not touched); (2) the cursor ``(name, value)`` is stored, never moving
+        backwards; (3) counters ``rows.rejected_async`` += rows moved. A crash before the commit changes
+        nothing: the caller re-reads the same reports from the unchanged cursor, and applying a report a
+        second time is a no-op. Returns the ids of the rows moved.
+        """
+        now = self._clock()
+        me = meter_events.c
+        moved: list[str] = []
+        with self._w.begin() as conn:
+            for row_id, error in rejections:
+                hit = conn.execute(
+                    update(meter_events)
+                    .where(me.id == row_id, me.state.in_([RowState.SENT.value, RowState.PENDING.value]))
+                    .values(state=RowState.REJECTED.value, updated_ms=now, last_error=error)
+                    .returning(me.id)
+                ).first()
+                if hit is not None:
+                    moved.append(row_id)
+            if cursor is not None:
+                name, value = cursor
+                stmt = self._insert(counters).values(name=name, value=value)
+                conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=["name"],
+                        set_={
+                            "value": case(
+                                (stmt.excluded.value > counters.c.value, stmt.excluded.value),
+                                else_=counters.c.value,
+                            )
+                        },
+                    )
+                )
+            self._bump_counters(conn, {"rows.rejected_async": len(moved)})
+        return moved
+
+    def set_states_many(
+        self, updates: Sequence[tuple[str, RowState, str | None, str | None]], *, attempts: int = 0
+    ) -> None:
+        """:meth:`set_states` as one driver-level executemany (the sender's hot path: thousands of rows/s).
+
+        Same contract and effects as :meth:`set_states`: one transaction; only rows still ``pending`` or
+        ``deferred_no_customer`` change (a late outcome never moves a row out of ``sent``); ``sent`` rows
+        get ``sent_ms``; the customer is kept when None is given; counters ``rows.<state>`` are bumped.
+        A crash before the commit changes nothing (the sender sends those rows again; see OutboxSender).
+        """
+        import re
+
+        if not updates:
+            return
+        now = self._clock()
+        # Plain SQL through the driver: SQLAlchemy's per-row parameter processing costs more than the
+        # UPDATE itself at this rate. Named parameters, in the driver's style (``:x`` / ``%(x)s``); the
+        # two states are RowState.PENDING and RowState.DEFERRED_NO_CUSTOMER.
+        sql = (
+            "UPDATE meter_events SET state = :state, updated_ms = :now, attempts = attempts + :attempts, "
+            "last_error = :error, stripe_customer_id = COALESCE(:customer, stripe_customer_id), "
+            "sent_ms = CASE WHEN :sent = 1 THEN :now ELSE sent_ms END "
+            "WHERE id = :id AND state IN ('pending', 'deferred_no_customer')"
+        )
+        if self._dialect != "sqlite":
+            sql = re.sub(r":(\w+)", r"%(\1)s", sql)
+        params = [
+            {
+                "id": row_id,
+                "state": state.value,
+                "now": now,
+                "attempts": attempts,
+                "error": error,
+                "customer": customer,
+                "sent": 1 if state is RowState.SENT else 0,
+            }
+            for row_id, state, customer, error in updates
+        ]
+        counts: dict[str, int] = defaultdict(int)
+        for _, state, _, _ in updates:
+            counts[f"rows.{state.value}"] += 1
+        with self._w.begin() as conn:
+            conn.exec_driver_sql(sql, params)
+            self._bump_counters(conn, counts)

@@ -36,6 +36,7 @@ __all__ = [
     "TOPIC_DLQ",
     "TOPIC_POLICY",
     "TOPIC_POLICY_DLQ",
+    "TOPIC_SCALE_EVENTS",
     "TOPIC_TICKS",
     "Deps",
     "IngestBatch",
@@ -50,6 +51,7 @@ TOPIC_TICKS = "usage-ticks"
 TOPIC_DLQ = "usage-ticks-dlq"
 TOPIC_POLICY = "org-policy"
 TOPIC_POLICY_DLQ = "org-policy-dlq"
+TOPIC_SCALE_EVENTS = "sandbox-scale-events"
 FUTURE_TOLERANCE_MS = 3600 * 1000  # a tick stamped more than 1 h ahead of the worker's clock is rejected
 
 
@@ -160,7 +162,15 @@ class Pipeline:
             shadow=b.shadow,
             bill_from=b.bill_from,
         )
-        self.partitions: dict[str, int] = {self.ticks_topic: k.partitions, self.policy_topic: k.partitions}
+        self.scale_topic = k.topic(TOPIC_SCALE_EVENTS)
+        # Every input the closer must have read before a bucket closes: ticks (event time), and the two
+        # topics that decide *how* a tick is billed — policies (plan, mode) and the cell's scale events
+        # (sandbox ownership, for zombie ticks). Those two hold the watermark while they lag.
+        self.partitions: dict[str, int] = {
+            self.ticks_topic: k.partitions,
+            self.policy_topic: k.partitions,
+            self.scale_topic: k.partitions,
+        }
         self._close_lock = asyncio.Lock()
         self._send_lock = asyncio.Lock()
         self.last_close: CloseResult | None = None
@@ -331,17 +341,10 @@ def install(app: Any, deps: Deps) -> Pipeline:
     app.timer(deps.settings.billing.close_interval, on_leader=True, name="edgebill.closer")(pipe.close_tick)
     app.timer(deps.settings.stripe.send_interval, on_leader=True, name="edgebill.sender")(pipe.send_tick)
 
-    @app.page("/healthz")  # type: ignore[untyped-decorator]
-    async def healthz(web: Any, request: Any) -> Any:
-        return web.json(
-            {
-                "ok": True,
-                "owner": deps.owner,
-                "shadow": deps.settings.billing.shadow,
-                "bill_from": deps.settings.billing.bill_from,
-                "authority": deps.settings.billing.pro_billing_authority.value,
-                "rows": await asyncio.to_thread(deps.ledger.state_counts),
-            }
-        )
+    # The cell side + parity refresher, and every web view (/healthz, /metrics, parity, dashboard).
+    from streams.cell import install_parity
+    from streams.web import install_web
 
+    install_parity(app, deps, pipe)
+    install_web(app, deps, pipe)
     return pipe

@@ -54,6 +54,7 @@ def _pro(ledger: Ledger, org: str = "o") -> None:
     p = OrgPolicy.model_validate({"org_id": org, "plan": "pro", "stripe_customer_id": "cus", "effective_at": 0})
     ledger.write_policies("org-policy", [(p, 0, 0)], {0: (0, None), 1: (0, None)}, {})
     ledger.report_highwaters("org-policy", {0: 1, 1: 1}, "test")
+    ledger.report_highwaters("sandbox-scale-events", {0: 0, 1: 0, 2: 0}, "test")  # empty: caught up
 
 
 def test_a_lagging_partition_holds_its_buckets_open(ledger: Ledger) -> None:
@@ -95,6 +96,17 @@ def test_an_unreported_partition_blocks_closing(ledger: Ledger) -> None:
         "usage-ticks", [_tick("o", B0 + 10, "a", 0, 0)], bucket_seconds=H, progress={0: (0, (B0 + 10) * 1000)}
     )
     ledger.report_highwaters("usage-ticks", {0: 1, 1: 0}, "test")
+    assert pipe.close_once() is None and ledger.open_samples() == 1
+
+
+def test_lagging_cell_events_hold_closing_because_they_decide_zombie_ticks(ledger: Ledger) -> None:
+    pipe = _pipeline(ledger)
+    _pro(ledger)
+    ledger.write_ticks(
+        "usage-ticks", [_tick("o", B0 + 10, "a", 0, 0)], bucket_seconds=H, progress={0: (0, (B0 + 10) * 1000)}
+    )
+    ledger.report_highwaters("usage-ticks", {0: 1, 1: 0}, "test")
+    ledger.report_highwaters("sandbox-scale-events", {0: 0, 1: 7}, "test")  # 7 scale events not read yet
     assert pipe.close_once() is None and ledger.open_samples() == 1
 
 

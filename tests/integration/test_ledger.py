@@ -233,3 +233,56 @@ def test_ledger_refuses_another_bucket_size(ledger: Ledger) -> None:
     ledger.check_bucket_seconds(3600)
     with pytest.raises(LedgerError, match="3600"):
         ledger.check_bucket_seconds(900)
+
+
+def _interval(led: Ledger, iid: str, sandbox: str, worker: str, start_s: int, end_s: int | None) -> None:
+    from infra.db import cell_intervals
+
+    with led.engine.begin() as conn:
+        conn.execute(
+            cell_intervals.insert().values(
+                id=iid,
+                sandbox_id=sandbox,
+                org_id="o",
+                cell_id="c",
+                worker_id=worker,
+                memory_mb=1024,
+                cpu_percent=100,
+                disk_mb=0,
+                started_ms=start_s * 1000,
+                ended_ms=None if end_s is None else end_s * 1000,
+                src_partition=0,
+                src_offset=0,
+                updated_ms=0,
+            )
+        )
+
+
+def _ztick(sandbox: str, worker: str, ts_s: int, tid: str) -> SourcedTick:
+    return SourcedTick(Tick(tid, "o", sandbox, worker, "c", 1024, 0, 20, ts_s * 1000), 0, 0)
+
+
+def test_zombie_ticks_are_counted_not_billed(ledger: Ledger) -> None:
+    """seed #365 in event time: not the owner at the tick's time, or after the sandbox ended -> zombie."""
+    policy(ledger, "o", 0)
+    # sb1: w-a owns it for 20 min, then it migrates to w-b, which stops it at :40.
+    _interval(ledger, "i1", "sb1", "w-a", B0, B0 + 1200)
+    _interval(ledger, "i2", "sb1", "w-b", B0 + 1200, B0 + 2400)
+    _interval(ledger, "i3", "sb2", "w-a", B0, None)  # sb2: still running on w-a
+    ticks = [
+        _ztick("sb1", "w-a", B0 + 600, "ok-owner-a"),
+        _ztick("sb1", "w-a", B0 + 1210, "ok-final-flush-a"),  # a last slice just after migrating: in slack
+        _ztick("sb1", "w-a", B0 + 1800, "zombie-not-owner"),  # w-a keeps ticking after the migration
+        _ztick("sb1", "w-b", B0 + 1800, "ok-owner-b"),
+        _ztick("sb1", "w-b", B0 + 3000, "zombie-after-stop"),  # sandbox ended at :40
+        _ztick("sb2", "w-b", B0 + 100, "zombie-other-worker"),
+        _ztick("sb2", "w-a", B0 + 3500, "ok-open-interval"),
+        _ztick("sb3", "w-z", B0 + 100, "ok-unknown-sandbox"),  # no cell data: allowed
+        _ztick("sb1", "", B0 + 3000, "ok-no-worker-id"),  # old producer without worker id: allowed
+    ]
+    ledger.write_ticks("usage-ticks", ticks, bucket_seconds=H, progress={})
+    res = ledger.close(NOW_MS, LIVE)
+    assert res.unbilled == {"zombie": 3}
+    assert rows(ledger) == {f"o:{B0}:{UNIFIED_METER}": ("120", "pending")}  # 6 billable ticks x 20 GB-s
+    assert {(u["reason"], u["samples"]) for u in ledger.unbilled()} == {("zombie", 3)}
+    assert ledger.counters()["unbilled.zombie"] == 3

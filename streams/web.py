@@ -1,0 +1,310 @@
+"""The worker's web views, registered by :func:`install_web` (bound to ``EDGEBILL_WEB_HOST``, 127.0.0.1).
+
+=================================  ==============================================================================
+``GET /healthz``                   liveness + flags + meter rows by state (open)
+``GET /metrics``                   Prometheus text format (open, like any scrape target on loopback)
+``GET /internal/usage-parity``     ``?from=&to=`` (unix s): parity per pro org over the window, live from the
+                                   raw samples and cell intervals. Signed like the seed's internal calls:
+                                   ``X-Timestamp`` (unix s, ±300 s) and ``X-Signature`` = hex HMAC-SHA256 over
+                                   ``"{ts}.{path+query}"`` with ``EDGEBILL_WEB_INTERNAL_SECRET``. Unsigned, stale
+                                   or forged -> 401; bad or empty window -> 400.
+``GET /dashboard``                 the parity dashboard (HTML + ``/dashboard/app.js`` + ``/dashboard/app.css``)
+``GET /dashboard/data.json``       what the dashboard draws (``?hours=``, default 48)
+=================================  ==============================================================================
+
+Dashboard access: a link from ``edgebill parity --dashboard-url`` carries ``?token={expires}.{hmac}``
+(HMAC-SHA256 of ``"dashboard.{expires}"`` with the internal secret; valid ``EDGEBILL_PARITY_DASHBOARD_TOKEN_TTL``
+seconds). The first request trades it for an HttpOnly, SameSite=Strict cookie scoped to ``/dashboard`` and
+redirects to the bare URL, so the token does not stay in the address bar. ``/dashboard/data.json`` also
+accepts the signed headers of the internal endpoint. Pages are sent with a strict Content-Security-Policy
+(no inline script, no third-party origin; the chart is drawn by our own ``app.js`` as inline SVG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from decimal import Decimal
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from infra.metrics import render_metrics
+from models.parity import dashboard_token, verify_dashboard_token, verify_request
+from models.watermark import last_closable_bucket
+from sinks.parity import ParityConfig, ParityRow, ParityStore
+from streams.cell import TOPIC_SCALE, parity_config
+
+if TYPE_CHECKING:
+    from infra.settings import Settings
+    from streams.pipeline import Deps, Pipeline
+
+__all__ = ["COOKIE", "dashboard_data", "dashboard_url", "install_web", "parity_window_json"]
+
+log = logging.getLogger(__name__)
+
+COOKIE: Final = "edgebill_dashboard"
+MAX_WINDOW_SECONDS: Final = 35 * 86_400
+_Q6: Final = Decimal("0.000001")
+_CSP: Final = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_STATIC: Final = {
+    "app.js": "application/javascript",
+    "app.css": "text/css",
+}
+
+
+def _num(d: Decimal) -> float:
+    """A 6-decimal JSON number (its text is exact: ≤ 15 significant digits round-trip through a float)."""
+    return float(d.quantize(_Q6))
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def dashboard_url(settings: Settings, now_s: int) -> str:
+    """A dashboard link valid for ``EDGEBILL_PARITY_DASHBOARD_TOKEN_TTL`` seconds from ``now_s``."""
+    token = dashboard_token(
+        settings.web.internal_secret.get_secret_value().encode(), now_s + settings.parity.dashboard_token_ttl
+    )
+    return f"http://{settings.web.host}:{settings.web.port}/dashboard?token={token}"
+
+
+def parity_window_json(store: ParityStore, cfg: ParityConfig, from_s: int, to_s: int, now_ms: int) -> dict[str, Any]:
+    """The ``/internal/usage-parity`` answer: the seed's shape plus cell GB-s, drift and status."""
+    orgs = store.window(from_s, to_s, cfg)
+    return {
+        "window": {"from": from_s, "to": to_s},
+        "orgs": [
+            {
+                "org_id": o.org_id,
+                "gb_seconds": _num(o.measure.edge_gb_s),
+                "samples": o.measure.samples,
+                "cell_gb_seconds": _num(o.measure.cell_gb_s),
+                "drift": _num(o.drift),
+                "status": o.status.value,
+            }
+            for o in orgs
+        ],
+        "as_of": _iso(now_ms),
+    }
+
+
+def dashboard_data(
+    store: ParityStore, cfg: ParityConfig, settings: Settings, now_ms: int, hours: int
+) -> dict[str, Any]:
+    """Everything the dashboard draws, for the last ``hours`` hours (blocking: call from a thread)."""
+    size = cfg.bucket_seconds
+    current = (now_ms // 1000) // size * size
+    lo = current - max(1, hours * 3600 // size) * size
+    rows = store.rows(lo, current + size)
+    st = store.state()
+    wm = st.get("watermark_ms")
+    last = last_closable_bucket(wm, size, cfg.grace_seconds) if wm is not None else None
+    gate = store.gate(cfg.grace_seconds, watermark_ms=wm)
+    by_bucket: dict[int, list[ParityRow]] = defaultdict(list)
+    for r in rows:
+        by_bucket[r.bucket_start].append(r)
+    # From the first bucket with data (at least the last 12 buckets) to the current one.
+    first = min(min(by_bucket, default=current), current - 11 * size)
+    buckets = []
+    for b in range(max(lo, first), current + size, size):
+        rs = by_bucket.get(b, [])
+        edge = sum((r.edge_gb_s for r in rs), Decimal(0))
+        cell = sum((r.cell_gb_s for r in rs), Decimal(0))
+        flagged = sum(1 for r in rs if r.flagged)
+        drift = (edge - cell) / cell if cell else (Decimal(1) if edge else Decimal(0))
+        buckets.append(
+            {
+                "start": b,
+                "label": datetime.fromtimestamp(b, UTC).strftime("%m-%d %H:%M"),
+                "edge": _num(edge),
+                "cell": _num(cell),
+                "drift": _num(drift),
+                "orgs": len(rs),
+                "flagged": flagged,
+                "settled": last is not None and b <= last,
+            }
+        )
+    orgs: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        o = orgs.setdefault(r.org_id, {"org_id": r.org_id, "cells": {}, "flagged": 0, "worst": 0.0})
+        o["cells"][str(r.bucket_start)] = {
+            "drift": _num(r.drift),
+            "status": r.status.value,
+            "edge": _num(r.edge_gb_s),
+            "cell": _num(r.cell_gb_s),
+        }
+        if r.flagged:
+            o["flagged"] += 1
+            o["worst"] = max(o["worst"], abs(_num(r.drift)))
+    worst = sorted(
+        (r for r in rows if r.flagged and last is not None and r.bucket_start <= last),
+        key=lambda r: (-abs(r.drift), -r.bucket_start, r.org_id),
+    )[:10]
+    progress = store.metrics(cfg.grace_seconds).progress
+    lag = [
+        {"topic": p.topic, "partition": p.partition, "lag": max(0, p.highwater - (p.committed_offset + 1))}
+        for p in sorted(progress, key=lambda p: (p.topic, p.partition))
+        if p.highwater is not None
+    ]
+    return {
+        "now_ms": now_ms,
+        "refreshed_ms": st.get("refreshed_ms"),
+        "watermark_ms": wm,
+        "bucket_seconds": size,
+        "tolerance": str(settings.parity.tolerance),
+        "gate": {
+            "clean_buckets": gate.clean_buckets,
+            "clean_hours": _num(gate.clean_hours),
+            "required_hours": settings.parity.gate_hours,
+            "open": gate.clean_hours >= settings.parity.gate_hours,
+            "last_settled": gate.last_settled,
+            "last_flagged": gate.last_flagged,
+        },
+        "buckets": buckets,
+        "orgs": sorted(orgs.values(), key=lambda o: (-o["flagged"], -o["worst"], o["org_id"])),
+        "worst": [
+            {
+                "org_id": r.org_id,
+                "bucket_start": r.bucket_start,
+                "label": datetime.fromtimestamp(r.bucket_start, UTC).strftime("%m-%d %H:%M"),
+                "drift": _num(r.drift),
+                "status": r.status.value,
+                "edge": _num(r.edge_gb_s),
+                "cell": _num(r.cell_gb_s),
+            }
+            for r in worst
+        ],
+        "lag": lag,
+        "alerts": [
+            {"id": a["id"], "first_bucket": a["first_bucket"], "published": a["published_ms"] is not None}
+            for a in store.alerts()[-10:]
+        ],
+    }
+
+
+def _static(name: str) -> bytes:
+    return (resources.files("infra") / "static" / name).read_bytes()
+
+
+def _page(data: dict[str, Any]) -> str:
+    blob = orjson.dumps(data).decode().replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return _static("dashboard.html").decode().replace("{{DATA}}", blob)
+
+
+def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
+    """Register ``/healthz``, ``/metrics``, ``/internal/usage-parity`` and the dashboard on ``app``."""
+    settings = deps.settings
+    cfg = parity_config(settings)
+    store = ParityStore(deps.ledger.engine, bucket_seconds=settings.billing.bucket_seconds, clock=deps.clock_ms)
+    secret = settings.web.internal_secret.get_secret_value().encode()
+    tolerance = settings.parity.signature_tolerance_seconds
+    k = settings.kafka
+    consumed = {pipe.ticks_topic, pipe.policy_topic, k.topic(TOPIC_SCALE)}
+
+    def now_s() -> int:
+        return deps.clock_ms() // 1000
+
+    def signed(request: Any) -> str | None:
+        return verify_request(
+            secret,
+            request.headers.get("X-Timestamp"),
+            request.headers.get("X-Signature"),
+            request.raw_path,
+            now_s(),
+            tolerance,
+        )
+
+    def dashboard_allowed(request: Any) -> bool:
+        return verify_dashboard_token(secret, request.cookies.get(COOKIE), now_s()) or signed(request) is None
+
+    def secure(headers: dict[str, str] | None = None) -> dict[str, str]:
+        return {
+            "Content-Security-Policy": _CSP,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store",
+            **(headers or {}),
+        }
+
+    @app.page("/healthz")  # type: ignore[untyped-decorator]
+    async def healthz(web: Any, request: Any) -> Any:
+        return web.json(
+            {
+                "ok": True,
+                "owner": deps.owner,
+                "shadow": settings.billing.shadow,
+                "bill_from": settings.billing.bill_from,
+                "authority": settings.billing.pro_billing_authority.value,
+                "rows": await asyncio.to_thread(deps.ledger.state_counts),
+            }
+        )
+
+    @app.page("/metrics")  # type: ignore[untyped-decorator]
+    async def metrics(web: Any, request: Any) -> Any:
+        body = await asyncio.to_thread(
+            lambda: render_metrics(store.metrics(settings.billing.grace_seconds), consumed, time.time())
+        )
+        return web.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @app.page("/internal/usage-parity")  # type: ignore[untyped-decorator]
+    async def usage_parity(web: Any, request: Any) -> Any:
+        reason = signed(request)
+        if reason is not None:
+            log.warning("refused %s from %s: %s", request.raw_path, request.remote, reason)
+            return web.json({"error": "unauthorized", "reason": reason}, status=401)
+        try:
+            from_s, to_s = int(request.query["from"]), int(request.query["to"])
+        except (KeyError, ValueError):
+            return web.json({"error": "from and to are required, in unix seconds"}, status=400)
+        if to_s <= from_s:
+            return web.json({"error": "to must be after from"}, status=400)
+        if to_s - from_s > MAX_WINDOW_SECONDS:
+            return web.json({"error": f"window longer than {MAX_WINDOW_SECONDS} s"}, status=400)
+        body = await asyncio.to_thread(parity_window_json, store, cfg, from_s, to_s, deps.clock_ms())
+        return web.json(body)
+
+    @app.page("/dashboard")  # type: ignore[untyped-decorator]
+    async def dashboard(web: Any, request: Any) -> Any:
+        token = request.query.get("token")
+        if token is not None:
+            if not verify_dashboard_token(secret, token, now_s()):
+                return web.text("dashboard link expired or invalid\n", status=401, headers=secure())
+            exp = int(token.partition(".")[0])
+            cookie = f"{COOKIE}={token}; Max-Age={max(1, exp - now_s())}; Path=/dashboard; HttpOnly; SameSite=Strict"
+            return web.text("", status=303, headers=secure({"Location": "/dashboard", "Set-Cookie": cookie}))
+        if not dashboard_allowed(request):
+            return web.text(
+                "open the link printed by `edgebill parity --dashboard-url`\n", status=401, headers=secure()
+            )
+        hours = 48
+        data = await asyncio.to_thread(dashboard_data, store, cfg, settings, deps.clock_ms(), hours)
+        return web.html(_page(data), headers=secure())
+
+    @app.page("/dashboard/data.json")  # type: ignore[untyped-decorator]
+    async def dashboard_json(web: Any, request: Any) -> Any:
+        if not dashboard_allowed(request):
+            return web.json({"error": "unauthorized"}, status=401)
+        try:
+            hours = min(24 * 35, max(1, int(request.query.get("hours", "48"))))
+        except ValueError:
+            return web.json({"error": "hours must be an integer"}, status=400)
+        data = await asyncio.to_thread(dashboard_data, store, cfg, settings, deps.clock_ms(), hours)
+        return web.json(data, headers=secure())
+
+    @app.page("/dashboard/{name}")  # type: ignore[untyped-decorator]
+    async def dashboard_static(web: Any, request: Any, name: str) -> Any:
+        if name not in _STATIC:
+            return web.text("not found\n", status=404)
+        if not dashboard_allowed(request):
+            return web.text("unauthorized\n", status=401)
+        return web.bytes(_static(name), content_type=_STATIC[name], headers=secure())
