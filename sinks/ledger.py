@@ -239,46 +239,75 @@ class Ledger:
         so they count as duplicates, not twice. The dedup and the aggregate input are the same row,
         so there is no window in which one is written without the other.
         """
-        rows: list[dict[str, Any]] = [
-            {
-                "id": st.tick.id,
-                "org_id": st.tick.org_id,
-                "sandbox_id": st.tick.sandbox_id,
-                "worker_id": st.tick.worker_id,
-                "cell_id": st.tick.cell_id,
-                "memory_mb": st.tick.memory_mb,
-                "cpu_count": st.tick.cpu_count,
-                "interval_s": st.tick.interval_s,
-                "ts_ms": st.tick.ts_ms,
-                "bucket_start": (st.tick.ts_ms // 1000) // bucket_seconds * bucket_seconds,
-                "src_partition": st.partition,
-                "src_offset": st.offset,
-                "close_id": None,
-            }
-            for st in ticks
-        ]
-        # The same id twice inside one batch: keep the first (the insert below would ignore it anyway).
-        unique: dict[str, dict[str, Any]] = {}
-        for r in rows:
-            unique.setdefault(r["id"], r)
+        # The same id twice inside one batch: keep the first (the insert would ignore it anyway).
+        unique: dict[str, tuple[Any, ...]] = {}
+        for st in ticks:
+            t = st.tick
+            if t.id not in unique:
+                unique[t.id] = (
+                    t.id,
+                    t.org_id,
+                    t.sandbox_id,
+                    t.worker_id,
+                    t.cell_id,
+                    t.memory_mb,
+                    t.cpu_count,
+                    t.interval_s,
+                    t.ts_ms,
+                    (t.ts_ms // 1000) // bucket_seconds * bucket_seconds,
+                    st.partition,
+                    st.offset,
+                )
         inserted = 0
         with self._w.begin() as conn:
             if unique:
-                # RETURNING lists exactly the rows inserted (driver rowcounts for executemany are not
-                # reliable across drivers); SQLAlchemy batches this as multi-row INSERTs.
-                stmt = (
-                    self._insert(usage_samples)
-                    .on_conflict_do_nothing(index_elements=["id"])
-                    .returning(usage_samples.c.id)
-                )
-                inserted = len(conn.execute(stmt, list(unique.values())).all())
+                inserted = self._insert_samples(conn, list(unique.values()))
             self._upsert_progress(conn, topic, progress)
-            dup = len(rows) - inserted
+            dup = len(ticks) - inserted
             all_counts = dict(counts or {})
             all_counts["ticks.ingested"] = all_counts.get("ticks.ingested", 0) + inserted
             all_counts["ticks.duplicate"] = all_counts.get("ticks.duplicate", 0) + dup
             self._bump_counters(conn, all_counts)
-        return IngestResult(inserted=inserted, duplicates=len(rows) - inserted)
+        return IngestResult(inserted=inserted, duplicates=len(ticks) - inserted)
+
+    _SAMPLE_COLUMNS = (
+        "id, org_id, sandbox_id, worker_id, cell_id, memory_mb, cpu_count, interval_s, ts_ms, bucket_start, "
+        "src_partition, src_offset"
+    )
+
+    def _insert_samples(self, conn: Connection, rows: list[tuple[Any, ...]]) -> int:
+        """Insert sample tuples, skipping ids already present; returns how many were new.
+
+        The ingest hot path, on the DBAPI connection of ``conn`` (same transaction), without SQL
+        compilation per batch: SQLite ``INSERT OR IGNORE`` via ``executemany`` (rowcount = rows
+        inserted); PostgreSQL ``COPY`` into a transaction-local staging table, then one
+        ``INSERT … SELECT … ON CONFLICT (id) DO NOTHING`` (rowcount = rows inserted).
+        """
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        cols = self._SAMPLE_COLUMNS
+        cur = dbapi.cursor()
+        try:
+            if self._dialect == "sqlite":
+                marks = ", ".join("?" * 12)
+                cur.executemany(f"INSERT OR IGNORE INTO usage_samples ({cols}) VALUES ({marks})", rows)
+                return int(cur.rowcount)
+            cur.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS usage_samples_stage "
+                "(LIKE usage_samples INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
+            with cur.copy(f"COPY usage_samples_stage ({cols}) FROM STDIN") as copy:
+                for r in rows:
+                    copy.write_row(r)
+            cur.execute(
+                f"INSERT INTO usage_samples ({cols}) SELECT {cols} FROM usage_samples_stage "
+                "ON CONFLICT (id) DO NOTHING"
+            )
+            inserted = int(cur.rowcount)
+            cur.execute("DELETE FROM usage_samples_stage")
+            return inserted
+        finally:
+            cur.close()
 
     def record_progress(
         self, topic: str, progress: Mapping[int, tuple[int, int | None]], counts: Mapping[str, int]
