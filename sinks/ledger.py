@@ -290,7 +290,8 @@ class Ledger:
         try:
             if self._dialect == "sqlite":
                 marks = ", ".join("?" * 12)
-                cur.executemany(f"INSERT OR IGNORE INTO usage_samples ({cols}) VALUES ({marks})", rows)
+                sql = f"INSERT OR IGNORE INTO usage_samples ({cols}) VALUES ({marks})"  # noqa: S608 - constants
+                cur.executemany(sql, rows)
                 return int(cur.rowcount)
             cur.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS usage_samples_stage "
@@ -300,7 +301,7 @@ class Ledger:
                 for r in rows:
                     copy.write_row(r)
             cur.execute(
-                f"INSERT INTO usage_samples ({cols}) SELECT {cols} FROM usage_samples_stage "
+                f"INSERT INTO usage_samples ({cols}) SELECT {cols} FROM usage_samples_stage "  # noqa: S608 - constants
                 "ON CONFLICT (id) DO NOTHING"
             )
             inserted = int(cur.rowcount)
