@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import NoReturn
 
-from infra.settings import Settings
+import requests
+
+from infra.settings import Settings, StripeSettings
 from models.errors import BrokerError
 from sinks.base import RetryingSink
 from sinks.ledger import Ledger
 from sinks.outbox import OutboxSender
-from sinks.stripe import StripeMeterSink, make_client
+from sinks.stripe import StripeMeterSink, make_client, make_http_session
+from sinks.stripe_v2 import ErrorReportReconciler, StripeStreamSink
 from streams.pipeline import Deps
 
-__all__ = ["build_deps", "run_worker"]
+__all__ = ["build_deps", "build_sender", "run_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +31,58 @@ def build_deps(settings: Settings) -> Deps:
     migrate(engine)
     ledger = Ledger(engine)
     ledger.check_bucket_seconds(settings.billing.bucket_seconds)
-    st = settings.stripe
-    client = make_client(st.api_key.get_secret_value(), st.base, timeout=st.timeout)
-    sink = RetryingSink(StripeMeterSink(client, concurrency=st.concurrency), max_attempts=st.max_attempts)
-    sender = OutboxSender(ledger, sink, batch=st.send_batch, now_s=lambda: int(time.time()))
+    sender = build_sender(settings.stripe, ledger)
     return Deps(settings=settings, ledger=ledger, sender=sender)
+
+
+def build_sender(
+    st: StripeSettings,
+    ledger: Ledger,
+    *,
+    session: requests.Session | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    drain_s: float = 5.0,
+) -> OutboxSender:
+    """The outbox sender for ``st.mode``, retrying with ``st.max_attempts`` and the default backoff.
+
+    ``v1``: :class:`~sinks.stripe.StripeMeterSink` (one call per event, one at a time per customer and
+    meter, paced under ``v1_max_calls_per_s``). ``v2``: :class:`~sinks.stripe_v2.StripeStreamSink`
+    (sessions, ≤ 100 events a request) and the :class:`~sinks.stripe_v2.ErrorReportReconciler` every
+    ``reconcile_interval`` s. Each ``run_once`` keeps sending full batches for up to ``drain_s`` s.
+    Requests share one keep-alive pool (``session``, or a new one that ``close()`` closes).
+    """
+    http = session or make_http_session(st.concurrency + 2)
+    client = make_client(
+        st.api_key.get_secret_value(),
+        st.base,
+        timeout=st.timeout,
+        meter_events_base=st.meter_events_base,
+        session=http,
+    )
+    inner: StripeMeterSink | StripeStreamSink
+    reconciler: ErrorReportReconciler | None = None
+    if st.mode == "v2":
+        inner = StripeStreamSink(client, concurrency=st.concurrency, session_margin_s=st.session_refresh_margin)
+        reconciler = ErrorReportReconciler(client, ledger)
+    else:
+        inner = StripeMeterSink(client, concurrency=st.concurrency, max_calls_per_s=st.v1_max_calls_per_s)
+    sink = RetryingSink(inner, max_attempts=st.max_attempts, sleep=sleep)
+    log.info(
+        "Stripe sender: mode %s, at most %d request(s) in flight, %d rows a batch",
+        st.mode,
+        st.concurrency,
+        st.batch_rows,
+    )
+    return OutboxSender(
+        ledger,
+        sink,
+        batch=st.batch_rows,
+        now_s=lambda: int(time.time()),
+        reconciler=reconciler,
+        reconcile_every_s=st.reconcile_interval,
+        drain_s=drain_s,
+        on_close=[inner.close] if session is not None else [inner.close, http.close],
+    )
 
 
 def run_worker(settings: Settings) -> NoReturn:

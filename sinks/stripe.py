@@ -1,7 +1,8 @@
-"""The Stripe meter sink: sends meter events through the official ``stripe`` SDK.
+"""The Stripe meter sink (v1): sends meter events through the official ``stripe`` SDK.
 
 Stripe's exceptions end here: :func:`classify` maps every one onto a :class:`~sinks.base.Status`
-(transient / permanent / duplicate), and nothing Stripe-specific leaks past this module.
+(transient / permanent / duplicate), and nothing Stripe-specific leaks past this module and
+:mod:`sinks.stripe_v2` (the v2 meter-event stream).
 
 Delivery guarantee: at-least-once per flush, made effectively-once by Stripe's ``identifier``
 dedup (our row id; Stripe answers a repeat with 400 "An event already exists with identifier …",
@@ -11,19 +12,35 @@ is created, so a re-send is always the same event.
 Why no deterministic ``Idempotency-Key``: Stripe stores the *first* answer under a key, 500s
 included, and replays it for 24 h — a key equal to the identifier would turn one transient 500 into
 a day of identical 500s. The SDK's random per-call key plus the identifier dedup is strictly better.
+The same reasoning decides how a 5xx carrying ``Stripe-Should-Retry: false`` is read: the header
+says that *replaying that request* (same key) cannot succeed; our next attempt is a new request with
+a new key, so for senders (``new_request_per_attempt=True``) a 5xx stays transient.
+
+Stripe's live-mode limits on v1 meter events are 1,000 calls/s per account and one concurrent call
+per (customer, meter). :class:`StripeMeterSink` keeps to both on its own side: calls for one
+(customer, meter) are serialised by :class:`KeyedLocks` shared by every flush and thread using the
+sink, all calls share one concurrency bound, and an optional :class:`RateLimiter` paces them.
+Whatever still comes back 429 is retried by :class:`~sinks.base.RetryingSink`.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from email.utils import parsedate_to_datetime
+from typing import Generic, TypeVar
+from urllib.request import getproxies
 
+import requests
 import stripe
+from requests.adapters import HTTPAdapter
 
 from models.billing import (
     MAX_IDENTIFIER_LENGTH,
@@ -34,9 +51,28 @@ from models.billing import (
 )
 from sinks.base import Outcome, Status
 
-__all__ = ["MeterEvent", "StripeMeterSink", "classify", "make_client", "validate_event"]
+__all__ = [
+    "PROCESS_KEY_LOCKS",
+    "STRIPE_METER_EVENTS_HOST",
+    "KeyedLocks",
+    "MeterEvent",
+    "RateLimiter",
+    "StripeMeterSink",
+    "classify",
+    "make_client",
+    "make_http_session",
+    "meter_events_base_for",
+    "validate_event",
+]
 
 log = logging.getLogger(__name__)
+
+#: Where Stripe serves the v2 meter-event stream (the SDK's ``meter_events`` base address).
+STRIPE_METER_EVENTS_HOST = "https://meter-events.stripe.com"
+#: Longest ``event_name`` Stripe accepts.
+MAX_EVENT_NAME_LENGTH = 100
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,23 +84,66 @@ class MeterEvent:
     timestamp: int  # unix s
 
 
-def make_client(api_key: str, base: str, *, timeout: float = 20.0) -> stripe.StripeClient:
-    """An SDK client pointed at ``base`` for both the API and the meter-events host.
+def meter_events_base_for(base: str) -> str:
+    """The meter-events base address that goes with API base ``base``.
 
-    SDK-level retries are off: retrying is :class:`sinks.base.RetryingSink`'s job, with our backoff.
+    Stripe serves the v2 stream on its own host; any other base (the local server, a proxy) serves
+    both from one address.
+    """
+    if base.rstrip("/") == "https://api.stripe.com":
+        return STRIPE_METER_EVENTS_HOST
+    return base
+
+
+def make_http_session(pool_size: int = 16) -> requests.Session:
+    """A ``requests`` session whose connection pool holds ``pool_size`` keep-alive connections.
+
+    Give it to :func:`make_client` when several threads send at once: they share its pool (without
+    one, the SDK opens a session per thread). The caller owns it and closes it.
+    """
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(1, pool_size))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    if not getproxies():
+        # No proxy in the environment: skip requests' per-request environment scan (proxies, netrc,
+        # CA bundle variables), about 1 ms a request. The SDK passes its own CA bundle explicitly.
+        session.trust_env = False
+    return session
+
+
+def make_client(
+    api_key: str,
+    base: str,
+    *,
+    timeout: float = 20.0,
+    meter_events_base: str | None = None,
+    session: requests.Session | None = None,
+) -> stripe.StripeClient:
+    """An SDK client pointed at ``base`` (and ``meter_events_base`` for the v2 stream).
+
+    ``meter_events_base`` defaults to :func:`meter_events_base_for` ``(base)``. SDK-level retries are
+    off: retrying is :class:`sinks.base.RetryingSink`'s job, with our backoff. ``session``: see
+    :func:`make_http_session`.
     """
     return stripe.StripeClient(
         api_key,
-        base_addresses={"api": base, "meter_events": base},
+        base_addresses={"api": base, "meter_events": meter_events_base or meter_events_base_for(base)},
         max_network_retries=0,
-        http_client=stripe.RequestsClient(timeout=timeout),
+        http_client=stripe.RequestsClient(timeout=timeout, session=session),
     )
 
 
 def validate_event(ev: MeterEvent, now_s: int) -> str | None:
-    """Every rule Stripe checks on a v1 meter event that we can check first; the reason, or None."""
+    """Every rule Stripe checks on a meter event that we can check first; the reason, or None.
+
+    The same rules hold for v1 (where Stripe answers 400) and the v2 stream (where Stripe answers 202
+    and reports the error later), so nothing that fails here is ever sent.
+    """
     if not ev.identifier or len(ev.identifier) > MAX_IDENTIFIER_LENGTH:
         return f"identifier must be 1..{MAX_IDENTIFIER_LENGTH} characters"
+    if not ev.event_name or len(ev.event_name) > MAX_EVENT_NAME_LENGTH:
+        return f"event_name must be 1..{MAX_EVENT_NAME_LENGTH} characters"
     if not ev.customer:
         return "no Stripe customer"
     try:
@@ -90,6 +169,21 @@ def _header(err: stripe.StripeError, name: str) -> str | None:
     return None
 
 
+def _retry_after(raw: str | None) -> float | None:
+    """``Retry-After`` as seconds: delta-seconds or an HTTP date; None when absent or unreadable."""
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
 def _is_duplicate_identifier(err: stripe.StripeError) -> bool:
     code = (err.code or "").lower()
     msg = (getattr(err, "user_message", None) or str(err) or "").lower()
@@ -98,20 +192,20 @@ def _is_duplicate_identifier(err: stripe.StripeError) -> bool:
     return "identifier" in msg and ("already" in msg or "duplicate" in msg)
 
 
-def classify(err: Exception) -> tuple[Status, str, str | None, float | None]:
-    """(status, message, code, retry_after) for an exception raised by a Stripe call."""
+def classify(err: Exception, *, new_request_per_attempt: bool = False) -> tuple[Status, str, str | None, float | None]:
+    """(status, message, code, retry_after) for an exception raised by a Stripe call.
+
+    ``new_request_per_attempt``: the caller's next attempt is a new request (new Idempotency-Key, same
+    identifier), so a 5xx is transient even with ``Stripe-Should-Retry: false`` (which speaks about
+    replaying the same key). Without it the header is taken literally.
+    """
     if not isinstance(err, stripe.StripeError):
         return Status.TRANSIENT, f"{type(err).__name__}: {err}", None, None
     message = getattr(err, "user_message", None) or str(err)
     code = err.code
-    retry_after: float | None = None
-    ra = _header(err, "Retry-After")
-    if ra:
-        try:
-            retry_after = float(ra)
-        except ValueError:
-            retry_after = None
+    retry_after = _retry_after(_header(err, "Retry-After"))
     should_retry = _header(err, "Stripe-Should-Retry")
+    http_status = err.http_status or 0
     if isinstance(err, stripe.InvalidRequestError) and _is_duplicate_identifier(err):
         return Status.DUPLICATE, message, code, None
     if should_retry == "true":
@@ -121,12 +215,14 @@ def classify(err: Exception) -> tuple[Status, str, str | None, float | None]:
     if isinstance(err, stripe.AuthenticationError | stripe.PermissionError):
         # A key problem is the operator's to fix; the rows must wait for it, not be rejected.
         return Status.TRANSIENT, f"Stripe refused the API key: {message}", code, retry_after
+    if new_request_per_attempt and http_status >= 500:
+        return Status.TRANSIENT, message, code, retry_after
     if should_retry == "false":
         return Status.PERMANENT, message, code, None
     if isinstance(err, stripe.IdempotencyError):
         return Status.PERMANENT, message, code, None
     if isinstance(err, stripe.InvalidRequestError):
-        status = err.http_status or 400
+        status = http_status or 400
         if status in (409, 429) or status >= 500:
             return Status.TRANSIENT, message, code, retry_after
         return Status.PERMANENT, message, code, None
@@ -134,11 +230,90 @@ def classify(err: Exception) -> tuple[Status, str, str | None, float | None]:
     return Status.TRANSIENT, message, code, retry_after
 
 
+class _KeyEntry:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+
+class KeyedLocks(Generic[K]):
+    """One mutex per key, created on demand and dropped when nobody holds or waits for it.
+
+    Shared by every flush and every thread of a sink, so "one call at a time per key" holds across
+    consecutive flushes and concurrent callers, not only inside one flush.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._entries: dict[K, _KeyEntry] = {}
+
+    @contextmanager
+    def hold(self, key: K) -> Iterator[None]:
+        with self._guard:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = _KeyEntry()
+            entry.users += 1
+        entry.lock.acquire()
+        try:
+            yield
+        finally:
+            entry.lock.release()
+            with self._guard:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._entries[key]
+
+    def __len__(self) -> int:
+        with self._guard:
+            return len(self._entries)
+
+
+#: (customer, event_name) locks shared by every v1 sink of the process (several senders, one process).
+PROCESS_KEY_LOCKS: KeyedLocks[tuple[str, str]] = KeyedLocks()
+
+
+class RateLimiter:
+    """Paces calls to at most ``per_s`` a second across threads (one slot every ``1/per_s`` s).
+
+    ``acquire`` reserves the next free slot and sleeps until it; ``per_s <= 0`` disables pacing.
+    Clock and sleep are injected for tests.
+    """
+
+    def __init__(
+        self,
+        per_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._interval = 1.0 / per_s if per_s > 0 else 0.0
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def acquire(self) -> None:
+        if not self._interval:
+            return
+        with self._lock:
+            now = self._clock()
+            slot = max(now, self._next)
+            self._next = slot + self._interval
+        if slot > now:
+            self._sleep(slot - now)
+
+
 class StripeMeterSink:
     """v1 ``POST /v1/billing/meter_events`` sink with bounded concurrency.
 
-    Events are grouped by (customer, event_name) and each group is sent by one thread, in order, so
-    two calls for the same customer and meter never run at once (Stripe's live-mode limit).
+    Events are grouped by (customer, event_name); each group is sent in order by one thread holding
+    that key's lock (:data:`PROCESS_KEY_LOCKS` by default: shared by every flush, thread and v1 sink of
+    the process), so two calls for the same customer and meter never run at once — Stripe's live-mode
+    limit. Across processes only Stripe's 429 (retried) enforces it. At most ``concurrency`` calls are in flight across
+    every flush of this sink, and ``max_calls_per_s`` (0 = off) paces them under Stripe's 1,000/s.
     """
 
     def __init__(
@@ -146,12 +321,23 @@ class StripeMeterSink:
         client: stripe.StripeClient,
         *,
         concurrency: int = 8,
+        max_calls_per_s: float = 0.0,
         now: Callable[[], float] = time.time,
+        limiter: RateLimiter | None = None,
+        key_locks: KeyedLocks[tuple[str, str]] | None = None,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
         self._client = client
         self._concurrency = concurrency
         self._now = now
         self._buffer: list[MeterEvent] = []
+        self._keys = key_locks if key_locks is not None else PROCESS_KEY_LOCKS
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._limiter = limiter or RateLimiter(max_calls_per_s)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._closed = False
 
     def add(self, item: MeterEvent) -> None:
         self._buffer.append(item)
@@ -161,24 +347,33 @@ class StripeMeterSink:
         if problem:
             return Outcome(ev, Status.PERMANENT, f"not sent: {problem}", "edgebill_presend_validation")
         try:
-            self._client.v1.billing.meter_events.create(
-                {
-                    "event_name": ev.event_name,
-                    "identifier": ev.identifier,
-                    "timestamp": ev.timestamp,
-                    "payload": {"stripe_customer_id": ev.customer, "value": ev.value},
-                }
-            )
+            self._limiter.acquire()
+            with self._slots:
+                self._client.v1.billing.meter_events.create(
+                    {
+                        "event_name": ev.event_name,
+                        "identifier": ev.identifier,
+                        "timestamp": ev.timestamp,
+                        "payload": {"stripe_customer_id": ev.customer, "value": ev.value},
+                    }
+                )
         except Exception as exc:  # every Stripe failure is classified, none escapes
-            status, message, code, retry_after = classify(exc)
+            status, message, code, retry_after = classify(exc, new_request_per_attempt=True)
             return Outcome(ev, status, message, code, retry_after)
         return Outcome(ev, Status.OK)
 
-    def _send_group(self, group: list[MeterEvent]) -> list[Outcome[MeterEvent]]:
-        return [self._send_one(ev) for ev in group]
+    def _send_group(self, key: tuple[str, str], group: list[MeterEvent]) -> list[Outcome[MeterEvent]]:
+        with self._keys.hold(key):
+            return [self._send_one(ev) for ev in group]
 
     def flush(self) -> list[Outcome[MeterEvent]]:
-        """Send everything buffered; one outcome per event. The buffer is emptied first, always."""
+        """Send everything buffered; one outcome per event, in no particular order.
+
+        Order of side effects: the buffer is emptied first (always); then each (customer, meter) group
+        is sent by one worker, one call at a time. A crash part-way leaves the unsent events' rows
+        ``pending`` in the caller's ledger (they are sent next cycle); events Stripe already recorded
+        come back as identifier duplicates then, which count as delivered.
+        """
         todo, self._buffer = self._buffer, []
         if not todo:
             return []
@@ -186,6 +381,23 @@ class StripeMeterSink:
         for ev in todo:
             groups[(ev.customer, ev.event_name)].append(ev)
         if len(groups) == 1 or self._concurrency == 1:
-            return [o for g in groups.values() for o in self._send_group(g)]
-        with ThreadPoolExecutor(max_workers=min(self._concurrency, len(groups))) as pool:
-            return [o for outs in pool.map(self._send_group, groups.values()) for o in outs]
+            return [o for key, g in groups.items() for o in self._send_group(key, g)]
+        pool = self._executor()
+        futures = [pool.submit(self._send_group, key, g) for key, g in groups.items()]
+        return [o for f in futures for o in f.result()]
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """The sink's worker threads, started on first use and kept; :meth:`close` stops them."""
+        with self._pool_lock:
+            if self._closed:
+                raise RuntimeError("the sink is closed")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self._concurrency, thread_name_prefix="stripe-v1")
+            return self._pool
+
+    def close(self) -> None:
+        """Stop the worker threads (waiting for calls in flight). Idempotent."""
+        with self._pool_lock:
+            pool, self._pool, self._closed = self._pool, None, True
+        if pool is not None:
+            pool.shutdown(wait=True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Any
+
+import orjson
 
 from infra.stripe_fake._base import locked
 from infra.stripe_fake._customers import CustomersMixin
@@ -618,18 +621,62 @@ class BillingMixin(CustomersMixin):
 
     @locked
     def list_v2_events(self, data: Obj) -> Obj:
+        """``GET /v2/core/events``: newest first, filtered by ``object_id``, ``types`` and ``created``
+        (``gt``/``gte``/``lt``/``lte``, ISO-8601), paged with ``next_page_url`` (``page`` carries the
+        filters and the position, as Stripe's opaque page tokens do)."""
         p = Params(data, ("limit", "object_id", "types", "created", "page"))
+        token = p.string("page")
+        if token:
+            try:
+                state = orjson.loads(base64.urlsafe_b64decode(token.encode()))
+                p = Params(state["q"], ("limit", "object_id", "types", "created"))
+                offset = int(state["o"])
+            except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+                raise StripeError(400, "Invalid page token.", param="page") from None
+            query = dict(state["q"])
+        else:
+            offset = 0
+            query = {k: v for k, v in data.items() if k != "page"}
         object_id = p.string("object_id")
         types = p.strings("types")
         limit = p.integer("limit") or 20
+        if not 1 <= limit <= 100:
+            raise StripeError(400, "Invalid limit: must be between 1 and 100.", param="limit")
+        bounds = p.sub("created", ("gt", "gte", "lt", "lte"))
+        window: dict[str, float] = {}
+        if bounds is not None:
+            for op in ("gt", "gte", "lt", "lte"):
+                text = bounds.string(op)
+                if text:
+                    try:
+                        window[op] = from_iso(text)
+                    except ValueError:
+                        raise StripeError(400, f"Invalid created[{op}]: {text!r}.", param=f"created[{op}]") from None
+
+        def in_window(created: str) -> bool:
+            t = from_iso(created)
+            return (
+                ("gt" not in window or t > window["gt"])
+                and ("gte" not in window or t >= window["gte"])
+                and ("lt" not in window or t < window["lt"])
+                and ("lte" not in window or t <= window["lte"])
+            )
+
         rows = [
             r
             for r in reversed(self.error_reports)
-            if (object_id is None or r["related_object"].get("id") == object_id) and (not types or r["type"] in types)
+            if (object_id is None or r["related_object"].get("id") == object_id)
+            and (not types or r["type"] in types)
+            and in_window(r["created"])
         ]
+        page = rows[offset : offset + limit]
+        next_url = None
+        if offset + limit < len(rows):
+            nxt = base64.urlsafe_b64encode(orjson.dumps({"q": query, "o": offset + limit})).decode()
+            next_url = f"/v2/core/events?page={nxt}"
         return {
-            "data": [self.copy(r) for r in rows[:limit]],
-            "next_page_url": None,
+            "data": [self.copy(r) for r in page],
+            "next_page_url": next_url,
             "previous_page_url": None,
         }
 
