@@ -59,9 +59,11 @@ __all__ = [
     "RateLimiter",
     "StripeMeterSink",
     "classify",
+    "error_kind",
     "make_client",
     "make_http_session",
     "meter_events_base_for",
+    "observed",
     "validate_event",
 ]
 
@@ -190,6 +192,36 @@ def _is_duplicate_identifier(err: stripe.StripeError) -> bool:
     if code in ("resource_already_exists", "duplicate_meter_event", "meter_event_duplicate_identifier"):
         return True
     return "identifier" in msg and ("already" in msg or "duplicate" in msg)
+
+
+def error_kind(err: BaseException) -> str:
+    """A short label for metrics: rate_limited, connection, server, duplicate, auth, permanent, other."""
+    if isinstance(err, stripe.RateLimitError):
+        return "rate_limited"
+    if isinstance(err, stripe.APIConnectionError):
+        return "connection"
+    if isinstance(err, stripe.AuthenticationError | stripe.PermissionError):
+        return "auth"
+    if isinstance(err, stripe.InvalidRequestError):
+        return "duplicate" if _is_duplicate_identifier(err) else "permanent"
+    if isinstance(err, stripe.StripeError) and (err.http_status or 500) >= 500:
+        return "server"
+    return "other"
+
+
+@contextmanager
+def observed() -> Iterator[None]:
+    """Time one Stripe call into ``edgebill_stripe_request_seconds``; count a failure by kind."""
+    from infra.metrics import stripe_errors_total, stripe_request_seconds
+
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException as exc:
+        stripe_errors_total.labels(kind=error_kind(exc)).inc()
+        raise
+    finally:
+        stripe_request_seconds.observe(time.perf_counter() - start)
 
 
 def classify(err: Exception, *, new_request_per_attempt: bool = False) -> tuple[Status, str, str | None, float | None]:
@@ -348,7 +380,7 @@ class StripeMeterSink:
             return Outcome(ev, Status.PERMANENT, f"not sent: {problem}", "edgebill_presend_validation")
         try:
             self._limiter.acquire()
-            with self._slots:
+            with self._slots, observed():
                 self._client.v1.billing.meter_events.create(
                     {
                         "event_name": ev.event_name,

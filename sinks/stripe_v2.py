@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import stripe
 
 from sinks.base import Outcome, Status
-from sinks.stripe import MeterEvent, classify, validate_event
+from sinks.stripe import MeterEvent, classify, observed, validate_event
 
 if TYPE_CHECKING:
     from stripe.params.v2.billing import MeterEventStreamCreateParams, MeterEventStreamCreateParamsEvent
@@ -223,14 +223,14 @@ class StripeStreamSink:
         """One stream request; on a 401 a new session and one more try."""
         token = self._sessions.token()
         try:
-            with self._slots:
+            with self._slots, observed():
                 self._client.v2.billing.meter_event_stream.create(params, {"api_key": token})
         except stripe.StripeError as exc:
             if not _session_rejected(exc):
                 raise
             log.info("meter-event session refused (%s); renewing it and sending again", exc.code or exc.http_status)
             token = self._sessions.refresh(token)
-            with self._slots:
+            with self._slots, observed():
                 self._client.v2.billing.meter_event_stream.create(params, {"api_key": token})
 
     def _send_chunk(self, chunk: list[MeterEvent]) -> list[Outcome[MeterEvent]]:
