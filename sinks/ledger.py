@@ -546,8 +546,14 @@ class Ledger:
                     billable,
                     unbilled,
                 )
-        for (org, bstart, meter), (units, n, mode) in sorted(billable.items()):
-            self._write_row(conn, cid, now, org, bstart, meter, units, n, mode, cfg, result)
+        self._write_rows(
+            conn,
+            cid,
+            now,
+            [(org, b, m, u, n, mode) for (org, b, m), (u, n, mode) in sorted(billable.items())],
+            cfg,
+            result,
+        )
         if unbilled:
             stmt = self._insert(unbilled_usage)
             conn.execute(
@@ -612,84 +618,112 @@ class Ledger:
         u[0] += int(n)
         u[1] += int(mbs)
 
-    def _write_row(
+    def _write_rows(
         self,
         conn: Connection,
         cid: int,
         now: int,
-        org: str,
-        bstart: int,
-        meter: str,
-        units: int,
-        samples: int,
-        mode: BillingMode,
+        items: list[tuple[str, int, str, int, int, BillingMode]],
         cfg: CloseConfig,
         result: CloseResult,
     ) -> None:
+        """Write the meter rows of one close run: (org, bucket, meter, units, samples, mode), sorted.
+
+        Set-based: the previous revisions of the buckets involved and the rounding carries of the orgs
+        involved are read in a few queries, the rows are computed in order (per (org, meter) in bucket
+        order, so the carry runs forwards), then inserted and the carries upserted with one executemany
+        each. Part of the close transaction (see :meth:`close`).
+        """
+        if not items:
+            return
         me = meter_events.c
-        bend = bstart + cfg.bucket_seconds
-        divisor = meter_unit_divisor(meter)
-        if bstart < cfg.bill_from:
-            state, stream = RowState.SKIPPED_BEFORE_BILL_FROM, None
-        elif bend < now // 1000 - STRIPE_MAX_AGE_SECONDS + 300:
-            state, stream = RowState.EXPIRED, None
-        elif cfg.shadow:
-            state, stream = RowState.SHADOW, "shadow"
-        else:
-            state, stream = RowState.PENDING, "billed"
-        if stream is None:
-            value = round_value(units, divisor)
-        else:
-            tot = conn.execute(
-                select(meter_totals.c.units, meter_totals.c.assigned).where(
-                    meter_totals.c.org_id == org,
-                    meter_totals.c.meter == meter,
-                    meter_totals.c.stream == stream,
-                )
-            ).first()
-            before_units, before_assigned = (tot.units, Decimal(tot.assigned)) if tot else (0, Decimal(0))
-            value, assigned = carry_rounded_delta(before_units, before_assigned, units, divisor)
+        mt = meter_totals.c
+        prev_rev: dict[tuple[str, int, str], int] = {}
+        buckets = sorted({b for _, b, _, _, _, _ in items})
+        for i in range(0, len(buckets), 500):
+            for r in conn.execute(
+                select(me.org_id, me.bucket_start, me.meter, func.max(me.revision).label("rev"))
+                .where(me.bucket_start.in_(buckets[i : i + 500]))
+                .group_by(me.org_id, me.bucket_start, me.meter)
+            ):
+                prev_rev[(r.org_id, r.bucket_start, r.meter)] = r.rev
+        totals: dict[tuple[str, str, str], tuple[int, Decimal]] = {}
+        orgs = sorted({o for o, _, _, _, _, _ in items})
+        for i in range(0, len(orgs), 500):
+            for r in conn.execute(select(meter_totals).where(mt.org_id.in_(orgs[i : i + 500]))):
+                totals[(r.org_id, r.meter, r.stream)] = (r.units, Decimal(r.assigned))
+        changed: set[tuple[str, str, str]] = set()
+        rows: list[dict[str, Any]] = []
+        horizon = now // 1000 - STRIPE_MAX_AGE_SECONDS + 300
+        for org, bstart, meter, units, samples, mode in items:
+            bend = bstart + cfg.bucket_seconds
+            divisor = meter_unit_divisor(meter)
+            if bstart < cfg.bill_from:
+                state, stream = RowState.SKIPPED_BEFORE_BILL_FROM, None
+            elif bend < horizon:
+                state, stream = RowState.EXPIRED, None
+            elif cfg.shadow:
+                state, stream = RowState.SHADOW, "shadow"
+            else:
+                state, stream = RowState.PENDING, "billed"
+            if stream is None:
+                value = round_value(units, divisor)
+            else:
+                key = (org, meter, stream)
+                before_units, before_assigned = totals.get(key, (0, Decimal(0)))
+                value, assigned = carry_rounded_delta(before_units, before_assigned, units, divisor)
+                totals[key] = (before_units + units, assigned)
+                changed.add(key)
+            if value <= 0:
+                continue  # nothing to send (the rounding carry keeps the units for the next row)
+            prev = prev_rev.get((org, bstart, meter))
+            revision = 0 if prev is None else prev + 1
+            prev_rev[(org, bstart, meter)] = revision
+            rows.append(
+                {
+                    "id": meter_row_id(org, bstart, meter, revision),
+                    "org_id": org,
+                    "bucket_start": bstart,
+                    "bucket_end": bend,
+                    "meter": meter,
+                    "revision": revision,
+                    "billing_mode": mode.value,
+                    "value": format_value(value),
+                    "units": units,
+                    "samples": samples,
+                    "state": state.value,
+                    "stripe_customer_id": None,
+                    "close_id": cid,
+                    "created_ms": now,
+                    "updated_ms": now,
+                    "sent_ms": None,
+                    "attempts": 0,
+                    "last_error": None,
+                }
+            )
+            result.rows += 1
+            if revision:
+                result.corrections += 1
+        if rows:
+            conn.execute(insert(meter_events), rows)
+        if changed:
             stmt = self._insert(meter_totals)
             conn.execute(
-                stmt.values(
-                    org_id=org, meter=meter, stream=stream, units=before_units + units, assigned=str(assigned)
-                ).on_conflict_do_update(
+                stmt.on_conflict_do_update(
                     index_elements=["org_id", "meter", "stream"],
                     set_={"units": stmt.excluded.units, "assigned": stmt.excluded.assigned},
-                )
+                ),
+                [
+                    {
+                        "org_id": o,
+                        "meter": m,
+                        "stream": st,
+                        "units": totals[(o, m, st)][0],
+                        "assigned": str(totals[(o, m, st)][1]),
+                    }
+                    for (o, m, st) in sorted(changed)
+                ],
             )
-        if value <= 0:
-            return  # nothing to send (rounding carry keeps the units for the next row)
-        prev = conn.execute(
-            select(func.max(me.revision)).where(and_(me.org_id == org, me.bucket_start == bstart, me.meter == meter))
-        ).scalar_one_or_none()
-        revision = 0 if prev is None else prev + 1
-        row_id = meter_row_id(org, bstart, meter, revision)
-        conn.execute(
-            insert(meter_events).values(
-                id=row_id,
-                org_id=org,
-                bucket_start=bstart,
-                bucket_end=bend,
-                meter=meter,
-                revision=revision,
-                billing_mode=mode.value,
-                value=format_value(value),
-                units=units,
-                samples=samples,
-                state=state.value,
-                stripe_customer_id=None,
-                close_id=cid,
-                created_ms=now,
-                updated_ms=now,
-                sent_ms=None,
-                attempts=0,
-                last_error=None,
-            )
-        )
-        result.rows += 1
-        if revision:
-            result.corrections += 1
 
     # ------------------------------------------------------------------ sending
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from infra.db import make_engine, migrate, usage_samples
+from infra.db import make_engine, meter_totals, migrate, usage_samples
 from models.billing import UNIFIED_METER, RowState
 from models.policy import OrgPolicy
 from models.ticks import Tick
@@ -182,21 +182,19 @@ def test_a_crash_inside_close_leaves_nothing_half_done(ledger: Ledger, monkeypat
     policy(ledger, "u", 0)
     policy(ledger, "v", 0)
     write(ledger, [tick("u", B0 + 1), tick("v", B0 + 2)])
-    calls = {"n": 0}
-    real = Ledger._write_row
+    real = Ledger._write_rows
 
-    def crash_on_second(self: Ledger, *a: Any, **k: Any) -> None:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("killed mid-close")
-        real(self, *a, **k)
+    def crash_after_rows(self: Ledger, *a: Any, **k: Any) -> None:
+        real(self, *a, **k)  # rows and carries written inside the transaction...
+        raise RuntimeError("killed mid-close")  # ...then the process dies before the commit
 
-    monkeypatch.setattr(Ledger, "_write_row", crash_on_second)
+    monkeypatch.setattr(Ledger, "_write_rows", crash_after_rows)
     with pytest.raises(RuntimeError):
         ledger.close(NOW_MS, LIVE)
     monkeypatch.undo()
     assert ledger.rows() == [] and ledger.open_samples() == 2
     with ledger.engine.connect() as conn:
+        assert conn.execute(select(meter_totals)).all() == []
         assert conn.execute(select(usage_samples.c.close_id).where(usage_samples.c.close_id.is_not(None))).all() == []
     assert ledger.close(NOW_MS, LIVE).rows == 2
 
