@@ -77,7 +77,8 @@ def register(name: str) -> Callable[[Benchmark], Benchmark]:
 
 def tick_messages(n_ticks: int, per_message: int, *, seed: int = 1, orgs: int = 1000) -> list[tuple[bytes, bytes]]:
     """``n_ticks`` usage ticks, ``per_message`` per Kafka message (1 = single envelopes, >1 = arrays)."""
-    base_ms = (int(time.time()) // 3600 - 3) * 3600 * 1000
+    base_ms = (int(time.time()) // 3600 - 4) * 3600 * 1000
+    span_ms = 3 * 3600 * 1000
     msgs: list[tuple[bytes, bytes]] = []
     batch: list[dict[str, Any]] = []
     for i in range(n_ticks):
@@ -90,7 +91,9 @@ def tick_messages(n_ticks: int, per_message: int, *, seed: int = 1, orgs: int = 
             "worker_id": "w-1",
             "cell_id": "bench",
             "payload": {"interval_s": 20, "memory_mb": 1024 * (1 + i % 4), "cpu_count": 2},
-            "timestamp": _iso(base_ms + (i * 37) % (3 * 3600 * 1000)),
+            # Time-ordered over 3 hours with a little jitter, as a fleet's stream is (buckets close
+            # once, behind the stream, as in production).
+            "timestamp": _iso(base_ms + i * span_ms // n_ticks + (i * 7919) % 5000),
         }
         if per_message == 1:
             msgs.append((org.encode(), orjson.dumps(env)))

@@ -78,7 +78,9 @@ usage_samples = Table(
         postgresql_where=text("close_id IS NULL"),
     ),
     Index("ix_usage_samples_close", "close_id"),
-    Index("ix_usage_samples_org_ts", "org_id", "ts_ms"),
+    # (bucket, org) rather than (org, time): a time-ordered stream appends to it instead of inserting at
+    # random places (measured: 19 -> 13 µs per sample written on SQLite). Parity and replay read by bucket.
+    Index("ix_usage_samples_bucket_org", "bucket_start", "org_id"),
 )
 
 meter_events = Table(
@@ -274,6 +276,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")
+            # The tick-id primary key takes random inserts: keep its pages in memory (128 MiB cache,
+            # 256 MiB mmap) or ingest slows down as the table grows past SQLite's 2 MiB default cache.
+            cur.execute("PRAGMA cache_size=-131072")
+            cur.execute("PRAGMA mmap_size=268435456")
+            cur.execute("PRAGMA temp_store=MEMORY")
             cur.close()
 
         @event.listens_for(engine, "begin")

@@ -15,8 +15,8 @@ Two implementations of the same contract live here:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Final
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, NamedTuple
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -37,11 +37,15 @@ TICK_TYPE: Final = "usage_tick"
 MAX_ID_LENGTH: Final = 255
 MAX_MEMORY_MB: Final = 16 * 1024 * 1024  # 16 TiB: anything larger is a producer bug
 MAX_INTERVAL_S: Final = 86_400
+MAX_CPUS: Final = 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class Tick:
-    """One validated usage tick, in the units the ledger stores (ints only; no floats)."""
+class Tick(NamedTuple):
+    """One validated usage tick, in the units the ledger stores (ints only; no floats).
+
+    A NamedTuple, not a dataclass: immutable all the same, and about 5x cheaper to build on the ingest
+    hot path (one per tick).
+    """
 
     id: str
     org_id: str
@@ -127,16 +131,16 @@ class UsageTickEnvelope(BaseModel):
 
 
 def _dt_to_ms(dt: datetime) -> int:
-    delta = dt - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    return (dt - _EPOCH) // _ONE_MS
 
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS: Final = timedelta(milliseconds=1)
 
 
 def parse_timestamp_ms(value: object) -> int | None:
     """RFC 3339 timestamp with an offset -> unix milliseconds, or None when it cannot be one."""
-    if not isinstance(value, str) or len(value) < 20 or len(value) > 40:
+    if type(value) is not str or len(value) < 20 or len(value) > 40:
         return None
     try:
         dt = datetime.fromisoformat(value)
@@ -144,7 +148,7 @@ def parse_timestamp_ms(value: object) -> int | None:
         return None
     if dt.tzinfo is None or not (1970 <= dt.year <= 9999):
         return None
-    return _dt_to_ms(dt)
+    return (dt - _EPOCH) // _ONE_MS
 
 
 def _nonneg_int(payload: dict[str, Any], key: str, limit: int) -> int | str:
@@ -195,26 +199,37 @@ def _parse_envelope(env: Any, max_ts_ms: int | None) -> Tick | str | None:
         payload = {}
     elif not isinstance(payload, dict):
         return "bad_payload"
-    interval = _nonneg_int(payload, "interval_s", MAX_INTERVAL_S)
-    if isinstance(interval, str):
-        return interval
-    memory = _nonneg_int(payload, "memory_mb", MAX_MEMORY_MB)
-    if isinstance(memory, str):
-        return memory
-    cpus = _nonneg_int(payload, "cpu_count", 1_000_000)
-    if isinstance(cpus, str):
-        return cpus
-    sandbox = _str_field(env, "sandbox_id") or _str_field(payload, "sandbox_id")
+    # Common case inline (plain ints in range); anything else goes through _nonneg_int for its reason.
+    interval = payload.get("interval_s", 0)
+    if type(interval) is not int or not 0 <= interval <= MAX_INTERVAL_S:
+        interval = _nonneg_int(payload, "interval_s", MAX_INTERVAL_S)
+        if isinstance(interval, str):
+            return interval
+    memory = payload.get("memory_mb", 0)
+    if type(memory) is not int or not 0 <= memory <= MAX_MEMORY_MB:
+        memory = _nonneg_int(payload, "memory_mb", MAX_MEMORY_MB)
+        if isinstance(memory, str):
+            return memory
+    cpus = payload.get("cpu_count", 0)
+    if type(cpus) is not int or not 0 <= cpus <= MAX_CPUS:
+        cpus = _nonneg_int(payload, "cpu_count", MAX_CPUS)
+        if isinstance(cpus, str):
+            return cpus
+    sandbox = env.get("sandbox_id")
+    if type(sandbox) is not str or not sandbox:
+        sandbox = _str_field(payload, "sandbox_id")
+    worker = env.get("worker_id", "")
+    cell = env.get("cell_id", "")
     return Tick(
-        id=tick_id,
-        org_id=org_id,
-        sandbox_id=sandbox,
-        worker_id=_str_field(env, "worker_id"),
-        cell_id=_str_field(env, "cell_id"),
-        memory_mb=memory,
-        cpu_count=cpus,
-        interval_s=interval,
-        ts_ms=ts_ms,
+        tick_id,
+        org_id,
+        sandbox,
+        worker if type(worker) is str else "",
+        cell if type(cell) is str else "",
+        memory,
+        cpus,
+        interval,
+        ts_ms,
     )
 
 

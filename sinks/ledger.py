@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Engine, and_, case, func, insert, literal, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -66,8 +66,9 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class SourcedTick:
+class SourcedTick(NamedTuple):
+    """A tick and where it was read (one per tick on the ingest hot path: a NamedTuple, cheap to build)."""
+
     tick: Tick
     partition: int
     offset: int
@@ -425,10 +426,12 @@ class Ledger:
                 )
         return {org: PolicyHistory(pols) for org, pols in found.items()}
 
-    def close(self, watermark_ms: int, cfg: CloseConfig) -> CloseResult:
+    def close(self, watermark_ms: int, cfg: CloseConfig, *, chunk_samples: int = 50_000) -> CloseResult:
         """Close every bucket the watermark allows, and turn late samples into corrections.
 
-        One transaction, in this order:
+        The work is split by org into transactions of about ``chunk_samples`` samples each (an org's rows
+        and rounding carry never depend on another org's), so ingest is never locked out for long; each
+        chunk is one transaction, in this order:
           1. take the closer lock (PostgreSQL advisory lock; SQLite: the write lock of BEGIN IMMEDIATE);
           2. insert a ``close_runs`` row -> ``close_id``;
           3. claim samples: ``UPDATE usage_samples SET close_id = :id WHERE close_id IS NULL AND
@@ -453,34 +456,59 @@ class Ledger:
         result.last_bucket = last
         if last is None:
             return result
+        us = usage_samples.c
         with self.engine.connect() as probe:
-            todo = probe.execute(
-                select(literal(1))
-                .select_from(usage_samples)
-                .where(usage_samples.c.close_id.is_(None), usage_samples.c.bucket_start <= last)
-                .limit(1)
-            ).first()
-        if todo is None:
+            per_org = probe.execute(
+                select(us.org_id, func.count().label("n"))
+                .where(us.close_id.is_(None), us.bucket_start <= last)
+                .group_by(us.org_id)
+                .order_by(us.org_id)
+            ).all()
+        if not per_org:
             return result
+        chunks: list[list[str]] = [[]]
+        size = 0
+        for org, n in per_org:
+            if chunks[-1] and (size + n > chunk_samples or len(chunks[-1]) >= 1000):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(org)
+            size += int(n)
         now = self._clock()
-        with self._w.begin() as conn:
-            if self._dialect == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_CLOSER})
-            self._close_in_tx(conn, now, watermark_ms, last, cfg, result)
+        for orgs in chunks:
+            part = CloseResult()
+            with self._w.begin() as conn:
+                if self._dialect == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_CLOSER})
+                self._close_in_tx(conn, now, watermark_ms, last, cfg, part, orgs)
+            result.close_id = part.close_id
+            result.samples += part.samples
+            result.rows += part.rows
+            result.corrections += part.corrections
+            result.buckets = sorted(set(result.buckets) | set(part.buckets))
+            for reason, n in part.unbilled.items():
+                result.unbilled[reason] = result.unbilled.get(reason, 0) + n
         if result.rows or result.samples:
             log.info(
-                "close run %s: buckets<=%s claimed %d samples -> %d rows (%d corrections); unbilled %s",
-                result.close_id,
+                "close: buckets<=%s claimed %d samples -> %d rows (%d corrections) in %d transaction(s); unbilled %s",
                 last,
                 result.samples,
                 result.rows,
                 result.corrections,
+                len(chunks),
                 result.unbilled or "{}",
             )
         return result
 
     def _close_in_tx(
-        self, conn: Connection, now: int, watermark_ms: int, last: int, cfg: CloseConfig, result: CloseResult
+        self,
+        conn: Connection,
+        now: int,
+        watermark_ms: int,
+        last: int,
+        cfg: CloseConfig,
+        result: CloseResult,
+        orgs: Sequence[str],
     ) -> None:
         us = usage_samples.c
         cid = conn.execute(
@@ -490,7 +518,9 @@ class Ledger:
         ).scalar_one()
         result.close_id = cid
         claimed = conn.execute(
-            update(usage_samples).where(us.close_id.is_(None), us.bucket_start <= last).values(close_id=cid)
+            update(usage_samples)
+            .where(us.close_id.is_(None), us.bucket_start <= last, us.org_id.in_(orgs))
+            .values(close_id=cid)
         ).rowcount
         result.samples = claimed
         if not claimed:

@@ -514,7 +514,11 @@ class ParityStore:
             chunk = orgs[i : i + _CHUNK]
             cols = [us.org_id, func.count().label("n"), func.sum(us.memory_mb * us.interval_s).label("mbs")]
             q = select(*([*cols, us.bucket_start] if by_bucket else cols)).where(
-                us.org_id.in_(chunk), us.ts_ms >= lo_s * 1000, us.ts_ms < hi_s * 1000
+                us.org_id.in_(chunk),
+                us.bucket_start >= self._bucket(lo_s * 1000),  # lets the (bucket_start, org_id) index serve it
+                us.bucket_start < hi_s,
+                us.ts_ms >= lo_s * 1000,
+                us.ts_ms < hi_s * 1000,
             )
             q = q.group_by(us.org_id, us.bucket_start) if by_bucket else q.group_by(us.org_id)
             for r in conn.execute(q):

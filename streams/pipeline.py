@@ -1,8 +1,9 @@
 """Topics, agents, timers and web views of the worker, wired to explicit dependencies.
 
-* ``ingest`` agent (``usage-ticks``): batches of records -> parse -> bad parts to ``usage-ticks-dlq``
-  (reason + original bytes) -> valid ticks into the ledger, deduplicated by tick id, together with
-  the partition's progress. Offsets are acked only after the ledger commit.
+* ingest (``usage-ticks``, :mod:`streams.ingest`): a batch consumer run by a Faust service: batches of
+  records -> parse -> bad parts to ``usage-ticks-dlq`` (reason + original bytes) -> valid ticks into the
+  ledger, deduplicated by tick id, together with the partition's progress; offsets are committed to
+  Kafka only after the ledger commit.
 * ``policy`` agent (``org-policy``): policy history into the ledger.
 * ``progress`` timer (every worker): reports the log end of the partitions it owns.
 * ``closer`` timer (leader): computes the watermark and closes buckets (:meth:`Ledger.close`).
@@ -98,24 +99,28 @@ def prepare_ingest(records: Iterable[Record], topic: str, now_ms: int) -> Ingest
     """Parse a batch of ``usage-ticks`` records: good ticks, dead letters, per-partition progress. Pure."""
     out = IngestBatch()
     rejected = ignored = read = 0
+    max_ts = now_ms + FUTURE_TOLERANCE_MS
+    ticks_append = out.ticks.append
+    progress = out.progress
     for rec in records:
-        parsed = parse_record(rec.value, max_ts_ms=now_ms + FUTURE_TOLERANCE_MS)
-        newest: int | None = None
+        parsed = parse_record(rec.value, max_ts_ms=max_ts)
         read += 1
-        for tick in parsed.ticks:
-            out.ticks.append(SourcedTick(tick, rec.partition, rec.offset))
-            if newest is None or tick.ts_ms > newest:
-                newest = tick.ts_ms
+        part, off = rec.partition, rec.offset
+        newest: int | None = None
+        if parsed.ticks:
+            for tick in parsed.ticks:
+                ticks_append(SourcedTick(tick, part, off))
+            newest = max(t.ts_ms for t in parsed.ticks)
         for r in parsed.rejected:
             out.dead.append(_dead(rec, topic, r.reason, r.raw, r.index))
             rejected += 1
         ignored += parsed.ignored
-        prev = out.progress.get(rec.partition)
+        prev = progress.get(part)
         if prev is None:
-            out.progress[rec.partition] = (rec.offset, newest)
+            progress[part] = (off, newest)
         else:
             ev = prev[1] if newest is None else (newest if prev[1] is None else max(prev[1], newest))
-            out.progress[rec.partition] = (max(prev[0], rec.offset), ev)
+            progress[part] = (off if off > prev[0] else prev[0], ev)
     out.counts = {"records.read": read, "records.rejected": rejected, "records.ignored_type": ignored}
     return out
 
@@ -174,6 +179,7 @@ class Pipeline:
         self._close_lock = asyncio.Lock()
         self._send_lock = asyncio.Lock()
         self.last_close: CloseResult | None = None
+        self.ingestor: Any = None  # the running streams.ingest.TickIngestor, set by its service
         self.last_send: SendReport | None = None
 
     # -- ingest -------------------------------------------------------------------------------
@@ -250,7 +256,7 @@ class Pipeline:
                 log.exception("sender run failed; it will run again")
 
 
-async def _retry_forever(what: str, fn: Callable[[], Any]) -> None:
+async def retry_forever(what: str, fn: Callable[[], Any]) -> None:
     """Run a ledger write until it succeeds. Never ack a batch whose write failed (Faust would commit it)."""
     delay = 0.2
     while True:
@@ -273,7 +279,6 @@ def install(app: Any, deps: Deps) -> Pipeline:
         "key_serializer": "raw",
         "value_serializer": "raw",
     }
-    ticks = app.topic(pipe.ticks_topic, partitions=k.partitions, **raw)
     dlq = app.topic(pipe.dlq_topic, partitions=k.partitions, **raw)
     policy = app.topic(pipe.policy_topic, partitions=k.partitions, **raw)
     policy_dlq = app.topic(pipe.policy_dlq_topic, partitions=1, **raw)
@@ -282,21 +287,6 @@ def install(app: Any, deps: Deps) -> Pipeline:
         futs = [await topic.send(key=d.key, value=d.value, headers=d.headers) for d in dead]
         for f in futs:
             await f
-
-    async def ingest(stream: Any) -> Any:
-        async for events in stream.take_events(2000, within=0.1):
-            records = [RawRecord(e.message.partition, e.message.offset, e.message.key, e.message.value) for e in events]
-            batch = prepare_ingest(records, pipe.ticks_topic, deps.clock_ms())
-            if batch.dead:
-                for d in batch.dead:
-                    log.warning(
-                        "dead-lettered %s: %s",
-                        d.headers["edgebill-source"].decode(),
-                        d.headers["edgebill-reason"].decode(),
-                    )
-                await send_dead(dlq, batch.dead)
-            await _retry_forever("ledger write", functools.partial(pipe.write_batch, batch))
-            yield len(records)
 
     async def policy_agent(stream: Any) -> Any:
         async for events in stream.take_events(500, within=0.1):
@@ -309,13 +299,16 @@ def install(app: Any, deps: Deps) -> Pipeline:
                 progress[r.partition] = (max(r.offset, progress.get(r.partition, (-1, None))[0]), None)
             counts = {"policies.read": len(records), "policies.rejected": len(dead)}
 
-            await _retry_forever(
+            await retry_forever(
                 "policy write",
                 functools.partial(deps.ledger.write_policies, pipe.policy_topic, good, progress, counts),
             )
             yield len(records)
 
-    app.agent(ticks, name="edgebill.ingest")(ingest)
+    # usage-ticks: a batch consumer owned by a Faust service, not a per-message agent (streams.ingest).
+    from streams.ingest import make_ingest_service
+
+    app.service(make_ingest_service(pipe, functools.partial(send_dead, dlq)))
     app.agent(policy, name="edgebill.policy")(policy_agent)
 
     async def report_progress() -> None:
@@ -332,7 +325,11 @@ def install(app: Any, deps: Deps) -> Pipeline:
                 hw = app.consumer.highwater(tp)
                 if hw is not None:
                     by_topic.setdefault(tp.topic, {})[tp.partition] = int(hw)
+            if pipe.ingestor is not None:  # usage-ticks is read by the ingest service's own consumer
+                by_topic[pipe.ticks_topic] = pipe.ingestor.highwaters()
             for topic, marks in by_topic.items():
+                if not marks:
+                    continue
                 await asyncio.to_thread(deps.ledger.report_highwaters, topic, marks, deps.owner)
         except Exception:
             log.exception("progress report failed")

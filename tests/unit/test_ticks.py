@@ -141,3 +141,25 @@ def test_fast_parser_agrees_with_the_pydantic_wire_model(
     )
     (fast,) = parse_record(model.to_json()).ticks
     assert fast == model.to_tick()
+
+
+@given(st.integers(0, 200 * 365 * 86_400_000), st.booleans())
+def test_fast_timestamp_path_agrees_with_datetime(ms: int, with_millis: bool) -> None:
+    dt = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+    text = dt.strftime("%Y-%m-%dT%H:%M:%S") + (f".{dt.microsecond // 1000:03d}" if with_millis else "") + "Z"
+    assert parse_timestamp_ms(text) == (ms if with_millis else ms // 1000 * 1000)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-02-30T00:00:00Z",
+        "2026-06-15T24:00:00Z",
+        "2026-06-15T23:60:00Z",
+        "2026-06-15T23:00:6xZ",
+        "2026-06-15T23:00:00.12xZ",
+        "2026-06-15T23:00:00.1234",
+    ],
+)
+def test_fast_timestamp_path_rejects_what_datetime_rejects(text: str) -> None:
+    assert parse_timestamp_ms(text) is None
