@@ -464,17 +464,18 @@ async def ensure_topics_async(
     *,
     replication_factor: int = 1,
     request_timeout: float = 30.0,
-) -> None:
+) -> dict[str, int]:
     """Create each missing topic with its partition count; async twin of :func:`ensure_topics`.
 
-    ``request_timeout`` bounds each admin request and the whole operation.
+    ``request_timeout`` bounds each admin request and the whole operation. Returns the partition count
+    each named topic has now (an existing topic keeps its own count).
     """
     timeout = request_timeout
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
     if not topics:
-        return
+        return {}
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
     try:
         async with asyncio.timeout(timeout):
@@ -492,7 +493,7 @@ async def ensure_topics_async(
                         n,
                     )
             if not missing:
-                return
+                return {name: existing[name] for name in topics}
             response = await admin.create_topics([NewTopic(name, n, replication_factor) for name, n in missing.items()])
             problems: list[str] = []
             for entry in response.topic_errors:
@@ -505,6 +506,7 @@ async def ensure_topics_async(
                 problems.append(f"{name}: {message}")
             if problems:
                 raise BrokerError(f"could not create topics on {bootstrap}: " + "; ".join(problems))
+            return {name: existing.get(name, n) for name, n in topics.items()}
     except TimeoutError as exc:
         raise BrokerError(f"creating topics on {bootstrap} timed out after {timeout:g}s") from exc
     except KafkaError as exc:
@@ -525,8 +527,10 @@ def ensure_topics(
     *,
     replication_factor: int = 1,
     timeout: float = 30.0,
-) -> None:
+) -> dict[str, int]:
     """Create the topics in ``topics`` (name -> partitions) that are missing; idempotent.
+
+    Returns the partition count each named topic has now.
 
     An existing topic with a different partition count is left alone with a warning: Tansu does
     not implement CreatePartitions. Blocking; from async code use :func:`ensure_topics_async`.
@@ -537,4 +541,6 @@ def ensure_topics(
         pass
     else:
         raise BrokerError("ensure_topics() called inside a running event loop; await ensure_topics_async()")
-    asyncio.run(ensure_topics_async(bootstrap, topics, replication_factor=replication_factor, request_timeout=timeout))
+    return asyncio.run(
+        ensure_topics_async(bootstrap, topics, replication_factor=replication_factor, request_timeout=timeout)
+    )

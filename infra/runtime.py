@@ -86,12 +86,30 @@ def build_sender(
     )
 
 
+def _wanted_topics(settings: Settings) -> dict[str, int]:
+    """Every topic the worker reads or writes, with the partition count to create it with."""
+    from streams.cell import TOPIC_SCALE, TOPIC_SCALE_DLQ
+    from streams.pipeline import TOPIC_DLQ, TOPIC_POLICY, TOPIC_POLICY_DLQ, TOPIC_TICKS
+
+    k = settings.kafka
+    n = k.partitions
+    return {
+        k.topic(TOPIC_TICKS): n,
+        k.topic(TOPIC_DLQ): n,
+        k.topic(TOPIC_POLICY): n,
+        k.topic(TOPIC_POLICY_DLQ): 1,
+        k.topic(TOPIC_SCALE): n,
+        k.topic(TOPIC_SCALE_DLQ): 1,
+        k.topic(settings.parity.alerts_topic): 1,
+    }
+
+
 def run_worker(settings: Settings) -> NoReturn:
     """Run the worker until SIGINT/SIGTERM; exits the process (Faust's worker owns the event loop)."""
     import faust
 
     from infra import kafka_fixes
-    from infra.broker import kafka_answers
+    from infra.broker import ensure_topics, kafka_answers
     from streams.app import configure
     from streams.pipeline import install
 
@@ -102,8 +120,20 @@ def run_worker(settings: Settings) -> NoReturn:
         )
     kafka_fixes.apply_all()
     deps = build_deps(settings)
+    counts = ensure_topics(settings.kafka.servers, _wanted_topics(settings), replication_factor=1)
     app = configure(settings)
-    install(app, deps)
+    pipe = install(app, deps)
+    # The closer must wait for every partition that exists, not only as many as configured.
+    for topic in list(pipe.partitions):
+        if topic in counts and counts[topic] != pipe.partitions[topic]:
+            log.warning(
+                "%s has %d partitions (EDGEBILL_KAFKA_PARTITIONS=%d); closing waits on all %d",
+                topic,
+                counts[topic],
+                pipe.partitions[topic],
+                counts[topic],
+            )
+            pipe.partitions[topic] = counts[topic]
     b = settings.billing
     log.info(
         "edgebill worker: broker=%s db=%s stripe=%s shadow=%s bill_from=%s authority=%s web=%s:%s",

@@ -319,8 +319,12 @@ class Stack:
 
 
 @pytest.fixture
-def make_stack(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., Stack]]:
-    """Factory: ``make_stack(stripe_faults=None, **EDGEBILL_env_overrides)`` -> a :class:`Stack`."""
+def make_stack(kafka_bootstrap: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Stack]]:
+    """Factory: ``make_stack(stripe_faults=None, database="sqlite"|"postgresql", **EDGEBILL_env)`` -> Stack.
+
+    ``database="postgresql"`` gives the stack a fresh schema on the PostgreSQL of ``pg_base_url`` (the test
+    skips with the reason when none answers), as several workers in one group need.
+    """
     from infra.db import make_engine, migrate
     from infra.settings import child_env
     from infra.stripe_fake import StripeServerThread
@@ -328,10 +332,16 @@ def make_stack(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., S
     from sinks.stripe import make_client
 
     made: list[tuple[Stack, Any, Any]] = []
+    schemas: list[Iterator[str]] = []
 
-    def factory(stripe_faults: Any = None, **overrides: str) -> Stack:
+    def factory(stripe_faults: Any = None, database: str = "sqlite", **overrides: str) -> Stack:
         prefix = f"t{uuid.uuid4().hex[:8]}."
-        db_url = f"sqlite:///{tmp_path / f'ledger-{prefix}db'}"
+        if database == "postgresql":
+            gen = _pg_schema_url(request.getfixturevalue("pg_base_url"))
+            schemas.append(gen)
+            db_url = next(gen)
+        else:
+            db_url = f"sqlite:///{tmp_path / f'ledger-{prefix}db'}"
         engine = make_engine(db_url)
         migrate(engine)
         srv = StripeServerThread(faults=stripe_faults)
@@ -370,6 +380,9 @@ def make_stack(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., S
             s.stop(p, timeout=15)
         srv.stop()
         engine.dispose()
+    for gen in schemas:
+        for _ in gen:  # runs the schema's DROP
+            pass
 
 
 @pytest.fixture
