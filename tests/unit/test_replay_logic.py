@@ -1,0 +1,248 @@
+"""``infra.replay`` without a broker: pricing (the closer's rules), the range arithmetic, the report, the guards."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import click
+import pytest
+
+from infra.cli import _partition_offsets
+from infra.replay import (
+    Aggregates,
+    KeyDiff,
+    OrgMeterDiff,
+    PartitionRange,
+    Pricer,
+    ReplayReport,
+    ReplayResult,
+    ReplaySpec,
+    ScanCounts,
+    _compared_buckets,
+    _id_scope,
+    _slices,
+    apply_problems,
+    render_table,
+)
+from models.billing import UNIFIED_METER
+from models.policy import OrgPolicy
+from models.ticks import Tick
+from sinks.ledger import SourcedTick
+
+H = 3600
+B0 = 1_790_000_000 // H * H
+
+
+def pol(org: str, eff_s: int, plan: str = "pro", mode: str = "unified", provider: str = "stripe") -> OrgPolicy:
+    return OrgPolicy.model_validate(
+        {"org_id": org, "plan": plan, "billing_mode": mode, "billing_provider": provider, "effective_at": eff_s}
+    )
+
+
+def tk(tid: str, org: str, ts_s: int, mb: int = 1024, secs: int = 10, sandbox: str = "sb", worker: str = "w") -> Tick:
+    return Tick(tid, org, sandbox, worker, "c", mb, 0, secs, ts_s * 1000)
+
+
+def test_policy_as_of_tick_time_is_priced_like_the_closer() -> None:
+    """The closer's own test case (test_ledger::test_policy_as_of_tick_time_within_a_bucket), re-derived."""
+    policies = {
+        "o": [
+            pol("o", 0, plan="free"),
+            pol("o", B0 + 1800),  # upgrade at :30
+            pol("o", B0 + H + 1800, mode="legacy"),  # mode change at next :30
+            pol("o", B0 + 2 * H + 1800, plan="free"),  # downgrade
+        ]
+    }
+    pricer = Pricer(policies, [], H)
+    ticks = [tk(f"a{s}", "o", B0 + s) for s in (600, 1799, 1800, 3000)]
+    ticks += [tk(f"b{s}", "o", B0 + H + s) for s in (600, 1800)]
+    ticks += [tk(f"c{s}", "o", B0 + 2 * H + s) for s in (600, 1800, 2400)]
+    agg = pricer.price(ticks)
+    assert agg.billable == {
+        ("o", B0, UNIFIED_METER): [20 * 1024, 2],  # 2 ticks x 1 GB x 10 s, in MB-s
+        ("o", B0 + H, UNIFIED_METER): [10 * 1024, 1],
+        ("o", B0 + H, "sandbox_compute_sandbox_1gb"): [10, 1],
+        ("o", B0 + 2 * H, "sandbox_compute_sandbox_1gb"): [10, 1],
+    }
+    assert agg.unbilled == {("o", B0, "free_plan"): [2, 20480], ("o", B0 + 2 * H, "free_plan"): [2, 20480]}
+
+
+def test_unknown_free_provider_and_untiered_usage_is_unbilled() -> None:
+    pricer = Pricer(
+        {
+            "free": [pol("free", 0, plan="free")],
+            "leg": [pol("leg", 0, mode="legacy")],
+            "paddle": [pol("paddle", 0, provider="paddle")],
+            "late": [pol("late", B0 + H)],  # no policy yet when its tick happens
+        },
+        [],
+        H,
+    )
+    agg = pricer.price(
+        [
+            tk("1", "nobody", B0 + 1, secs=20),
+            tk("2", "free", B0 + 2, secs=20),
+            tk("3", "leg", B0 + 3, mb=2048, secs=20),
+            tk("4", "leg", B0 + 4, mb=4096, secs=20),
+            tk("5", "paddle", B0 + 5, secs=20),
+            tk("6", "late", B0 + 6, secs=20),
+        ]
+    )
+    assert agg.billable == {("leg", B0, "sandbox_compute_sandbox_4gb"): [20, 1]}
+    assert agg.unbilled == {
+        ("nobody", B0, "unknown_org"): [1, 20480],
+        ("free", B0, "free_plan"): [1, 20480],
+        ("leg", B0, "legacy_unknown_tier"): [1, 40960],
+        ("paddle", B0, "provider_paddle"): [1, 20480],
+        ("late", B0, "unknown_org"): [1, 20480],
+    }
+
+
+def test_zombie_rule_is_the_closers() -> None:
+    """The closer's own zombie case (test_ledger::test_zombie_ticks_are_counted_not_billed), re-derived."""
+    intervals = [
+        ("sb1", "w-a", B0 * 1000, (B0 + 1200) * 1000),
+        ("sb1", "w-b", (B0 + 1200) * 1000, (B0 + 2400) * 1000),
+        ("sb2", "w-a", B0 * 1000, None),
+    ]
+    pricer = Pricer({"o": [pol("o", 0)]}, intervals, H)
+    cases = {
+        "ok-owner-a": ("sb1", "w-a", B0 + 600, False),
+        "ok-final-flush-a": ("sb1", "w-a", B0 + 1210, False),
+        "zombie-not-owner": ("sb1", "w-a", B0 + 1800, True),
+        "ok-owner-b": ("sb1", "w-b", B0 + 1800, False),
+        "zombie-after-stop": ("sb1", "w-b", B0 + 3000, True),
+        "zombie-other-worker": ("sb2", "w-b", B0 + 100, True),
+        "ok-open-interval": ("sb2", "w-a", B0 + 3500, False),
+        "ok-unknown-sandbox": ("sb3", "w-z", B0 + 100, False),
+        "ok-no-worker-id": ("sb1", "", B0 + 3000, False),
+        "ok-before-known": ("sb1", "w-z", B0 - 3600, False),  # the cell knew nothing of sb1 yet
+    }
+    for name, (sandbox, worker, ts, zombie) in cases.items():
+        assert pricer.is_zombie(sandbox, worker, ts * 1000, 20) is zombie, name
+    ticks = [tk(n, "o", ts, secs=20, sandbox=sb, worker=w) for n, (sb, w, ts, _) in cases.items()]
+    agg = pricer.price(ticks)
+    assert agg.unbilled[("o", B0, "zombie")] == [3, 3 * 20480]
+    assert agg.billable[("o", B0, UNIFIED_METER)] == [6 * 20480, 6]
+    assert agg.billable[("o", B0 - H, UNIFIED_METER)] == [20480, 1]
+
+
+def test_pricing_is_additive_so_given_up_ticks_can_be_subtracted() -> None:
+    pricer = Pricer({"o": [pol("o", 0), pol("o", B0 + 100, mode="legacy")]}, [], H)
+    a = [tk(f"t{i}", "o", B0 + i * 7, mb=1024 * (1 + i % 5), secs=3 + i % 4) for i in range(300)]
+    part = a[::3]
+    whole = pricer.price(a)
+    whole.merge(pricer.price(part), sign=-1)
+    rest = pricer.price([t for t in a if t not in part])
+    nonzero = {k: v for k, v in whole.billable.items() if v != [0, 0]}
+    assert nonzero == rest.billable
+    assert {k: v for k, v in whole.unbilled.items() if v != [0, 0]} == rest.unbilled
+
+
+def test_window_and_scopes() -> None:
+    spec = ReplaySpec("t", since_ms=(B0 + 1800) * 1000, until_ms=(B0 + 3 * H + 10) * 1000)
+    assert spec.window_ms(H) == ((B0 + 1800) * 1000, (B0 + 3 * H + 10) * 1000)
+    counts = ScanCounts(min_ts=(B0 + 1800) * 1000, max_ts=(B0 + 3 * H + 5) * 1000)
+    # Compared: only buckets wholly inside [since, until): B0+H and B0+2H.
+    assert _compared_buckets(spec, counts, H) == (B0 + H, B0 + 2 * H)
+    assert _id_scope(*spec.window_ms(H), counts, H) == (B0, B0 + 3 * H)
+    # Bucket bounds are inclusive bucket starts; any time inside a bucket means that bucket.
+    spec = ReplaySpec("t", bucket_from=B0 + 10, bucket_to=B0 + H + 5)
+    assert spec.window_ms(H) == (B0 * 1000, (B0 + 2 * H) * 1000)
+    assert _compared_buckets(spec, ScanCounts(), H) == (B0, B0 + H)
+    # Open sides: the span of the ticks read; nothing read and no bound: nothing to compare.
+    assert _compared_buckets(ReplaySpec("t"), counts, H) == (B0, B0 + 3 * H)
+    assert _compared_buckets(ReplaySpec("t"), ScanCounts(), H) is None
+    assert _id_scope(*ReplaySpec("t").window_ms(H), ScanCounts(), H) == (None, None)
+    # An until on a bucket boundary keeps the bucket that ends there.
+    spec = ReplaySpec("t", until_ms=(B0 + H) * 1000)
+    assert _compared_buckets(spec, counts, H) == (B0, B0)
+
+
+def test_slices_cover_each_partition_exactly_once() -> None:
+    ranges = [PartitionRange(0, 10, 17, 0, 17), PartitionRange(1, 0, 1, 0, 1), PartitionRange(2, 5, 5, 0, 5)]
+    jobs = _slices(ranges, 3)
+    covered: dict[int, list[int]] = {}
+    for job in jobs:
+        for r in job:
+            covered.setdefault(r.partition, []).extend(range(r.start, r.end))
+    assert covered == {0: list(range(10, 17)), 1: [0]}
+    assert [(r.start, r.end) for r in jobs[0] if r.partition == 0] == [(10, 12)]
+    assert ranges[1].whole and not ranges[0].whole
+
+
+def test_partition_offsets_option() -> None:
+    assert _partition_offsets(("3:100", "7", "0:0"), "--from-offset") == {3: 100, None: 7, 0: 0}
+    with pytest.raises(click.BadParameter):
+        _partition_offsets(("a:b",), "--from-offset")
+
+
+def _report(keys: list[KeyDiff], missing: list[str] = (), extra: list[str] = ()) -> ReplayReport:  # type: ignore[assignment]
+    return ReplayReport(
+        topic="usage-ticks",
+        bucket_seconds=H,
+        ranges=[PartitionRange(0, 0, 10, 0, 10)],
+        complete=True,
+        window_ms=(None, None),
+        compared_buckets=(B0, B0 + H),
+        counts={
+            "records": 10,
+            "ticks_read": 12,
+            "selected": 12,
+            "unique": 11,
+            "duplicates": 1,
+            "rejected": 1,
+            "ignored_type": 0,
+            "missing_from_ledger": len(missing),
+            "extra_in_ledger": len(extra),
+            "compared_keys": 2,
+            "differing_keys": sum(1 for k in keys if k.diff_units),
+        },
+        rejected={"not_json": 1},
+        unbilled={"zombie": [1, 20480]},
+        keys=keys,
+        org_meters=[OrgMeterDiff("o", UNIFIED_METER, 3072, 2048, 0, Decimal("2"))],
+        missing_ids=list(missing),
+        extra_ids=list(extra),
+        jobs=1,
+        seconds=0.1,
+        now_ms=B0 * 1000,
+    )
+
+
+def test_report_differences_explanations_and_rendering() -> None:
+    explained = KeyDiff("o", B0, UNIFIED_METER, 3072, 2048, 0, 1024, True)
+    assert (explained.diff_units, explained.explained) == (1024, True)
+    # Samples deleted after billing: the ledger billed them, they look missing; applying would bill twice.
+    billed_twice = KeyDiff("o", B0 + H, UNIFIED_METER, 3072, 3072, 0, 1024, True)
+    assert (billed_twice.diff_units, billed_twice.explained) == (0, False)
+    edge = KeyDiff("o", B0 + 2 * H, UNIFIED_METER, 1024, 0, 0, 1024, False)
+    assert (edge.diff_units, edge.explained) == (0, True)
+    rep = _report([explained], missing=["t1"])
+    assert not rep.clean and rep.differing_keys == [explained]
+    wire = rep.to_wire()
+    assert wire["differences"][0]["diff"] == "1" and wire["differences"][0]["derived"] == "3"
+    assert wire["org_meters"][0]["value_diff"] == "1" and not wire["org_meters"][0]["units_agree"]
+    text = "\n".join(render_table(rep))
+    assert "DIFFERENCES: 1 missing tick(s)" in text and "t1" in text and "not_json=1" in text
+    assert _report([]).clean and "no difference" in render_table(_report([]))
+
+
+def test_apply_refuses_expired_buckets_and_unexplained_differences() -> None:
+    now_ms = (B0 + 40 * 86400) * 1000
+    old = SourcedTick(tk("old", "o", B0 + 10), 0, 1)
+    fresh = SourcedTick(tk("new", "o", B0 + 39 * 86400), 0, 2)
+    ok = ReplayResult(_report([], missing=["new"]), [fresh])
+    assert apply_problems(ok, now_ms=now_ms) == []
+    expired = ReplayResult(_report([], missing=["old", "new"]), [old, fresh])
+    (problem,) = apply_problems(expired, now_ms=now_ms)
+    assert "1 missing tick(s)" in problem and "35-day" in problem
+    twice = KeyDiff("o", B0 + 39 * 86400 // H * H, UNIFIED_METER, 3072, 3072, 0, 1024, True)
+    (problem,) = apply_problems(ReplayResult(_report([twice], missing=["new"]), [fresh]), now_ms=now_ms)
+    assert "could bill twice" in problem
+
+
+def test_aggregates_merge() -> None:
+    a = Aggregates({("o", 1, "m"): [5, 1]}, {})
+    a.merge(Aggregates({("o", 1, "m"): [2, 1], ("p", 1, "m"): [1, 1]}, {("o", 1, "zombie"): [1, 9]}))
+    assert a.billable == {("o", 1, "m"): [7, 2], ("p", 1, "m"): [1, 1]} and a.unbilled == {("o", 1, "zombie"): [1, 9]}
