@@ -15,6 +15,8 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -32,11 +34,11 @@ log = logging.getLogger(__name__)
 class _Run:
     """One isolated pipeline: topics under a fresh prefix, a fresh ledger, worker processes."""
 
-    def __init__(self, ctx: BenchContext, name: str, **env: str) -> None:
+    def __init__(self, ctx: BenchContext, name: str, db_url: str | None = None, **env: str) -> None:
         self.ctx = ctx
         self.prefix = f"b{uuid.uuid4().hex[:6]}."
-        self.db = ctx.workdir / f"{name}-{self.prefix}db"
-        self.engine = make_engine(f"sqlite:///{self.db}")
+        self.db_url = db_url or f"sqlite:///{ctx.workdir / f'{name}-{self.prefix}db'}"
+        self.engine = make_engine(self.db_url)
         migrate(self.engine)
         self.ledger = Ledger(self.engine)
         self.env = child_env(
@@ -44,7 +46,7 @@ class _Run:
                 "EDGEBILL_KAFKA_BOOTSTRAP": ctx.bootstrap,
                 "EDGEBILL_KAFKA_TOPIC_PREFIX": self.prefix,
                 "EDGEBILL_KAFKA_GROUP_ID": f"g-{self.prefix}",
-                "EDGEBILL_DATABASE_URL": f"sqlite:///{self.db}",
+                "EDGEBILL_DATABASE_URL": self.db_url,
                 "EDGEBILL_WEB_PORT": str(free_port()),
                 "EDGEBILL_SHADOW": "true",
                 "EDGEBILL_PRO_BILLING_AUTHORITY": "cell",
@@ -75,7 +77,7 @@ class _Run:
         logf = (self.ctx.workdir / f"worker-{self.prefix}{len(self.procs)}.log").open("wb")
         p = subprocess.Popen(
             [sys.executable, "-m", "infra.cli", "worker"],
-            env=self.env,
+            env=dict(self.env, EDGEBILL_WEB_PORT=str(free_port())),  # each worker its own web port
             stdout=logf,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -104,13 +106,18 @@ class _Run:
         self.engine.dispose()
 
 
-def _e2e(ctx: BenchContext, per_message: int, n: int) -> tuple[float, float]:
+def _e2e(
+    ctx: BenchContext, per_message: int, n: int, *, workers: int = 1, db_url: str | None = None
+) -> tuple[float, float]:
     """(ticks/s from first record read to every sample closed, seconds)."""
-    run = _Run(ctx, f"e2e{per_message}")
+    run = _Run(ctx, f"e2e{per_message}", db_url=db_url)
     try:
         run.policies()
+        for _ in range(workers):
+            run.start_worker()
+        if workers > 1:  # measure the steady state: every worker holds partitions before data arrives
+            run.wait(lambda: len({s.owner for s in _owned(run)}) >= workers, 60, 0.1)
         run.publish("usage-ticks", tick_messages(n, per_message))
-        run.start_worker()
         t0 = run.wait(lambda: run.ledger.counters().get("records.read", 0) > 0, 60)
         t1 = run.wait(
             lambda: run.ledger.counters().get("ticks.ingested", 0) >= n and run.ledger.open_samples() == 0, 600, 0.05
@@ -118,6 +125,19 @@ def _e2e(ctx: BenchContext, per_message: int, n: int) -> tuple[float, float]:
         return n / (t1 - t0), t1 - t0
     finally:
         run.close()
+
+
+def _owned(run: _Run) -> list[Any]:
+    from sqlalchemy import select
+
+    from infra.db import partition_progress
+
+    now = time.time() * 1000
+    with run.engine.connect() as conn:
+        rows = conn.execute(
+            select(partition_progress).where(partition_progress.c.topic == run.topic("usage-ticks"))
+        ).all()
+    return [r for r in rows if r.reported_ms and now - r.reported_ms < 5000]
 
 
 @register("pipeline")
@@ -136,6 +156,119 @@ def bench_pipeline(ctx: BenchContext) -> Iterator[Metric]:
         "ticks/s",
         rate / raw,
         {"ticks": n_batched, "per_message": 100, "seconds": round(secs, 2)},
+    )
+
+
+@register("scaleout")
+def bench_scaleout(ctx: BenchContext) -> Iterator[Metric]:
+    """One worker vs two in one group, 4 partitions, PostgreSQL ledger: the speed-up (skipped without PG)."""
+    base = _pg_base_url()
+    if base is None:
+        yield Metric("scaleout_skipped", 0, "n/a", None, {"reason": "PostgreSQL not reachable on 127.0.0.1:5432"})
+        return
+    n = ctx.scale(200_000, 40_000)
+    rates = {}
+    for workers in (1, 2):
+        url, drop = _pg_schema(base)
+        try:
+            rates[workers], _ = _e2e(ctx, 1, n, workers=workers, db_url=url)
+        finally:
+            drop()
+    raw = ctx.raw.get("single") or raw_consume_rate(ctx, 1, n)[0]
+    yield Metric("e2e_pg_1_worker_ticks_per_s", rates[1], "ticks/s", rates[1] / raw, {"ticks": n})
+    yield Metric("e2e_pg_2_workers_ticks_per_s", rates[2], "ticks/s", rates[2] / raw, {"ticks": n})
+    yield Metric("scaleout_speedup_2_workers", rates[2] / rates[1], "x", None, {"cores": os.cpu_count()})
+
+
+def _pg_base_url() -> str | None:
+    import sqlalchemy
+
+    url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    try:
+        eng = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 3})
+        with eng.connect() as c:
+            c.exec_driver_sql("SELECT 1")
+        eng.dispose()
+    except Exception:
+        return None
+    return url
+
+
+def _pg_schema(base: str) -> tuple[str, Callable[[], None]]:
+    import sqlalchemy
+
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(base)
+    with admin.begin() as c:
+        c.exec_driver_sql(f"CREATE SCHEMA {schema}")
+
+    def drop() -> None:
+        with admin.begin() as c:
+            c.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
+
+    return f"{base}?options=-csearch_path%3D{schema}", drop
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    """Peak resident memory (VmHWM) of a process, MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _memory_run(ctx: BenchContext, orgs: int, hours: int) -> float:
+    """Peak RSS of a worker holding ``orgs x hours`` open org-hours (one tick each)."""
+    run = _Run(ctx, "mem", EDGEBILL_GRACE_SECONDS=str(7 * 86400))  # nothing closes: every hour stays open
+    try:
+        run.policies(orgs)
+        p = run.start_worker()
+        run.wait(lambda: bool(_owned(run)), 60, 0.1)
+        if hours:
+            base_s = (int(time.time()) // 3600 - hours - 1) * 3600
+            msgs: list[tuple[bytes, bytes]] = []
+            for h in range(hours):
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(base_s + h * 3600))
+                batch = [
+                    {
+                        "id": f"m:{h}:{o}",
+                        "org_id": f"org_{o:04d}",
+                        "worker_id": "w",
+                        "sandbox_id": f"sb{o}",
+                        "payload": {"interval_s": 20, "memory_mb": 1024},
+                        "timestamp": stamp,
+                    }
+                    for o in range(orgs)
+                ]
+                msgs.extend((b"k", orjson.dumps(batch[i : i + 100])) for i in range(0, orgs, 100))
+            run.publish("usage-ticks", msgs)
+            run.wait(lambda: run.ledger.counters().get("ticks.ingested", 0) >= orgs * hours, 300, 0.1)
+        time.sleep(6)  # a parity refresh and a few closer runs over what is held
+        return _vm_hwm_mb(p.pid)
+    finally:
+        run.close()
+
+
+@register("memory")
+def bench_memory(ctx: BenchContext) -> Iterator[Metric]:
+    """Peak worker memory while 100k org-hours are held open, minus an idle worker's peak.
+
+    Open buckets live in the ledger (SQL), not in the worker's memory, so this should stay flat.
+    """
+    org_hours = ctx.scale(100_000, 20_000)
+    orgs, hours = 1000, org_hours // 1000
+    peaks = []
+    for load in (False, True):
+        peaks.append(_memory_run(ctx, orgs, hours if load else 0))
+    per = (peaks[1] - peaks[0]) * 100_000 / org_hours
+    yield Metric("worker_peak_rss_idle_mib", peaks[0], "MiB", None)
+    yield Metric(
+        "worker_peak_rss_extra_per_100k_open_org_hours_mib",
+        per,
+        "MiB",
+        None,
+        {"org_hours": org_hours, "peak_loaded_mib": round(peaks[1], 1)},
     )
 
 

@@ -26,6 +26,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import random
 import signal
 import socket
 import struct
@@ -83,12 +84,29 @@ def tansu_binary() -> Path:
 # ----------------------------------------------------------------------------------- Kafka probing
 
 
+_HANDED_OUT: set[int] = set()
+_PORT_RANGE = (20000, 32000)  # below Linux's ephemeral range (32768-60999): outgoing connections never take these
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LISTEN_HOST, 0))
-        port: int = s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago.
+
+    Picked below the ephemeral range, so no outgoing connection (a worker's Kafka client, say) can grab it
+    between now and the moment a child process binds it; and never the same port twice in one process.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(*_PORT_RANGE)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((LISTEN_HOST, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
         return port
+    raise BrokerError("no free TCP port found on 127.0.0.1")
 
 
 def _parse_bootstrap(bootstrap: str) -> list[tuple[str, int]]:

@@ -294,13 +294,22 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
+_ADVISORY_LOCK_MIGRATE = 0x6564676D6967  # "edgmig"
+
+
 def migrate(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to ``revision`` with Alembic (idempotent; safe to run at every start)."""
+    """Bring the schema to ``revision`` with Alembic (idempotent; safe to run at every start).
+
+    Safe when several workers start at once: the migration runs under a lock (PostgreSQL advisory lock;
+    SQLite ``BEGIN IMMEDIATE``), so the second worker finds the schema already current.
+    """
     from alembic import command
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    with engine.begin() as conn:
+    with engine.execution_options(sqlite_write=True).begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_MIGRATE})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)

@@ -210,12 +210,16 @@ class Ledger:
     def check_bucket_seconds(self, bucket_seconds: int) -> None:
         """Refuse to run with a bucket size other than the one this ledger was started with."""
         with self._w.begin() as conn:
+            # Insert-if-absent first: two workers starting at once must not both try to create it.
+            conn.execute(
+                self._insert(counters)
+                .values(name="config.bucket_seconds", value=bucket_seconds)
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
             got = conn.execute(
                 select(counters.c.value).where(counters.c.name == "config.bucket_seconds")
-            ).scalar_one_or_none()
-            if got is None:
-                conn.execute(insert(counters).values(name="config.bucket_seconds", value=bucket_seconds))
-            elif got != bucket_seconds:
+            ).scalar_one()
+            if got != bucket_seconds:
                 raise LedgerError(
                     f"this ledger was built with EDGEBILL_BUCKET_SECONDS={got}; refusing to run with "
                     f"{bucket_seconds} (stored bucket starts would no longer line up)"
