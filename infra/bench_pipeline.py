@@ -115,7 +115,7 @@ def _e2e(
         run.policies()
         for _ in range(workers):
             run.start_worker()
-        if workers > 1:  # measure the steady state: every worker holds partitions before data arrives
+        if db_url is not None:  # scale-out runs: every worker holds partitions before data arrives
             run.wait(lambda: len({s.owner for s in _owned(run)}) >= workers, 60, 0.1)
         run.publish("usage-ticks", tick_messages(n, per_message))
         t0 = run.wait(lambda: run.ledger.counters().get("records.read", 0) > 0, 60)
