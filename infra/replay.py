@@ -58,7 +58,7 @@ from models.billing import STRIPE_MAX_AGE_SECONDS, meter_amounts, meter_unit_div
 from models.errors import EdgebillError, LedgerError
 from models.policy import OrgPolicy, PolicyHistory
 from models.ticks import MAX_INTERVAL_S, Tick, parse_record
-from sinks.ledger import ZOMBIE_SLACK_MS, Ledger, SourcedTick
+from sinks.ledger import ZOMBIE_SLACK_MS, Ledger, SourcedTick, not_aggregated
 from streams.pipeline import FUTURE_TOLERANCE_MS
 
 __all__ = [
@@ -1137,7 +1137,7 @@ def _compare(
                 Tick(r[0], r[1], r[2], r[3], "", int(r[4]), 0, int(r[5]), int(r[6]))
                 for r in conn.execute(
                     select(us.id, us.org_id, us.sandbox_id, us.worker_id, us.memory_mb, us.interval_s, us.ts_ms).where(
-                        us.close_id.is_(None), us.bucket_start >= first, us.bucket_start <= last
+                        not_aggregated(), us.bucket_start >= first, us.bucket_start <= last
                     )
                 )
             ]

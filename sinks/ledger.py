@@ -4,8 +4,9 @@ Every write here is one database transaction; each function's docstring gives th
 side effects and what a crash between two of them does. The tables are in :mod:`infra.db`.
 
 Concurrency: SQLite serialises writers; on PostgreSQL the closer takes a transaction-scoped
-advisory lock so that two workers can never close at once, and ingest only inserts (a row is
-claimed by exactly one close run through ``close_id``), so ingest never blocks on the closer.
+advisory lock so that two workers can never close at once, plus a short SHARE lock on
+``usage_samples`` so that no sample below the insertion ``seq`` it reads can still be uncommitted.
+Ingest only inserts; samples are never updated (see :meth:`Ledger.close`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ __all__ = [
     "Ledger",
     "MeterRow",
     "SourcedTick",
+    "not_aggregated",
 ]
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,14 @@ class MeterRow:
 
 
 _ADVISORY_LOCK_CLOSER = 0x6564676562696C  # "edgebil"
+
+
+def not_aggregated() -> Any:
+    """SQL condition: the sample is not yet in any meter row (its bucket's cursor is below its ``seq``)."""
+    cb = closed_buckets.c
+    us = usage_samples.c
+    cursor = select(cb.seq).where(cb.bucket_start == us.bucket_start).scalar_subquery()
+    return us.seq > func.coalesce(cursor, 0)
 
 
 ZOMBIE_SLACK_MS = 5_000  # beyond the tick's own interval: clock jitter between worker and cell
@@ -216,9 +226,7 @@ class Ledger:
                 .values(name="config.bucket_seconds", value=bucket_seconds)
                 .on_conflict_do_nothing(index_elements=["name"])
             )
-            got = conn.execute(
-                select(counters.c.value).where(counters.c.name == "config.bucket_seconds")
-            ).scalar_one()
+            got = conn.execute(select(counters.c.value).where(counters.c.name == "config.bucket_seconds")).scalar_one()
             if got != bucket_seconds:
                 raise LedgerError(
                     f"this ledger was built with EDGEBILL_BUCKET_SECONDS={got}; refusing to run with "
@@ -299,8 +307,9 @@ class Ledger:
                 cur.executemany(sql, rows)
                 return int(cur.rowcount)
             cur.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS usage_samples_stage "
-                "(LIKE usage_samples INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                "CREATE TEMP TABLE IF NOT EXISTS usage_samples_stage (id text, org_id text, sandbox_id text, "
+                "worker_id text, cell_id text, memory_mb bigint, cpu_count int, interval_s int, ts_ms bigint, "
+                "bucket_start bigint, src_partition int, src_offset bigint) ON COMMIT DELETE ROWS"
             )
             with cur.copy(f"COPY usage_samples_stage ({cols}) FROM STDIN") as copy:
                 for r in rows:
@@ -430,28 +439,29 @@ class Ledger:
                 )
         return {org: PolicyHistory(pols) for org, pols in found.items()}
 
-    def close(self, watermark_ms: int, cfg: CloseConfig, *, chunk_samples: int = 50_000) -> CloseResult:
+    def close(self, watermark_ms: int, cfg: CloseConfig) -> CloseResult:
         """Close every bucket the watermark allows, and turn late samples into corrections.
 
-        The work is split by org into transactions of about ``chunk_samples`` samples each (an org's rows
-        and rounding carry never depend on another org's), so ingest is never locked out for long; each
-        chunk is one transaction, in this order:
-          1. take the closer lock (PostgreSQL advisory lock; SQLite: the write lock of BEGIN IMMEDIATE);
-          2. insert a ``close_runs`` row -> ``close_id``;
-          3. claim samples: ``UPDATE usage_samples SET close_id = :id WHERE close_id IS NULL AND
-             bucket_start <= last closable bucket`` — on-time samples and late ones alike;
-          4. aggregate exactly the claimed rows per (org, bucket, memory size), set zombie ticks aside
-             (:func:`_zombie_expr`), price the rest with the policy in effect at each tick's time (only
-             buckets with a policy change are split per tick);
+        Samples are never rewritten: a bucket's cursor (``closed_buckets.seq``) says up to which insertion
+        ``seq`` its samples are aggregated, and the last close run (``upto_seq``, ``last_bucket``) says that
+        every sample with ``seq <= upto_seq`` in a bucket ``<= last_bucket`` is. One transaction, in order:
+          1. take the closer lock and stop ingest for the moment (SQLite: BEGIN IMMEDIATE, the only writer;
+             PostgreSQL: an advisory lock, then ``LOCK TABLE usage_samples IN SHARE MODE``, which waits for
+             in-flight ingest transactions, so no sample below the ``seq`` read next can still appear);
+          2. read ``S = max(seq)``; the buckets to work on: those ``<= last closable`` holding samples
+             with ``seq`` above the previous run's ``upto_seq``, and those newly closable;
+          3. insert the ``close_runs`` row (``upto_seq = S``, ``last_bucket``) -> ``close_id``;
+          4. per bucket, aggregate exactly its samples with ``cursor < seq <= S`` per (org, memory size), set
+             zombie ticks aside (:func:`_zombie_expr`), price the rest with the policy in effect at each
+             tick's time (buckets with a policy change are priced per tick);
           5. per (org, bucket, meter): the next revision (0, or r{n} when the bucket already has rows),
              the value through the rounding carry in ``meter_totals``, the state (pending / shadow /
              skipped_before_bill_from / expired), insert the row; non-billable usage (unknown org, free
              plan, legacy size outside the tiers, zombie) into ``unbilled_usage`` with its reason;
-          6. mark the buckets closed; commit.
-        A crash anywhere before the commit leaves every sample unclaimed and no row written: the next run
-        does the same work again. After the commit the samples belong to exactly one row set, so a
-        sample is never aggregated twice and never skipped; rows are never rewritten afterwards, so an
-        identifier can never reach Stripe with two values.
+          6. move each bucket's cursor to ``S``; counters; commit.
+        A crash anywhere before the commit changes nothing: the next run does the same work again. After
+        the commit every sample up to ``S`` of those buckets is in exactly one row set — aggregated once,
+        never skipped — and rows are never rewritten, so an identifier can never reach Stripe with two values.
         """
         from models.watermark import last_closable_bucket
 
@@ -460,89 +470,104 @@ class Ledger:
         result.last_bucket = last
         if last is None:
             return result
-        us = usage_samples.c
         with self.engine.connect() as probe:
-            per_org = probe.execute(
-                select(us.org_id, func.count().label("n"))
-                .where(us.close_id.is_(None), us.bucket_start <= last)
-                .group_by(us.org_id)
-                .order_by(us.org_id)
-            ).all()
-        if not per_org:
-            return result
-        chunks: list[list[str]] = [[]]
-        size = 0
-        for org, n in per_org:
-            if chunks[-1] and (size + n > chunk_samples or len(chunks[-1]) >= 1000):
-                chunks.append([])
-                size = 0
-            chunks[-1].append(org)
-            size += int(n)
+            if not self._close_work(probe, last):
+                return result
         now = self._clock()
-        for orgs in chunks:
-            part = CloseResult()
-            with self._w.begin() as conn:
-                if self._dialect == "postgresql":
-                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_CLOSER})
-                self._close_in_tx(conn, now, watermark_ms, last, cfg, part, orgs)
-            result.close_id = part.close_id
-            result.samples += part.samples
-            result.rows += part.rows
-            result.corrections += part.corrections
-            result.buckets = sorted(set(result.buckets) | set(part.buckets))
-            for reason, n in part.unbilled.items():
-                result.unbilled[reason] = result.unbilled.get(reason, 0) + n
+        with self._w.begin() as conn:
+            if self._dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_CLOSER})
+                conn.execute(text("LOCK TABLE usage_samples IN SHARE MODE"))
+            self._close_in_tx(conn, now, watermark_ms, last, cfg, result)
         if result.rows or result.samples:
             log.info(
-                "close: buckets<=%s claimed %d samples -> %d rows (%d corrections) in %d transaction(s); unbilled %s",
+                "close run %s: buckets<=%s aggregated %d samples -> %d rows (%d corrections); unbilled %s",
+                result.close_id,
                 last,
                 result.samples,
                 result.rows,
                 result.corrections,
-                len(chunks),
                 result.unbilled or "{}",
             )
         return result
 
+    @staticmethod
+    def _close_position(conn: Connection) -> tuple[int, int | None]:
+        """(upto_seq, last_bucket) of the last close run: every sample at or below it, in a bucket at or
+        before it, is aggregated."""
+        row = conn.execute(
+            select(close_runs.c.upto_seq, close_runs.c.last_bucket).order_by(close_runs.c.id.desc()).limit(1)
+        ).first()
+        return (int(row.upto_seq), row.last_bucket) if row else (0, None)
+
+    def _close_buckets(self, conn: Connection, last: int, upto: int | None = None) -> list[int]:
+        """Buckets ``<= last`` with samples not yet aggregated (below ``upto`` when given)."""
+        us = usage_samples.c
+        done_seq, done_bucket = self._close_position(conn)
+        fresh = select(us.bucket_start).where(us.seq > done_seq, us.bucket_start <= last)
+        if upto is not None:
+            fresh = fresh.where(us.seq <= upto)
+        found = {int(b) for b in conn.execute(fresh.distinct()).scalars()}
+        newly = select(us.bucket_start).where(us.bucket_start <= last, us.seq <= done_seq)
+        if done_bucket is not None:
+            newly = newly.where(us.bucket_start > done_bucket)
+        found.update(int(b) for b in conn.execute(newly.distinct()).scalars())
+        return sorted(found)
+
+    def _close_work(self, conn: Connection, last: int) -> bool:
+        return bool(self._close_buckets(conn, last))
+
     def _close_in_tx(
-        self,
-        conn: Connection,
-        now: int,
-        watermark_ms: int,
-        last: int,
-        cfg: CloseConfig,
-        result: CloseResult,
-        orgs: Sequence[str],
+        self, conn: Connection, now: int, watermark_ms: int, last: int, cfg: CloseConfig, result: CloseResult
     ) -> None:
         us = usage_samples.c
+        top = conn.execute(select(func.max(us.seq))).scalar_one_or_none() or 0
+        buckets = self._close_buckets(conn, last, upto=top)
+        done_seq, done_bucket = self._close_position(conn)
         cid = conn.execute(
             insert(close_runs)
-            .values(started_ms=now, watermark_ms=watermark_ms, samples=0, rows=0)
+            .values(
+                started_ms=now,
+                watermark_ms=watermark_ms,
+                samples=0,
+                rows=0,
+                upto_seq=max(top, done_seq),
+                last_bucket=last if done_bucket is None else max(last, done_bucket),
+            )
             .returning(close_runs.c.id)
         ).scalar_one()
         result.close_id = cid
-        claimed = conn.execute(
-            update(usage_samples)
-            .where(us.close_id.is_(None), us.bucket_start <= last, us.org_id.in_(orgs))
-            .values(close_id=cid)
-        ).rowcount
-        result.samples = claimed
-        if not claimed:
+        if not buckets:
             return
+        cb = closed_buckets.c
+        cursors = {
+            int(r.bucket_start): int(r.seq)
+            for r in conn.execute(select(cb.bucket_start, cb.seq).where(cb.bucket_start.in_(buckets)))
+        }
+
+        def pending(b: int) -> Any:
+            return and_(us.bucket_start == b, us.seq > cursors.get(b, 0), us.seq <= top)
+
         zombie = _zombie_expr().label("zombie")
-        groups = conn.execute(
-            select(
-                us.org_id,
-                us.bucket_start,
-                us.memory_mb,
-                zombie,
-                func.count().label("n"),
-                func.sum(us.interval_s).label("secs"),
-                func.sum(us.memory_mb * us.interval_s).label("mbs"),
+        groups: list[Any] = []
+        for b in buckets:
+            groups.extend(
+                conn.execute(
+                    select(
+                        us.org_id,
+                        us.bucket_start,
+                        us.memory_mb,
+                        zombie,
+                        func.count().label("n"),
+                        func.sum(us.interval_s).label("secs"),
+                        func.sum(us.memory_mb * us.interval_s).label("mbs"),
+                    )
+                    .where(pending(b))
+                    .group_by(us.org_id, us.bucket_start, us.memory_mb, zombie)
+                ).all()
             )
-            .where(us.close_id == cid)
-            .group_by(us.org_id, us.bucket_start, us.memory_mb, zombie)
-        ).all()
+        claimed: int = sum((int(g.n) for g in groups), 0)
+        result.samples = claimed
         histories = self._policy_histories(conn, {g.org_id for g in groups})
         size = cfg.bucket_seconds
         # (org, bucket, meter) -> [units, samples, mode];  (org, bucket, reason) -> [samples, mb_s]
@@ -565,7 +590,7 @@ class Ledger:
             hist = histories[org]
             for r in conn.execute(
                 select(us.ts_ms, us.memory_mb, us.interval_s).where(
-                    us.close_id == cid, us.org_id == org, us.bucket_start == bstart, _zombie_expr() == 0
+                    pending(bstart), us.org_id == org, _zombie_expr() == 0
                 )
             ):
                 pol = hist.as_of(r.ts_ms)
@@ -605,10 +630,14 @@ class Ledger:
             )
             for (_, _, reason), v in unbilled.items():
                 result.unbilled[reason] = result.unbilled.get(reason, 0) + v[0]
-        buckets = sorted({g.bucket_start for g in groups})
         result.buckets = buckets
-        stmt = self._insert(closed_buckets).on_conflict_do_nothing(index_elements=["bucket_start"])
-        conn.execute(stmt, [{"bucket_start": b, "closed_ms": now, "close_id": cid} for b in buckets])
+        stmt = self._insert(closed_buckets)
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["bucket_start"], set_={"close_id": stmt.excluded.close_id, "seq": stmt.excluded.seq}
+            ),
+            [{"bucket_start": b, "closed_ms": now, "close_id": cid, "seq": top} for b in buckets],
+        )
         conn.execute(update(close_runs).where(close_runs.c.id == cid).values(samples=claimed, rows=result.rows))
         self._bump_counters(
             conn,
@@ -876,12 +905,15 @@ class Ledger:
             }
 
     def open_samples(self) -> int:
+        """Samples not aggregated into meter rows yet (open buckets, and late samples of closed ones)."""
+        us = usage_samples.c
         with self.engine.connect() as conn:
-            return int(
-                conn.execute(
-                    select(func.count()).select_from(usage_samples).where(usage_samples.c.close_id.is_(None))
-                ).scalar_one()
-            )
+            done_seq, done_bucket = self._close_position(conn)
+            fresh = conn.execute(select(func.count()).select_from(usage_samples).where(us.seq > done_seq)).scalar_one()
+            older = select(func.count()).select_from(usage_samples).where(us.seq <= done_seq)
+            if done_bucket is not None:
+                older = older.where(us.bucket_start > done_bucket)
+            return int(fresh) + int(conn.execute(older).scalar_one())
 
     def sample_totals(self) -> dict[str, tuple[int, int]]:
         """org -> (samples, MB-s) over every sample in the ledger."""

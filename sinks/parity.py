@@ -13,9 +13,9 @@ What makes a bucket need recomputing (:meth:`ParityStore.refresh`):
 
 * its cell side changed: the cell write marks every bucket an interval covered before and after the
   change, in the same transaction as the change (``parity_dirty``);
-* its edge side changed: a sample for it is still unclaimed by the closer (``close_id IS NULL``), or was
-  claimed by a close run the refresher has not seen yet (``close_id`` > its cursor) — together these
-  catch every inserted sample, late ones included, whichever of the closer and the refresher runs first;
+* its edge side changed: a sample for it was inserted after the refresher's cursor (insertion ``seq``).
+  The cursor only moves up to the last close run's ``upto_seq``, a point below which no sample can still
+  be uncommitted (the closer takes it under a lock), so every inserted sample is seen, late ones included;
 * it is the current or the previous bucket (open intervals count up to *now*);
 * an org's policy changed (plan membership): every bucket from the change on, within the lookback;
 * the refresher just started: the whole lookback window.
@@ -215,7 +215,7 @@ class RefreshState:
     """The refresher's in-memory cursors (one per process; a fresh one rebuilds the lookback window)."""
 
     policies: dict[str, tuple[tuple[int, str], ...]] | None = None
-    close_cursor: int | None = None
+    close_cursor: int | None = None  # insertion seq of usage_samples seen (see the module doc)
 
 
 @dataclass(slots=True)
@@ -510,22 +510,25 @@ class ParityStore:
         ci = cell_intervals.c
         slack_ms = slack_s * 1000
         out: dict[tuple[str, int], Measure] = {}
+        # Edge side: one scan of the buckets' samples (index (bucket_start, seq)), grouped per org; orgs
+        # that are not pro are dropped at the end. Cheaper to write than an (org, …) index on every tick.
+        cols = [us.org_id, func.count().label("n"), func.sum(us.memory_mb * us.interval_s).label("mbs")]
+        q = select(*([*cols, us.bucket_start] if by_bucket else cols)).where(
+            us.bucket_start >= self._bucket(lo_s * 1000),
+            us.bucket_start < hi_s,
+            us.ts_ms >= lo_s * 1000,
+            us.ts_ms < hi_s * 1000,
+        )
+        q = q.group_by(us.org_id, us.bucket_start) if by_bucket else q.group_by(us.org_id)
+        for r in conn.execute(q):
+            if r.org_id not in pro:
+                continue
+            start = int(r.bucket_start) if by_bucket else lo_s
+            m = out.setdefault((r.org_id, start), Measure())
+            m.samples += int(r.n)
+            m.edge_mb_s += int(r.mbs or 0)
         for i in range(0, len(orgs), _CHUNK):
             chunk = orgs[i : i + _CHUNK]
-            cols = [us.org_id, func.count().label("n"), func.sum(us.memory_mb * us.interval_s).label("mbs")]
-            q = select(*([*cols, us.bucket_start] if by_bucket else cols)).where(
-                us.org_id.in_(chunk),
-                us.bucket_start >= self._bucket(lo_s * 1000),  # lets the (bucket_start, org_id) index serve it
-                us.bucket_start < hi_s,
-                us.ts_ms >= lo_s * 1000,
-                us.ts_ms < hi_s * 1000,
-            )
-            q = q.group_by(us.org_id, us.bucket_start) if by_bucket else q.group_by(us.org_id)
-            for r in conn.execute(q):
-                start = int(r.bucket_start) if by_bucket else lo_s
-                m = out.setdefault((r.org_id, start), Measure())
-                m.samples += int(r.n)
-                m.edge_mb_s += int(r.mbs or 0)
             ivs = [
                 Interval(r.org_id, r.sandbox_id, int(r.memory_mb), int(r.started_ms), r.ended_ms)
                 for r in conn.execute(
@@ -634,18 +637,18 @@ class ParityStore:
         us = usage_samples.c
         with self.engine.connect() as conn:
             hists, prints = self._histories(conn)
-            max_close = conn.execute(select(func.max(close_runs.c.id))).scalar_one_or_none() or 0
-            buckets: set[int] = {current, current - size}
-            buckets.update(
-                int(b) for b in conn.execute(select(us.bucket_start).where(us.close_id.is_(None)).distinct()).scalars()
+            consistent = (
+                conn.execute(
+                    select(close_runs.c.upto_seq).order_by(close_runs.c.id.desc()).limit(1)
+                ).scalar_one_or_none()
+                or 0
             )
-            if state.close_cursor is not None and max_close > state.close_cursor:
+            buckets: set[int] = {current, current - size}
+            if state.close_cursor is not None:
                 buckets.update(
                     int(b)
                     for b in conn.execute(
-                        select(us.bucket_start)
-                        .where(us.close_id > state.close_cursor, us.close_id <= max_close)
-                        .distinct()
+                        select(us.bucket_start).where(us.seq > state.close_cursor).distinct()
                     ).scalars()
                 )
             dirty = {int(r.bucket_start): int(r.version) for r in conn.execute(select(parity_dirty))}
@@ -664,7 +667,7 @@ class ParityStore:
                 buckets.update(range(max(lookback_lo, self._bucket(min(changed))), current + size, size))
         n_rows, n_flagged = self._recompute(buckets, hists, cfg, now, dirty)
         state.policies = prints
-        state.close_cursor = max_close
+        state.close_cursor = consistent
         wm = watermark(progress, cfg.required, now, cfg.stale_after_ms, event_time_topics=cfg.event_time_topics)
         result = RefreshResult(sorted(buckets), n_rows, n_flagged, wm)
         with self._w.begin() as conn:

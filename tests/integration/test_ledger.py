@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from infra.db import make_engine, meter_totals, migrate, usage_samples
+from infra.db import make_engine, meter_totals, migrate
 from models.billing import UNIFIED_METER, RowState
 from models.policy import OrgPolicy
 from models.ticks import Tick
@@ -195,7 +195,6 @@ def test_a_crash_inside_close_leaves_nothing_half_done(ledger: Ledger, monkeypat
     assert ledger.rows() == [] and ledger.open_samples() == 2
     with ledger.engine.connect() as conn:
         assert conn.execute(select(meter_totals)).all() == []
-        assert conn.execute(select(usage_samples.c.close_id).where(usage_samples.c.close_id.is_not(None))).all() == []
     assert ledger.close(NOW_MS, LIVE).rows == 2
 
 
@@ -284,27 +283,3 @@ def test_zombie_ticks_are_counted_not_billed(ledger: Ledger) -> None:
     assert rows(ledger) == {f"o:{B0}:{UNIFIED_METER}": ("120", "pending")}  # 6 billable ticks x 20 GB-s
     assert {(u["reason"], u["samples"]) for u in ledger.unbilled()} == {("zombie", 3)}
     assert ledger.counters()["unbilled.zombie"] == 3
-
-
-def test_close_in_org_chunks_is_atomic_per_chunk(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A close split into per-org transactions: a crash in one chunk loses nothing, redoes nothing."""
-    for org in ("a", "b", "c"):
-        policy(ledger, org, 0)
-        write(ledger, [tick(org, B0 + k, mb=3000, secs=21) for k in range(1, 4)])
-    real = Ledger._close_in_tx
-    calls = {"n": 0}
-
-    def crash_second_chunk(self: Ledger, *a: Any, **k: Any) -> None:
-        calls["n"] += 1
-        real(self, *a, **k)
-        if calls["n"] == 2:
-            raise RuntimeError("killed in the second chunk")
-
-    monkeypatch.setattr(Ledger, "_close_in_tx", crash_second_chunk)
-    with pytest.raises(RuntimeError):
-        ledger.close(NOW_MS, LIVE, chunk_samples=3)
-    monkeypatch.undo()
-    assert {r["org_id"] for r in ledger.rows()} == {"a"} and ledger.open_samples() == 6
-    res = ledger.close(NOW_MS, LIVE, chunk_samples=3)
-    assert (res.samples, res.rows, res.corrections) == (6, 2, 0)
-    assert {r["org_id"]: r["value"] for r in ledger.rows()} == {"a": "184.570313", "b": "184.570313", "c": "184.570313"}

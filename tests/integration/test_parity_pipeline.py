@@ -84,13 +84,22 @@ def test_clean_fleet_is_clean_for_every_org_and_bucket_and_the_endpoint_is_signe
     assert stack.signed_get("/internal/usage-parity?from=x").status == 400
 
     # ---- /metrics, /healthz, and the dashboard is closed without its link
-    m = stack.get("/metrics")
-    assert m.status == 200 and m.headers["Content-Type"].startswith("text/plain")
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for f in text_string_to_metric_families(m.body.decode())
-        for s in f.samples
-    }
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        m = stack.get("/metrics")
+        assert m.status == 200 and m.headers["Content-Type"].startswith("text/plain")
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(m.body.decode())
+            for s in f.samples
+        }
+
+    # The parity gauges describe the newest *settled* bucket, known once a refresh has stored a watermark
+    # (under load that can be a refresh or two after the table itself is complete).
+    deadline = time.monotonic() + 30
+    samples = scrape()
+    while samples.get(("edgebill_parity_rows", (("status", "ok"),)), 0) == 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        samples = scrape()
     assert samples[("edgebill_ticks_ingested_total", ())] == len(fleet.ticks)
     assert samples[("edgebill_ticks_duplicate_total", ())] > 0
     assert samples[("edgebill_parity_rows", (("status", "ok"),))] > 0
