@@ -120,7 +120,9 @@ def run_worker(settings: Settings) -> NoReturn:
         )
     kafka_fixes.apply_all()
     deps = build_deps(settings)
-    counts = ensure_topics(settings.kafka.servers, _wanted_topics(settings), replication_factor=1)
+    counts = ensure_topics(
+        settings.kafka.servers, _wanted_topics(settings), replication_factor=settings.kafka.replication_factor
+    )
     app = configure(settings)
     pipe = install(app, deps)
     # The closer must wait for every partition that exists, not only as many as configured.

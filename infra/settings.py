@@ -66,6 +66,7 @@ class KafkaSettings(BaseSettings):
     embedded_port: int = Field(default=DEFAULT_EMBEDDED_KAFKA_PORT, ge=1, le=65535)
     topic_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$")
     partitions: int = Field(default=4, ge=1, le=1024, description="partitions for topics edgebill creates")
+    replication_factor: int = Field(default=1, ge=1, le=16, description="replicas for topics edgebill creates")
     group_id: str = Field(default="edgebill", min_length=1)
     # Faust timings (seconds). Tansu's join phase lasts ~session_timeout/2; 3/0.3/3 gives a ~4 s start.
     session_timeout: float = Field(default=3.0, gt=0)

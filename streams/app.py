@@ -31,7 +31,7 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "consumer_max_fetch_size": k.max_fetch_bytes,
         "consumer_auto_offset_reset": "earliest",
         "topic_partitions": k.partitions,
-        "topic_replication_factor": 1,
+        "topic_replication_factor": k.replication_factor,
         "processing_guarantee": "at_least_once",
         "store": "memory://",
         "web_enabled": True,
