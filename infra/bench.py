@@ -190,8 +190,24 @@ def run_benchmarks(only: list[str] | None, quick: bool, emit: Callable[[str], No
         names = ["raw", *[n for n in only if n != "raw"]]
     with tempfile.TemporaryDirectory(prefix="edgebill-bench-") as tmp, EmbeddedBroker(free_port()) as broker:
         ctx = BenchContext(bootstrap=broker.bootstrap, workdir=Path(tmp), quick=quick)
+        failed = []
         for name in names:
             log.info("benchmark %s", name)
-            for metric in BENCHMARKS[name](ctx):
-                emit(metric.line())
-    return 0
+            try:
+                for metric in BENCHMARKS[name](ctx):
+                    emit(metric.line())
+            except Exception as exc:  # one broken benchmark must not hide the others' figures
+                log.exception("benchmark %s failed", name)
+                emit(
+                    json.dumps(
+                        {
+                            "metric": f"{name}_failed",
+                            "value": None,
+                            "unit": None,
+                            "ratio_to_raw": None,
+                            "error": f"{type(exc).__name__}: {exc}",
+                        }
+                    )
+                )
+                failed.append(name)
+    return 1 if failed else 0
