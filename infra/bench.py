@@ -93,7 +93,8 @@ def tick_messages(n_ticks: int, per_message: int, *, seed: int = 1, orgs: int = 
             "payload": {"interval_s": 20, "memory_mb": 1024 * (1 + i % 4), "cpu_count": 2},
             # Time-ordered over 3 hours with a little jitter, as a fleet's stream is (buckets close
             # once, behind the stream, as in production).
-            "timestamp": _iso(base_ms + i * span_ms // n_ticks + (i * 7919) % 5000),
+            # (Clamped into the 3 hours: a tick in the hour before now would stay open until :10 past.)
+            "timestamp": _iso(base_ms + min(i * span_ms // n_ticks + (i * 7919) % 5000, span_ms - 1)),
         }
         if per_message == 1:
             msgs.append((org.encode(), orjson.dumps(env)))

@@ -83,9 +83,11 @@ class TickIngestor:
             client_id=f"edgebill-ingest-{pipe.deps.owner}",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            session_timeout_ms=int(k.session_timeout * 1000),
-            heartbeat_interval_ms=int(k.heartbeat_interval * 1000),
-            rebalance_timeout_ms=int(k.rebalance_timeout * 1000),
+            # This consumer joins after Faust's own group (Faust starts services once it is ready), and on
+            # Tansu a join lasts about session_timeout / 2: keep it short so ingest starts ~1 s later.
+            session_timeout_ms=int(min(k.session_timeout, 2.0) * 1000),
+            heartbeat_interval_ms=int(min(k.heartbeat_interval, 0.2) * 1000),
+            rebalance_timeout_ms=int(min(k.rebalance_timeout, 2.0) * 1000),
             max_poll_interval_ms=300_000,
             request_timeout_ms=int(max(k.request_timeout, k.session_timeout + 5) * 1000),
             fetch_max_bytes=64 * 1024 * 1024,
