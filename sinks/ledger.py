@@ -56,6 +56,7 @@ __all__ = [
     "Ledger",
     "MeterRow",
     "SourcedTick",
+    "SqlStore",
     "not_aggregated",
 ]
 
@@ -159,8 +160,9 @@ def _zombie_expr() -> Any:
     return case((and_(us.worker_id != "", known, ~owned), 1), else_=0)
 
 
-class Ledger:
-    """All ledger reads and writes. One instance per process; thread-safe through the engine pool."""
+class SqlStore:
+    """What every store over the ledger database shares: the engine, the write view, dialect-aware
+    upserts, durable counters and partition progress. :class:`Ledger` and ``sinks.parity.ParityStore``."""
 
     def __init__(self, engine: Engine, *, clock: Clock = wall_clock_ms) -> None:
         self.engine = engine
@@ -214,6 +216,10 @@ class Ledger:
                 for p, (off, ev) in progress.items()
             ],
         )
+
+
+class Ledger(SqlStore):
+    """All ledger reads and writes. One instance per process; thread-safe through the engine pool."""
 
     # ------------------------------------------------------------------ ingest
 

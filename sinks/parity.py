@@ -24,16 +24,15 @@ What makes a bucket need recomputing (:meth:`ParityStore.refresh`):
 from __future__ import annotations
 
 import logging
-import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, and_, case, delete, func, or_, select, tuple_
+from sqlalchemy import Connection, Engine, and_, delete, func, or_, select, tuple_
 
 from infra.db import (
     cell_intervals,
@@ -51,7 +50,6 @@ from infra.db import (
 )
 from infra.settings import Settings
 from models.billing import Plan
-from models.errors import LedgerError
 from models.parity import (
     AlertEpisode,
     AlertRule,
@@ -71,6 +69,7 @@ from models.parity import (
 )
 from models.policy import OrgPolicy, PolicyHistory
 from models.watermark import PartitionState, last_closable_bucket, watermark
+from sinks.ledger import Clock, SqlStore, wall_clock_ms
 
 __all__ = [
     "GateStatus",
@@ -88,15 +87,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], int]  # unix milliseconds
-
 MAX_DIRTY_AGE_S = 35 * 86_400  # a change older than this marks nothing (Stripe cannot take it any more)
 _CHUNK = 500  # ids per IN list
 _MAX_SPAN_BUCKETS = 48  # buckets recomputed per transaction
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,61 +271,18 @@ def _pro_during(hist: PolicyHistory, start_ms: int, end_ms: int) -> bool:
     return False
 
 
-class ParityStore:
+class ParityStore(SqlStore):
     """All parity reads and writes. Thread-safe through the engine pool; the refresher's cursors live in
     a :class:`RefreshState` owned by the caller."""
 
     def __init__(self, engine: Engine, *, bucket_seconds: int, clock: Clock = wall_clock_ms) -> None:
-        self.engine = engine
+        super().__init__(engine, clock=clock)
         self.bucket_seconds = bucket_seconds
-        self._clock = clock
-        self._dialect = engine.dialect.name
-        if self._dialect not in ("sqlite", "postgresql"):
-            raise LedgerError(f"unsupported database dialect {self._dialect!r}")
-        self._w = engine.execution_options(sqlite_write=True)
 
     # ------------------------------------------------------------------ helpers
 
-    def _insert(self, table: Any) -> Any:
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        return (sqlite.insert if self._dialect == "sqlite" else postgresql.insert)(table)
-
     def _bucket(self, ms: int) -> int:
         return (ms // 1000) // self.bucket_seconds * self.bucket_seconds
-
-    def _bump_counters(self, conn: Connection, deltas: Mapping[str, int]) -> None:
-        rows = [{"name": k, "value": v} for k, v in deltas.items() if v]
-        if not rows:
-            return
-        stmt = self._insert(counters)
-        conn.execute(
-            stmt.on_conflict_do_update(index_elements=["name"], set_={"value": counters.c.value + stmt.excluded.value}),
-            rows,
-        )
-
-    def _upsert_progress(self, conn: Connection, topic: str, progress: Mapping[int, int]) -> None:
-        """partition -> last offset written. Never moves backwards (same rule as the ticks' progress)."""
-        if not progress:
-            return
-        stmt = self._insert(partition_progress)
-        pp = partition_progress.c
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["topic", "partition"],
-            set_={
-                "committed_offset": case(
-                    (stmt.excluded.committed_offset > pp.committed_offset, stmt.excluded.committed_offset),
-                    else_=pp.committed_offset,
-                )
-            },
-        )
-        conn.execute(
-            stmt,
-            [
-                {"topic": topic, "partition": p, "committed_offset": off, "max_event_ms": None}
-                for p, off in progress.items()
-            ],
-        )
 
     def _mark_dirty(self, conn: Connection, buckets: Iterable[int]) -> int:
         rows = [{"bucket_start": b, "version": 1} for b in sorted(set(buckets))]
@@ -441,7 +391,7 @@ class ParityStore:
                 conn.execute(stmt, rows)
                 upserted = len(rows)
             n_dirty = self._mark_dirty(conn, dirty)
-            self._upsert_progress(conn, topic, progress)
+            self._upsert_progress(conn, topic, {p: (off, None) for p, off in progress.items()})
             all_counts = dict(counts or {})
             all_counts["scale.upserted"] = all_counts.get("scale.upserted", 0) + upserted
             all_counts["scale.reopen_ignored"] = all_counts.get("scale.reopen_ignored", 0) + ignored
@@ -451,7 +401,7 @@ class ParityStore:
     def record_progress(self, topic: str, progress: Mapping[int, int], counts: Mapping[str, int]) -> None:
         """Advance progress for a batch that wrote no interval (all rejected), with counters; one transaction."""
         with self._w.begin() as conn:
-            self._upsert_progress(conn, topic, progress)
+            self._upsert_progress(conn, topic, {p: (off, None) for p, off in progress.items()})
             self._bump_counters(conn, counts)
 
     def intervals(self, *, org: str | None = None, sandbox: str | None = None) -> list[dict[str, Any]]:

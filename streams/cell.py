@@ -19,13 +19,21 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from models.parity import ScaleEvent, parse_scale_event
 from models.watermark import last_closable_bucket
 from sinks.parity import ParityConfig, ParityStore, PendingAlert, RefreshResult, RefreshState, SourcedScaleEvent
+from streams.pipeline import (
+    FUTURE_TOLERANCE_MS,
+    TOPIC_SCALE_EVENTS,
+    DeadLetter,
+    RawRecord,
+    Record,
+    dead_letter,
+)
 
 if TYPE_CHECKING:
     from infra.settings import Settings
@@ -45,45 +53,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TOPIC_SCALE = "sandbox-scale-events"
+TOPIC_SCALE = TOPIC_SCALE_EVENTS
 TOPIC_SCALE_DLQ = "sandbox-scale-events-dlq"
 TOPIC_ALERTS_DEFAULT = "billing-alerts"
-FUTURE_TOLERANCE_MS = 3600 * 1000  # a row starting or ending more than 1 h after the worker's clock is rejected
-
-
-class Record(Protocol):
-    @property
-    def partition(self) -> int: ...
-
-    @property
-    def offset(self) -> int: ...
-
-    @property
-    def key(self) -> bytes | None: ...
-
-    @property
-    def value(self) -> bytes | None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ScaleRecord:
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
-@dataclass(frozen=True, slots=True)
-class ScaleDeadLetter:
-    key: bytes | None
-    value: bytes
-    headers: dict[str, bytes]
 
 
 @dataclass(slots=True)
 class ScaleBatch:
     events: list[SourcedScaleEvent] = field(default_factory=list)
-    dead: list[ScaleDeadLetter] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
     progress: dict[int, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -103,16 +81,7 @@ def prepare_scale(records: Iterable[Record], topic: str, now_ms: int) -> ScaleBa
             out.events.append(SourcedScaleEvent(parsed, rec.partition, rec.offset))
         else:
             rejected += 1
-            out.dead.append(
-                ScaleDeadLetter(
-                    key=rec.key,
-                    value=rec.value or b"",
-                    headers={
-                        "edgebill-reason": parsed.encode(),
-                        "edgebill-source": f"{topic}/{rec.partition}/{rec.offset}".encode(),
-                    },
-                )
-            )
+            out.dead.append(dead_letter(rec, topic, parsed, rec.value or b""))
         out.progress[rec.partition] = max(rec.offset, out.progress.get(rec.partition, -1))
     out.counts = {"scale.read": read, "scale.rejected": rejected}
     return out
@@ -248,9 +217,7 @@ def install_parity(app: Any, deps: Deps, pipe: Pipeline) -> ParityRuntime:
 
     async def cell_agent(stream: Any) -> Any:
         async for events in stream.take_events(1000, within=0.1):
-            records = [
-                ScaleRecord(e.message.partition, e.message.offset, e.message.key, e.message.value) for e in events
-            ]
+            records = [RawRecord(e.message.partition, e.message.offset, e.message.key, e.message.value) for e in events]
             batch = prepare_scale(records, rt.scale_topic, deps.clock_ms())
             if batch.dead:
                 for d in batch.dead:

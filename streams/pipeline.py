@@ -39,9 +39,13 @@ __all__ = [
     "TOPIC_POLICY_DLQ",
     "TOPIC_SCALE_EVENTS",
     "TOPIC_TICKS",
+    "DeadLetter",
     "Deps",
     "IngestBatch",
     "Pipeline",
+    "RawRecord",
+    "Record",
+    "dead_letter",
     "install",
     "prepare_ingest",
 ]
@@ -112,7 +116,7 @@ def prepare_ingest(records: Iterable[Record], topic: str, now_ms: int) -> Ingest
                 ticks_append(SourcedTick(tick, part, off))
             newest = max(t.ts_ms for t in parsed.ticks)
         for r in parsed.rejected:
-            out.dead.append(_dead(rec, topic, r.reason, r.raw, r.index))
+            out.dead.append(dead_letter(rec, topic, r.reason, r.raw, r.index))
             rejected += 1
         ignored += parsed.ignored
         prev = progress.get(part)
@@ -125,7 +129,8 @@ def prepare_ingest(records: Iterable[Record], topic: str, now_ms: int) -> Ingest
     return out
 
 
-def _dead(rec: Record, topic: str, reason: str, raw: bytes, index: int | None) -> DeadLetter:
+def dead_letter(rec: Record, topic: str, reason: str, raw: bytes, index: int | None = None) -> DeadLetter:
+    """The dead letter of a rejected record: original bytes, reason and source in headers."""
     headers = {
         "edgebill-reason": reason.encode(),
         "edgebill-source": f"{topic}/{rec.partition}/{rec.offset}".encode(),
@@ -209,7 +214,7 @@ class Pipeline:
             except (InvalidRecord, ValueError) as exc:
                 reason = exc.reason if isinstance(exc, InvalidRecord) else "invalid_policy"
                 log.error("org-policy %s/%s rejected: %s", rec.partition, rec.offset, exc)
-                dead.append(_dead(rec, self.policy_topic, reason, rec.value or b"", None))
+                dead.append(dead_letter(rec, self.policy_topic, reason, rec.value or b"", None))
         return good, dead
 
     # -- closing and sending ------------------------------------------------------------------

@@ -14,14 +14,15 @@ from models.errors import ConfigError
 from models.parity import ParityStatus
 from models.watermark import PartitionState
 from sinks.parity import GateStatus, MetricsSnapshot, ParityRow
-from streams.cell import ScaleRecord, prepare_scale
+from streams.cell import prepare_scale
+from streams.pipeline import RawRecord
 
 NOW = 1_790_000_000_000
 TOPIC = "sandbox-scale-events"
 
 
-def rec(offset: int, value: bytes | None, partition: int = 0) -> ScaleRecord:
-    return ScaleRecord(partition, offset, b"sb_1", value)
+def rec(offset: int, value: bytes | None, partition: int = 0) -> RawRecord:
+    return RawRecord(partition, offset, b"sb_1", value)
 
 
 def good(**kw: object) -> bytes:
