@@ -847,41 +847,6 @@ class Ledger(SqlStore):
             .subquery()
         )
 
-    def set_states(self, updates: Sequence[tuple[str, RowState, str | None, str | None]], *, attempts: int = 0) -> None:
-        """Apply send outcomes: (row id, new state, customer, error). ``sent`` rows get ``sent_ms``.
-
-        One transaction. Only rows still in ``pending``/``deferred_no_customer`` are changed, so a late
-        outcome can never move a row out of ``sent``.
-        """
-        if not updates:
-            return
-        now = self._clock()
-        me = meter_events.c
-        with self._w.begin() as conn:
-            for row_id, state, customer, error in updates:
-                values: dict[str, Any] = {
-                    "state": state.value,
-                    "updated_ms": now,
-                    "attempts": me.attempts + attempts,
-                    "last_error": error,
-                }
-                if customer is not None:
-                    values["stripe_customer_id"] = customer
-                if state is RowState.SENT:
-                    values["sent_ms"] = now
-                conn.execute(
-                    update(meter_events)
-                    .where(
-                        me.id == row_id,
-                        me.state.in_([RowState.PENDING.value, RowState.DEFERRED_NO_CUSTOMER.value]),
-                    )
-                    .values(**values)
-                )
-            counts: dict[str, int] = defaultdict(int)
-            for _, state, _, _ in updates:
-                counts[f"rows.{state.value}"] += 1
-            self._bump_counters(conn, counts)
-
     # ------------------------------------------------------------------ reading
 
     def counters(self) -> dict[str, int]:
@@ -1005,15 +970,13 @@ class Ledger(SqlStore):
             self._bump_counters(conn, {"rows.rejected_async": len(moved)})
         return moved
 
-    def set_states_many(
-        self, updates: Sequence[tuple[str, RowState, str | None, str | None]], *, attempts: int = 0
-    ) -> None:
-        """:meth:`set_states` as one driver-level executemany (the sender's hot path: thousands of rows/s).
+    def set_states(self, updates: Sequence[tuple[str, RowState, str | None, str | None]], *, attempts: int = 0) -> None:
+        """Apply send outcomes: (row id, new state, customer, error), as one driver-level executemany.
 
-        Same contract and effects as :meth:`set_states`: one transaction; only rows still ``pending`` or
-        ``deferred_no_customer`` change (a late outcome never moves a row out of ``sent``); ``sent`` rows
-        get ``sent_ms``; the customer is kept when None is given; counters ``rows.<state>`` are bumped.
-        A crash before the commit changes nothing (the sender sends those rows again; see OutboxSender).
+        One transaction; only rows still ``pending`` or ``deferred_no_customer`` change (a late outcome never
+        moves a row out of ``sent``); ``sent`` rows get ``sent_ms``; the customer is kept when None is given;
+        counters ``rows.<state>`` are bumped. A crash before the commit changes nothing (the sender sends
+        those rows again; see OutboxSender). The sender's hot path: thousands of rows/s.
         """
         import re
 

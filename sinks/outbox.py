@@ -184,11 +184,11 @@ class OutboxSender:
                         timestamp=row.bucket_end,
                     )
                 )
-        self._ledger.set_states_many(pre)
+        self._ledger.set_states(pre)
         if not by_id:
             return full
         updates = self._outcomes(self._sink.flush(), by_id, report)
-        self._ledger.set_states_many(updates, attempts=1)
+        self._ledger.set_states(updates, attempts=1)
         retried = any(state not in (RowState.SENT, RowState.REJECTED) for _, state, _, _ in updates)
         return full and not retried  # rows left transient wait for the next cycle
 

@@ -1,5 +1,5 @@
 """The ledger methods the Stripe sender relies on, on SQLite and PostgreSQL: the bulk state update
-(same effects as ``set_states``) and the reconciliation of rows Stripe refused after a 202."""
+and the reconciliation of rows Stripe refused after a 202."""
 
 from __future__ import annotations
 
@@ -50,36 +50,32 @@ def _view(led: Ledger, org: str) -> dict[str, tuple[Any, ...]]:
     return {r["id"].split(":", 1)[1]: tuple(r[k] for k in keep) for r in led.rows(org=org)}
 
 
-def test_set_states_many_has_the_effects_of_set_states(ledger: Ledger) -> None:
-    a = _rows(ledger, ["a"], 4)
+def test_set_states_records_outcomes_and_never_leaves_sent(ledger: Ledger) -> None:
     b = _rows(ledger, ["b"], 4)
-    for ids, apply in ((a, ledger.set_states), (b, ledger.set_states_many)):
-        apply([(ids[2], RowState.DEFERRED_NO_CUSTOMER, None, "org has no Stripe customer yet")])
-        apply([(ids[3], RowState.SENT, "cus_early", None)], attempts=1)
-        apply(
-            [
-                (ids[0], RowState.SENT, "cus_1", "duplicate at Stripe: already exists"),
-                (ids[1], RowState.REJECTED, "cus_1", "resource_missing: No such customer"),
-                (ids[2], RowState.PENDING, None, "429 slow down"),  # deferred -> pending, customer kept (None)
-                (ids[3], RowState.PENDING, None, "a late transient outcome"),  # must not leave `sent`
-            ],
-            attempts=1,
-        )
-    by_side = {side: _view(ledger, side) for side in ("a", "b")}  # keyed by "{bucket}:{meter}"
-    assert by_side["a"] == by_side["b"]
-    states = {k: v[0] for k, v in by_side["b"].items()}
-    assert sorted(states.values()) == ["pending", "rejected", "sent", "sent"]
-    sent_first = by_side["b"][b[0].split(":", 1)[1]]
-    assert sent_first == ("sent", "cus_1", 1, "duplicate at Stripe: already exists", 1_000)
-    assert by_side["b"][b[3].split(":", 1)[1]][:3] == ("sent", "cus_early", 1)  # unchanged by the late outcome
+    ledger.set_states([(b[2], RowState.DEFERRED_NO_CUSTOMER, None, "org has no Stripe customer yet")])
+    ledger.set_states([(b[3], RowState.SENT, "cus_early", None)], attempts=1)
+    ledger.set_states(
+        [
+            (b[0], RowState.SENT, "cus_1", "duplicate at Stripe: already exists"),
+            (b[1], RowState.REJECTED, "cus_1", "resource_missing: No such customer"),
+            (b[2], RowState.PENDING, None, "429 slow down"),  # deferred -> pending, customer kept (None)
+            (b[3], RowState.PENDING, None, "a late transient outcome"),  # must not leave `sent`
+        ],
+        attempts=1,
+    )
+    view = _view(ledger, "b")  # keyed by "{bucket}:{meter}"
+    assert sorted(v[0] for v in view.values()) == ["pending", "rejected", "sent", "sent"]
+    assert view[b[0].split(":", 1)[1]] == ("sent", "cus_1", 1, "duplicate at Stripe: already exists", 1_000)
+    assert view[b[3].split(":", 1)[1]][:3] == ("sent", "cus_early", 1)  # unchanged by the late outcome
+    assert view[b[2].split(":", 1)[1]][:2] == ("pending", None)
     counters = ledger.counters()
-    assert counters["rows.sent"] == 2 * 2 and counters["rows.pending"] == 2 * 2  # counted as set_states does
+    assert counters["rows.sent"] == 2 and counters["rows.pending"] == 2
 
 
 def test_rows_refused_after_a_202_become_rejected_once_and_the_cursor_only_moves_forward(ledger: Ledger) -> None:
     ids = _rows(ledger, ["o"], 5)
-    ledger.set_states_many([(ids[0], RowState.SENT, "cus_1", "accepted"), (ids[1], RowState.SENT, "cus_1", None)])
-    ledger.set_states_many([(ids[3], RowState.DEFERRED_NO_CUSTOMER, None, "no customer")])
+    ledger.set_states([(ids[0], RowState.SENT, "cus_1", "accepted"), (ids[1], RowState.SENT, "cus_1", None)])
+    ledger.set_states([(ids[3], RowState.DEFERRED_NO_CUSTOMER, None, "no customer")])
     refusals = [(i, f"rejected by Stripe after 202 (code): bad {i}") for i in (ids[0], ids[2], ids[3], "unknown")]
     moved = ledger.reject_after_send(refusals, cursor=(CURSOR, 5_000))
     assert moved == [ids[0], ids[2]]  # a sent row and a pending one; never a deferred (unsent) row
