@@ -12,12 +12,13 @@ Ingest only inserts; samples are never updated (see :meth:`Ledger.close`).
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from sqlalchemy import Connection, Engine, and_, case, func, insert, literal, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -160,6 +161,35 @@ def _zombie_expr() -> Any:
     return case((and_(us.worker_id != "", known, ~owned), 1), else_=0)
 
 
+_SAMPLE_COLUMNS: Final = (
+    "id, org_id, sandbox_id, worker_id, cell_id, memory_mb, cpu_count, interval_s, ts_ms, bucket_start, "
+    "src_partition, src_offset"
+)
+_SAMPLE_WIDTH: Final = 12
+
+
+def _sqlite_insert_rows(dbapi: Any, cur: Any, rows: Sequence[tuple[Any, ...]]) -> int:
+    """``INSERT OR IGNORE`` sample tuples into SQLite, up to 1,000 rows per statement; returns rows inserted.
+
+    Why not ``executemany``: pysqlite releases the GIL around every row's ``sqlite3_step`` and must take it
+    back before binding the next row. While the event loop is parsing the next batch (it holds the GIL
+    for milliseconds at a time), each of those re-acquisitions waits for the interpreter's switch
+    interval, so a batch written one row per step crawls (measured: 5.9 µs/row alone, hundreds of µs/row
+    next to a busy thread). One statement per 1,000 rows binds in one go and releases the GIL once for
+    the whole step: 3.1 µs/row alone, and it stays in the same range next to the parser.
+    """
+    per = max(1, min(1000, dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _SAMPLE_WIDTH))
+    one = "(" + ", ".join("?" * _SAMPLE_WIDTH) + ")"
+    inserted = 0
+    for i in range(0, len(rows), per):
+        chunk = rows[i : i + per]
+        values = ", ".join([one] * len(chunk))
+        sql = f"INSERT OR IGNORE INTO usage_samples ({_SAMPLE_COLUMNS}) VALUES {values}"  # noqa: S608 - constants
+        cur.execute(sql, [v for row in chunk for v in row])
+        inserted += int(cur.rowcount)
+    return inserted
+
+
 class SqlStore:
     """What every store over the ledger database shares: the engine, the write view, dialect-aware
     upserts, durable counters and partition progress. :class:`Ledger` and ``sinks.parity.ParityStore``."""
@@ -289,29 +319,22 @@ class Ledger(SqlStore):
             self._bump_counters(conn, all_counts)
         return IngestResult(inserted=inserted, duplicates=len(ticks) - inserted)
 
-    _SAMPLE_COLUMNS = (
-        "id, org_id, sandbox_id, worker_id, cell_id, memory_mb, cpu_count, interval_s, ts_ms, bucket_start, "
-        "src_partition, src_offset"
-    )
-
     def _insert_samples(self, conn: Connection, rows: list[tuple[Any, ...]]) -> int:
         """Insert sample tuples, skipping ids already present; returns how many were new.
 
         The ingest hot path, on the DBAPI connection of ``conn`` (same transaction), without SQL
-        compilation per batch: SQLite ``INSERT OR IGNORE`` via ``executemany`` (rowcount = rows
-        inserted); PostgreSQL ``COPY`` into a transaction-local staging table, then one
-        ``INSERT … SELECT … ON CONFLICT (id) DO NOTHING`` (rowcount = rows inserted).
+        compilation per batch: SQLite multi-row ``INSERT OR IGNORE … VALUES (…), (…), …`` (see
+        :func:`_sqlite_insert_rows`; rowcount = rows inserted); PostgreSQL ``COPY`` into a
+        transaction-local staging table, then one ``INSERT … SELECT … ON CONFLICT (id) DO NOTHING``
+        (rowcount = rows inserted).
         """
         dbapi = conn.connection.dbapi_connection
         assert dbapi is not None
-        cols = self._SAMPLE_COLUMNS
+        cols = _SAMPLE_COLUMNS
         cur = dbapi.cursor()
         try:
             if self._dialect == "sqlite":
-                marks = ", ".join("?" * 12)
-                sql = f"INSERT OR IGNORE INTO usage_samples ({cols}) VALUES ({marks})"  # noqa: S608 - constants
-                cur.executemany(sql, rows)
-                return int(cur.rowcount)
+                return _sqlite_insert_rows(dbapi, cur, rows)
             cur.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS usage_samples_stage (id text, org_id text, sandbox_id text, "
                 "worker_id text, cell_id text, memory_mb bigint, cpu_count int, interval_s int, ts_ms bigint, "

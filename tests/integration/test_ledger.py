@@ -69,6 +69,19 @@ def test_ticks_are_deduplicated_by_id_across_batches(ledger: Ledger) -> None:
     assert (c["ticks.ingested"], c["ticks.duplicate"]) == (3, 3)
 
 
+def test_a_large_batch_dedups_exactly_across_statement_chunks(ledger: Ledger) -> None:
+    """SQLite writes 1,000 rows per statement: ids already stored, repeated inside the batch and spread over
+    several chunks are each counted once, and the stored total is exactly the distinct ticks'."""
+    first = [tick("o", B0 + i % 3000, mb=512 + i % 7, tid=f"big:{i}") for i in range(1500)]
+    assert write(ledger, first).inserted == 1500
+    again = [tick("o", B0 + i % 3000, mb=512 + i % 7, tid=f"big:{i}") for i in range(1000, 3700)]
+    batch = [*again, *again[::3]]  # 1,000 stored ids, 2,200 new ids, 900 repeats inside the batch
+    r = write(ledger, batch)
+    assert (r.inserted, r.duplicates) == (2200, len(batch) - 2200)
+    truth = sum((512 + i % 7) * 20 for i in range(3700))
+    assert ledger.sample_totals()["o"] == (3700, truth)
+
+
 def test_a_failed_ingest_transaction_writes_nothing(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*a: object, **k: object) -> None:
         raise RuntimeError("crash between the sample insert and the progress update")
