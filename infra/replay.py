@@ -58,7 +58,7 @@ from models.billing import STRIPE_MAX_AGE_SECONDS, meter_amounts, meter_unit_div
 from models.errors import EdgebillError, LedgerError
 from models.policy import OrgPolicy, PolicyHistory
 from models.ticks import MAX_INTERVAL_S, Tick, parse_record
-from sinks.ledger import ZOMBIE_SLACK_MS, Ledger, SourcedTick, not_aggregated
+from sinks.ledger import ZOMBIE_SLACK_MS, Ledger, SourcedTick, not_aggregated, policy_from_row
 from streams.pipeline import FUTURE_TOLERANCE_MS
 
 __all__ = [
@@ -381,25 +381,13 @@ def _add(d: dict[Key, list[int]], key: Key, a: int, b: int) -> None:
 def load_pricer(conn: Connection, bucket_seconds: int, hi_ms: int = _NO_HIGH) -> Pricer:
     """A :class:`Pricer` from the ledger's ``org_policies`` (all of them) and ``cell_intervals``.
 
-    Policies are converted exactly as the closer converts them (``Ledger._policy_histories``).
+    Policies are converted exactly as the closer converts them (:func:`sinks.ledger.policy_from_row`).
     Intervals starting later than the window's end plus the largest slack cannot decide any tick
     of the window and are not read.
     """
     found: dict[str, list[OrgPolicy]] = defaultdict(list)
     for r in conn.execute(select(org_policies)):
-        found[r.org_id].append(
-            OrgPolicy.model_validate(
-                {
-                    "org_id": r.org_id,
-                    "plan": r.plan,
-                    "billing_mode": r.billing_mode,
-                    "stripe_customer_id": r.stripe_customer_id,
-                    "stripe_subscription_id": r.stripe_subscription_id,
-                    "billing_provider": r.billing_provider,
-                    "effective_at": r.effective_ms / 1000,
-                }
-            )
-        )
+        found[r.org_id].append(policy_from_row(r))
     ci = cell_intervals.c
     q = select(ci.sandbox_id, ci.worker_id, ci.started_ms, ci.ended_ms)
     if hi_ms < _NO_HIGH:

@@ -59,6 +59,8 @@ __all__ = [
     "SourcedTick",
     "SqlStore",
     "not_aggregated",
+    "policy_from_row",
+    "read_partition_states",
 ]
 
 log = logging.getLogger(__name__)
@@ -188,6 +190,38 @@ def _sqlite_insert_rows(dbapi: Any, cur: Any, rows: Sequence[tuple[Any, ...]]) -
         cur.execute(sql, [v for row in chunk for v in row])
         inserted += int(cur.rowcount)
     return inserted
+
+
+def policy_from_row(r: Any) -> OrgPolicy:
+    """An ``org_policies`` row as the :class:`OrgPolicy` it was stored from: the closer, replay and the parity
+    refresher read policies through this one conversion (columns a query did not select read as None)."""
+    m = r._mapping
+    return OrgPolicy.model_validate(
+        {
+            "org_id": m["org_id"],
+            "plan": m["plan"],
+            "billing_mode": m["billing_mode"],
+            "stripe_customer_id": m.get("stripe_customer_id"),
+            "stripe_subscription_id": m.get("stripe_subscription_id"),
+            "billing_provider": m["billing_provider"],
+            "effective_at": m["effective_ms"] / 1000,
+        }
+    )
+
+
+def read_partition_states(conn: Connection) -> list[PartitionState]:
+    """Every row of ``partition_progress``, as the watermark functions take them."""
+    return [
+        PartitionState(
+            topic=r.topic,
+            partition=r.partition,
+            committed_offset=r.committed_offset,
+            max_event_ms=r.max_event_ms,
+            highwater=r.highwater,
+            reported_ms=r.reported_ms,
+        )
+        for r in conn.execute(select(partition_progress))
+    ]
 
 
 class SqlStore:
@@ -430,18 +464,7 @@ class Ledger(SqlStore):
 
     def partition_states(self) -> list[PartitionState]:
         with self.engine.connect() as conn:
-            rows = conn.execute(select(partition_progress)).all()
-        return [
-            PartitionState(
-                topic=r.topic,
-                partition=r.partition,
-                committed_offset=r.committed_offset,
-                max_event_ms=r.max_event_ms,
-                highwater=r.highwater,
-                reported_ms=r.reported_ms,
-            )
-            for r in rows
-        ]
+            return read_partition_states(conn)
 
     # ------------------------------------------------------------------ closing
 
@@ -453,19 +476,7 @@ class Ledger(SqlStore):
         for i in range(0, len(ordered), 500):
             chunk = ordered[i : i + 500]
             for r in conn.execute(select(org_policies).where(org_policies.c.org_id.in_(chunk))):
-                found[r.org_id].append(
-                    OrgPolicy.model_validate(
-                        {
-                            "org_id": r.org_id,
-                            "plan": r.plan,
-                            "billing_mode": r.billing_mode,
-                            "stripe_customer_id": r.stripe_customer_id,
-                            "stripe_subscription_id": r.stripe_subscription_id,
-                            "billing_provider": r.billing_provider,
-                            "effective_at": r.effective_ms / 1000,
-                        }
-                    )
-                )
+                found[r.org_id].append(policy_from_row(r))
         return {org: PolicyHistory(pols) for org, pols in found.items()}
 
     def close(self, watermark_ms: int, cfg: CloseConfig) -> CloseResult:

@@ -44,7 +44,6 @@ from infra.db import (
     parity_alerts,
     parity_dirty,
     parity_state,
-    partition_progress,
     usage_parity,
     usage_samples,
 )
@@ -69,7 +68,7 @@ from models.parity import (
 )
 from models.policy import OrgPolicy, PolicyHistory
 from models.watermark import PartitionState, last_closable_bucket, watermark
-from sinks.ledger import Clock, SqlStore, wall_clock_ms
+from sinks.ledger import Clock, SqlStore, policy_from_row, read_partition_states, wall_clock_ms
 
 __all__ = [
     "GateStatus",
@@ -420,17 +419,7 @@ class ParityStore(SqlStore):
         found: dict[str, list[OrgPolicy]] = defaultdict(list)
         op = org_policies.c
         for r in conn.execute(select(op.org_id, op.effective_ms, op.plan, op.billing_mode, op.billing_provider)):
-            found[r.org_id].append(
-                OrgPolicy.model_validate(
-                    {
-                        "org_id": r.org_id,
-                        "plan": r.plan,
-                        "billing_mode": r.billing_mode,
-                        "billing_provider": r.billing_provider,
-                        "effective_at": r.effective_ms / 1000,
-                    }
-                )
-            )
+            found[r.org_id].append(policy_from_row(r))
         hists = {org: PolicyHistory(p) for org, p in found.items()}
         prints = {org: tuple(sorted((p.effective_at_ms, p.plan.value) for p in pols)) for org, pols in found.items()}
         return hists, prints
@@ -634,17 +623,7 @@ class ParityStore(SqlStore):
 
     @staticmethod
     def _progress(conn: Connection) -> list[PartitionState]:
-        return [
-            PartitionState(
-                topic=r.topic,
-                partition=r.partition,
-                committed_offset=r.committed_offset,
-                max_event_ms=r.max_event_ms,
-                highwater=r.highwater,
-                reported_ms=r.reported_ms,
-            )
-            for r in conn.execute(select(partition_progress))
-        ]
+        return read_partition_states(conn)
 
     def _alerts(self, cfg: ParityConfig, now: int, lookback_lo: int, wm: int | None) -> list[PendingAlert]:
         """Record newly due alerts (dedup by key) and return every alert not yet published.
