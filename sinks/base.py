@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["Backoff", "Outcome", "RetryingSink", "Sink", "Status"]
+__all__ = ["Backoff", "KeptThreads", "Outcome", "RetryingSink", "Sink", "Status"]
 
 log = logging.getLogger(__name__)
 
@@ -123,3 +125,30 @@ class RetryingSink(Generic[T]):
                 log.info("retrying %d item(s) in %.2fs (attempt %d)", len(todo), delay, attempt + 1)
                 self._sleep(delay)
         return final
+
+
+class KeptThreads:
+    """A sink's worker threads: started on first use and kept (starting threads on every flush costs more
+    than a Stripe request); :meth:`close` stops them, waiting for the calls in flight, and is idempotent.
+    Asking for the threads after :meth:`close` raises."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._workers = workers
+        self._name = name
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self._name}: the sink is closed")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix=self._name)
+            return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool, self._closed = self._pool, None, True
+        if pool is not None:
+            pool.shutdown(wait=True)

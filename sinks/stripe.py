@@ -30,7 +30,6 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -49,7 +48,7 @@ from models.billing import (
     STRIPE_MAX_FUTURE_SECONDS,
     significant_digits,
 )
-from sinks.base import Outcome, Status
+from sinks.base import KeptThreads, Outcome, Status
 
 __all__ = [
     "PROCESS_KEY_LOCKS",
@@ -367,9 +366,7 @@ class StripeMeterSink:
         self._keys = key_locks if key_locks is not None else PROCESS_KEY_LOCKS
         self._slots = threading.BoundedSemaphore(concurrency)
         self._limiter = limiter or RateLimiter(max_calls_per_s)
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
-        self._closed = False
+        self._threads = KeptThreads(self._concurrency, "stripe-v1")
 
     def add(self, item: MeterEvent) -> None:
         self._buffer.append(item)
@@ -414,22 +411,10 @@ class StripeMeterSink:
             groups[(ev.customer, ev.event_name)].append(ev)
         if len(groups) == 1 or self._concurrency == 1:
             return [o for key, g in groups.items() for o in self._send_group(key, g)]
-        pool = self._executor()
+        pool = self._threads.get()
         futures = [pool.submit(self._send_group, key, g) for key, g in groups.items()]
         return [o for f in futures for o in f.result()]
 
-    def _executor(self) -> ThreadPoolExecutor:
-        """The sink's worker threads, started on first use and kept; :meth:`close` stops them."""
-        with self._pool_lock:
-            if self._closed:
-                raise RuntimeError("the sink is closed")
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self._concurrency, thread_name_prefix="stripe-v1")
-            return self._pool
-
     def close(self) -> None:
         """Stop the worker threads (waiting for calls in flight). Idempotent."""
-        with self._pool_lock:
-            pool, self._pool, self._closed = self._pool, None, True
-        if pool is not None:
-            pool.shutdown(wait=True)
+        self._threads.close()

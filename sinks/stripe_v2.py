@@ -34,14 +34,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import stripe
 
-from sinks.base import Outcome, Status
+from sinks.base import KeptThreads, Outcome, Status
 from sinks.stripe import MeterEvent, classify, observed, validate_event
 
 if TYPE_CHECKING:
@@ -199,9 +198,7 @@ class StripeStreamSink:
         self._now = now
         self._slots = threading.BoundedSemaphore(concurrency)
         self._buffer: list[MeterEvent] = []
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
-        self._closed = False
+        self._threads = KeptThreads(self._concurrency, "stripe-v2")
 
     @property
     def sessions(self) -> MeterEventSessions:
@@ -276,26 +273,13 @@ class StripeStreamSink:
             for chunk in chunks:
                 out.extend(self._send_chunk(chunk))
             return out
-        for outs in self._executor().map(self._send_chunk, chunks):
+        for outs in self._threads.get().map(self._send_chunk, chunks):
             out.extend(outs)
         return out
 
-    def _executor(self) -> ThreadPoolExecutor:
-        """The sink's worker threads, started on first use and kept (starting threads per flush costs
-        more than a request); :meth:`close` stops them."""
-        with self._pool_lock:
-            if self._closed:
-                raise RuntimeError("the sink is closed")
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self._concurrency, thread_name_prefix="stripe-v2")
-            return self._pool
-
     def close(self) -> None:
         """Stop the worker threads (waiting for requests in flight). Idempotent."""
-        with self._pool_lock:
-            pool, self._pool, self._closed = self._pool, None, True
-        if pool is not None:
-            pool.shutdown(wait=True)
+        self._threads.close()
 
 
 # -- error reports -----------------------------------------------------------------------------------

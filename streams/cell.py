@@ -33,6 +33,7 @@ from streams.pipeline import (
     RawRecord,
     Record,
     dead_letter,
+    retry_forever,
 )
 
 if TYPE_CHECKING:
@@ -188,19 +189,6 @@ class ParityRuntime:
                     log.exception("could not mark alerts published; they will be published again")
 
 
-async def _retry_forever(what: str, fn: Callable[[], Any]) -> None:
-    """Run a ledger write until it succeeds; the batch is not acked meanwhile (Faust would commit it)."""
-    delay = 0.2
-    while True:
-        try:
-            await asyncio.to_thread(fn)
-            return
-        except Exception:
-            log.exception("%s failed; retrying in %.1fs (offsets are not committed meanwhile)", what, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
-
-
 def install_parity(app: Any, deps: Deps, pipe: Pipeline) -> ParityRuntime:
     """Register the cell agent, its DLQ, the scale-topic progress reporter and the parity refresher."""
     rt = ParityRuntime(deps)
@@ -229,7 +217,7 @@ def install_parity(app: Any, deps: Deps, pipe: Pipeline) -> ParityRuntime:
                 futs = [await dlq.send(key=d.key, value=d.value, headers=d.headers) for d in batch.dead]
                 for f in futs:
                     await f
-            await _retry_forever("cell interval write", functools.partial(rt.write, batch))
+            await retry_forever("cell interval write", functools.partial(rt.write, batch))
             yield len(records)
 
     app.agent(scale, name="edgebill.cell")(cell_agent)
