@@ -28,6 +28,7 @@ from models.watermark import last_closable_bucket
 from sinks.parity import ParityConfig, ParityStore, PendingAlert, RefreshResult, RefreshState, SourcedScaleEvent
 from streams.pipeline import (
     FUTURE_TOLERANCE_MS,
+    RAW_BYTES,
     TOPIC_SCALE_EVENTS,
     DeadLetter,
     RawRecord,
@@ -193,12 +194,7 @@ def install_parity(app: Any, deps: Deps, pipe: Pipeline) -> ParityRuntime:
     """Register the cell agent, its DLQ, the scale-topic progress reporter and the parity refresher."""
     rt = ParityRuntime(deps)
     k = deps.settings.kafka
-    raw: dict[str, Any] = {
-        "key_type": bytes,
-        "value_type": bytes,
-        "key_serializer": "raw",
-        "value_serializer": "raw",
-    }
+    raw = RAW_BYTES
     scale = app.topic(rt.scale_topic, partitions=k.partitions, **raw)
     dlq = app.topic(rt.dlq_topic, partitions=k.partitions, **raw)
     alerts = app.topic(rt.alerts_topic, partitions=1, **raw)

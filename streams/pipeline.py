@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from infra.settings import Settings
 from models.errors import InvalidRecord
@@ -274,16 +274,20 @@ async def retry_forever(what: str, fn: Callable[[], Any]) -> None:
             delay = min(delay * 2, 10.0)
 
 
+# Every topic of the worker carries bytes both ways: records are parsed (and dead-lettered) by this code.
+RAW_BYTES: Final[dict[str, Any]] = {
+    "key_type": bytes,
+    "value_type": bytes,
+    "key_serializer": "raw",
+    "value_serializer": "raw",
+}
+
+
 def install(app: Any, deps: Deps) -> Pipeline:
     """Register topics, agents, timers and pages on ``app`` (a configured :class:`faust.App`)."""
     pipe = Pipeline(deps)
     k = deps.settings.kafka
-    raw: dict[str, Any] = {
-        "key_type": bytes,
-        "value_type": bytes,
-        "key_serializer": "raw",
-        "value_serializer": "raw",
-    }
+    raw = RAW_BYTES
     dlq = app.topic(pipe.dlq_topic, partitions=k.partitions, **raw)
     policy = app.topic(pipe.policy_topic, partitions=k.partitions, **raw)
     policy_dlq = app.topic(pipe.policy_dlq_topic, partitions=1, **raw)
