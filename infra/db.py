@@ -45,6 +45,7 @@ __all__ = [
     "org_policies",
     "parity_alerts",
     "parity_dirty",
+    "parity_edge",
     "parity_state",
     "partition_progress",
     "unbilled_usage",
@@ -252,6 +253,18 @@ parity_alerts = Table(
     Column("created_ms", BigInteger, nullable=False),
     Column("published_ms", BigInteger, nullable=True),  # NULL = not yet on the alerts topic
     Column("body", Text, nullable=False),  # the alert record (JSON)
+)
+
+parity_edge = Table(
+    "parity_edge",
+    metadata,
+    # The edge side of parity, kept incrementally: Σ over the samples with seq <= parity_state
+    # "edge_upto_seq" (read under the writer lock, so no sample below it can still be uncommitted), per
+    # bucket and org, every org. The refresher adds each sample once instead of rescanning whole hours.
+    Column("bucket_start", BigInteger, primary_key=True, autoincrement=False),
+    Column("org_id", String(255), primary_key=True),
+    Column("samples", BigInteger, nullable=False),
+    Column("edge_mb_s", BigInteger, nullable=False),
 )
 
 parity_state = Table(

@@ -1,7 +1,8 @@
 """The parity store: cell intervals from ``sandbox-scale-events``, the parity table, its alerts.
 
 Tables (:mod:`infra.db`, "parity" section): ``cell_intervals`` (one row per cell row id), ``usage_parity``
-(one row per pro org × bucket: edge GB-s, cell GB-s, samples, drift, status), ``parity_dirty`` (buckets
+(one row per pro org × bucket: edge GB-s, cell GB-s, samples, drift, status), ``parity_edge`` (the edge
+side's sums per bucket and org, each sample added once: :meth:`ParityStore.advance_edge`), ``parity_dirty`` (buckets
 whose cell side changed since they were last computed), ``parity_alerts`` (one row per alert, the dedup)
 and ``parity_state`` (the refresher's watermark and time of the last refresh).
 
@@ -29,10 +30,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any
+from typing import Any, Final
 
 import orjson
-from sqlalchemy import Connection, Engine, and_, delete, func, or_, select, tuple_
+from sqlalchemy import Connection, Engine, and_, delete, func, or_, select, text, tuple_, union_all
 
 from infra.db import (
     cell_intervals,
@@ -43,6 +44,7 @@ from infra.db import (
     org_policies,
     parity_alerts,
     parity_dirty,
+    parity_edge,
     parity_state,
     usage_parity,
     usage_samples,
@@ -85,6 +87,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+EDGE_UPTO: Final = "edge_upto_seq"  # parity_state: samples up to this seq are summed in parity_edge
+_ADVISORY_LOCK_PARITY_EDGE: Final = 0x6564676570617269  # "edgepari": one edge advance at a time (PostgreSQL)
 
 MAX_DIRTY_AGE_S = 35 * 86_400  # a change older than this marks nothing (Stripe cannot take it any more)
 _CHUNK = 500  # ids per IN list
@@ -424,6 +429,93 @@ class ParityStore(SqlStore):
         prints = {org: tuple(sorted((p.effective_at_ms, p.plan.value) for p in pols)) for org, pols in found.items()}
         return hists, prints
 
+    def _edge_query(self, lo_s: int, hi_s: int, *, by_bucket: bool) -> Any:
+        """The edge side per org (and bucket): rows ``org_id, [bucket_start,] n, mbs``.
+
+        Per bucket it is one statement (so one snapshot, on PostgreSQL too): the kept sums in
+        ``parity_edge`` plus the samples above ``edge_upto_seq`` (the few since the last advance, found
+        through the ``seq`` primary key: ``bucket_start + 0`` keeps the planner off the bucket index,
+        which would walk whole hours). An arbitrary window is one scan of its samples by bucket and time.
+        Orgs that are not pro are dropped by the caller.
+        """
+        us = usage_samples.c
+        mbs = func.sum(us.memory_mb * us.interval_s)
+        if not by_bucket:
+            return (
+                select(us.org_id, func.count().label("n"), mbs.label("mbs"))
+                .where(
+                    us.bucket_start >= self._bucket(lo_s * 1000),
+                    us.bucket_start < hi_s,
+                    us.ts_ms >= lo_s * 1000,
+                    us.ts_ms < hi_s * 1000,
+                )
+                .group_by(us.org_id)
+            )
+        pe = parity_edge.c
+        ps = parity_state.c
+        upto = select(func.coalesce(func.max(ps.value), 0)).where(ps.name == EDGE_UPTO).scalar_subquery()
+        kept = select(pe.org_id, pe.bucket_start, pe.samples.label("n"), pe.edge_mb_s.label("mbs")).where(
+            pe.bucket_start >= lo_s, pe.bucket_start < hi_s
+        )
+        tail = (
+            select(us.org_id, us.bucket_start, func.count().label("n"), mbs.label("mbs"))
+            .where(us.seq > upto, us.bucket_start + 0 >= lo_s, us.bucket_start + 0 < hi_s)
+            .group_by(us.org_id, us.bucket_start)
+        )
+        both = union_all(kept, tail).subquery()
+        return select(
+            both.c.org_id, both.c.bucket_start, func.sum(both.c.n).label("n"), func.sum(both.c.mbs).label("mbs")
+        ).group_by(both.c.org_id, both.c.bucket_start)
+
+    def advance_edge(self) -> int:
+        """Add the samples with ``seq`` in ``(edge_upto_seq, S]`` to ``parity_edge``, ``S = max(seq)`` read
+        while no ingest transaction can be in flight; returns the new ``edge_upto_seq``.
+
+        One write transaction, in order: (1) take the writer lock (SQLite: BEGIN IMMEDIATE, the only
+        writer; PostgreSQL: an advisory lock, so two refreshers never add the same range, then ``LOCK TABLE
+        usage_samples IN SHARE MODE`` as the closer does, which waits for in-flight ingest, so no sample at
+        or below ``S`` can still appear; ingest waits for this short transaction); (2) read
+        ``edge_upto_seq`` and ``S``; (3) upsert the range's sums per (bucket, org), adding to the kept ones;
+        (4) store ``edge_upto_seq = S``; commit. A crash before the commit leaves both as they were (the
+        next refresh adds the range); (3) and (4) commit together, so no sample is ever added twice or
+        skipped. Samples are never updated or deleted, so a kept sum stays true.
+        """
+        us = usage_samples.c
+        pe = parity_edge.c
+        with self._w.begin() as conn:
+            if self._dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_PARITY_EDGE})
+                conn.execute(text("LOCK TABLE usage_samples IN SHARE MODE"))
+            upto = int(
+                conn.execute(select(parity_state.c.value).where(parity_state.c.name == EDGE_UPTO)).scalar_one_or_none()
+                or 0
+            )
+            target = int(conn.execute(select(func.max(us.seq))).scalar_one_or_none() or 0)
+            if target <= upto:
+                return 0
+            sums = (
+                select(
+                    us.bucket_start,
+                    us.org_id,
+                    func.count().label("samples"),
+                    func.sum(us.memory_mb * us.interval_s).label("edge_mb_s"),
+                )
+                .where(us.seq > upto, us.seq <= target)
+                .group_by(us.bucket_start, us.org_id)
+            )
+            stmt = self._insert(parity_edge).from_select(["bucket_start", "org_id", "samples", "edge_mb_s"], sums)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["bucket_start", "org_id"],
+                set_={
+                    "samples": pe.samples + stmt.excluded.samples,
+                    "edge_mb_s": pe.edge_mb_s + stmt.excluded.edge_mb_s,
+                },
+            )
+            conn.execute(stmt)
+            self._set_state(conn, {EDGE_UPTO: target})
+        log.debug("parity: edge sums advanced from seq %d to %d", upto, target)
+        return target
+
     def _measure(
         self,
         conn: Connection,
@@ -445,21 +537,10 @@ class ParityStore(SqlStore):
         if not pro:
             return {}
         orgs = sorted(pro)
-        us = usage_samples.c
         ci = cell_intervals.c
         slack_ms = slack_s * 1000
         out: dict[tuple[str, int], Measure] = {}
-        # Edge side: one scan of the buckets' samples (index (bucket_start, seq)), grouped per org; orgs
-        # that are not pro are dropped at the end. Cheaper to write than an (org, …) index on every tick.
-        cols = [us.org_id, func.count().label("n"), func.sum(us.memory_mb * us.interval_s).label("mbs")]
-        q = select(*([*cols, us.bucket_start] if by_bucket else cols)).where(
-            us.bucket_start >= self._bucket(lo_s * 1000),
-            us.bucket_start < hi_s,
-            us.ts_ms >= lo_s * 1000,
-            us.ts_ms < hi_s * 1000,
-        )
-        q = q.group_by(us.org_id, us.bucket_start) if by_bucket else q.group_by(us.org_id)
-        for r in conn.execute(q):
+        for r in conn.execute(self._edge_query(lo_s, hi_s, by_bucket=by_bucket)):
             if r.org_id not in pro:
                 continue
             start = int(r.bucket_start) if by_bucket else lo_s
@@ -543,6 +624,7 @@ class ParityStore(SqlStore):
         """Recompute every bucket overlapping ``[from_s, to_s)`` now (``edgebill parity --refresh``)."""
         size = cfg.bucket_seconds
         now = self._clock()
+        self.advance_edge()
         with self.engine.connect() as conn:
             hists, _ = self._histories(conn)
         first = from_s // size * size
@@ -573,6 +655,7 @@ class ParityStore(SqlStore):
         size = cfg.bucket_seconds
         current = self._bucket(now)
         lookback_lo = current - (cfg.lookback_seconds // size) * size
+        self.advance_edge()
         us = usage_samples.c
         with self.engine.connect() as conn:
             hists, prints = self._histories(conn)
