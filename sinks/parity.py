@@ -468,52 +468,66 @@ class ParityStore(SqlStore):
         ).group_by(both.c.org_id, both.c.bucket_start)
 
     def advance_edge(self) -> int:
-        """Add the samples with ``seq`` in ``(edge_upto_seq, S]`` to ``parity_edge``, ``S = max(seq)`` read
-        while no ingest transaction can be in flight; returns the new ``edge_upto_seq``.
+        """Add the samples with ``seq`` in ``(edge_upto_seq, S]`` to ``parity_edge``; returns the new
+        ``edge_upto_seq``. The sums are computed without the writer lock, so ingest is held up only for
+        the few rows written at the end.
 
-        One write transaction, in order: (1) take the writer lock (SQLite: BEGIN IMMEDIATE, the only
-        writer; PostgreSQL: an advisory lock, so two refreshers never add the same range, then ``LOCK TABLE
-        usage_samples IN SHARE MODE`` as the closer does, which waits for in-flight ingest, so no sample at
-        or below ``S`` can still appear; ingest waits for this short transaction); (2) read
-        ``edge_upto_seq`` and ``S``; (3) upsert the range's sums per (bucket, org), adding to the kept ones;
-        (4) store ``edge_upto_seq = S``; commit. A crash before the commit leaves both as they were (the
-        next refresh adds the range); (3) and (4) commit together, so no sample is ever added twice or
-        skipped. Samples are never updated or deleted, so a kept sum stays true.
+        In order: (1) ``S``, a ``seq`` at or below which no sample can still appear: SQLite, ``max(seq)``
+        (its single writer hands out ``seq`` in commit order); PostgreSQL, ``max(seq)`` read under ``LOCK
+        TABLE usage_samples IN SHARE MODE`` as the closer does (it waits for in-flight ingest; released at
+        once); (2) read ``edge_upto_seq`` and sum ``(edge_upto_seq, S]`` per (bucket, org) in a read
+        transaction; (3) one write transaction: (PostgreSQL: an advisory lock) re-read ``edge_upto_seq``
+        and stop if another refresher moved it meanwhile, upsert the sums adding to the kept ones, store
+        ``edge_upto_seq = S``, commit. A crash before that commit leaves sums and cursor as they were (the
+        next refresh adds the range); they commit together, so no sample is ever added twice or skipped.
+        Samples are never updated or deleted, so a kept sum stays true.
         """
         us = usage_samples.c
         pe = parity_edge.c
+        ps = parity_state.c
+        upto_q = select(ps.value).where(ps.name == EDGE_UPTO)
+        if self._dialect == "postgresql":
+            with self._w.begin() as conn:
+                conn.execute(text("LOCK TABLE usage_samples IN SHARE MODE"))
+                target = int(conn.execute(select(func.max(us.seq))).scalar_one_or_none() or 0)
+        with self.engine.connect() as conn:
+            if self._dialect != "postgresql":
+                target = int(conn.execute(select(func.max(us.seq))).scalar_one_or_none() or 0)
+            upto = int(conn.execute(upto_q).scalar_one_or_none() or 0)
+            if target <= upto:
+                return upto
+            sums = [
+                {"bucket_start": int(r.bucket_start), "org_id": r.org_id, "samples": int(r.n), "edge_mb_s": int(r.mbs)}
+                for r in conn.execute(
+                    select(
+                        us.bucket_start,
+                        us.org_id,
+                        func.count().label("n"),
+                        func.sum(us.memory_mb * us.interval_s).label("mbs"),
+                    )
+                    .where(us.seq > upto, us.seq <= target)
+                    .group_by(us.bucket_start, us.org_id)
+                )
+            ]
         with self._w.begin() as conn:
             if self._dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_PARITY_EDGE})
-                conn.execute(text("LOCK TABLE usage_samples IN SHARE MODE"))
-            upto = int(
-                conn.execute(select(parity_state.c.value).where(parity_state.c.name == EDGE_UPTO)).scalar_one_or_none()
-                or 0
-            )
-            target = int(conn.execute(select(func.max(us.seq))).scalar_one_or_none() or 0)
-            if target <= upto:
-                return 0
-            sums = (
-                select(
-                    us.bucket_start,
-                    us.org_id,
-                    func.count().label("samples"),
-                    func.sum(us.memory_mb * us.interval_s).label("edge_mb_s"),
+            now_upto = int(conn.execute(upto_q).scalar_one_or_none() or 0)
+            if now_upto != upto:
+                log.info("parity: edge sums moved to seq %d by another refresher; skipping this advance", now_upto)
+                return now_upto
+            if sums:
+                stmt = self._insert(parity_edge)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=["bucket_start", "org_id"],
+                    set_={
+                        "samples": pe.samples + stmt.excluded.samples,
+                        "edge_mb_s": pe.edge_mb_s + stmt.excluded.edge_mb_s,
+                    },
                 )
-                .where(us.seq > upto, us.seq <= target)
-                .group_by(us.bucket_start, us.org_id)
-            )
-            stmt = self._insert(parity_edge).from_select(["bucket_start", "org_id", "samples", "edge_mb_s"], sums)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["bucket_start", "org_id"],
-                set_={
-                    "samples": pe.samples + stmt.excluded.samples,
-                    "edge_mb_s": pe.edge_mb_s + stmt.excluded.edge_mb_s,
-                },
-            )
-            conn.execute(stmt)
+                conn.execute(stmt, sums)
             self._set_state(conn, {EDGE_UPTO: target})
-        log.debug("parity: edge sums advanced from seq %d to %d", upto, target)
+        log.debug("parity: edge sums advanced from seq %d to %d (%d bucket-org sums)", upto, target, len(sums))
         return target
 
     def _measure(
