@@ -467,15 +467,25 @@ class ParityStore(SqlStore):
             both.c.org_id, both.c.bucket_start, func.sum(both.c.n).label("n"), func.sum(both.c.mbs).label("mbs")
         ).group_by(both.c.org_id, both.c.bucket_start)
 
+    def _settled_seq(self) -> int:
+        """``max(seq)``, at or below which no sample can still appear: SQLite hands out ``seq`` in commit
+        order (one writer); PostgreSQL reads it under a momentary ``LOCK TABLE usage_samples IN SHARE
+        MODE``, which waits for in-flight ingest (the closer holds the same lock for its whole run)."""
+        top = select(func.max(usage_samples.c.seq))
+        if self._dialect != "postgresql":
+            with self.engine.connect() as conn:
+                return int(conn.execute(top).scalar_one_or_none() or 0)
+        with self._w.begin() as conn:
+            conn.execute(text("LOCK TABLE usage_samples IN SHARE MODE"))
+            return int(conn.execute(top).scalar_one_or_none() or 0)
+
     def advance_edge(self) -> int:
         """Add the samples with ``seq`` in ``(edge_upto_seq, S]`` to ``parity_edge``; returns the new
         ``edge_upto_seq``. The sums are computed without the writer lock, so ingest is held up only for
         the few rows written at the end.
 
-        In order: (1) ``S``, a ``seq`` at or below which no sample can still appear: SQLite, ``max(seq)``
-        (its single writer hands out ``seq`` in commit order); PostgreSQL, ``max(seq)`` read under ``LOCK
-        TABLE usage_samples IN SHARE MODE`` as the closer does (it waits for in-flight ingest; released at
-        once); (2) read ``edge_upto_seq`` and sum ``(edge_upto_seq, S]`` per (bucket, org) in a read
+        In order: (1) ``S`` = :meth:`_settled_seq`, a ``seq`` at or below which no sample can still
+        appear; (2) read ``edge_upto_seq`` and sum ``(edge_upto_seq, S]`` per (bucket, org) in a read
         transaction; (3) one write transaction: (PostgreSQL: an advisory lock) re-read ``edge_upto_seq``
         and stop if another refresher moved it meanwhile, upsert the sums adding to the kept ones, store
         ``edge_upto_seq = S``, commit. A crash before that commit leaves sums and cursor as they were (the
@@ -486,13 +496,8 @@ class ParityStore(SqlStore):
         pe = parity_edge.c
         ps = parity_state.c
         upto_q = select(ps.value).where(ps.name == EDGE_UPTO)
-        if self._dialect == "postgresql":
-            with self._w.begin() as conn:
-                conn.execute(text("LOCK TABLE usage_samples IN SHARE MODE"))
-                target = int(conn.execute(select(func.max(us.seq))).scalar_one_or_none() or 0)
+        target = self._settled_seq()
         with self.engine.connect() as conn:
-            if self._dialect != "postgresql":
-                target = int(conn.execute(select(func.max(us.seq))).scalar_one_or_none() or 0)
             upto = int(conn.execute(upto_q).scalar_one_or_none() or 0)
             if target <= upto:
                 return upto
