@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from infra.bench import BenchContext, Metric, raw_consume_rate, register, tick_m
 from infra.broker import ensure_topics, free_port
 from infra.db import make_engine, migrate
 from infra.kafka_io import publish
+from infra.procs import terminate
 from infra.settings import child_env
 from models.policy import OrgPolicy
 from sinks.ledger import Ledger
@@ -98,13 +98,7 @@ class _Run:
 
     def close(self) -> None:
         for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.kill(p.pid, signal.SIGKILL)
-                    p.wait()
+            terminate(p, grace=20)
         self.engine.dispose()
 
 

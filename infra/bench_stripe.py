@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ from pydantic import SecretStr
 from infra.bench import BenchContext, Metric, register
 from infra.broker import free_port
 from infra.catalog import ensure_customers, ensure_meters, meter_totals
+from infra.procs import terminate
 from infra.stripe_fake import FaultConfig
 from models.billing import UNIFIED_METER
 from models.policy import OrgPolicy
@@ -107,13 +107,8 @@ class LocalStripeProcess:
     ) -> None:
         self._http.close()
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        if proc is not None:
+            terminate(proc, grace=10)
         if self._log is not None:
             self._log.close()
             self._log = None

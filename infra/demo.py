@@ -35,6 +35,7 @@ from typing import IO, Any
 from infra.broker import ensure_topics, free_port, kafka_answers
 from infra.catalog import ensure_customers, ensure_meters, meter_totals
 from infra.kafka_io import publish_sync
+from infra.procs import terminate
 from infra.settings import child_env
 from infra.simulator import (
     TIERS,
@@ -98,13 +99,8 @@ class Child:
             self.proc.wait(timeout=10)
 
     def stop(self, grace: float = 10.0) -> None:
-        if self.proc is not None and self.alive:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            terminate(self.proc, grace)
         if self._log is not None:
             self._log.close()
             self._log = None

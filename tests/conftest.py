@@ -24,6 +24,7 @@ import pytest
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.broker import EmbeddedBroker, ensure_topics, free_port
+from infra.procs import terminate
 from infra.settings import KafkaSettings
 
 # ==================================================================================== Kafka broker
@@ -289,13 +290,7 @@ class Stack:
             p.wait(timeout=10)
 
     def stop(self, p: subprocess.Popen[bytes], timeout: float = 20) -> None:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
+        terminate(p, grace=timeout)
 
     def alive(self) -> list[subprocess.Popen[bytes]]:
         return [p for p in self.procs if p.poll() is None]

@@ -6,8 +6,6 @@ Processes are started and stopped by PID; every one left running is stopped at t
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 from infra.broker import free_port
 from infra.db import make_engine, migrate
 from infra.kafka_io import publish_sync
+from infra.procs import terminate
 from infra.settings import child_env
 from infra.simulator import Fleet
 from models.parity import sign_request
@@ -183,11 +182,5 @@ def parity_stack(kafka_bootstrap: str, tmp_path: Path, **extra_env: str) -> Iter
         yield stack
     finally:
         for p in stack.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.kill(p.pid, signal.SIGKILL)
-                    p.wait()
+            terminate(p, grace=15)
         engine.dispose()
