@@ -32,9 +32,10 @@ test-unit: $(STAMP) ## Run the unit tests only (no broker)
 test-integration: $(STAMP) ## Run the integration tests only (broker + local Stripe + DB)
 	$(BIN)/pytest tests/integration
 
-lint: $(STAMP) ## ruff check + format check
+lint: $(STAMP) ## ruff check + format check + import contracts (layers, dev kit apart, no cycles)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP) ## mypy --strict on the four packages
 	$(BIN)/mypy

@@ -1,4 +1,5 @@
-"""Assembling a worker process: settings -> database, ledger, Stripe sender -> Faust app -> run."""
+"""Assembling a worker process: settings -> configuration objects, database, ledger, Stripe sender ->
+Faust app -> run. The only place where ``Settings`` turn into what the lower layers take."""
 
 from __future__ import annotations
 
@@ -6,34 +7,124 @@ import gc
 import logging
 import time
 from collections.abc import Callable
+from fractions import Fraction
 from typing import NoReturn
 
 import requests
 
 from infra.settings import Settings, StripeSettings
 from models.errors import BrokerError
+from models.parity import AlertRule
 from sinks.base import RetryingSink
-from sinks.ledger import Ledger
+from sinks.ledger import CloseConfig, Ledger
 from sinks.outbox import OutboxSender
+from sinks.parity import ParityConfig
+from sinks.schema import make_engine, migrate
 from sinks.stripe import StripeMeterSink, make_client, make_http_session
 from sinks.stripe_v2 import ErrorReportReconciler, StripeStreamSink
+from streams.config import KafkaConfig, Topics, WebConfig, WorkerConfig
 from streams.pipeline import Deps
 
-__all__ = ["build_deps", "build_sender", "run_worker"]
+__all__ = [
+    "build_deps",
+    "build_sender",
+    "parity_config",
+    "run_worker",
+    "topics",
+    "web_config",
+    "worker_config",
+]
 
 log = logging.getLogger(__name__)
 
 
+def topics(settings: Settings) -> Topics:
+    """The topic names in use, prefix applied."""
+    return Topics.with_prefix(settings.kafka.topic_prefix, settings.parity.alerts_topic)
+
+
+def parity_config(settings: Settings) -> ParityConfig:
+    """The parity refresher's configuration: a bucket is settled on the ticks, policy and scale partitions."""
+    p = settings.parity
+    b = settings.billing
+    t = topics(settings)
+    n = settings.kafka.partitions
+    return ParityConfig(
+        bucket_seconds=b.bucket_seconds,
+        grace_seconds=b.grace_seconds,
+        tolerance=Fraction(p.tolerance),
+        slack_seconds=p.boundary_slack_seconds,
+        lookback_seconds=p.lookback_hours * 3600,
+        rule=AlertRule(
+            org_min_gb_seconds=p.alert_org_min_gb_seconds,
+            org_drift=p.alert_org_drift,
+            min_orgs=p.alert_min_orgs,
+            aggregate_min_gb_seconds=p.alert_aggregate_min_gb_seconds,
+            aggregate_drift=p.alert_aggregate_drift,
+            consecutive=p.alert_consecutive_buckets,
+        ),
+        stale_after_ms=int(b.progress_stale_after * 1000),
+        ticks_topic=t.ticks,
+        required={t.ticks: n, t.policy: n, t.scale: n},
+        event_time_topics=frozenset({t.ticks}),
+    )
+
+
+def web_config(settings: Settings) -> WebConfig:
+    w = settings.web
+    p = settings.parity
+    return WebConfig(
+        host=w.host,
+        port=w.port,
+        internal_secret=w.internal_secret.get_secret_value().encode(),
+        signature_tolerance_s=p.signature_tolerance_seconds,
+        dashboard_token_ttl_s=p.dashboard_token_ttl,
+        parity_tolerance=p.tolerance,
+        gate_hours=p.gate_hours,
+    )
+
+
+def worker_config(settings: Settings) -> WorkerConfig:
+    """Everything the worker's agents, timers and pages take, from the settings."""
+    k = settings.kafka
+    b = settings.billing
+    return WorkerConfig(
+        kafka=KafkaConfig(
+            servers=k.servers,
+            group_id=k.group_id,
+            partitions=k.partitions,
+            replication_factor=k.replication_factor,
+            session_timeout=k.session_timeout,
+            heartbeat_interval=k.heartbeat_interval,
+            rebalance_timeout=k.rebalance_timeout,
+            request_timeout=k.request_timeout,
+            max_fetch_bytes=k.max_fetch_bytes,
+        ),
+        topics=topics(settings),
+        close=CloseConfig(
+            bucket_seconds=b.bucket_seconds,
+            grace_seconds=b.grace_seconds,
+            shadow=b.shadow,
+            bill_from=b.bill_from,
+        ),
+        parity=parity_config(settings),
+        web=web_config(settings),
+        authority=b.pro_billing_authority,
+        close_interval_s=b.close_interval,
+        send_interval_s=settings.stripe.send_interval,
+        parity_refresh_interval_s=settings.parity.refresh_interval,
+        progress_stale_after_ms=int(b.progress_stale_after * 1000),
+    )
+
+
 def build_deps(settings: Settings) -> Deps:
     """The pipeline's dependencies from settings (migrates the database first)."""
-    from infra.db import make_engine, migrate
-
     engine = make_engine(settings.db.resolved_url)
     migrate(engine)
     ledger = Ledger(engine)
     ledger.check_bucket_seconds(settings.billing.bucket_seconds)
     sender = build_sender(settings.stripe, ledger)
-    return Deps(settings=settings, ledger=ledger, sender=sender)
+    return Deps(config=worker_config(settings), ledger=ledger, sender=sender)
 
 
 def build_sender(
@@ -88,20 +179,9 @@ def build_sender(
 
 def _wanted_topics(settings: Settings) -> dict[str, int]:
     """Every topic the worker reads or writes, with the partition count to create it with."""
-    from streams.cell import TOPIC_SCALE, TOPIC_SCALE_DLQ
-    from streams.pipeline import TOPIC_DLQ, TOPIC_POLICY, TOPIC_POLICY_DLQ, TOPIC_TICKS
-
-    k = settings.kafka
-    n = k.partitions
-    return {
-        k.topic(TOPIC_TICKS): n,
-        k.topic(TOPIC_DLQ): n,
-        k.topic(TOPIC_POLICY): n,
-        k.topic(TOPIC_POLICY_DLQ): 1,
-        k.topic(TOPIC_SCALE): n,
-        k.topic(TOPIC_SCALE_DLQ): 1,
-        k.topic(settings.parity.alerts_topic): 1,
-    }
+    t = topics(settings)
+    n = settings.kafka.partitions
+    return {t.ticks: n, t.dlq: n, t.policy: n, t.policy_dlq: 1, t.scale: n, t.scale_dlq: 1, t.alerts: 1}
 
 
 def run_worker(settings: Settings) -> NoReturn:
@@ -109,9 +189,9 @@ def run_worker(settings: Settings) -> NoReturn:
     import faust
 
     from infra import kafka_fixes
-    from infra.broker import ensure_topics, kafka_answers
+    from infra.kafka_admin import ensure_topics, kafka_answers
     from streams.app import configure
-    from streams.pipeline import install
+    from streams.wiring import install
 
     if settings.kafka.embedded and not kafka_answers(settings.kafka.servers, timeout=2.0):
         raise BrokerError(
@@ -123,7 +203,7 @@ def run_worker(settings: Settings) -> NoReturn:
     counts = ensure_topics(
         settings.kafka.servers, _wanted_topics(settings), replication_factor=settings.kafka.replication_factor
     )
-    app = configure(settings)
+    app = configure(deps.config.kafka, deps.config.web)
     pipe = install(app, deps)
     # The closer must wait for every partition that exists, not only as many as configured.
     for topic in list(pipe.partitions):

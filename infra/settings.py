@@ -13,14 +13,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from decimal import Decimal
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.billing import Authority
 from models.errors import ConfigError
+from models.topics import TOPIC_ALERTS
 
 __all__ = [
     "DEFAULT_EMBEDDED_KAFKA_PORT",
@@ -42,13 +43,6 @@ DEFAULT_EMBEDDED_KAFKA_PORT = 29092
 DEFAULT_LOCAL_STRIPE_PORT = 12111
 DEFAULT_VAR_DIR = Path("var")
 _T = TypeVar("_T")
-
-
-class Authority(StrEnum):
-    """Who is authoritative for Pro billing (``EDGEBILL_PRO_BILLING_AUTHORITY``)."""
-
-    CELL = "cell"
-    EDGE = "edge"
 
 
 def _cfg(prefix: str) -> SettingsConfigDict:
@@ -220,7 +214,7 @@ class ParitySettings(BaseSettings):
     alert_aggregate_min_gb_seconds: Decimal = Field(default=Decimal(300), ge=0)
     alert_aggregate_drift: Decimal = Field(default=Decimal("0.10"), ge=0)
     alert_consecutive_buckets: int = Field(default=2, ge=1, le=48)
-    alerts_topic: str = Field(default="billing-alerts", pattern=r"^[A-Za-z0-9._-]+$")
+    alerts_topic: str = Field(default=TOPIC_ALERTS, pattern=r"^[A-Za-z0-9._-]+$")
     gate_hours: int = Field(default=72, ge=1, description="consecutive clean hours the cutover gate asks for")
     signature_tolerance_seconds: int = Field(default=300, ge=1, le=3600)
     dashboard_token_ttl: int = Field(default=12 * 3600, ge=60, description="seconds a dashboard link stays valid")

@@ -21,6 +21,7 @@ __all__ = [
     "STRIPE_MAX_FUTURE_SECONDS",
     "UNIFIED_METER",
     "VALUE_DECIMALS",
+    "Authority",
     "BillingMode",
     "MeterAmount",
     "Plan",
@@ -62,6 +63,13 @@ class Plan(StrEnum):
 class BillingMode(StrEnum):
     LEGACY = "legacy"
     UNIFIED = "unified"
+
+
+class Authority(StrEnum):
+    """Which side is authoritative for Pro billing: the cell (the old path) or the edge (this system)."""
+
+    CELL = "cell"
+    EDGE = "edge"
 
 
 class RowState(StrEnum):

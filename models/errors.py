@@ -6,13 +6,12 @@
     ├── ConfigError                    settings invalid; carries every problem at once
     ├── InvalidRecord                  a usage tick / policy record that cannot be used (dead-lettered)
     ├── LedgerError                    the SQL ledger refused an operation
-    ├── BrokerError                    the Kafka broker could not be started or reached
-    └── SinkError                      a sink could not deliver
-        ├── TransientSinkError         retry later (429, 5xx, timeouts, connection drops)
-        └── PermanentSinkError         retrying cannot help (Stripe 4xx other than 409/429)
+    └── BrokerError                    the Kafka broker could not be started or reached
 
-Stripe's own exceptions are mapped onto ``TransientSinkError`` / ``PermanentSinkError`` at the
-boundary (:mod:`sinks.stripe`), never further in.
+Delivery failures are not exceptions: a sink returns one :class:`sinks.base.Outcome` per item, with a
+:class:`sinks.base.Status` (ok, duplicate, transient, permanent), so a batch with one bad item still
+delivers the others and the caller records every outcome. Stripe's own exceptions are classified into
+those statuses at the boundary (:func:`sinks.stripe.classify`), never further in.
 """
 
 from __future__ import annotations
@@ -23,9 +22,6 @@ __all__ = [
     "EdgebillError",
     "InvalidRecord",
     "LedgerError",
-    "PermanentSinkError",
-    "SinkError",
-    "TransientSinkError",
 ]
 
 
@@ -55,23 +51,3 @@ class LedgerError(EdgebillError):
 
 class BrokerError(EdgebillError):
     """The Kafka-compatible broker could not be started or reached."""
-
-
-class SinkError(EdgebillError):
-    """A sink could not deliver an item."""
-
-
-class TransientSinkError(SinkError):
-    """Delivery failed for a reason that may go away; ``retry_after`` (seconds) when the peer said."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        self.retry_after = retry_after
-        super().__init__(message)
-
-
-class PermanentSinkError(SinkError):
-    """Delivery was refused for good; ``code`` is the peer's error code when it gave one."""
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        self.code = code
-        super().__init__(message)

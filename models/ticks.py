@@ -22,6 +22,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "FUTURE_TOLERANCE_MS",
     "MAX_ID_LENGTH",
     "TICK_TYPE",
     "ParsedRecord",
@@ -38,6 +39,9 @@ MAX_ID_LENGTH: Final = 255
 MAX_MEMORY_MB: Final = 16 * 1024 * 1024  # 16 TiB: anything larger is a producer bug
 MAX_INTERVAL_S: Final = 86_400
 MAX_CPUS: Final = 1_000_000
+# A tick (or a scale event) stamped more than this ahead of the reader's clock is rejected: it would hold
+# a bucket open, or bill an hour that has not happened, on a producer's broken clock.
+FUTURE_TOLERANCE_MS: Final = 3600 * 1000
 
 
 class Tick(NamedTuple):

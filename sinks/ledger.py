@@ -1,7 +1,7 @@
 """The SQL ledger: usage samples (dedup by tick id), org policy history, the meter-row outbox.
 
 Every write here is one database transaction; each function's docstring gives the order of its
-side effects and what a crash between two of them does. The tables are in :mod:`infra.db`.
+side effects and what a crash between two of them does. The tables are in :mod:`sinks.schema`.
 
 Concurrency: SQLite serialises writers; on PostgreSQL the closer takes a transaction-scoped
 advisory lock so that two workers can never close at once, plus a short SHARE lock on
@@ -23,17 +23,6 @@ from typing import Any, Final, NamedTuple
 from sqlalchemy import Connection, Engine, and_, case, func, insert, literal, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from infra.db import (
-    close_runs,
-    closed_buckets,
-    counters,
-    meter_events,
-    meter_totals,
-    org_policies,
-    partition_progress,
-    unbilled_usage,
-    usage_samples,
-)
 from models.billing import (
     STRIPE_MAX_AGE_SECONDS,
     BillingMode,
@@ -49,6 +38,17 @@ from models.errors import LedgerError
 from models.policy import OrgPolicy, PolicyHistory
 from models.ticks import Tick
 from models.watermark import PartitionState
+from sinks.schema import (
+    close_runs,
+    closed_buckets,
+    counters,
+    meter_events,
+    meter_totals,
+    org_policies,
+    partition_progress,
+    unbilled_usage,
+    usage_samples,
+)
 
 __all__ = [
     "CloseConfig",
@@ -144,7 +144,7 @@ def _zombie_expr() -> Any:
     <= t <= ended + interval_s + slack``. Unknown ownership (no interval of S yet, or a tick without a
     worker id) is allowed, as in the seed.
     """
-    from infra.db import cell_intervals
+    from sinks.schema import cell_intervals
 
     us = usage_samples.c
     ci = cell_intervals.c
@@ -234,7 +234,7 @@ class SqlStore:
         self._dialect = engine.dialect.name
         if self._dialect not in ("sqlite", "postgresql"):
             raise LedgerError(f"unsupported database dialect {self._dialect!r}")
-        # Writes go through this engine view: on SQLite it begins with BEGIN IMMEDIATE (infra.db).
+        # Writes go through this engine view: on SQLite it begins with BEGIN IMMEDIATE (sinks.schema).
         self._w = engine.execution_options(sqlite_write=True)
 
     # ------------------------------------------------------------------ helpers

@@ -1,6 +1,6 @@
 """The parity store: cell intervals from ``sandbox-scale-events``, the parity table, its alerts.
 
-Tables (:mod:`infra.db`, "parity" section): ``cell_intervals`` (one row per cell row id), ``usage_parity``
+Tables (:mod:`sinks.schema`, "parity" section): ``cell_intervals`` (one row per cell row id), ``usage_parity``
 (one row per pro org × bucket: edge GB-s, cell GB-s, samples, drift, status), ``parity_edge`` (the edge
 side's sums per bucket and org, each sample added once: :meth:`ParityStore.advance_edge`), ``parity_dirty`` (buckets
 whose cell side changed since they were last computed), ``parity_alerts`` (one row per alert, the dedup)
@@ -35,21 +35,6 @@ from typing import Any, Final
 import orjson
 from sqlalchemy import Connection, Engine, and_, delete, func, or_, select, text, tuple_, union_all
 
-from infra.db import (
-    cell_intervals,
-    close_runs,
-    closed_buckets,
-    counters,
-    meter_events,
-    org_policies,
-    parity_alerts,
-    parity_dirty,
-    parity_edge,
-    parity_state,
-    usage_parity,
-    usage_samples,
-)
-from infra.settings import Settings
 from models.billing import Plan
 from models.parity import (
     AlertEpisode,
@@ -71,6 +56,20 @@ from models.parity import (
 from models.policy import OrgPolicy, PolicyHistory
 from models.watermark import PartitionState, last_closable_bucket, watermark
 from sinks.ledger import Clock, SqlStore, policy_from_row, read_partition_states, wall_clock_ms
+from sinks.schema import (
+    cell_intervals,
+    close_runs,
+    closed_buckets,
+    counters,
+    meter_events,
+    org_policies,
+    parity_alerts,
+    parity_dirty,
+    parity_edge,
+    parity_state,
+    usage_parity,
+    usage_samples,
+)
 
 __all__ = [
     "GateStatus",
@@ -112,7 +111,7 @@ class ScaleWriteResult:
 
 @dataclass(frozen=True, slots=True)
 class ParityConfig:
-    """Everything the refresher needs, derived from settings (see :meth:`from_settings`)."""
+    """Everything the refresher needs (built from the settings at the application edge)."""
 
     bucket_seconds: int
     grace_seconds: int
@@ -124,30 +123,6 @@ class ParityConfig:
     ticks_topic: str
     required: Mapping[str, int]  # topic -> partitions whose progress settles a bucket
     event_time_topics: frozenset[str]
-
-    @classmethod
-    def from_settings(cls, settings: Settings, *, ticks_topic: str, required: Mapping[str, int]) -> ParityConfig:
-        p = settings.parity
-        b = settings.billing
-        return cls(
-            bucket_seconds=b.bucket_seconds,
-            grace_seconds=b.grace_seconds,
-            tolerance=Fraction(p.tolerance),
-            slack_seconds=p.boundary_slack_seconds,
-            lookback_seconds=p.lookback_hours * 3600,
-            rule=AlertRule(
-                org_min_gb_seconds=p.alert_org_min_gb_seconds,
-                org_drift=p.alert_org_drift,
-                min_orgs=p.alert_min_orgs,
-                aggregate_min_gb_seconds=p.alert_aggregate_min_gb_seconds,
-                aggregate_drift=p.alert_aggregate_drift,
-                consecutive=p.alert_consecutive_buckets,
-            ),
-            stale_after_ms=int(b.progress_stale_after * 1000),
-            ticks_topic=ticks_topic,
-            required=dict(required),
-            event_time_topics=frozenset({ticks_topic}),
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,19 +150,6 @@ class ParityRow:
     @property
     def flagged(self) -> bool:
         return self.status is not ParityStatus.OK
-
-    def to_wire(self) -> dict[str, Any]:
-        """Exact values as decimal strings (CLI ``--json``)."""
-        return {
-            "org_id": self.org_id,
-            "bucket_start": self.bucket_start,
-            "gb_seconds": str(self.edge_gb_s),
-            "samples": self.samples,
-            "cell_gb_seconds": str(self.cell_gb_s),
-            "slack_gb_seconds": str(gb_seconds_of_mb_ms(self.slack_mb_ms)),
-            "drift": str(self.drift),
-            "status": self.status.value,
-        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -211,7 +211,7 @@ def error_kind(err: BaseException) -> str:
 @contextmanager
 def observed() -> Iterator[None]:
     """Time one Stripe call into ``edgebill_stripe_request_seconds``; count a failure by kind."""
-    from infra.metrics import stripe_errors_total, stripe_request_seconds
+    from sinks.observe import stripe_errors_total, stripe_request_seconds
 
     start = time.perf_counter()
     try:

@@ -1,7 +1,7 @@
 """The Faust app: the one global of edgebill.
 
-It is created unconfigured; :func:`configure` gives it the settings (broker, group, timings, web) and
-:func:`streams.pipeline.install` registers topics, agents, timers and web views with their
+It is created unconfigured; :func:`configure` gives it its configuration (broker, group, timings, web)
+and :func:`streams.wiring.install` registers topics, agents, timers and web views with their
 dependencies passed in explicitly. Nothing here reads the environment.
 """
 
@@ -11,16 +11,16 @@ from typing import Any
 
 import faust
 
-from infra.settings import Settings
+from streams.config import KafkaConfig, WebConfig
 
 __all__ = ["app", "configure", "faust_options"]
 
 app = faust.App("edgebill", autodiscover=False)
 
 
-def faust_options(settings: Settings) -> dict[str, Any]:
-    """Faust settings derived from ours (timings tuned for a ~4 s start; see local-infra-findings §2d)."""
-    k = settings.kafka
+def faust_options(k: KafkaConfig, web: WebConfig) -> dict[str, Any]:
+    """Faust settings derived from ours. The default timings give a ~4 s start on the embedded broker,
+    whose group join lasts about half the session timeout."""
     return {
         "broker": [f"kafka://{s.strip()}" for s in k.servers.split(",") if s.strip()],
         "broker_session_timeout": k.session_timeout,
@@ -35,9 +35,9 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "processing_guarantee": "at_least_once",
         "store": "memory://",
         "web_enabled": True,
-        "web_bind": settings.web.host,
-        "web_host": settings.web.host,
-        "web_port": settings.web.port,
+        "web_bind": web.host,
+        "web_host": web.host,
+        "web_port": web.port,
         "web_in_thread": False,
         "worker_redirect_stdouts": False,
         "producer_acks": -1,
@@ -45,9 +45,9 @@ def faust_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def configure(settings: Settings) -> faust.App:
-    """Give the global app its settings. Call once, before :func:`streams.pipeline.install`."""
-    app.config_from_object(faust_options(settings), force=True)
+def configure(k: KafkaConfig, web: WebConfig) -> faust.App:
+    """Give the global app its configuration. Call once, before :func:`streams.wiring.install`."""
+    app.config_from_object(faust_options(k, web), force=True)
     # The app id is Faust's consumer group id; it comes from our settings, not from the constructor.
-    app.conf.id = settings.kafka.group_id
+    app.conf.id = k.group_id
     return app

@@ -4,9 +4,6 @@
   ones to ``sandbox-scale-events-dlq`` (reason + source headers, original bytes) -> intervals into the
   ledger with the partition's progress, in one transaction (:meth:`ParityStore.write_scale_events`).
   Offsets are acked only after that commit: a failed write is retried, never acked.
-* ``cell-progress`` timer (every worker): reports the log end of the scale partitions it owns, so the
-  topic's lag is known and the parity watermark can tell when the cell side is caught up (only when the
-  pipeline's own progress reporter does not already cover the topic).
 * ``parity`` timer (leader): :meth:`ParityStore.refresh` in a thread — recomputes the buckets that changed,
   stores the watermark — then publishes due alerts to the alerts topic (``billing-alerts``) and logs them,
   once each, and logs every newly flagged settled (org, bucket) once per process.
@@ -19,45 +16,20 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from models.parity import ScaleEvent, parse_scale_event
+from models.ticks import FUTURE_TOLERANCE_MS
 from models.watermark import last_closable_bucket
-from sinks.parity import ParityConfig, ParityStore, PendingAlert, RefreshResult, RefreshState, SourcedScaleEvent
-from streams.pipeline import (
-    FUTURE_TOLERANCE_MS,
-    RAW_BYTES,
-    TOPIC_SCALE_EVENTS,
-    DeadLetter,
-    RawRecord,
-    Record,
-    dead_letter,
-    retry_forever,
-)
+from sinks.parity import ParityStore, PendingAlert, RefreshResult, RefreshState, SourcedScaleEvent
+from streams.pipeline import Deps
+from streams.records import RAW_BYTES, DeadLetter, RawRecord, Record, dead_letter, retry_forever
 
-if TYPE_CHECKING:
-    from infra.settings import Settings
-    from streams.pipeline import Deps, Pipeline
-
-__all__ = [
-    "FUTURE_TOLERANCE_MS",
-    "TOPIC_ALERTS_DEFAULT",
-    "TOPIC_SCALE",
-    "TOPIC_SCALE_DLQ",
-    "ParityRuntime",
-    "ScaleBatch",
-    "install_parity",
-    "parity_config",
-    "prepare_scale",
-]
+__all__ = ["ParityRuntime", "ScaleBatch", "install_parity", "prepare_scale"]
 
 log = logging.getLogger(__name__)
-
-TOPIC_SCALE = TOPIC_SCALE_EVENTS
-TOPIC_SCALE_DLQ = "sandbox-scale-events-dlq"
-TOPIC_ALERTS_DEFAULT = "billing-alerts"
 
 
 @dataclass(slots=True)
@@ -89,30 +61,17 @@ def prepare_scale(records: Iterable[Record], topic: str, now_ms: int) -> ScaleBa
     return out
 
 
-def parity_config(settings: Settings) -> ParityConfig:
-    """The refresher's configuration: a bucket is settled on the ticks, policy and scale-event partitions."""
-    from streams.pipeline import TOPIC_POLICY, TOPIC_TICKS
-
-    k = settings.kafka
-    ticks = k.topic(TOPIC_TICKS)
-    return ParityConfig.from_settings(
-        settings,
-        ticks_topic=ticks,
-        required={ticks: k.partitions, k.topic(TOPIC_POLICY): k.partitions, k.topic(TOPIC_SCALE): k.partitions},
-    )
-
-
 class ParityRuntime:
     """The cell agent's and the refresher's behaviour, independent of Faust so tests can drive it."""
 
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
-        s = deps.settings
-        self.scale_topic = s.kafka.topic(TOPIC_SCALE)
-        self.dlq_topic = s.kafka.topic(TOPIC_SCALE_DLQ)
-        self.alerts_topic = s.kafka.topic(s.parity.alerts_topic)
-        self.store = ParityStore(deps.ledger.engine, bucket_seconds=s.billing.bucket_seconds, clock=deps.clock_ms)
-        self.cfg = parity_config(s)
+        cfg = deps.config
+        self.scale_topic = cfg.topics.scale
+        self.dlq_topic = cfg.topics.scale_dlq
+        self.alerts_topic = cfg.topics.alerts
+        self.store = ParityStore(deps.ledger.engine, bucket_seconds=cfg.bucket_seconds, clock=deps.clock_ms)
+        self.cfg = cfg.parity
         self.state = RefreshState()
         self.last_refresh: RefreshResult | None = None
         self._lock = asyncio.Lock()
@@ -190,13 +149,17 @@ class ParityRuntime:
                     log.exception("could not mark alerts published; they will be published again")
 
 
-def install_parity(app: Any, deps: Deps, pipe: Pipeline) -> ParityRuntime:
-    """Register the cell agent, its DLQ, the scale-topic progress reporter and the parity refresher."""
+def install_parity(app: Any, deps: Deps) -> ParityRuntime:
+    """Register the cell agent, its DLQ and the parity refresher.
+
+    The scale topic's log end is reported by the worker's progress timer, with the other topics the
+    closer waits on (:mod:`streams.wiring`).
+    """
     rt = ParityRuntime(deps)
-    k = deps.settings.kafka
+    n = deps.config.kafka.partitions
     raw = RAW_BYTES
-    scale = app.topic(rt.scale_topic, partitions=k.partitions, **raw)
-    dlq = app.topic(rt.dlq_topic, partitions=k.partitions, **raw)
+    scale = app.topic(rt.scale_topic, partitions=n, **raw)
+    dlq = app.topic(rt.dlq_topic, partitions=n, **raw)
     alerts = app.topic(rt.alerts_topic, partitions=1, **raw)
 
     async def cell_agent(stream: Any) -> Any:
@@ -218,21 +181,6 @@ def install_parity(app: Any, deps: Deps, pipe: Pipeline) -> ParityRuntime:
 
     app.agent(scale, name="edgebill.cell")(cell_agent)
 
-    async def report_progress() -> None:
-        """Report the log end of the scale partitions this worker owns (see pipeline.report_progress)."""
-        try:
-            marks: dict[int, int] = {}
-            for tp in app.consumer.assignment():
-                if tp.topic != rt.scale_topic:
-                    continue
-                hw = app.consumer.highwater(tp)
-                if hw is not None:
-                    marks[tp.partition] = int(hw)
-            if marks:
-                await asyncio.to_thread(deps.ledger.report_highwaters, rt.scale_topic, marks, deps.owner)
-        except Exception:
-            log.exception("cell progress report failed")
-
     async def publish(alert: PendingAlert) -> None:
         fut = await alerts.send(
             key=alert.id.encode(),
@@ -244,7 +192,5 @@ def install_parity(app: Any, deps: Deps, pipe: Pipeline) -> ParityRuntime:
     async def refresh() -> None:
         await rt.refresh_tick(publish)
 
-    if rt.scale_topic not in getattr(pipe, "partitions", {}):  # else the pipeline's own reporter covers it
-        app.timer(0.5, name="edgebill.cell-progress")(report_progress)
-    app.timer(deps.settings.parity.refresh_interval, on_leader=True, name="edgebill.parity")(refresh)
+    app.timer(deps.config.parity_refresh_interval_s, on_leader=True, name="edgebill.parity")(refresh)
     return rt

@@ -35,7 +35,8 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, ConsumerStoppedError, IllegalStateError, KafkaError
 from mode import Service
 
-from streams.pipeline import DeadLetter, IngestBatch, Pipeline, RawRecord, prepare_ingest, retry_forever
+from streams.pipeline import IngestBatch, Pipeline, prepare_ingest
+from streams.records import DeadLetter, RawRecord, retry_forever
 
 __all__ = ["TickIngestor", "make_ingest_service"]
 
@@ -75,7 +76,7 @@ class TickIngestor:
         # Batches are sized in ticks, not messages: a message may carry one tick or hundreds.
         self._target_ticks = target_ticks
         self._ticks_per_message = 1.0
-        k = pipe.deps.settings.kafka
+        k = pipe.deps.config.kafka
         self.group_id = f"{k.group_id}.ticks"
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=k.servers,

@@ -29,20 +29,18 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from decimal import Decimal
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from infra.metrics import render_metrics
 from models.parity import dashboard_token, verify_dashboard_token, verify_request
 from models.watermark import last_closable_bucket
 from sinks.parity import ParityConfig, ParityRow, ParityStore
-from streams.cell import TOPIC_SCALE, parity_config
-
-if TYPE_CHECKING:
-    from infra.settings import Settings
-    from streams.pipeline import Deps, Pipeline
+from streams.config import WebConfig
+from streams.metrics_view import render_metrics
+from streams.parity_json import gate_json, number, window_org_json
+from streams.pipeline import Deps, Pipeline
 
 __all__ = ["COOKIE", "dashboard_data", "dashboard_url", "install_web", "parity_window_json"]
 
@@ -50,7 +48,6 @@ log = logging.getLogger(__name__)
 
 COOKIE: Final = "edgebill_dashboard"
 MAX_WINDOW_SECONDS: Final = 35 * 86_400
-_Q6: Final = Decimal("0.000001")
 _CSP: Final = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -61,21 +58,14 @@ _STATIC: Final = {
 }
 
 
-def _num(d: Decimal) -> float:
-    """A 6-decimal JSON number (its text is exact: ≤ 15 significant digits round-trip through a float)."""
-    return float(d.quantize(_Q6))
-
-
 def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def dashboard_url(settings: Settings, now_s: int) -> str:
-    """A dashboard link valid for ``EDGEBILL_PARITY_DASHBOARD_TOKEN_TTL`` seconds from ``now_s``."""
-    token = dashboard_token(
-        settings.web.internal_secret.get_secret_value().encode(), now_s + settings.parity.dashboard_token_ttl
-    )
-    return f"http://{settings.web.host}:{settings.web.port}/dashboard?token={token}"
+def dashboard_url(web: WebConfig, now_s: int) -> str:
+    """A dashboard link valid for ``web.dashboard_token_ttl_s`` seconds from ``now_s``."""
+    token = dashboard_token(web.internal_secret, now_s + web.dashboard_token_ttl_s)
+    return f"{web.base_url}/dashboard?token={token}"
 
 
 def parity_window_json(store: ParityStore, cfg: ParityConfig, from_s: int, to_s: int, now_ms: int) -> dict[str, Any]:
@@ -83,24 +73,12 @@ def parity_window_json(store: ParityStore, cfg: ParityConfig, from_s: int, to_s:
     orgs = store.window(from_s, to_s, cfg)
     return {
         "window": {"from": from_s, "to": to_s},
-        "orgs": [
-            {
-                "org_id": o.org_id,
-                "gb_seconds": _num(o.measure.edge_gb_s),
-                "samples": o.measure.samples,
-                "cell_gb_seconds": _num(o.measure.cell_gb_s),
-                "drift": _num(o.drift),
-                "status": o.status.value,
-            }
-            for o in orgs
-        ],
+        "orgs": [window_org_json(o) for o in orgs],
         "as_of": _iso(now_ms),
     }
 
 
-def dashboard_data(
-    store: ParityStore, cfg: ParityConfig, settings: Settings, now_ms: int, hours: int
-) -> dict[str, Any]:
+def dashboard_data(store: ParityStore, cfg: ParityConfig, web: WebConfig, now_ms: int, hours: int) -> dict[str, Any]:
     """Everything the dashboard draws, for the last ``hours`` hours (blocking: call from a thread)."""
     size = cfg.bucket_seconds
     current = (now_ms // 1000) // size * size
@@ -126,9 +104,9 @@ def dashboard_data(
             {
                 "start": b,
                 "label": datetime.fromtimestamp(b, UTC).strftime("%m-%d %H:%M"),
-                "edge": _num(edge),
-                "cell": _num(cell),
-                "drift": _num(drift),
+                "edge": number(edge),
+                "cell": number(cell),
+                "drift": number(drift),
                 "orgs": len(rs),
                 "flagged": flagged,
                 "settled": last is not None and b <= last,
@@ -138,14 +116,14 @@ def dashboard_data(
     for r in rows:
         o = orgs.setdefault(r.org_id, {"org_id": r.org_id, "cells": {}, "flagged": 0, "worst": 0.0})
         o["cells"][str(r.bucket_start)] = {
-            "drift": _num(r.drift),
+            "drift": number(r.drift),
             "status": r.status.value,
-            "edge": _num(r.edge_gb_s),
-            "cell": _num(r.cell_gb_s),
+            "edge": number(r.edge_gb_s),
+            "cell": number(r.cell_gb_s),
         }
         if r.flagged:
             o["flagged"] += 1
-            o["worst"] = max(o["worst"], abs(_num(r.drift)))
+            o["worst"] = max(o["worst"], abs(number(r.drift)))
     worst = sorted(
         (r for r in rows if r.flagged and last is not None and r.bucket_start <= last),
         key=lambda r: (-abs(r.drift), -r.bucket_start, r.org_id),
@@ -161,15 +139,8 @@ def dashboard_data(
         "refreshed_ms": st.get("refreshed_ms"),
         "watermark_ms": wm,
         "bucket_seconds": size,
-        "tolerance": str(settings.parity.tolerance),
-        "gate": {
-            "clean_buckets": gate.clean_buckets,
-            "clean_hours": _num(gate.clean_hours),
-            "required_hours": settings.parity.gate_hours,
-            "open": gate.clean_hours >= settings.parity.gate_hours,
-            "last_settled": gate.last_settled,
-            "last_flagged": gate.last_flagged,
-        },
+        "tolerance": str(web.parity_tolerance),
+        "gate": gate_json(gate, web.gate_hours),
         "buckets": buckets,
         "orgs": sorted(orgs.values(), key=lambda o: (-o["flagged"], -o["worst"], o["org_id"])),
         "worst": [
@@ -177,10 +148,10 @@ def dashboard_data(
                 "org_id": r.org_id,
                 "bucket_start": r.bucket_start,
                 "label": datetime.fromtimestamp(r.bucket_start, UTC).strftime("%m-%d %H:%M"),
-                "drift": _num(r.drift),
+                "drift": number(r.drift),
                 "status": r.status.value,
-                "edge": _num(r.edge_gb_s),
-                "cell": _num(r.cell_gb_s),
+                "edge": number(r.edge_gb_s),
+                "cell": number(r.cell_gb_s),
             }
             for r in worst
         ],
@@ -193,7 +164,7 @@ def dashboard_data(
 
 
 def _static(name: str) -> bytes:
-    return (resources.files("infra") / "static" / name).read_bytes()
+    return (resources.files("streams") / "static" / name).read_bytes()
 
 
 def _page(data: dict[str, Any]) -> str:
@@ -203,13 +174,13 @@ def _page(data: dict[str, Any]) -> str:
 
 def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
     """Register ``/healthz``, ``/metrics``, ``/internal/usage-parity`` and the dashboard on ``app``."""
-    settings = deps.settings
-    cfg = parity_config(settings)
-    store = ParityStore(deps.ledger.engine, bucket_seconds=settings.billing.bucket_seconds, clock=deps.clock_ms)
-    secret = settings.web.internal_secret.get_secret_value().encode()
-    tolerance = settings.parity.signature_tolerance_seconds
-    k = settings.kafka
-    consumed = {pipe.ticks_topic, pipe.policy_topic, k.topic(TOPIC_SCALE)}
+    config = deps.config
+    web_cfg = config.web
+    cfg = config.parity
+    store = ParityStore(deps.ledger.engine, bucket_seconds=config.bucket_seconds, clock=deps.clock_ms)
+    secret = web_cfg.internal_secret
+    tolerance = web_cfg.signature_tolerance_s
+    consumed = {pipe.ticks_topic, pipe.policy_topic, pipe.scale_topic}
 
     def now_s() -> int:
         return deps.clock_ms() // 1000
@@ -242,9 +213,9 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
             {
                 "ok": True,
                 "owner": deps.owner,
-                "shadow": settings.billing.shadow,
-                "bill_from": settings.billing.bill_from,
-                "authority": settings.billing.pro_billing_authority.value,
+                "shadow": config.close.shadow,
+                "bill_from": config.close.bill_from,
+                "authority": config.authority.value,
                 "rows": await asyncio.to_thread(deps.ledger.state_counts),
             }
         )
@@ -252,7 +223,7 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
     @app.page("/metrics")  # type: ignore[untyped-decorator]
     async def metrics(web: Any, request: Any) -> Any:
         body = await asyncio.to_thread(
-            lambda: render_metrics(store.metrics(settings.billing.grace_seconds), consumed, time.time())
+            lambda: render_metrics(store.metrics(config.close.grace_seconds), consumed, time.time())
         )
         return web.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -287,7 +258,7 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
                 "open the link printed by `edgebill parity --dashboard-url`\n", status=401, headers=secure()
             )
         hours = 48
-        data = await asyncio.to_thread(dashboard_data, store, cfg, settings, deps.clock_ms(), hours)
+        data = await asyncio.to_thread(dashboard_data, store, cfg, web_cfg, deps.clock_ms(), hours)
         return web.html(_page(data), headers=secure())
 
     @app.page("/dashboard/data.json")  # type: ignore[untyped-decorator]
@@ -298,7 +269,7 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
             hours = min(24 * 35, max(1, int(request.query.get("hours", "48"))))
         except ValueError:
             return web.json({"error": "hours must be an integer"}, status=400)
-        data = await asyncio.to_thread(dashboard_data, store, cfg, settings, deps.clock_ms(), hours)
+        data = await asyncio.to_thread(dashboard_data, store, cfg, web_cfg, deps.clock_ms(), hours)
         return web.json(data, headers=secure())
 
     @app.page("/dashboard/{name}")  # type: ignore[untyped-decorator]

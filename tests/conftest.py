@@ -23,8 +23,9 @@ from typing import Any, Literal
 import pytest
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from infra.broker import EmbeddedBroker, ensure_topics, free_port
-from infra.procs import terminate
+from infra.devkit.broker import EmbeddedBroker, free_port
+from infra.devkit.procs import terminate
+from infra.kafka_admin import ensure_topics
 from infra.settings import KafkaSettings
 
 # ==================================================================================== Kafka broker
@@ -320,10 +321,10 @@ def make_stack(kafka_bootstrap: str, tmp_path: Path, request: pytest.FixtureRequ
     ``database="postgresql"`` gives the stack a fresh schema on the PostgreSQL of ``pg_base_url`` (the test
     skips with the reason when none answers), as several workers in one group need.
     """
-    from infra.db import make_engine, migrate
+    from infra.devkit.stripe_fake import StripeServerThread
     from infra.settings import child_env
-    from infra.stripe_fake import StripeServerThread
     from sinks.ledger import Ledger
+    from sinks.schema import make_engine, migrate
     from sinks.stripe import make_client
 
     made: list[tuple[Stack, Any, Any]] = []

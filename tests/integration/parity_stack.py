@@ -17,16 +17,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.broker import free_port
-from infra.db import make_engine, migrate
+from infra.devkit.broker import free_port
+from infra.devkit.procs import terminate
+from infra.devkit.simulator import Fleet
 from infra.kafka_io import publish_sync
-from infra.procs import terminate
 from infra.settings import child_env
-from infra.simulator import Fleet
 from models.parity import sign_request
 from models.policy import OrgPolicy
 from sinks.ledger import Ledger
 from sinks.parity import ParityStore
+from sinks.schema import make_engine, migrate
 
 SECRET = "parity-test-secret"
 H = 3600
@@ -90,7 +90,7 @@ class ParityStack:
 
     def publish_fleet(self, fleet: Fleet, ticks: list | None = None) -> int:  # type: ignore[type-arg]
         """Policies, ticks (``ticks`` or the fleet's) and the fleet's scale events; returns the scale messages."""
-        from infra.simulator import encode_messages
+        from infra.devkit.simulator import encode_messages
 
         start = fleet.spec.start
         pols = [

@@ -1,4 +1,4 @@
-"""The embedded Tansu broker (infra.broker): start, answer Kafka, round trip, stop, foreground run."""
+"""The embedded Tansu broker (infra.devkit.broker): start, answer Kafka, round trip, stop, foreground run."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from infra.broker import EmbeddedBroker, ensure_topics, free_port, kafka_answers, wait_for_kafka
+from infra.devkit.broker import EmbeddedBroker, free_port
+from infra.kafka_admin import ensure_topics, kafka_answers, wait_for_kafka
 from models.errors import BrokerError
 
 pytestmark = pytest.mark.integration
@@ -137,7 +138,7 @@ def test_ensure_topics_is_idempotent_and_warns_on_partition_mismatch(
     other = topic_name + "-b"
     ensure_topics(kafka_bootstrap, {topic_name: 3, other: 1})
     ensure_topics(kafka_bootstrap, {topic_name: 3, other: 1})
-    with caplog.at_level(logging.WARNING, logger="infra.broker"):
+    with caplog.at_level(logging.WARNING, logger="infra.devkit.broker"):
         ensure_topics(kafka_bootstrap, {topic_name: 2})
     assert f"topic {topic_name} exists with 3 partitions, wanted 2" in caplog.text
 
@@ -159,7 +160,7 @@ def test_ensure_topics_is_idempotent_and_warns_on_partition_mismatch(
 def test_run_foreground_binds_loopback_and_exits_0_on_signal(sig: signal.Signals) -> None:
     port = free_port()
     bootstrap = f"127.0.0.1:{port}"
-    code = f"from infra.broker import run_foreground; raise SystemExit(run_foreground({port}))"
+    code = f"from infra.devkit.broker import run_foreground; raise SystemExit(run_foreground({port}))"
     proc = subprocess.Popen(
         [sys.executable, "-c", code],
         stdout=subprocess.PIPE,

@@ -13,11 +13,12 @@ from typing import Any
 import orjson
 import pytest
 
-from infra.db import make_engine, migrate
 from infra.kafka_io import publish_sync
+from infra.runtime import worker_config
 from infra.settings import load_settings
 from models.ticks import Tick
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
+from sinks.schema import make_engine, migrate
 from streams.pipeline import Deps, Pipeline
 
 pytestmark = pytest.mark.integration
@@ -41,7 +42,9 @@ def _pipeline(ledger: Ledger, partitions: int = 2) -> Pipeline:
         kafka={"partitions": partitions, "topic_prefix": ""},
         billing={"shadow": False, "pro_billing_authority": "edge", "bill_from": B0 - 10 * H},
     )
-    return Pipeline(Deps(settings=settings, ledger=ledger, sender=None, clock_ms=lambda: NOW_MS, owner="test"))
+    return Pipeline(
+        Deps(config=worker_config(settings), ledger=ledger, sender=None, clock_ms=lambda: NOW_MS, owner="test")
+    )
 
 
 def _tick(org: str, ts_s: int, tid: str, part: int, off: int) -> SourcedTick:

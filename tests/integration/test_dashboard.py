@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from parity_stack import SECRET, ParityStack, parity_stack
 
-from infra.simulator import FleetSpec, build_fleet, inject_drift, pick_drift_specs
+from infra.devkit.simulator import FleetSpec, build_fleet, inject_drift, pick_drift_specs
 from models.parity import dashboard_token
 
 pytestmark = pytest.mark.integration

@@ -27,8 +27,8 @@ import pytest
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.catalog import ensure_customers, ensure_meters, meter_totals
+from infra.devkit.stripe_fake import FaultConfig
 from infra.kafka_io import publish_sync, read_topic_sync
-from infra.stripe_fake import FaultConfig
 from models.policy import OrgPolicy
 
 pytestmark = pytest.mark.integration

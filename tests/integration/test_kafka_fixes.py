@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient
 
 from infra import kafka_fixes
-from infra.broker import ensure_topics
+from infra.kafka_admin import ensure_topics
 
 pytestmark = pytest.mark.integration
 

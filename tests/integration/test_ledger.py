@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from infra.db import make_engine, meter_totals, migrate
 from models.billing import UNIFIED_METER, RowState
 from models.policy import OrgPolicy
 from models.ticks import Tick
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
+from sinks.schema import make_engine, meter_totals, migrate
 
 pytestmark = pytest.mark.integration
 
@@ -246,7 +246,7 @@ def test_ledger_refuses_another_bucket_size(ledger: Ledger) -> None:
 
 
 def _interval(led: Ledger, iid: str, sandbox: str, worker: str, start_s: int, end_s: int | None) -> None:
-    from infra.db import cell_intervals
+    from sinks.schema import cell_intervals
 
     with led.engine.begin() as conn:
         conn.execute(

@@ -6,7 +6,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from infra.db import make_engine, metadata, migrate
+from sinks.schema import make_engine, metadata, migrate
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,8 @@ import pytest
 from parity_stack import SECRET, ParityStack, parity_stack
 from prometheus_client.parser import text_string_to_metric_families
 
+from infra.devkit.simulator import FleetSpec, build_fleet, inject_drift, pick_drift_specs
 from infra.kafka_io import publish_sync, read_topic_sync
-from infra.simulator import FleetSpec, build_fleet, inject_drift, pick_drift_specs
 from models.parity import ParityStatus
 
 pytestmark = pytest.mark.integration
@@ -167,7 +167,7 @@ def test_produce_publishes_the_cell_side_and_injects_drift(
 
     from click.testing import CliRunner
 
-    from infra.cli import cli
+    from infra.devkit.cli import cli
 
     for k in list(os.environ):
         if k.startswith("EDGEBILL_"):

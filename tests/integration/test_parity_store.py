@@ -8,14 +8,14 @@ from fractions import Fraction
 
 import pytest
 
-from infra.db import make_engine, migrate
-from infra.simulator import FleetSpec, SimScaleRow, SimTick, build_fleet, inject_drift, pick_drift_specs
+from infra.devkit.simulator import FleetSpec, SimScaleRow, SimTick, build_fleet, inject_drift, pick_drift_specs
 from models.parity import AlertRule, ParityStatus, ScaleEvent
 from models.policy import OrgPolicy
 from models.ticks import Tick
 from models.watermark import last_closable_bucket
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
 from sinks.parity import ParityConfig, ParityStore, RefreshState, SourcedScaleEvent
+from sinks.schema import make_engine, migrate
 
 pytestmark = pytest.mark.integration
 
@@ -347,7 +347,7 @@ def test_parity_command(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Non
 
     from click.testing import CliRunner
 
-    from infra.cli import cli
+    from infra.devkit.cli import cli
 
     for k in list(os.environ):
         if k.startswith("EDGEBILL_"):

@@ -17,8 +17,8 @@ import orjson
 import pytest
 
 from infra.catalog import ensure_customers, ensure_meters, meter_totals
+from infra.devkit.simulator import FleetSpec, build_fleet
 from infra.kafka_io import publish_sync, read_topic_sync
-from infra.simulator import FleetSpec, build_fleet
 from models.policy import OrgPolicy
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from infra.broker import ensure_topics
+from infra.kafka_admin import ensure_topics
 
 pytestmark = pytest.mark.integration
 

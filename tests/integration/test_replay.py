@@ -21,13 +21,13 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import delete
 
-from infra.db import cell_intervals, make_engine, migrate, usage_samples
 from infra.kafka_io import publish_sync
 from infra.replay import ReplayRefused, ReplayResult, ReplaySpec, apply_missing, run_replay
 from models.billing import UNIFIED_METER
 from models.policy import OrgPolicy
 from models.ticks import Tick, parse_record
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
+from sinks.schema import cell_intervals, make_engine, migrate, usage_samples
 
 pytestmark = pytest.mark.integration
 
@@ -392,7 +392,7 @@ def test_apply_refuses_what_it_cannot_fix(
 def test_cli_dry_run_exit_codes_json_and_apply(
     kafka_bootstrap: str, create_topic: Callable[..., str], tmp_path: Path, make_ledger: Any
 ) -> None:
-    from infra.cli import cli
+    from infra.devkit.cli import cli
 
     prefix = f"r{NOW_S % 100000}{time.monotonic_ns() % 10000}."
     topic = create_topic(f"{prefix}usage-ticks", 4)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from infra.bench import tick_messages
+from infra.devkit.bench import tick_messages
 from infra.kafka_io import publish_sync
 from models.policy import OrgPolicy
 
@@ -63,7 +63,7 @@ def test_two_workers_share_the_partitions_and_the_totals_stay_exact(make_stack: 
 def _owners(stack: Any) -> list[tuple[Any, str | None]]:
     from sqlalchemy import select
 
-    from infra.db import partition_progress
+    from sinks.schema import partition_progress
 
     with stack.ledger.engine.connect() as conn:
         rows = conn.execute(select(partition_progress)).all()

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from infra.db import make_engine, migrate
 from models.billing import RowState
 from models.policy import OrgPolicy
 from models.ticks import Tick
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
+from sinks.schema import make_engine, migrate
 
 pytestmark = pytest.mark.integration
 

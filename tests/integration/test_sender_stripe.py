@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 
 from infra.catalog import ensure_customers, ensure_meters, meter_totals
-from infra.db import make_engine, migrate
-from infra.stripe_fake import FaultConfig, StripeServerThread
+from infra.devkit.stripe_fake import FaultConfig, StripeServerThread
 from models.billing import UNIFIED_METER
 from models.policy import OrgPolicy
 from models.ticks import Tick
 from sinks.base import RetryingSink
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
 from sinks.outbox import OutboxSender
+from sinks.schema import make_engine, migrate
 from sinks.stripe import StripeMeterSink, make_client
 
 pytestmark = pytest.mark.integration

@@ -17,14 +17,14 @@ import pytest
 import stripe
 
 from infra.catalog import ensure_customers, ensure_meters, meter_totals
-from infra.db import make_engine, migrate
-from infra.stripe_fake import FaultConfig, StripeServerThread
+from infra.devkit.stripe_fake import FaultConfig, StripeServerThread
 from models.billing import UNIFIED_METER
 from models.policy import OrgPolicy
 from models.ticks import Tick
 from sinks.base import RetryingSink
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
 from sinks.outbox import OutboxSender
+from sinks.schema import make_engine, migrate
 from sinks.stripe import StripeMeterSink, make_client, make_http_session
 
 pytestmark = pytest.mark.integration

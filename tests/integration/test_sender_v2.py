@@ -16,16 +16,16 @@ import stripe
 from pydantic import SecretStr
 
 from infra.catalog import ensure_customers, ensure_meters, meter_totals
-from infra.db import make_engine, migrate
+from infra.devkit.stripe_fake import FaultConfig, StripeServerThread
 from infra.runtime import build_sender
 from infra.settings import StripeSettings
-from infra.stripe_fake import FaultConfig, StripeServerThread
 from models.billing import UNIFIED_METER
 from models.policy import OrgPolicy
 from models.ticks import Tick
 from sinks.base import RetryingSink
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
 from sinks.outbox import V2_ACCEPTED_NOTE, OutboxSender
+from sinks.schema import make_engine, migrate
 from sinks.stripe import make_client
 from sinks.stripe_v2 import ERROR_REPORT_CURSOR, ErrorReportReconciler, MeterEventSessions, StripeStreamSink
 

@@ -11,8 +11,8 @@ import pytest
 import requests
 import stripe
 
-from infra.stripe_fake import FakeStripe, FaultConfig, StripeServerThread
-from infra.stripe_fake._params import parse_form
+from infra.devkit.stripe_fake import FakeStripe, FaultConfig, StripeServerThread
+from infra.devkit.stripe_fake._params import parse_form
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ import pytest
 import requests
 import stripe
 
-from infra.stripe_fake import StripeServerThread
+from infra.devkit.stripe_fake import StripeServerThread
 
 pytestmark = pytest.mark.integration
 

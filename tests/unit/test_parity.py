@@ -9,7 +9,7 @@ from fractions import Fraction
 import orjson
 import pytest
 
-from infra.simulator import (
+from infra.devkit.simulator import (
     FleetSpec,
     build_fleet,
     encode_scale_messages,

@@ -8,14 +8,15 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from infra.metrics import render_metrics, stripe_errors_total, stripe_request_seconds
 from infra.settings import load_settings
 from models.errors import ConfigError
 from models.parity import ParityStatus
 from models.watermark import PartitionState
+from sinks.observe import stripe_errors_total, stripe_request_seconds
 from sinks.parity import GateStatus, MetricsSnapshot, ParityRow
 from streams.cell import prepare_scale
-from streams.pipeline import RawRecord
+from streams.metrics_view import render_metrics
+from streams.records import RawRecord
 
 NOW = 1_790_000_000_000
 TOPIC = "sandbox-scale-events"

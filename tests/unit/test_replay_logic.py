@@ -7,7 +7,7 @@ from decimal import Decimal
 import click
 import pytest
 
-from infra.cli import _partition_offsets
+from infra.cli.replay import _partition_offsets
 from infra.replay import (
     Aggregates,
     KeyDiff,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from infra.cli import cli
+from infra.devkit.cli import cli
 from infra.settings import Authority, load_settings
 from models.errors import ConfigError
 

@@ -1,0 +1,5 @@
+"""``python -m infra.cli``: the production commands."""
+
+from infra.cli import main
+
+main()

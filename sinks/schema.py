@@ -1,0 +1,330 @@
+"""The SQL ledger's schema (SQLAlchemy 2 Core) and database set-up.
+
+The schema is created and evolved only by the Alembic migrations in ``sinks/migrations``;
+:data:`metadata` mirrors it for queries (a test checks that the two agree).
+
+Times are integers: unix milliseconds (``*_ms``) for events, unix seconds for bucket bounds.
+Usage is integers: MB-seconds and seconds. Meter values are decimal strings.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.engine import make_url
+
+__all__ = [
+    "billing_prices",
+    "cell_intervals",
+    "close_runs",
+    "closed_buckets",
+    "counters",
+    "make_engine",
+    "metadata",
+    "meter_events",
+    "meter_totals",
+    "migrate",
+    "org_policies",
+    "parity_alerts",
+    "parity_dirty",
+    "parity_edge",
+    "parity_state",
+    "partition_progress",
+    "unbilled_usage",
+    "usage_parity",
+    "usage_samples",
+]
+
+log = logging.getLogger(__name__)
+
+metadata = MetaData()
+
+usage_samples = Table(
+    "usage_samples",
+    metadata,
+    # Insertion order. The closer aggregates "rows of bucket B with seq above B's cursor" (see
+    # closed_buckets.seq) instead of marking every row it claims: writing a tick costs one row and three
+    # index entries, two of them appends, and closing rewrites nothing.
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("id", String(255), nullable=False),  # envelope id: the dedup key
+    Column("org_id", String(255), nullable=False),
+    Column("sandbox_id", String(255), nullable=False),
+    Column("worker_id", String(255), nullable=False),
+    Column("cell_id", String(255), nullable=False),
+    Column("memory_mb", BigInteger, nullable=False),
+    Column("cpu_count", Integer, nullable=False),
+    Column("interval_s", Integer, nullable=False),
+    Column("ts_ms", BigInteger, nullable=False),
+    Column("bucket_start", BigInteger, nullable=False),
+    Column("src_partition", Integer, nullable=False),
+    Column("src_offset", BigInteger, nullable=False),
+    UniqueConstraint("id", name="uq_usage_samples_id"),
+    # The only secondary index besides the id: closing reads "bucket B above its cursor", parity and
+    # replay read buckets; a time-ordered stream appends to it.
+    Index("ix_usage_samples_bucket_seq", "bucket_start", "seq"),
+)
+
+meter_events = Table(
+    "meter_events",
+    metadata,
+    Column("id", String(255), primary_key=True),  # = Stripe identifier
+    Column("org_id", String(255), nullable=False),
+    Column("bucket_start", BigInteger, nullable=False),
+    Column("bucket_end", BigInteger, nullable=False),
+    Column("meter", String(100), nullable=False),
+    Column("revision", Integer, nullable=False),  # 0 = the bucket's row, n = correction r{n}
+    Column("billing_mode", String(16), nullable=False),
+    Column("value", String(40), nullable=False),  # decimal string sent to Stripe, fixed at creation
+    Column("units", BigInteger, nullable=False),  # exact units in this row (MB-s or s)
+    Column("samples", Integer, nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("stripe_customer_id", String(255), nullable=True),
+    Column("close_id", BigInteger, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+    Column("sent_ms", BigInteger, nullable=True),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text, nullable=True),
+    Index("ix_meter_events_state", "state", "bucket_start"),
+    Index("ix_meter_events_key", "org_id", "bucket_start", "meter"),
+)
+
+meter_totals = Table(
+    "meter_totals",
+    metadata,
+    Column("org_id", String(255), nullable=False),
+    Column("meter", String(100), nullable=False),
+    Column("stream", String(16), nullable=False),  # 'billed' | 'shadow': separate rounding carries
+    Column("units", BigInteger, nullable=False),
+    Column("assigned", String(40), nullable=False),  # Σ values assigned to rows so far
+    PrimaryKeyConstraint("org_id", "meter", "stream"),
+)
+
+org_policies = Table(
+    "org_policies",
+    metadata,
+    Column("org_id", String(255), nullable=False),
+    Column("effective_ms", BigInteger, nullable=False),
+    Column("plan", String(16), nullable=False),
+    Column("billing_mode", String(16), nullable=False),
+    Column("stripe_customer_id", String(255), nullable=True),
+    Column("stripe_subscription_id", String(255), nullable=True),
+    Column("billing_provider", String(32), nullable=False),
+    Column("src_partition", Integer, nullable=False),
+    Column("src_offset", BigInteger, nullable=False),
+    Column("received_ms", BigInteger, nullable=False),
+    PrimaryKeyConstraint("org_id", "effective_ms"),
+)
+
+partition_progress = Table(
+    "partition_progress",
+    metadata,
+    Column("topic", String(255), nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("committed_offset", BigInteger, nullable=False),  # last offset written to the ledger
+    Column("max_event_ms", BigInteger, nullable=True),  # newest event time written for this partition
+    Column("highwater", BigInteger, nullable=True),  # log end as last seen by the owner
+    Column("reported_ms", BigInteger, nullable=True),  # when the owner last reported
+    Column("owner", String(255), nullable=True),
+    PrimaryKeyConstraint("topic", "partition"),
+)
+
+closed_buckets = Table(
+    "closed_buckets",
+    metadata,
+    Column("bucket_start", BigInteger, primary_key=True, autoincrement=False),
+    Column("closed_ms", BigInteger, nullable=False),  # first closed
+    Column("close_id", BigInteger, nullable=False),  # last close run that aggregated samples of it
+    Column("seq", BigInteger, nullable=False, server_default="0"),  # samples of it up to here are aggregated
+)
+
+close_runs = Table(
+    "close_runs",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("started_ms", BigInteger, nullable=False),
+    Column("watermark_ms", BigInteger, nullable=False),
+    Column("samples", Integer, nullable=False),
+    Column("rows", Integer, nullable=False),
+    # After this run, every sample with seq <= upto_seq in a bucket <= last_bucket is aggregated.
+    Column("upto_seq", BigInteger, nullable=False, server_default="0"),
+    Column("last_bucket", BigInteger, nullable=True),
+)
+
+unbilled_usage = Table(
+    "unbilled_usage",
+    metadata,
+    Column("org_id", String(255), nullable=False),
+    Column("bucket_start", BigInteger, nullable=False),
+    Column("reason", String(64), nullable=False),
+    Column("samples", BigInteger, nullable=False),
+    Column("mb_seconds", BigInteger, nullable=False),
+    PrimaryKeyConstraint("org_id", "bucket_start", "reason"),
+)
+
+counters = Table(
+    "counters",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+billing_prices = Table(
+    "billing_prices",
+    metadata,
+    Column("key", String(100), primary_key=True),
+    Column("meter", String(100), nullable=False),
+    Column("price_id", String(255), nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+)
+
+# ------------------------------------------------------------------------------------ parity (issue 6)
+# The cell side (``sandbox-scale-events`` rows), the parity table, its bookkeeping and its alerts.
+# Written by sinks.parity; cell_intervals is also read to tell whether a worker owned a sandbox at a time.
+
+cell_intervals = Table(
+    "cell_intervals",
+    metadata,
+    Column("id", String(255), primary_key=True),  # the cell row id (scale event id)
+    Column("sandbox_id", String(255), nullable=False),
+    Column("org_id", String(255), nullable=False),
+    Column("cell_id", String(255), nullable=False),
+    Column("worker_id", String(255), nullable=False),  # the worker that owns the sandbox during the interval
+    Column("memory_mb", BigInteger, nullable=False),
+    Column("cpu_percent", Integer, nullable=False),
+    Column("disk_mb", BigInteger, nullable=False),
+    Column("started_ms", BigInteger, nullable=False),
+    Column("ended_ms", BigInteger, nullable=True),  # NULL = open (counted up to now)
+    Column("src_partition", Integer, nullable=False),
+    Column("src_offset", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+    Index("ix_cell_intervals_sandbox", "sandbox_id", "started_ms"),
+    Index("ix_cell_intervals_org", "org_id", "started_ms"),
+)
+
+usage_parity = Table(
+    "usage_parity",
+    metadata,
+    Column("org_id", String(255), nullable=False),
+    Column("bucket_start", BigInteger, nullable=False),
+    Column("edge_mb_s", BigInteger, nullable=False),  # Σ memory_mb × interval_s of the raw samples
+    Column("samples", BigInteger, nullable=False),
+    Column("cell_mb_ms", BigInteger, nullable=False),  # Σ memory_mb × clipped ms of the cell intervals
+    Column("slack_mb_ms", BigInteger, nullable=False),  # boundary slack (models.parity)
+    Column("drift", String(40), nullable=False),  # (edge − cell) / cell, 6 decimals
+    Column("status", String(16), nullable=False),  # ok | drift | edge_only | cell_only
+    Column("updated_ms", BigInteger, nullable=False),
+    PrimaryKeyConstraint("org_id", "bucket_start"),
+    Index("ix_usage_parity_bucket", "bucket_start"),
+    Index("ix_usage_parity_status", "status", "bucket_start"),
+)
+
+parity_dirty = Table(
+    "parity_dirty",
+    metadata,
+    Column("bucket_start", BigInteger, primary_key=True, autoincrement=False),
+    Column("version", BigInteger, nullable=False),  # bumped on every new mark; cleared only if unchanged
+)
+
+parity_alerts = Table(
+    "parity_alerts",
+    metadata,
+    Column("id", String(255), primary_key=True),  # dedup key: billing_drift:{first bucket of the episode}
+    Column("first_bucket", BigInteger, nullable=False),
+    Column("fired_bucket", BigInteger, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("published_ms", BigInteger, nullable=True),  # NULL = not yet on the alerts topic
+    Column("body", Text, nullable=False),  # the alert record (JSON)
+)
+
+parity_edge = Table(
+    "parity_edge",
+    metadata,
+    # The edge side of parity, kept incrementally: Σ over the samples with seq <= parity_state
+    # "edge_upto_seq" (read under the writer lock, so no sample below it can still be uncommitted), per
+    # bucket and org, every org. The refresher adds each sample once instead of rescanning whole hours.
+    Column("bucket_start", BigInteger, primary_key=True, autoincrement=False),
+    Column("org_id", String(255), primary_key=True),
+    Column("samples", BigInteger, nullable=False),
+    Column("edge_mb_s", BigInteger, nullable=False),
+)
+
+parity_state = Table(
+    "parity_state",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine for ``url``. SQLite files get their folder, WAL mode and a busy timeout."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        if u.database and u.database != ":memory:":
+            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy, not pysqlite, decide when transactions begin (see _sqlite_begin).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            # The tick-id primary key takes random inserts: keep its pages in memory (128 MiB cache,
+            # 256 MiB mmap) or ingest slows down as the table grows past SQLite's 2 MiB default cache.
+            cur.execute("PRAGMA cache_size=-131072")
+            cur.execute("PRAGMA mmap_size=268435456")
+            cur.execute("PRAGMA temp_store=MEMORY")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            # Writers take the write lock up front (BEGIN IMMEDIATE), so a read-then-write transaction
+            # waits on busy_timeout instead of failing with "database is locked" on lock upgrade.
+            write = conn.get_execution_options().get("sqlite_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+_ADVISORY_LOCK_MIGRATE = 0x6564676D6967  # "edgmig"
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to ``revision`` with Alembic (idempotent; safe to run at every start).
+
+    Safe when several workers start at once: the migration runs under a lock (PostgreSQL advisory lock;
+    SQLite ``BEGIN IMMEDIATE``), so the second worker finds the schema already current.
+    """
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    with engine.execution_options(sqlite_write=True).begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_MIGRATE})
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)

@@ -1,0 +1,105 @@
+"""The worker's configuration, as small frozen objects built at the application edge.
+
+Nothing in ``streams/`` reads settings or the environment: :func:`infra.runtime.worker_config` turns the
+``EDGEBILL_*`` settings into a :class:`WorkerConfig` and passes it in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from models.billing import Authority
+from models.topics import (
+    TOPIC_DLQ,
+    TOPIC_POLICY,
+    TOPIC_POLICY_DLQ,
+    TOPIC_SCALE_DLQ,
+    TOPIC_SCALE_EVENTS,
+    TOPIC_TICKS,
+)
+from sinks.ledger import CloseConfig
+from sinks.parity import ParityConfig
+
+__all__ = ["KafkaConfig", "Topics", "WebConfig", "WorkerConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """The topic names in use, with the prefix applied."""
+
+    ticks: str
+    dlq: str
+    policy: str
+    policy_dlq: str
+    scale: str
+    scale_dlq: str
+    alerts: str
+
+    @classmethod
+    def with_prefix(cls, prefix: str, alerts: str) -> Topics:
+        return cls(
+            ticks=prefix + TOPIC_TICKS,
+            dlq=prefix + TOPIC_DLQ,
+            policy=prefix + TOPIC_POLICY,
+            policy_dlq=prefix + TOPIC_POLICY_DLQ,
+            scale=prefix + TOPIC_SCALE_EVENTS,
+            scale_dlq=prefix + TOPIC_SCALE_DLQ,
+            alerts=prefix + alerts,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaConfig:
+    """How the worker talks to Kafka (timings in seconds)."""
+
+    servers: str
+    group_id: str
+    partitions: int
+    replication_factor: int
+    session_timeout: float
+    heartbeat_interval: float
+    rebalance_timeout: float
+    request_timeout: float
+    max_fetch_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    """The worker's web server and what its pages need."""
+
+    host: str
+    port: int
+    internal_secret: bytes  # signs /internal/* requests and dashboard links
+    signature_tolerance_s: int
+    dashboard_token_ttl_s: int
+    parity_tolerance: Decimal
+    gate_hours: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """Everything the worker's agents, timers and pages need, explicitly."""
+
+    kafka: KafkaConfig
+    topics: Topics
+    close: CloseConfig
+    parity: ParityConfig
+    web: WebConfig
+    authority: Authority
+    close_interval_s: float
+    send_interval_s: float
+    parity_refresh_interval_s: float
+    progress_stale_after_ms: int
+
+    @property
+    def bucket_seconds(self) -> int:
+        return self.close.bucket_seconds
+
+    @property
+    def shadow(self) -> bool:
+        return self.close.shadow

@@ -1,0 +1,125 @@
+"""The ``/metrics`` page: the process registry (:mod:`sinks.observe`) and the ledger's durable figures.
+
+Two kinds of metrics:
+
+* **In-process** objects in :data:`REGISTRY`, updated where things happen: :data:`stripe_request_seconds`
+  (histogram of Stripe API call latency) and :data:`stripe_errors_total` (``kind`` = rate_limited, server,
+  connection, permanent, duplicate, …). They reset when the process restarts, as Prometheus expects.
+* **Durable** figures read from the ledger at scrape time (:class:`sinks.parity.MetricsSnapshot`): tick
+  counters live in the ``counters`` table (they survive restarts and are shared by every worker), meter rows
+  by state, buckets closed, consumer lag per partition, the parity of the newest settled bucket.
+
+Exported names (all prefixed ``edgebill_``): ``ticks_ingested_total``, ``ticks_rejected_total``,
+``ticks_duplicate_total``, ``ticks_zombie_total``, ``scale_events_rejected_total``, ``buckets_closed_total``,
+``meter_rows{state}``, ``consumer_lag{topic,partition}``, ``parity_drift{org_id}``, ``parity_rows{status}``,
+``parity_aggregate_drift``, ``parity_bucket_start_seconds``, ``parity_clean_hours``,
+``parity_refresh_age_seconds``, ``ledger_counter{name}`` (every ledger counter),
+``stripe_request_seconds``, ``stripe_errors_total{kind}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator
+from typing import Final
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sinks.observe import REGISTRY
+from sinks.parity import MetricsSnapshot
+
+__all__ = ["SnapshotCollector", "render_metrics"]
+
+# ledger counter -> (exported counter name without _total, help)
+_COUNTERS: Final = {
+    "ticks.ingested": ("edgebill_ticks_ingested", "Usage ticks written to the ledger (first time seen)."),
+    "records.rejected": ("edgebill_ticks_rejected", "Usage-tick records or array elements dead-lettered."),
+    "ticks.duplicate": ("edgebill_ticks_duplicate", "Usage ticks seen again (dedup by tick id)."),
+    "ticks.zombie": ("edgebill_ticks_zombie", "Usage ticks from a worker that did not own the sandbox (not billed)."),
+    "scale.rejected": ("edgebill_scale_events_rejected", "sandbox-scale-events records dead-lettered."),
+}
+
+# Where a figure may be counted under more than one ledger counter name (zombie ticks are recorded by the
+# closer as unbilled usage with reason "zombie").
+_ALIASES: Final = {"ticks.zombie": ("ticks.zombie", "unbilled.zombie")}
+
+
+class SnapshotCollector(Collector):
+    """Turns one :class:`MetricsSnapshot` into metric families (a fresh one per scrape)."""
+
+    def __init__(self, snap: MetricsSnapshot, consumed_topics: Collection[str], now_s: float) -> None:
+        self.snap = snap
+        self.topics = consumed_topics
+        self.now_s = now_s
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snap
+        for key, (name, doc) in _COUNTERS.items():
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], sum(s.counters.get(k, 0) for k in _ALIASES.get(key, (key,))))
+            yield c
+        closed = CounterMetricFamily("edgebill_buckets_closed", "Buckets closed by the closer.")
+        closed.add_metric([], s.buckets_closed)
+        yield closed
+        rows = GaugeMetricFamily("edgebill_meter_rows", "Meter rows in the outbox, by state.", labels=["state"])
+        for state, n in sorted(s.rows_by_state.items()):
+            rows.add_metric([state], n)
+        yield rows
+        lag = GaugeMetricFamily(
+            "edgebill_consumer_lag",
+            "Records not yet written to the ledger: log end (as last reported) - committed offset - 1.",
+            labels=["topic", "partition"],
+        )
+        for p in sorted(s.progress, key=lambda p: (p.topic, p.partition)):
+            if p.topic in self.topics and p.highwater is not None:
+                lag.add_metric([p.topic, str(p.partition)], max(0, p.highwater - (p.committed_offset + 1)))
+        yield lag
+        drift = GaugeMetricFamily(
+            "edgebill_parity_drift",
+            "(edge - cell) / cell per pro org, newest settled bucket with parity rows.",
+            labels=["org_id"],
+        )
+        by_status = GaugeMetricFamily(
+            "edgebill_parity_rows", "Parity rows of the newest settled bucket, by status.", labels=["status"]
+        )
+        counts: dict[str, int] = {"ok": 0, "drift": 0, "edge_only": 0, "cell_only": 0}
+        edge = cell = 0
+        for r in s.parity_rows:
+            drift.add_metric([r.org_id], float(r.drift))
+            counts[r.status.value] = counts.get(r.status.value, 0) + 1
+            edge += r.edge_mb_s * 1000
+            cell += r.cell_mb_ms
+        for status, n in sorted(counts.items()):
+            by_status.add_metric([status], n)
+        yield drift
+        yield by_status
+        agg = GaugeMetricFamily("edgebill_parity_aggregate_drift", "Aggregate drift of the newest settled bucket.")
+        if s.parity_rows:
+            agg.add_metric([], float((edge - cell) / cell) if cell else (1.0 if edge else 0.0))
+        yield agg
+        bucket = GaugeMetricFamily("edgebill_parity_bucket_start_seconds", "Start of that bucket (unix s).")
+        if s.parity_bucket is not None:
+            bucket.add_metric([], s.parity_bucket)
+        yield bucket
+        clean = GaugeMetricFamily(
+            "edgebill_parity_clean_hours", "Consecutive clean settled hours of parity (the cutover gate)."
+        )
+        if s.gate is not None:
+            clean.add_metric([], float(s.gate.clean_hours))
+        yield clean
+        age = GaugeMetricFamily("edgebill_parity_refresh_age_seconds", "Seconds since the last parity refresh.")
+        if s.refreshed_ms is not None:
+            age.add_metric([], max(0.0, self.now_s - s.refreshed_ms / 1000))
+        yield age
+        every = GaugeMetricFamily("edgebill_ledger_counter", "Every counter of the ledger.", labels=["name"])
+        for name, v in sorted(s.counters.items()):
+            every.add_metric([name], v)
+        yield every
+
+
+def render_metrics(snap: MetricsSnapshot, consumed_topics: Collection[str], now_s: float) -> bytes:
+    """The Prometheus text exposition: the process registry, then the ledger snapshot."""
+    per_scrape = CollectorRegistry(auto_describe=False)
+    per_scrape.register(SnapshotCollector(snap, consumed_topics, now_s))
+    return generate_latest(REGISTRY) + generate_latest(per_scrape)

@@ -1,0 +1,100 @@
+"""Register the worker's topics, agents, services, timers and pages on the Faust app.
+
+* ingest (``usage-ticks``, :mod:`streams.ingest`): a batch consumer run by a Faust service: batches of
+  records -> parse -> bad parts to ``usage-ticks-dlq`` (reason + original bytes) -> valid ticks into the
+  ledger, deduplicated by tick id, together with the partition's progress; offsets are committed to
+  Kafka only after the ledger commit.
+* ``policy`` agent (``org-policy``): policy history into the ledger.
+* ``cell`` agent and the parity refresher (:mod:`streams.cell`).
+* ``progress`` timer (every worker): reports the log end of the partitions it owns.
+* ``closer`` timer (leader): computes the watermark and closes buckets.
+* ``sender`` timer (leader, only when not in shadow): drains the outbox to Stripe.
+* web views (:mod:`streams.web`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from typing import Any
+
+from streams.cell import install_parity
+from streams.ingest import make_ingest_service
+from streams.pipeline import Deps, Pipeline
+from streams.records import RAW_BYTES, DeadLetter, RawRecord, retry_forever
+from streams.web import install_web
+
+__all__ = ["install"]
+
+log = logging.getLogger(__name__)
+
+
+def install(app: Any, deps: Deps) -> Pipeline:
+    """Register topics, agents, timers and pages on ``app`` (a configured :class:`faust.App`)."""
+    pipe = Pipeline(deps)
+    cfg = deps.config
+    n = cfg.kafka.partitions
+    dlq = app.topic(pipe.dlq_topic, partitions=n, **RAW_BYTES)
+    policy = app.topic(pipe.policy_topic, partitions=n, **RAW_BYTES)
+    policy_dlq = app.topic(pipe.policy_dlq_topic, partitions=1, **RAW_BYTES)
+
+    async def send_dead(topic: Any, dead: list[DeadLetter]) -> None:
+        futs = [await topic.send(key=d.key, value=d.value, headers=d.headers) for d in dead]
+        for f in futs:
+            await f
+
+    async def policy_agent(stream: Any) -> Any:
+        async for events in stream.take_events(500, within=0.1):
+            records = [RawRecord(e.message.partition, e.message.offset, e.message.key, e.message.value) for e in events]
+            good, dead = pipe.policies_from(records)
+            if dead:
+                await send_dead(policy_dlq, dead)
+            progress: dict[int, tuple[int, int | None]] = {}
+            for r in records:
+                progress[r.partition] = (max(r.offset, progress.get(r.partition, (-1, None))[0]), None)
+            counts = {"policies.read": len(records), "policies.rejected": len(dead)}
+
+            await retry_forever(
+                "policy write",
+                functools.partial(deps.ledger.write_policies, pipe.policy_topic, good, progress, counts),
+            )
+            yield len(records)
+
+    # usage-ticks: a batch consumer owned by a Faust service, not a per-message agent (streams.ingest).
+    # Started as a child of the app, i.e. while Faust starts — not after its own group join and recovery
+    # like @app.service — so the two group joins overlap (about a second off every start on Tansu).
+    app.add_dependency(make_ingest_service(pipe, functools.partial(send_dead, dlq))())
+    app.agent(policy, name="edgebill.policy")(policy_agent)
+
+    async def report_progress() -> None:
+        """Report the log end of owned partitions, from the consumer's last Fetch responses.
+
+        The Fetch high watermark is right on Tansu (ListOffsets is not, see infra.kafka_fixes) and costs
+        no request. A partition with no Fetch answer yet is not reported: it stays "lagging". Covers
+        every topic the closer waits on, the cell side's scale events included.
+        """
+        try:
+            by_topic: dict[str, dict[int, int]] = {}
+            for tp in app.consumer.assignment():
+                if tp.topic not in pipe.partitions:
+                    continue
+                hw = app.consumer.highwater(tp)
+                if hw is not None:
+                    by_topic.setdefault(tp.topic, {})[tp.partition] = int(hw)
+            if pipe.ingestor is not None:  # usage-ticks is read by the ingest service's own consumer
+                by_topic[pipe.ticks_topic] = pipe.ingestor.highwaters()
+            for topic, marks in by_topic.items():
+                if not marks:
+                    continue
+                await asyncio.to_thread(deps.ledger.report_highwaters, topic, marks, deps.owner)
+        except Exception:
+            log.exception("progress report failed")
+
+    app.timer(0.5, name="edgebill.progress")(report_progress)
+    app.timer(cfg.close_interval_s, on_leader=True, name="edgebill.closer")(pipe.close_tick)
+    app.timer(cfg.send_interval_s, on_leader=True, name="edgebill.sender")(pipe.send_tick)
+
+    install_parity(app, deps)
+    install_web(app, deps, pipe)
+    return pipe
