@@ -1,4 +1,9 @@
-"""The event-time watermark that decides when a bucket may close (DESIGN §4 "Closing").
+"""The event-time watermark that decides when a bucket may close.
+
+Closing must neither wait for ever on an idle partition nor close a bucket while unread ticks for it may
+still sit in the topic; it must also survive restarts and rebalances, so it is driven by what the ledger
+holds, not by Faust's wall-clock windows (which never fire for a window open at shutdown and drop late
+data silently).
 
 The watermark is the minimum, over every partition of every input topic, of what that partition
 guarantees:

@@ -4,7 +4,7 @@
 ``GET /healthz``                   liveness + flags + meter rows by state (open)
 ``GET /metrics``                   Prometheus text format (open, like any scrape target on loopback)
 ``GET /internal/usage-parity``     ``?from=&to=`` (unix s): parity per pro org over the window, live from the
-                                   raw samples and cell intervals. Signed like the seed's internal calls:
+                                   raw samples and cell intervals. Signed as the cell side's callers sign:
                                    ``X-Timestamp`` (unix s, ±300 s) and ``X-Signature`` = hex HMAC-SHA256 over
                                    ``"{ts}.{path+query}"`` with ``EDGEBILL_WEB_INTERNAL_SECRET``. Unsigned, stale
                                    or forged -> 401; bad or empty window -> 400.
@@ -69,7 +69,8 @@ def dashboard_url(web: WebConfig, now_s: int) -> str:
 
 
 def parity_window_json(store: ParityStore, cfg: ParityConfig, from_s: int, to_s: int, now_ms: int) -> dict[str, Any]:
-    """The ``/internal/usage-parity`` answer: the seed's shape plus cell GB-s, drift and status."""
+    """The ``/internal/usage-parity`` answer: ``window``, per org ``gb_seconds`` and ``samples`` (the shape
+    existing callers read) plus cell GB-s, drift and status."""
     orgs = store.window(from_s, to_s, cfg)
     return {
         "window": {"from": from_s, "to": to_s},

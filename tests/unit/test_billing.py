@@ -23,7 +23,7 @@ from models.billing import (
     significant_digits,
 )
 
-SEED_BILL_FROM = 1781564400  # 2026-06-15T23:00:00Z, the seed's prod cutover (hour aligned)
+SEED_BILL_FROM = 1781564400  # 2026-06-15T23:00:00Z, the replaced system's production cutover (hour aligned)
 
 
 def test_bucket_of_the_seed_example_tick() -> None:
@@ -41,7 +41,7 @@ def test_bucket_contains_its_tick_and_is_epoch_aligned(ts_ms: int, size: int) ->
 
 
 def test_gb_seconds_is_exact() -> None:
-    assert gb_seconds(4096, 20) == Decimal(80)  # the seed's default tick: 4 GB for 20 s
+    assert gb_seconds(4096, 20) == Decimal(80)  # a typical tick: 4 GB for 20 s (producers tick every 20 s)
     assert gb_seconds(3000, 21) == Decimal("61.5234375")
     assert gb_seconds(0, 20) == 0 and gb_seconds(1024, 0) == 0
 
