@@ -96,7 +96,7 @@ def test_boundary_slack_only_for_intervals_near_a_boundary() -> None:
 # ------------------------------------------------------------------------------ drift and status
 
 
-def test_drift_is_the_seeds_rule() -> None:
+def test_drift_is_exact_and_100_percent_when_only_the_cell_side_is_near_zero() -> None:
     assert drift_ratio(mb_ms(110), mb_ms(100)) == Fraction(1, 10)
     assert drift_ratio(mb_ms(90), mb_ms(100)) == Fraction(-1, 10)
     assert drift_ratio(0, 0) == 0
@@ -286,14 +286,14 @@ def _parity(fleet_ticks: list, rows: list, spec: FleetSpec, slack_s: int) -> dic
 SPEC = FleetSpec(orgs=24, hours=4, start=T0, seed=7)
 
 
-def test_clean_fleet_is_clean_for_every_org_and_bucket_and_the_seeds_rule_is_not() -> None:
+def test_clean_fleet_is_clean_for_every_org_and_bucket_and_the_strict_rule_is_not() -> None:
     fleet = build_fleet(SPEC)
     rows = fleet.scale_rows()
     got = _parity(fleet.ticks, rows, SPEC, slack_s=40)
     assert got and all(s is ParityStatus.OK for s in got.values())
     # Without the boundary slack (the strict rule) a sandbox starting or resizing near a boundary is flagged.
-    seed_rule = _parity(fleet.ticks, rows, SPEC, slack_s=0)
-    assert any(s is not ParityStatus.OK for s in seed_rule.values())
+    strict_rule = _parity(fleet.ticks, rows, SPEC, slack_s=0)
+    assert any(s is not ParityStatus.OK for s in strict_rule.values())
 
 
 def test_scale_rows_match_the_ticks_exactly_over_each_row() -> None:
