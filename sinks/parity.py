@@ -35,7 +35,7 @@ from typing import Any, Final
 import orjson
 from sqlalchemy import Connection, Engine, and_, delete, func, or_, select, text, tuple_, union_all
 
-from models.billing import Plan
+from models.billing import Plan, bucket_start, bucket_start_s
 from models.parity import (
     AlertEpisode,
     AlertRule,
@@ -54,6 +54,7 @@ from models.parity import (
     ratio_decimal,
 )
 from models.policy import OrgPolicy, PolicyHistory
+from models.stripe_window import PARITY_MARGIN_SECONDS, oldest_accepted_ms
 from models.watermark import PartitionState, last_closable_bucket, watermark
 from sinks.ledger import Clock, SqlStore, policy_from_row, read_partition_states, wall_clock_ms
 from sinks.schema import (
@@ -90,7 +91,6 @@ log = logging.getLogger(__name__)
 EDGE_UPTO: Final = "edge_upto_seq"  # parity_state: samples up to this seq are summed in parity_edge
 _ADVISORY_LOCK_PARITY_EDGE: Final = 0x6564676570617269  # "edgepari": one edge advance at a time (PostgreSQL)
 
-MAX_DIRTY_AGE_S = 35 * 86_400  # a change older than this marks nothing (Stripe cannot take it any more)
 _CHUNK = 500  # ids per IN list
 _MAX_SPAN_BUCKETS = 48  # buckets recomputed per transaction
 
@@ -248,7 +248,7 @@ class ParityStore(SqlStore):
     # ------------------------------------------------------------------ helpers
 
     def _bucket(self, ms: int) -> int:
-        return (ms // 1000) // self.bucket_seconds * self.bucket_seconds
+        return bucket_start(ms, self.bucket_seconds)
 
     def _mark_dirty(self, conn: Connection, buckets: Iterable[int]) -> int:
         rows = [{"bucket_start": b, "version": 1} for b in sorted(set(buckets))]
@@ -262,10 +262,10 @@ class ParityStore(SqlStore):
         return len(rows)
 
     def _covered(self, started_ms: int, ended_ms: int | None, now_ms: int) -> range:
-        """Buckets an interval covers (open: up to now), limited to the last MAX_DIRTY_AGE_S."""
+        """Buckets an interval covers (open: up to now), limited to those Stripe could still take a change of."""
         size = self.bucket_seconds
         end = max(started_ms, now_ms if ended_ms is None else ended_ms)
-        lo = max(self._bucket(started_ms), self._bucket(now_ms - MAX_DIRTY_AGE_S * 1000))
+        lo = max(self._bucket(started_ms), self._bucket(oldest_accepted_ms(now_ms, PARITY_MARGIN_SECONDS)))
         hi = min(self._bucket(end), self._bucket(now_ms) + size)
         return range(lo, hi + size, size) if hi >= lo else range(0)
 
@@ -608,7 +608,7 @@ class ParityStore(SqlStore):
         self.advance_edge()
         with self.engine.connect() as conn:
             hists, _ = self._histories(conn)
-        first = from_s // size * size
+        first = bucket_start_s(from_s, size)
         rows, _ = self._recompute(range(first, to_s, size), hists, cfg, now, {})
         return rows
 
