@@ -27,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from models.billing import bucket_start_s
+
 __all__ = ["PartitionState", "last_closable_bucket", "partition_watermark", "watermark"]
 
 
@@ -85,4 +87,4 @@ def last_closable_bucket(watermark_ms: int, bucket_seconds: int, grace_seconds: 
     limit = wm_s - grace_seconds - bucket_seconds  # start <= limit  <=>  start + size + grace <= wm
     if limit < 0:
         return None
-    return limit // bucket_seconds * bucket_seconds
+    return bucket_start_s(limit, bucket_seconds)

@@ -34,7 +34,9 @@ from typing import Any, Final
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from models.billing import bucket_start
 from models.parity import dashboard_token, verify_dashboard_token, verify_request
+from models.stripe_window import PARITY_QUERY_MAX_SECONDS
 from models.watermark import last_closable_bucket
 from sinks.parity import ParityConfig, ParityRow, ParityStore
 from streams.config import WebConfig
@@ -47,7 +49,7 @@ __all__ = ["COOKIE", "dashboard_data", "dashboard_url", "install_web", "parity_w
 log = logging.getLogger(__name__)
 
 COOKIE: Final = "edgebill_dashboard"
-MAX_WINDOW_SECONDS: Final = 35 * 86_400
+MAX_WINDOW_SECONDS: Final = PARITY_QUERY_MAX_SECONDS
 _CSP: Final = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -82,7 +84,7 @@ def parity_window_json(store: ParityStore, cfg: ParityConfig, from_s: int, to_s:
 def dashboard_data(store: ParityStore, cfg: ParityConfig, web: WebConfig, now_ms: int, hours: int) -> dict[str, Any]:
     """Everything the dashboard draws, for the last ``hours`` hours (blocking: call from a thread)."""
     size = cfg.bucket_seconds
-    current = (now_ms // 1000) // size * size
+    current = bucket_start(now_ms, size)
     lo = current - max(1, hours * 3600 // size) * size
     rows = store.rows(lo, current + size)
     st = store.state()

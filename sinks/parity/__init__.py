@@ -28,14 +28,13 @@ What makes a bucket need recomputing (:meth:`ParityStore.refresh`):
 from __future__ import annotations
 
 from sinks.parity.base import ParityConfig
-from sinks.parity.cells import MAX_DIRTY_AGE_S, CellSide, ScaleWriteResult, SourcedScaleEvent
+from sinks.parity.cells import CellSide, ScaleWriteResult, SourcedScaleEvent
 from sinks.parity.edge import EDGE_UPTO
 from sinks.parity.reads import GateStatus, MetricsSnapshot, ParityReads, ParityRow, WindowOrg
 from sinks.parity.refresh import PendingAlert, Refresher, RefreshResult, RefreshState
 
 __all__ = [
     "EDGE_UPTO",
-    "MAX_DIRTY_AGE_S",
     "GateStatus",
     "MetricsSnapshot",
     "ParityConfig",

@@ -11,6 +11,7 @@ from typing import Final
 
 from sqlalchemy import Connection, Engine, select
 
+from models.billing import bucket_start
 from models.parity import AlertRule
 from models.policy import OrgPolicy, PolicyHistory
 from models.watermark import PartitionState
@@ -48,7 +49,7 @@ class ParityBase(SqlStore):
     # ------------------------------------------------------------------ helpers
 
     def _bucket(self, ms: int) -> int:
-        return (ms // 1000) // self.bucket_seconds * self.bucket_seconds
+        return bucket_start(ms, self.bucket_seconds)
 
     @staticmethod
     def _histories(conn: Connection) -> tuple[dict[str, PolicyHistory], dict[str, tuple[tuple[int, str], ...]]]:

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from sqlalchemy import Connection, and_, select
 
 from models.parity import ScaleEvent
+from models.stripe_window import PARITY_MARGIN_SECONDS, oldest_accepted_ms
 from sinks.parity.base import CHUNK, ParityBase
 from sinks.schema import cell_intervals, parity_dirty
 
-__all__ = ["MAX_DIRTY_AGE_S", "CellSide", "ScaleWriteResult", "SourcedScaleEvent"]
-
-MAX_DIRTY_AGE_S: Final = 35 * 86_400  # a change older than this marks nothing (Stripe cannot take it any more)
+__all__ = ["CellSide", "ScaleWriteResult", "SourcedScaleEvent"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +46,10 @@ class CellSide(ParityBase):
         return len(rows)
 
     def _covered(self, started_ms: int, ended_ms: int | None, now_ms: int) -> range:
-        """Buckets an interval covers (open: up to now), limited to the last MAX_DIRTY_AGE_S."""
+        """Buckets an interval covers (open: up to now), limited to those Stripe could still take a change of."""
         size = self.bucket_seconds
         end = max(started_ms, now_ms if ended_ms is None else ended_ms)
-        lo = max(self._bucket(started_ms), self._bucket(now_ms - MAX_DIRTY_AGE_S * 1000))
+        lo = max(self._bucket(started_ms), self._bucket(oldest_accepted_ms(now_ms, PARITY_MARGIN_SECONDS)))
         hi = min(self._bucket(end), self._bucket(now_ms) + size)
         return range(lo, hi + size, size) if hi >= lo else range(0)
 

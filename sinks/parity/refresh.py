@@ -12,6 +12,7 @@ from typing import Any, Final
 import orjson
 from sqlalchemy import Connection, delete, select, tuple_
 
+from models.billing import bucket_start_s
 from models.parity import (
     AlertEpisode,
     AlertRule,
@@ -135,7 +136,7 @@ class Refresher(Measuring):
         self.advance_edge()
         with self.engine.connect() as conn:
             hists, _ = self._histories(conn)
-        first = from_s // size * size
+        first = bucket_start_s(from_s, size)
         rows, _ = self._recompute(range(first, to_s, size), hists, cfg, now, {})
         return rows
 

@@ -10,7 +10,7 @@ import sinks.parity
 
 NAMES_BY_JOB = {
     "sinks.parity.base": ["ParityConfig"],
-    "sinks.parity.cells": ["MAX_DIRTY_AGE_S", "ScaleWriteResult", "SourcedScaleEvent"],
+    "sinks.parity.cells": ["ScaleWriteResult", "SourcedScaleEvent"],
     "sinks.parity.edge": ["EDGE_UPTO"],
     "sinks.parity.refresh": ["PendingAlert", "RefreshResult", "RefreshState"],
     "sinks.parity.reads": ["GateStatus", "MetricsSnapshot", "ParityRow", "WindowOrg"],

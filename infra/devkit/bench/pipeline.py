@@ -88,15 +88,8 @@ def _e2e(
 
 
 def _owned(run: _Run) -> list[Any]:
-    from sqlalchemy import select
-
-    from sinks.schema import partition_progress
-
     now = time.time() * 1000
-    with run.engine.connect() as conn:
-        rows = conn.execute(
-            select(partition_progress).where(partition_progress.c.topic == run.topic("usage-ticks"))
-        ).all()
+    rows = [r for r in run.ledger.partition_states() if r.topic == run.topic("usage-ticks")]
     return [r for r in rows if r.reported_ms and now - r.reported_ms < 5000]
 
 
