@@ -92,7 +92,7 @@ class TickPayload(BaseModel):
     cost_cents: int = 0
     interval_s: int = Field(default=0, ge=0, le=MAX_INTERVAL_S)
     memory_mb: int = Field(default=0, ge=0, le=MAX_MEMORY_MB)
-    cpu_count: int = Field(default=0, ge=0)
+    cpu_count: int = Field(default=0, ge=0, le=MAX_CPUS)
 
 
 class UsageTickEnvelope(BaseModel):
