@@ -357,6 +357,8 @@ class Settings:
                 k: ("**********" if isinstance(v, SecretStr) else (str(v) if isinstance(v, Path) else v))
                 for k, v in part.model_dump().items()
             }
+        if self.db.url:  # a database URL may carry a password
+            out["db"]["url"] = make_url(self.db.url).render_as_string(hide_password=True)
         return out
 
 
@@ -441,19 +443,26 @@ def load_settings(**overrides: Mapping[str, Any]) -> Settings:
     """
     problems: list[str] = []
     built: dict[str, BaseSettings] = {}
+    # An area with an invalid field is rebuilt with that field at its default, so the checks across fields
+    # (interlocks, security) still see the rest of it: every problem is reported in one pass.
+    checked: dict[str, BaseSettings | None] = {}
     for area, cls in _AREAS.items():
+        given = dict(overrides.get(area, {}))
         try:
-            built[area] = cls(**dict(overrides.get(area, {})))
+            built[area] = checked[area] = cls(**given)
         except ValidationError as exc:
             prefix = str(cls.model_config.get("env_prefix", ""))
+            failing: set[str] = set()
             for err in exc.errors():
                 field = ".".join(str(p) for p in err["loc"]) or "?"
                 msg = str(err["msg"]).removeprefix("Value error, ")
                 problems.append(f"{prefix}{field.upper()}: {msg} (got {err.get('input')!r})")
-    billing = built.get("billing")
+                failing.add(str(err["loc"][0]) if err["loc"] else "")
+            checked[area] = _rest_of(cls, given, failing)
+    billing = checked.get("billing")
     if isinstance(billing, BillingSettings):
         problems.extend(interlock_problems(billing))
-    stripe, web = built.get("stripe"), built.get("web")
+    stripe, web = checked.get("stripe"), checked.get("web")
     problems.extend(
         security_problems(
             stripe if isinstance(stripe, StripeSettings) else None, web if isinstance(web, WebSettings) else None
@@ -469,6 +478,15 @@ def load_settings(**overrides: Mapping[str, Any]) -> Settings:
         web=_as(built["web"], WebSettings),
         parity=_as(built["parity"], ParitySettings),
     )
+
+
+def _rest_of(cls: type[BaseSettings], given: dict[str, Any], failing: set[str]) -> BaseSettings | None:
+    """``cls`` with its ``failing`` fields at their defaults (None if it is still invalid)."""
+    defaults = {f: cls.model_fields[f].default for f in failing if f in cls.model_fields}
+    try:
+        return cls(**{**given, **defaults})
+    except ValidationError:
+        return None
 
 
 def _as(value: object, cls: type[_T]) -> _T:
