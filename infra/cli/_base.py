@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CannotRun",
+    "InvalidSettings",
     "broker_errors",
     "broker_unreachable",
     "cli",
@@ -61,6 +62,12 @@ class CannotRun(click.ClickException):
         super().__init__(f"{what}{f' ({why})' if why else ''}: {fix}")
 
 
+class InvalidSettings(click.ClickException):
+    """The settings are invalid: every problem listed, exit 2 (the command could not run)."""
+
+    exit_code = 2
+
+
 def _first_line(detail: str | BaseException) -> str:
     if isinstance(detail, BaseException):
         text = str(detail).strip() or type(detail).__name__
@@ -90,7 +97,7 @@ def settings_for_cli() -> Settings:
     try:
         return load_settings()
     except ConfigError as exc:
-        raise CannotRun("invalid settings", "fix them (`edgebill check-config` lists them all)") from exc
+        raise InvalidSettings(f"{exc}\n(`edgebill check-config` shows every effective value)") from exc
 
 
 def parse_time(value: str) -> int:
@@ -199,6 +206,9 @@ def open_ledger(s: Settings, *, quiet: bool = False) -> Ledger:
     lock a running worker's migrations use). Prints ``ledger: <url>`` to stderr unless ``quiet``. No ledger,
     a database that cannot be reached, or a schema at another revision: exit 2 in one line.
     """
+    from urllib.parse import quote
+
+    from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -210,25 +220,28 @@ def open_ledger(s: Settings, *, quiet: bool = False) -> Ledger:
     u = make_url(url)
     kwargs: dict[str, Any] = {}
     if u.get_backend_name() == "sqlite":
-        if u.database and u.database != ":memory:" and not Path(u.database).is_file():
+        if not u.database or u.database == ":memory:" or not Path(u.database).is_file():
             raise CannotRun(f"no ledger at {label}", _db_fix(s))
+        # Looked at read-only first: opening a SQLite file for use writes to it (the journal mode).
+        probe = create_engine(f"sqlite:///file:{quote(Path(u.database).resolve().as_posix())}?mode=ro&uri=true")
     else:
         kwargs["connect_args"] = {"connect_timeout": DB_CONNECT_TIMEOUT_S}
-    engine = make_engine(url, **kwargs)
+        probe = make_engine(url, **kwargs)
     try:
-        current = current_revision(engine)
+        current = current_revision(probe)
     except SQLAlchemyError as exc:
-        engine.dispose()
         raise ledger_unreachable(s, exc) from exc
+    finally:
+        probe.dispose()
     head = head_revision()
+    if current is None:
+        raise CannotRun(f"no ledger at {label} (the database has no edgebill tables)", _db_fix(s))
     if current != head:
-        engine.dispose()
-        if current is None:
-            raise CannotRun(f"no ledger at {label} (the database has no edgebill tables)", _db_fix(s))
         raise CannotRun(
             f"the ledger at {label} is at schema revision {current}, this edgebill expects {head}",
             "run this version's `edgebill worker` once (it migrates the ledger), or use the matching edgebill",
         )
+    engine = make_engine(url, **kwargs)
     if not quiet:
         click.echo(f"ledger: {label}", err=True)
     return Ledger(engine)
