@@ -457,8 +457,18 @@ def clean_streak(flagged_buckets: Iterable[int], first_bucket: int | None, last_
 
 
 def sign_request(secret: bytes, ts: int | str, path_qs: str) -> str:
-    """Hex HMAC-SHA256 over ``"{ts}.{path+query}"``: the internal-call signature of ``/internal/usage-parity``."""
-    return hmac.new(secret, f"{ts}.{path_qs}".encode(), hashlib.sha256).hexdigest()
+    """Hex HMAC-SHA256 over ``"{ts}.{path+query}"``: the internal-call signature of ``/internal/usage-parity``.
+
+    ``path_qs`` is the request target as sent; bytes that are not UTF-8 arrive surrogate-escaped (as HTTP
+    servers decode them) and are signed as the original bytes.
+    """
+    return hmac.new(secret, f"{ts}.{path_qs}".encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+
+
+def _ascii_int(text: str, max_digits: int = 12) -> bool:
+    """Only 0-9 (with an optional '-'): ``str.isdigit`` also accepts '²' and '١', which ``int`` refuses or reads."""
+    digits = text.removeprefix("-")
+    return 0 < len(digits) <= max_digits and digits.isascii() and digits.isdigit()
 
 
 def verify_request(
@@ -473,12 +483,18 @@ def verify_request(
     if not ts_header or not sig_header:
         return "unsigned"
     ts = ts_header.strip()
-    if not ts.lstrip("-").isdigit() or len(ts) > 12:
+    if not _ascii_int(ts):
         return "bad_timestamp"
     if abs(now_s - int(ts)) > tolerance_s:
         return "stale"
-    expected = sign_request(secret, ts, path_qs)
-    if not hmac.compare_digest(expected, sig_header.strip().lower()):
+    sig = sig_header.strip().lower()
+    if not sig.isascii():  # compare_digest refuses non-ASCII text; such a header is no signature of ours
+        return "bad_signature"
+    try:
+        expected = sign_request(secret, ts, path_qs)
+    except UnicodeEncodeError:  # a target that is neither UTF-8 nor surrogate-escaped bytes
+        return "bad_signature"
+    if not hmac.compare_digest(expected, sig):
         return "bad_signature"
     return None
 
@@ -489,9 +505,9 @@ def dashboard_token(secret: bytes, expires_s: int) -> str:
 
 
 def verify_dashboard_token(secret: bytes, token: str | None, now_s: int) -> bool:
-    if not token or "." not in token:
+    if not token or "." not in token or not token.isascii():
         return False
     exp, _, _sig = token.partition(".")
-    if not exp.isdigit() or len(exp) > 12 or int(exp) < now_s:
+    if exp.startswith("-") or not _ascii_int(exp) or int(exp) < now_s:
         return False
     return hmac.compare_digest(dashboard_token(secret, int(exp)), token)

@@ -8,6 +8,8 @@ from fractions import Fraction
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from infra.devkit.simulator import (
     FleetSpec,
@@ -257,6 +259,35 @@ def test_dashboard_tokens_expire_and_cannot_be_forged() -> None:
     assert not verify_dashboard_token(SECRET, tok.replace("2000.", "9999."), 1000)
     assert not verify_dashboard_token(SECRET, None, 1000)
     assert not verify_dashboard_token(SECRET, "garbage", 1000)
+
+
+@pytest.mark.parametrize(
+    ("ts", "sig", "reason"),
+    [
+        ("²", "ab", "bad_timestamp"),  # isdigit() but not int()
+        ("١٧٩٠٠٠٠٠٠٠", "ab", "bad_timestamp"),  # Arabic-Indic digits: int() would read them
+        ("1790000000", "é", "bad_signature"),  # compare_digest refuses non-ASCII text
+        ("1790000000", "\udcff\udcfe", "bad_signature"),  # non-UTF-8 bytes, surrogate-escaped by the server
+    ],
+)
+def test_odd_signature_headers_are_refused_not_raised(ts: str, sig: str, reason: str) -> None:
+    assert verify_request(SECRET, ts, sig, "/internal/usage-parity?from=1&to=2", 1_790_000_000) == reason
+
+
+def test_odd_paths_and_tokens_never_raise() -> None:
+    now = 1_790_000_000
+    odd_path = "/internal/usage-parity?x=\udcff"  # a target with a byte that is not UTF-8
+    sig = sign_request(SECRET, now, odd_path)
+    assert verify_request(SECRET, str(now), sig, odd_path, now) is None
+    assert verify_request(SECRET, str(now), sig, "/internal/usage-parity?x=\ud800", now) == "bad_signature"
+    for token in ("é.é", "²9.ab", "١٢.ab", "-5.ab", "9" * 5000 + ".ab", ".", "\udcff.ab"):
+        assert not verify_dashboard_token(SECRET, token, 1000)
+
+
+@given(st.text(), st.text(), st.text(), st.integers(0, 2**40))
+def test_verify_never_raises(ts: str, sig: str, path: str, now: int) -> None:
+    assert verify_request(SECRET, ts, sig, path, now) is not None or sig == sign_request(SECRET, ts.strip(), path)
+    verify_dashboard_token(SECRET, sig, now)
 
 
 # ------------------------------------------------------------------------------ the simulator, end to end in memory
