@@ -44,12 +44,13 @@ from streams.metrics_view import render_metrics
 from streams.parity_json import gate_json, number, window_org_json
 from streams.pipeline import Deps, Pipeline
 
-__all__ = ["COOKIE", "dashboard_data", "dashboard_url", "install_web", "parity_window_json"]
+__all__ = ["COOKIE", "dashboard_data", "dashboard_html", "dashboard_url", "install_web", "parity_window_json"]
 
 log = logging.getLogger(__name__)
 
 COOKIE: Final = "edgebill_dashboard"
 MAX_WINDOW_SECONDS: Final = PARITY_QUERY_MAX_SECONDS
+MAX_FLAGGED_NAMES: Final = 20
 _CSP: Final = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -101,7 +102,7 @@ def dashboard_data(store: ParityStore, cfg: ParityConfig, web: WebConfig, now_ms
         rs = by_bucket.get(b, [])
         edge = sum((r.edge_gb_s for r in rs), Decimal(0))
         cell = sum((r.cell_gb_s for r in rs), Decimal(0))
-        flagged = sum(1 for r in rs if r.flagged)
+        flagged = sorted((r for r in rs if r.flagged), key=lambda r: (-abs(r.drift), r.org_id))
         drift = (edge - cell) / cell if cell else (Decimal(1) if edge else Decimal(0))
         buckets.append(
             {
@@ -111,7 +112,9 @@ def dashboard_data(store: ParityStore, cfg: ParityConfig, web: WebConfig, now_ms
                 "cell": number(cell),
                 "drift": number(drift),
                 "orgs": len(rs),
-                "flagged": flagged,
+                "flagged": len(flagged),
+                # Named on hover, worst first; a long list is cut (the count above is complete).
+                "flagged_orgs": [r.org_id for r in flagged[:MAX_FLAGGED_NAMES]],
                 "settled": last is not None and b <= last,
             }
         )
@@ -170,7 +173,8 @@ def _static(name: str) -> bytes:
     return (resources.files("streams") / "static" / name).read_bytes()
 
 
-def _page(data: dict[str, Any]) -> str:
+def dashboard_html(data: dict[str, Any]) -> str:
+    """The dashboard page with ``data`` (a :func:`dashboard_data` answer) embedded for its first render."""
     blob = orjson.dumps(data).decode().replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return _static("dashboard.html").decode().replace("{{DATA}}", blob)
 
@@ -262,7 +266,7 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
             )
         hours = 48
         data = await asyncio.to_thread(dashboard_data, store, cfg, web_cfg, deps.clock_ms(), hours)
-        return web.html(_page(data), headers=secure())
+        return web.html(dashboard_html(data), headers=secure())
 
     @app.page("/dashboard/data.json")  # type: ignore[untyped-decorator]
     async def dashboard_json(web: Any, request: Any) -> Any:
