@@ -251,13 +251,19 @@ def _produce_file(s: Any, path: Any, as_is: bool) -> None:
     show_default=True,
     help="Edge-side drift to inject for the parity check, one org per kind ('none' for a clean fleet).",
 )
-def demo(orgs: int, hours: int, seed: int, kills: int, timeout: float, keep: bool, drift: tuple[str, ...]) -> None:
+@click.option("--serve", is_flag=True, help="Keep the stack up after the checks and print the dashboard link.")
+def demo(
+    orgs: int, hours: int, seed: int, kills: int, timeout: float, keep: bool, drift: tuple[str, ...], serve: bool
+) -> None:
     """Everything embedded: broker, local Stripe, worker, a simulated fleet; exits 0 only if all totals agree
-    and the parity table is clean except exactly where drift was injected."""
+    and the parity table is clean except exactly where drift was injected. --serve keeps it all running after
+    the checks and prints a link to the dashboard, until Ctrl-C."""
     from infra.devkit.demo import DemoOptions, run_demo
 
     kinds = tuple(d for d in drift if d != "none")
-    opts = DemoOptions(orgs=orgs, hours=hours, seed=seed, kills=kills, timeout=timeout, keep=keep, drift=kinds)
+    opts = DemoOptions(
+        orgs=orgs, hours=hours, seed=seed, kills=kills, timeout=timeout, keep=keep, drift=kinds, serve=serve
+    )
     sys.exit(run_demo(opts))
 
 

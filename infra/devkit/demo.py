@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ from infra.devkit.simulator import (
 from infra.devkit.stack import Child, WorkerStack, wait_until
 from infra.kafka_admin import ensure_topics, kafka_answers
 from infra.kafka_io import publish_sync
+from models.parity import dashboard_token
 from models.policy import OrgPolicy
 from sinks.stripe import make_client
 
@@ -65,6 +68,7 @@ class DemoOptions:
     keep: bool = False
     var_dir: Path = Path("var/demo")
     drift: tuple[str, ...] = ("missing",)  # kinds injected on the edge side (missing, skew), one org each
+    serve: bool = False  # after the checks, keep everything running and print the dashboard link until Ctrl-C
 
 
 def _cli(*args: str) -> list[str]:
@@ -86,6 +90,7 @@ def run_demo(opts: DemoOptions) -> int:
     bootstrap = f"127.0.0.1:{kport}"
     stripe_base = f"http://127.0.0.1:{sport}"
     db_url = f"sqlite:///{root / 'ledger.db'}"
+    web_secret = secrets.token_hex(32)  # signs the dashboard link printed by --serve
     size = 3600
     now = int(time.time())
     start = (now // size - opts.hours - 1) * size  # whole past hours; the newest ends >= 1 h ago
@@ -108,6 +113,7 @@ def run_demo(opts: DemoOptions) -> int:
                 "EDGEBILL_BILL_FROM": str(start),
                 "EDGEBILL_BUCKET_SECONDS": str(size),
                 "EDGEBILL_PARITY_REFRESH_INTERVAL": "1",
+                "EDGEBILL_WEB_INTERNAL_SECRET": web_secret,
             },
             stop_grace=10,
         )
@@ -228,7 +234,10 @@ def run_demo(opts: DemoOptions) -> int:
             f"{'clean for every other org, drift flagged exactly where injected' if parity_ok else 'WRONG'} "
             f"({time.monotonic() - t0:.1f}s)"
         )
-        return 0 if ok and parity_ok else 1
+        rc = 0 if ok and parity_ok else 1
+        if opts.serve:
+            _serve(stack, worker, f"http://127.0.0.1:{wport}", web_secret.encode(), bootstrap, stripe_base)
+        return rc
     except Exception as exc:
         print(f"\nFAIL: {type(exc).__name__}: {exc}")
         if stack is not None:
@@ -246,6 +255,31 @@ def run_demo(opts: DemoOptions) -> int:
                 if p.is_file():
                     p.unlink()
             root.rmdir()
+
+
+def _serve(stack: WorkerStack, worker: Child, web: str, secret: bytes, bootstrap: str, stripe_base: str) -> None:
+    """Keep the stack up, print the dashboard link, restart the worker if it dies; return on Ctrl-C or SIGTERM."""
+    ttl = 12 * 3600
+    token = dashboard_token(secret, int(time.time()) + ttl)
+    print(f"\n  dashboard (valid {ttl // 3600} h): {web}/dashboard?token={token}")
+    print(f"  broker {bootstrap}, local Stripe {stripe_base}, worker {web}; Ctrl-C stops everything", flush=True)
+
+    def stop(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Both set here: a shell that starts the demo in the background leaves SIGINT ignored.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            if not worker.alive:
+                print(f"  worker exited; restarting it. Last lines:\n{worker.tail(10)}", flush=True)
+                worker = stack.restart(worker)
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("\n  stopping")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _stripe_up(client: Any) -> bool:
