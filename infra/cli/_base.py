@@ -85,9 +85,8 @@ def _setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # aiokafka logs every failed connection attempt at ERROR: the command says it once, in one line.
-    for noisy in ("alembic", "stripe", "aiohttp.access", "aiokafka"):
-        logging.getLogger(noisy).setLevel(logging.CRITICAL if noisy == "aiokafka" else logging.WARNING)
+    for noisy in ("alembic", "stripe", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def settings_for_cli() -> Settings:
@@ -165,10 +164,16 @@ def broker_errors(s: Settings) -> Iterator[None]:
     """Turn a broker failure inside the block (after :func:`require_broker` passed) into exit 2, one line."""
     from aiokafka.errors import KafkaError
 
+    # aiokafka logs each failed connection attempt at ERROR, with a traceback: the command says it once.
+    quiet = logging.getLogger("aiokafka")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         yield
     except (KafkaError, BrokerError, OSError, TimeoutError) as exc:
         raise broker_unreachable(s, exc) from exc
+    finally:
+        quiet.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------------- the ledger
