@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from infra.cli._base import broker_unreachable, cli, ledger_unreachable, settings_for_cli
+from infra.cli._base import broker_unreachable, cli, ledger_unreachable, require_broker, settings_for_cli
 from models.errors import BrokerError, EdgebillError
 
 
@@ -19,6 +19,8 @@ def worker() -> None:
     from infra.runtime import run_worker
 
     s = settings_for_cli()
+    if s.kafka.embedded:  # nothing to wait for: say so in one line now
+        require_broker(s, timeout=2.0)
     try:
         run_worker(s)
     except BrokerError as exc:

@@ -87,10 +87,15 @@ def test_broker_unreachable_is_one_line_and_exit_2(args: list[str], tmp_path: Pa
     _one_line_error(p, f"EDGEBILL_KAFKA_BOOTSTRAP={bootstrap}", "cannot reach a Kafka broker")
 
 
-def test_embedded_broker_not_running_names_the_command_that_starts_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "args",
+    [pytest.param(["org", "set", "org_1", "--plan", "free"], id="org-set"), pytest.param(["worker"], id="worker")],
+)
+def test_embedded_broker_not_running_names_the_command_that_starts_it(args: list[str], tmp_path: Path) -> None:
     env = _env(EDGEBILL_KAFKA_EMBEDDED_PORT=str(_closed_port()))
-    p = _run(["org", "set", "org_1", "--plan", "free"], env, tmp_path)
-    _one_line_error(p, "EDGEBILL_KAFKA_BOOTSTRAP is unset", "`edgebill broker`")
+    p = _run(args, env, tmp_path)
+    line = _one_line_error(p, "EDGEBILL_KAFKA_BOOTSTRAP is unset", "`edgebill broker`")
+    assert line.count("edgebill broker") == 1
 
 
 # ---------------------------------------------------------------------------------- database unreachable
