@@ -52,4 +52,4 @@ def ledger(org_id: str | None, state: str | None, bucket: int | None, as_json: b
             )
         click.echo(f"{len(rows)} row(s); by state: {led.state_counts()}")
     finally:
-        led.engine.dispose()
+        led.dispose()

@@ -68,7 +68,7 @@ def org_show(org_id: str | None, as_json: bool) -> None:
     try:
         rows = led.policies(org_id)
     finally:
-        led.engine.dispose()
+        led.dispose()
     if as_json:
         click.echo(json.dumps(rows, default=str, indent=2))
         return

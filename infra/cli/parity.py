@@ -61,7 +61,7 @@ def parity(
     try:
         _show(s, led, cfg, start, end, org_id, flagged, as_json, refresh, whole)
     finally:
-        led.engine.dispose()
+        led.dispose()
 
 
 def _show(

@@ -87,7 +87,7 @@ def replay(
     try:
         require_broker(s)
     except click.ClickException:
-        led.engine.dispose()
+        led.dispose()
         raise
     applied: dict[str, Any] | None = None
     refused: list[str] = []
