@@ -1,0 +1,104 @@
+"""What one record can do to ingestion: the parser refuses what any database would."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import BigInteger, Integer, String
+
+from models.ticks import (
+    INT_LIMITS,
+    STRING_LIMITS,
+    Tick,
+    UsageTickEnvelope,
+    locate_envelope,
+    parse_record,
+)
+from sinks.schema import usage_samples
+
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+
+def env(**over: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "id": "sb_42:3:1187",
+        "sandbox_id": "sb_42",
+        "org_id": "org_7",
+        "worker_id": "w-3",
+        "cell_id": "eu-1",
+        "payload": {"interval_s": 20, "memory_mb": 4096, "cpu_count": 2},
+        "timestamp": "2026-06-15T23:00:12Z",
+    }
+    base.update(over)
+    return base
+
+
+# ------------------------------------------------------------------- the parser's limits = the schema's
+
+
+def test_every_tick_field_has_a_limit_that_its_ledger_column_can_hold() -> None:
+    cols = usage_samples.c
+    assert set(STRING_LIMITS) | set(INT_LIMITS) == set(Tick._fields)
+    for name, limit in STRING_LIMITS.items():
+        col = cols[name]
+        assert isinstance(col.type, String) and col.type.length is not None, name
+        assert limit == col.type.length, (name, limit, col.type.length)  # varchar(n) counts characters
+    for name, limit in INT_LIMITS.items():
+        col = cols[name]
+        assert isinstance(col.type, Integer), name
+        top = INT64_MAX if isinstance(col.type, BigInteger) else INT32_MAX
+        assert 0 < limit <= top, (name, limit, type(col.type).__name__)
+
+
+@pytest.mark.parametrize(
+    ("over", "reason"),
+    [
+        ({"sandbox_id": "s" * 10_000}, "sandbox_id_too_long"),
+        ({"sandbox_id": None, "payload": {"sandbox_id": "s" * 256}}, "sandbox_id_too_long"),
+        ({"worker_id": "w" * 256}, "worker_id_too_long"),
+        ({"cell_id": "c" * 256}, "cell_id_too_long"),
+        ({"org_id": "o" * 256}, "org_id_too_long"),
+        ({"org_id": "org\x007"}, "org_id_contains_nul"),
+        ({"id": "\x00"}, "id_contains_nul"),
+        ({"sandbox_id": "sb\x00"}, "sandbox_id_contains_nul"),
+        ({"sandbox_id": "", "payload": {"sandbox_id": "\x00"}}, "sandbox_id_contains_nul"),
+        ({"worker_id": "w\x00"}, "worker_id_contains_nul"),
+        ({"cell_id": "\x00c"}, "cell_id_contains_nul"),
+        ({"payload": {"cpu_count": INT32_MAX + 1}}, "cpu_count_out_of_range"),
+        ({"payload": {"memory_mb": INT64_MAX + 1}}, "memory_mb_out_of_range"),
+        ({"payload": {"interval_s": 2**64 - 1}}, "interval_s_out_of_range"),
+    ],
+)
+def test_values_a_database_would_refuse_are_rejected_with_their_reason(over: dict[str, object], reason: str) -> None:
+    raw = orjson.dumps(env(**over))
+    out = parse_record(raw)
+    assert out.ticks == []
+    assert [(r.reason, r.raw) for r in out.rejected] == [(reason, raw)]
+    # The pydantic wire model refuses the same envelopes.
+    with pytest.raises(ValidationError):
+        UsageTickEnvelope.model_validate_json(raw).to_tick()
+
+
+def test_limits_are_inclusive_and_unicode_counts_characters() -> None:
+    e = env(sandbox_id="é" * 255, org_id="o" * 255, worker_id="w" * 255, cell_id="c" * 255, id="i" * 255)
+    (tick,) = parse_record(orjson.dumps(e)).ticks
+    assert len(tick.sandbox_id) == 255 and len(orjson.dumps(e)) > 255 * 5
+    assert UsageTickEnvelope.model_validate(e).to_tick() == tick
+
+
+def test_an_array_keeps_its_good_elements_around_a_nul() -> None:
+    raw = orjson.dumps([env(id="a"), env(id="b", org_id="o\x00"), env(id="c")])
+    out = parse_record(raw)
+    assert [t.id for t in out.ticks] == ["a", "c"]
+    assert [(r.reason, r.index) for r in out.rejected] == [("org_id_contains_nul", 1)]
+
+
+def test_locate_envelope_finds_the_element_of_a_tick() -> None:
+    arr = [env(id="a"), env(id="b", memory=1), env(id="c")]
+    assert locate_envelope(orjson.dumps(arr), "b") == (orjson.dumps(arr[1]), 1)
+    single = orjson.dumps(env(id="z"))
+    assert locate_envelope(single, "z") == (single, None)
+    assert locate_envelope(b"\xff not json", "z") == (b"\xff not json", None)
+    assert locate_envelope(None, "z") == (b"", None)
