@@ -1,9 +1,14 @@
-"""What one record can do to ingestion: the parser refuses what any database would."""
+"""What one record can do to ingestion: the parser refuses what any database would, dead letters stay
+bounded, database errors are told apart (the record's fault or the database's)."""
 
 from __future__ import annotations
 
+import sqlite3
+
 import orjson
+import psycopg
 import pytest
+import sqlalchemy.exc
 from pydantic import ValidationError
 from sqlalchemy import BigInteger, Integer, String
 
@@ -16,6 +21,14 @@ from models.ticks import (
     parse_record,
 )
 from sinks.schema import usage_samples
+from streams.pipeline import describe_error, is_record_error
+from streams.records import (
+    DEAD_LETTER_KEY_MAX_BYTES,
+    DEAD_LETTER_MAX_BYTES,
+    RawRecord,
+    bound_dead_letter,
+    dead_letter,
+)
 
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
@@ -102,3 +115,79 @@ def test_locate_envelope_finds_the_element_of_a_tick() -> None:
     assert locate_envelope(single, "z") == (single, None)
     assert locate_envelope(b"\xff not json", "z") == (b"\xff not json", None)
     assert locate_envelope(None, "z") == (b"", None)
+
+
+# ---------------------------------------------------------------------------- bounded dead letters
+
+
+def test_a_dead_letter_of_any_size_fits_a_producer_request() -> None:
+    big = b"x" * (5 * 1024 * 1024)
+    d = dead_letter(RawRecord(3, 86, b"org", big), "usage-ticks", "not_json", big)
+    assert len(d.value) + len(d.key or b"") <= DEAD_LETTER_MAX_BYTES < 1_000_000 - 10_000
+    assert d.value == big[: len(d.value)]
+    assert d.headers["edgebill-truncated"] == str(len(big)).encode()
+    assert d.headers["edgebill-reason"] == b"not_json"
+    assert d.headers["edgebill-source"] == b"usage-ticks/3/86"
+    small = dead_letter(RawRecord(0, 1, None, b"{}"), "usage-ticks", "empty_array", b"[]", 4)
+    assert small.value == b"[]" and "edgebill-truncated" not in small.headers
+    assert small.headers["edgebill-array-index"] == b"4"
+
+
+def test_a_huge_key_is_cut_too_and_cutting_again_keeps_the_original_size() -> None:
+    key = b"k" * 50_000
+    d = dead_letter(RawRecord(0, 7, key, b"v"), "t", "not_json", b"v" * 600_000, detail="x" * 5000)
+    assert len(d.key or b"") == DEAD_LETTER_KEY_MAX_BYTES
+    assert d.headers["edgebill-key-truncated"] == b"50000"
+    assert len(d.headers["edgebill-detail"]) == 1000
+    smaller = bound_dead_letter(d, 16 * 1024)
+    assert len(smaller.value) + len(smaller.key or b"") <= 16 * 1024
+    assert smaller.headers["edgebill-truncated"] == b"600000"
+
+
+# ------------------------------------------------------------------- the record's fault, or the database's
+
+
+def _wrapped(orig: Exception, cls: type[sqlalchemy.exc.DBAPIError]) -> Exception:
+    return cls("INSERT ...", {}, orig)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes"),
+        psycopg.errors.StringDataRightTruncation("value too long for type character varying(255)"),
+        psycopg.errors.NumericValueOutOfRange('value "1099511627776" is out of range for type integer'),
+        psycopg.errors.CheckViolation("new row violates check constraint"),
+        sqlite3.IntegrityError("NOT NULL constraint failed"),
+        OverflowError("Python int too large to convert to SQLite INTEGER"),
+        UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"),
+        _wrapped(sqlite3.IntegrityError("refused"), sqlalchemy.exc.IntegrityError),
+        _wrapped(psycopg.DataError("bad"), sqlalchemy.exc.DataError),
+    ],
+)
+def test_data_errors_are_the_records_fault(exc: Exception) -> None:
+    assert is_record_error(exc)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        psycopg.OperationalError("connection refused"),
+        psycopg.errors.SerializationFailure("could not serialize access"),
+        psycopg.errors.DiskFull("could not extend file"),
+        psycopg.errors.UndefinedTable('relation "usage_samples" does not exist'),
+        psycopg.InterfaceError("the connection is closed"),
+        sqlite3.OperationalError("database is locked"),
+        _wrapped(sqlite3.OperationalError("disk I/O error"), sqlalchemy.exc.OperationalError),
+        sqlalchemy.exc.TimeoutError("QueuePool limit reached"),
+        ConnectionResetError(),
+        RuntimeError("anything unknown"),
+    ],
+)
+def test_an_unavailable_or_broken_database_is_not_the_records_fault(exc: Exception) -> None:
+    assert not is_record_error(exc)
+
+
+def test_describe_error_names_the_drivers_error() -> None:
+    exc = _wrapped(psycopg.errors.StringDataRightTruncation("value too long\nDETAIL: x"), sqlalchemy.exc.DataError)
+    assert describe_error(exc) == "StringDataRightTruncation: value too long"
