@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "FUTURE_TOLERANCE_MS",
+    "INT32_MAX",
+    "INT64_MAX",
     "INT_LIMITS",
     "MAX_CPUS",
     "MAX_ID_LENGTH",
@@ -37,6 +39,7 @@ __all__ = [
     "TickPayload",
     "UsageTickEnvelope",
     "locate_envelope",
+    "no_nul",
     "parse_record",
     "parse_timestamp_ms",
 ]
@@ -47,6 +50,8 @@ TICK_TYPE: Final = "usage_tick"
 # A tick the parser accepts must fit its ``usage_samples`` row on SQLite (which stores nearly anything)
 # and on PostgreSQL (which refuses a string longer than its varchar(n) and any NUL character, and an
 # integer beyond its column type). A test checks these limits against the schema's column types.
+INT32_MAX: Final = 2**31 - 1  # an SQL integer column
+INT64_MAX: Final = 2**63 - 1  # an SQL bigint column
 MAX_ID_LENGTH: Final = 255  # characters (not bytes): every string column of a tick is varchar(255)
 MAX_MEMORY_MB: Final = 16 * 1024 * 1024  # 16 TiB: anything larger is a producer bug (column: bigint)
 MAX_INTERVAL_S: Final = 86_400  # column: integer
@@ -112,6 +117,13 @@ class ParsedRecord:
     ignored: int = 0  # envelopes of another type: accepted, counted, not billed
 
 
+def no_nul(v: str | None) -> str | None:
+    """A pydantic validator body: refuse a string holding a NUL character (PostgreSQL text cannot store it)."""
+    if v is not None and "\x00" in v:
+        raise ValueError("must not contain a NUL character (PostgreSQL text cannot store it)")
+    return v
+
+
 class TickPayload(BaseModel):
     """``payload`` of a ``usage_tick``. Old producers omit the dimensions: they read as 0."""
 
@@ -123,12 +135,7 @@ class TickPayload(BaseModel):
     memory_mb: int = Field(default=0, ge=0, le=MAX_MEMORY_MB)
     cpu_count: int = Field(default=0, ge=0, le=MAX_CPUS)
 
-    @field_validator("sandbox_id")
-    @classmethod
-    def _no_nul(cls, v: str | None) -> str | None:
-        if v is not None and "\x00" in v:
-            raise ValueError("must not contain a NUL character (PostgreSQL text cannot store it)")
-        return v
+    _no_nul = field_validator("sandbox_id")(no_nul)
 
 
 class UsageTickEnvelope(BaseModel):
@@ -146,12 +153,7 @@ class UsageTickEnvelope(BaseModel):
     payload: TickPayload = TickPayload()
     timestamp: datetime
 
-    @field_validator("id", "org_id", "sandbox_id", "worker_id", "cell_id")
-    @classmethod
-    def _no_nul(cls, v: str) -> str:
-        if "\x00" in v:
-            raise ValueError("must not contain a NUL character (PostgreSQL text cannot store it)")
-        return v
+    _no_nul = field_validator("id", "org_id", "sandbox_id", "worker_id", "cell_id")(no_nul)
 
     @field_validator("timestamp")
     @classmethod

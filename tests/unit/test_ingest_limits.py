@@ -4,6 +4,7 @@ bounded, database errors are told apart (the record's fault or the database's)."
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 import orjson
 import psycopg
@@ -12,6 +13,8 @@ import sqlalchemy.exc
 from pydantic import ValidationError
 from sqlalchemy import BigInteger, Integer, String
 
+from models.parity import ScaleEvent, parse_scale_event
+from models.policy import OrgPolicy
 from models.ticks import (
     INT_LIMITS,
     STRING_LIMITS,
@@ -20,7 +23,7 @@ from models.ticks import (
     locate_envelope,
     parse_record,
 )
-from sinks.schema import usage_samples
+from sinks.schema import cell_intervals, org_policies, usage_samples
 from streams.pipeline import describe_error, is_record_error
 from streams.records import (
     DEAD_LETTER_KEY_MAX_BYTES,
@@ -115,6 +118,81 @@ def test_locate_envelope_finds_the_element_of_a_tick() -> None:
     assert locate_envelope(single, "z") == (single, None)
     assert locate_envelope(b"\xff not json", "z") == (b"\xff not json", None)
     assert locate_envelope(None, "z") == (b"", None)
+
+
+def _model_limits(model: type[Any]) -> dict[str, tuple[int | None, int | None]]:
+    """field (by alias) -> (max_length, le) from a pydantic model's constraints."""
+    out = {}
+    for name, f in model.model_fields.items():
+        max_len = next((m.max_length for m in f.metadata if getattr(m, "max_length", None) is not None), None)
+        le = next((m.le for m in f.metadata if getattr(m, "le", None) is not None), None)
+        out[name] = (max_len, le)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("model", "table", "columns"),
+    [
+        (
+            OrgPolicy,
+            org_policies,
+            {
+                "org_id": "org_id",
+                "stripe_customer_id": "stripe_customer_id",
+                "stripe_subscription_id": "stripe_subscription_id",
+                "billing_provider": "billing_provider",
+                "effective_at_ms": "effective_ms",
+            },
+        ),
+        (
+            ScaleEvent,
+            cell_intervals,
+            {
+                f: f
+                for f in (
+                    "id",
+                    "sandbox_id",
+                    "org_id",
+                    "cell_id",
+                    "worker_id",
+                    "memory_mb",
+                    "cpu_percent",
+                    "disk_mb",
+                    "started_ms",
+                    "ended_ms",
+                )
+            },
+        ),
+    ],
+)
+def test_policy_and_scale_event_limits_fit_their_ledger_columns(
+    model: Any, table: Any, columns: dict[str, str]
+) -> None:
+    limits = _model_limits(model)
+    for field_name, col_name in columns.items():
+        col = table.c[col_name]
+        max_len, le = limits[field_name]
+        if isinstance(col.type, String):
+            assert max_len is not None and max_len <= (col.type.length or 0), (field_name, max_len, col.type)
+        else:
+            top = INT64_MAX if isinstance(col.type, BigInteger) else INT32_MAX
+            assert le is not None and le <= top, (field_name, le, col.type)
+
+
+def test_policies_and_scale_events_refuse_what_a_database_would() -> None:
+    base = {"org_id": "o", "plan": "pro", "effective_at": 0}
+    for over in ({"org_id": "o\x00"}, {"billing_provider": "x" * 33}, {"effective_at": 1e300}):
+        with pytest.raises(ValueError):
+            OrgPolicy.from_json(orjson.dumps(base | over))
+    ev = {"id": "e", "sandbox_id": "s", "org_id": "o", "memory_mb": 1, "started_at": 0}
+    assert isinstance(parse_scale_event(orjson.dumps(ev)), ScaleEvent)
+    for over, reason in [
+        ({"sandbox_id": "s\x00"}, "bad_sandbox_id"),
+        ({"cpu_percent": INT32_MAX + 1}, "bad_cpu_percent"),
+        ({"disk_mb": INT64_MAX + 1}, "bad_disk_mb"),
+        ({"started_at": 1e300}, "bad_started_at"),
+    ]:
+        assert parse_scale_event(orjson.dumps(ev | over)) == reason
 
 
 # ---------------------------------------------------------------------------- bounded dead letters
