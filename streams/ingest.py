@@ -263,7 +263,7 @@ class TickIngestor:
                 if item is None:
                     return
                 prepared, offsets = item
-                await self._write(prepared)
+                await self._write_until_done(prepared)
                 await self._commit(offsets)
             except Stopped:
                 log.info("ingest: stopping mid-batch; its offsets are not committed (it will be re-read)")
@@ -271,10 +271,40 @@ class TickIngestor:
             finally:
                 self._queue.task_done()
 
-    async def _write(self, prepared: IngestBatch) -> None:
-        """Dead letters, then the ledger (isolating refused ticks, whose dead letters go before progress).
+    async def _write_until_done(self, prepared: IngestBatch) -> None:
+        """:meth:`_write`, again after an unexpected error (a bug must stall ingestion loudly, not kill it)."""
+        delay = 1.0
+        while True:
+            try:
+                await self._write(prepared)
+            except Stopped:
+                raise
+            except Exception as exc:
+                self._limiter.failure(
+                    "ingest batch",
+                    "ingest: writing a batch failed unexpectedly (%s: %s); trying it again",
+                    type(exc).__name__,
+                    first_line(exc),
+                    level=logging.ERROR,
+                    exc_info=None if self._limiter.failing("ingest batch") else exc,
+                )
+                await sleep_unless(self._stopping, delay)
+                if self._stopping.is_set():
+                    raise Stopped("ingest batch") from exc
+                delay = min(delay * 2, 10.0)
+                continue
+            self._limiter.recovered("ingest batch")
+            return
 
-        Raises :class:`Stopped` if the worker stops first; nothing of the batch is acknowledged then.
+    async def _write(self, prepared: IngestBatch) -> None:
+        """Write one batch: everything but the offset commit, which the caller does only after this returns.
+
+        In order: (1) the parser's dead letters, produced and acknowledged; (2) the ledger transaction
+        (ticks + progress + counters), or, when the database refuses a tick, the batch written in parts
+        around it (:meth:`Pipeline.write_step`); then, only in that case, (3) the refused ticks' dead
+        letters and (4) the batch's progress and counters. A crash anywhere re-delivers the whole batch:
+        dead letters are written again, ticks already written count as duplicates. Raises :class:`Stopped`
+        if the worker stops while a step is being retried; nothing of the batch is acknowledged then.
         """
         if prepared.dead:
             await self._dead_letters(prepared.dead)

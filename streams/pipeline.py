@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from models.errors import InvalidRecord
 from models.policy import OrgPolicy
@@ -48,7 +48,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REFUSED: str = "ledger_refused"  # dead-letter reason of a tick the database refused
+REFUSED: Final = "ledger_refused"  # dead-letter reason of a tick the database refused
 
 
 @dataclass(slots=True)
