@@ -160,7 +160,7 @@ class StripeSettings(BaseSettings):
 
 
 class BillingSettings(BaseSettings):
-    """Billing semantics and the cutover flags (DESIGN §4)."""
+    """Bucketing, closing, and the cutover flags (``SHADOW``, ``BILL_FROM``, ``PRO_BILLING_AUTHORITY``)."""
 
     model_config = _cfg("EDGEBILL_")
 
@@ -193,7 +193,7 @@ class WebSettings(BaseSettings):
 
 
 class ParitySettings(BaseSettings):
-    """The parity table, its alert rule and the dashboard (issue 6; models.parity has the rules)."""
+    """The parity table, its alert rule and the dashboard (models.parity has the rules)."""
 
     model_config = _cfg("EDGEBILL_PARITY_")
 
@@ -202,7 +202,7 @@ class ParitySettings(BaseSettings):
         default=40,
         ge=0,
         le=3600,
-        description="one tick of slack per interval near a bucket boundary (2x the 20 s tick); 0 = the seed's rule",
+        description="one tick of slack per interval near a bucket boundary (2x the 20 s tick); 0 = no slack",
     )
     refresh_interval: float = Field(default=5.0, gt=0, description="seconds between parity refreshes (leader)")
     lookback_hours: int = Field(

@@ -196,7 +196,7 @@ billing_prices = Table(
     Column("updated_ms", BigInteger, nullable=False),
 )
 
-# ------------------------------------------------------------------------------------ parity (issue 6)
+# ------------------------------------------------------------------------------------------------ parity
 # The cell side (``sandbox-scale-events`` rows), the parity table, its bookkeeping and its alerts.
 # Written by sinks.parity; cell_intervals is also read to tell whether a worker owned a sandbox at a time.
 

@@ -7,7 +7,7 @@
 ``GET /metrics``                   Prometheus text format (open, like any scrape target on loopback); the
                                    process metrics still render when the ledger cannot be read
 ``GET /internal/usage-parity``     ``?from=&to=`` (unix s): parity per pro org over the window, live from the
-                                   raw samples and cell intervals. Signed like the seed's internal calls:
+                                   raw samples and cell intervals. Signed as the cell side's callers sign:
                                    ``X-Timestamp`` (unix s, ±300 s) and ``X-Signature`` = hex HMAC-SHA256 over
                                    ``"{ts}.{path+query}"`` with ``EDGEBILL_WEB_INTERNAL_SECRET``. Unsigned, stale
                                    or forged -> 401; bad or empty window -> 400.
@@ -37,7 +37,9 @@ from typing import Any, Final
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from models.billing import bucket_start
 from models.parity import dashboard_token, verify_dashboard_token, verify_request
+from models.stripe_window import PARITY_QUERY_MAX_SECONDS
 from models.watermark import last_closable_bucket
 from sinks.parity import ParityConfig, ParityRow, ParityStore
 from streams.config import WebConfig
@@ -50,7 +52,7 @@ __all__ = ["COOKIE", "dashboard_data", "dashboard_url", "install_web", "parity_w
 log = logging.getLogger(__name__)
 
 COOKIE: Final = "edgebill_dashboard"
-MAX_WINDOW_SECONDS: Final = 35 * 86_400
+MAX_WINDOW_SECONDS: Final = PARITY_QUERY_MAX_SECONDS
 _CSP: Final = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -72,7 +74,8 @@ def dashboard_url(web: WebConfig, now_s: int) -> str:
 
 
 def parity_window_json(store: ParityStore, cfg: ParityConfig, from_s: int, to_s: int, now_ms: int) -> dict[str, Any]:
-    """The ``/internal/usage-parity`` answer: the seed's shape plus cell GB-s, drift and status."""
+    """The ``/internal/usage-parity`` answer: ``window``, per org ``gb_seconds`` and ``samples`` (the shape
+    existing callers read) plus cell GB-s, drift and status."""
     orgs = store.window(from_s, to_s, cfg)
     return {
         "window": {"from": from_s, "to": to_s},
@@ -84,7 +87,7 @@ def parity_window_json(store: ParityStore, cfg: ParityConfig, from_s: int, to_s:
 def dashboard_data(store: ParityStore, cfg: ParityConfig, web: WebConfig, now_ms: int, hours: int) -> dict[str, Any]:
     """Everything the dashboard draws, for the last ``hours`` hours (blocking: call from a thread)."""
     size = cfg.bucket_seconds
-    current = (now_ms // 1000) // size * size
+    current = bucket_start(now_ms, size)
     lo = current - max(1, hours * 3600 // size) * size
     rows = store.rows(lo, current + size)
     st = store.state()

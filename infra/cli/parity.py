@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from infra.cli._base import cli, ledger_for_cli, parse_time, settings_for_cli
+from models.billing import bucket_start_s
 
 
 @cli.command()
@@ -73,7 +74,7 @@ def parity(
         n = store.recompute_range(start, end, cfg)
         click.echo(f"recomputed {n} row(s)", err=True)
     size = s.billing.bucket_seconds
-    rows = store.rows(start // size * size, end, org=org_id, flagged_only=flagged)
+    rows = store.rows(bucket_start_s(start, size), end, org=org_id, flagged_only=flagged)
     gate = store.gate(s.billing.grace_seconds)
     settled = gate.last_settled
     by_bucket: dict[int, list[Any]] = {}

@@ -81,14 +81,12 @@ def replay(
         bucket_to=parse_time(bucket_to) if bucket_to else None,
     )
     if dry_run:  # read-only: no migration (it takes the write lock a running worker's ledger uses)
-        from sqlalchemy import inspect
-
         from sinks.ledger import Ledger
         from sinks.schema import make_engine
 
         led = Ledger(make_engine(s.db.resolved_url))
-        if not inspect(led.engine).has_table("usage_samples"):
-            led.engine.dispose()
+        if not led.has_schema():
+            led.dispose()
             raise _ReplayFailed(f"no ledger at {s.db.resolved_url} (no usage_samples table)")
     else:
         led = ledger_for_cli()
@@ -107,7 +105,7 @@ def replay(
         except EdgebillError as exc:
             raise _ReplayFailed(str(exc)) from exc
     finally:
-        led.engine.dispose()
+        led.dispose()
     report = result.report
     if as_json:
         out = report.to_wire(limit)

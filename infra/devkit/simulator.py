@@ -4,7 +4,7 @@ The truth is computed here, independently of the billing code (its own arithmeti
 :class:`fractions.Fraction`, no import of :mod:`models.billing` math), from the set of *unique*
 ticks generated, so the demo and the tests can compare the ledger and Stripe against it.
 
-The cell side (issue 6): :func:`scale_rows` derives the ``sandbox-scale-events`` rows that match the
+The cell side, for parity: :func:`scale_rows` derives the ``sandbox-scale-events`` rows that match the
 ticks (one row per sandbox per run at one memory size; a resize closes a row and opens the next one at the
 start of the first tick of the new size), and :func:`encode_scale_messages` publishes them as the cell's
 change-data-capture would (open, then closed; some repeats, some stale "open" repeats after the close).
