@@ -3,12 +3,15 @@ Faust app -> run. The only place where ``Settings`` turn into what the lower lay
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from fractions import Fraction
-from typing import NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn
 
 import requests
 
@@ -26,6 +29,7 @@ from streams.config import KafkaConfig, Topics, WebConfig, WorkerConfig
 from streams.pipeline import Deps
 
 __all__ = [
+    "STOP_DEADLINE_S",
     "build_deps",
     "build_sender",
     "parity_config",
@@ -35,7 +39,16 @@ __all__ = [
     "worker_config",
 ]
 
+if TYPE_CHECKING:
+    import faust
+
 log = logging.getLogger(__name__)
+
+#: After SIGTERM or SIGINT the worker process is gone within this many seconds, whatever it is doing.
+STOP_DEADLINE_S: Final = 8.5
+#: Exit status when the deadline ends the process: 0, as a graceful stop (the stop was asked for, and
+#: nothing is lost); the critical log line tells the two apart.
+_FORCED_EXIT_STATUS: Final = 0
 
 
 def topics(settings: Settings) -> Topics:
@@ -184,10 +197,70 @@ def _wanted_topics(settings: Settings) -> dict[str, int]:
     return {t.ticks: n, t.dlq: n, t.policy: n, t.policy_dlq: 1, t.scale: n, t.scale_dlq: 1, t.alerts: 1}
 
 
-def run_worker(settings: Settings) -> NoReturn:
-    """Run the worker until SIGINT/SIGTERM; exits the process (Faust's worker owns the event loop)."""
+def _arm_stop_deadline(seconds: float) -> None:
+    """Make sure the process exits within ``seconds`` from now (once; later calls do nothing).
+
+    A graceful stop normally ends well before (the ingest consumer gives up a stuck batch after a few
+    seconds). What it cannot interrupt is a write blocked inside the database or a client library: a
+    thread that Python would wait for at exit. Past the deadline a daemon thread logs one line and ends
+    the process at once. Nothing is lost: offsets are committed only after the ledger write, so every
+    batch not committed is read again by the next owner, and its ticks already in the ledger count as
+    duplicates.
+    """
+    global _deadline_armed
+    if _deadline_armed:
+        return
+    _deadline_armed = True
+
+    def expire() -> None:
+        time.sleep(seconds)
+        log.critical(
+            "edgebill worker: still stopping %.1f s after the signal (a write blocked in the database or the "
+            "broker); exiting now. Batches not committed are re-read by the next owner.",
+            seconds,
+        )
+        for h in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):  # best effort before a hard exit
+                h.flush()
+        os._exit(_FORCED_EXIT_STATUS)
+
+    threading.Thread(target=expire, name="edgebill-stop-deadline", daemon=True).start()
+
+
+_deadline_armed = False
+
+
+def _worker_class() -> type[faust.Worker]:
+    """``faust.Worker`` with the two things a production worker needs from its process:
+
+    * repeated warnings of the libraries (the Kafka client logs each failed connection attempt) pass once
+      per interval with a count (:func:`streams.health.install_log_filter`, on the handlers Faust sets up);
+    * SIGTERM / SIGINT arm :func:`_arm_stop_deadline` before Faust's own graceful stop begins.
+    """
     import faust
 
+    from streams.health import install_log_filter
+
+    class Worker(faust.Worker):
+        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+            super().on_setup_root_logger(logger, level)
+            install_log_filter()
+
+        # mode.Worker's signal handlers (installed with loop.add_signal_handler); pinned mode-streaming 0.7.1.
+        def _on_sigterm(self) -> None:
+            _arm_stop_deadline(STOP_DEADLINE_S)
+            super()._on_sigterm()
+
+        def _on_sigint(self) -> None:
+            _arm_stop_deadline(STOP_DEADLINE_S)
+            super()._on_sigint()
+
+    return Worker
+
+
+def run_worker(settings: Settings) -> NoReturn:
+    """Run the worker until SIGINT/SIGTERM; exits the process (Faust's worker owns the event loop), within
+    :data:`STOP_DEADLINE_S` of the signal."""
     from infra import kafka_fixes
     from infra.kafka_admin import ensure_topics, kafka_answers
     from streams.app import configure
@@ -234,5 +307,5 @@ def run_worker(settings: Settings) -> NoReturn:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    worker = faust.Worker(app, loglevel="INFO", quiet=True, redirect_stdouts=False)
+    worker = _worker_class()(app, loglevel="INFO", quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -55,7 +55,7 @@ from typing import Any, Final
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.ticks import parse_timestamp_ms
+from models.ticks import INT32_MAX, INT64_MAX, MAX_TS_MS, no_nul, parse_timestamp_ms
 
 __all__ = [
     "DRIFT_DECIMALS",
@@ -116,16 +116,19 @@ class ScaleEvent(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
+    # Limits of the cell_intervals columns, so that every ledger database stores what is accepted here.
     id: str = Field(min_length=1, max_length=255)
     sandbox_id: str = Field(min_length=1, max_length=255)
     org_id: str = Field(min_length=1, max_length=255)
     cell_id: str = Field(default="", max_length=255)
     worker_id: str = Field(default="", max_length=255)
     memory_mb: int = Field(ge=0, le=MAX_MEMORY_MB)
-    cpu_percent: int = Field(default=0, ge=0)
-    disk_mb: int = Field(default=0, ge=0)
-    started_ms: int = Field(alias="started_at", ge=0)
-    ended_ms: int | None = Field(default=None, alias="ended_at", ge=0)
+    cpu_percent: int = Field(default=0, ge=0, le=INT32_MAX)
+    disk_mb: int = Field(default=0, ge=0, le=INT64_MAX)
+    started_ms: int = Field(alias="started_at", ge=0, le=MAX_TS_MS)
+    ended_ms: int | None = Field(default=None, alias="ended_at", ge=0, le=MAX_TS_MS)
+
+    _no_nul = field_validator("id", "sandbox_id", "org_id", "cell_id", "worker_id")(no_nul)
 
     @field_validator("cell_id", "worker_id", mode="before")
     @classmethod

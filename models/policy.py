@@ -16,7 +16,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.billing import BillingMode, Plan
-from models.ticks import parse_timestamp_ms
+from models.ticks import MAX_TS_MS, no_nul, parse_timestamp_ms
 
 __all__ = ["OrgPolicy", "PolicyHistory"]
 
@@ -26,13 +26,16 @@ class OrgPolicy(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
+    # Limits of the org_policies columns, so that every ledger database stores what is accepted here.
     org_id: str = Field(min_length=1, max_length=255)
     plan: Plan
     billing_mode: BillingMode = BillingMode.UNIFIED
     stripe_customer_id: str | None = Field(default=None, max_length=255)
     stripe_subscription_id: str | None = Field(default=None, max_length=255)
-    billing_provider: str = "stripe"
-    effective_at_ms: int = Field(ge=0, alias="effective_at")
+    billing_provider: str = Field(default="stripe", max_length=32)
+    effective_at_ms: int = Field(ge=0, le=MAX_TS_MS, alias="effective_at")
+
+    _no_nul = field_validator("org_id", "stripe_customer_id", "stripe_subscription_id", "billing_provider")(no_nul)
 
     @field_validator("effective_at_ms", mode="before")
     @classmethod

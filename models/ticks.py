@@ -23,22 +23,56 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "FUTURE_TOLERANCE_MS",
+    "INT32_MAX",
+    "INT64_MAX",
+    "INT_LIMITS",
+    "MAX_CPUS",
     "MAX_ID_LENGTH",
+    "MAX_INTERVAL_S",
+    "MAX_MEMORY_MB",
+    "MAX_TS_MS",
+    "STRING_LIMITS",
     "TICK_TYPE",
     "ParsedRecord",
     "Rejected",
     "Tick",
     "TickPayload",
     "UsageTickEnvelope",
+    "locate_envelope",
+    "no_nul",
     "parse_record",
     "parse_timestamp_ms",
 ]
 
 TICK_TYPE: Final = "usage_tick"
-MAX_ID_LENGTH: Final = 255
-MAX_MEMORY_MB: Final = 16 * 1024 * 1024  # 16 TiB: anything larger is a producer bug
-MAX_INTERVAL_S: Final = 86_400
-MAX_CPUS: Final = 1_000_000
+
+# ---- What the ledger can store, so that every database accepts and refuses the same ticks.
+# A tick the parser accepts must fit its ``usage_samples`` row on SQLite (which stores nearly anything)
+# and on PostgreSQL (which refuses a string longer than its varchar(n) and any NUL character, and an
+# integer beyond its column type). A test checks these limits against the schema's column types.
+INT32_MAX: Final = 2**31 - 1  # an SQL integer column
+INT64_MAX: Final = 2**63 - 1  # an SQL bigint column
+MAX_ID_LENGTH: Final = 255  # characters (not bytes): every string column of a tick is varchar(255)
+MAX_MEMORY_MB: Final = 16 * 1024 * 1024  # 16 TiB: anything larger is a producer bug (column: bigint)
+MAX_INTERVAL_S: Final = 86_400  # column: integer
+MAX_CPUS: Final = 1_000_000  # column: integer
+# 10000-01-02T00:00:00Z: above anything parse_timestamp_ms returns (year <= 9999, UTC offset > -24 h). bigint.
+MAX_TS_MS: Final = 253_402_387_200_000
+#: Tick field -> the longest string the ledger stores in it. NUL is refused in every one of them.
+STRING_LIMITS: Final = {
+    "id": MAX_ID_LENGTH,
+    "org_id": MAX_ID_LENGTH,
+    "sandbox_id": MAX_ID_LENGTH,
+    "worker_id": MAX_ID_LENGTH,
+    "cell_id": MAX_ID_LENGTH,
+}
+#: Tick field -> the largest value the parser accepts (all are >= 0).
+INT_LIMITS: Final = {
+    "memory_mb": MAX_MEMORY_MB,
+    "cpu_count": MAX_CPUS,
+    "interval_s": MAX_INTERVAL_S,
+    "ts_ms": MAX_TS_MS,
+}
 # A tick (or a scale event) stamped more than this ahead of the reader's clock is rejected: it would hold
 # a bucket open, or bill an hour that has not happened, on a producer's broken clock.
 FUTURE_TOLERANCE_MS: Final = 3600 * 1000
@@ -83,16 +117,25 @@ class ParsedRecord:
     ignored: int = 0  # envelopes of another type: accepted, counted, not billed
 
 
+def no_nul(v: str | None) -> str | None:
+    """A pydantic validator body: refuse a string holding a NUL character (PostgreSQL text cannot store it)."""
+    if v is not None and "\x00" in v:
+        raise ValueError("must not contain a NUL character (PostgreSQL text cannot store it)")
+    return v
+
+
 class TickPayload(BaseModel):
     """``payload`` of a ``usage_tick``. Old producers omit the dimensions: they read as 0."""
 
     model_config = ConfigDict(frozen=True, extra="allow")
 
-    sandbox_id: str | None = None
+    sandbox_id: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
     cost_cents: int = 0
     interval_s: int = Field(default=0, ge=0, le=MAX_INTERVAL_S)
     memory_mb: int = Field(default=0, ge=0, le=MAX_MEMORY_MB)
     cpu_count: int = Field(default=0, ge=0, le=MAX_CPUS)
+
+    _no_nul = field_validator("sandbox_id")(no_nul)
 
 
 class UsageTickEnvelope(BaseModel):
@@ -106,13 +149,15 @@ class UsageTickEnvelope(BaseModel):
 
     id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     type: str = TICK_TYPE
-    sandbox_id: str = ""
+    sandbox_id: str = Field(default="", max_length=MAX_ID_LENGTH)
     org_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     plan: str | None = None
-    worker_id: str = ""
-    cell_id: str = ""
+    worker_id: str = Field(default="", max_length=MAX_ID_LENGTH)
+    cell_id: str = Field(default="", max_length=MAX_ID_LENGTH)
     payload: TickPayload = TickPayload()
     timestamp: datetime
+
+    _no_nul = field_validator("id", "org_id", "sandbox_id", "worker_id", "cell_id")(no_nul)
 
     @field_validator("timestamp")
     @classmethod
@@ -180,8 +225,22 @@ def _str_field(env: dict[str, Any], key: str) -> str:
     return v if isinstance(v, str) else ""
 
 
-def _parse_envelope(env: Any, max_ts_ms: int | None) -> Tick | str | None:
-    """A tick, a rejection reason, or None for an envelope of another type (ignored)."""
+def _unstorable(value: str) -> bool:
+    """Whether a tick's string column cannot hold ``value`` on every database (too long, or a NUL)."""
+    return len(value) > MAX_ID_LENGTH or "\x00" in value
+
+
+def _unstorable_reason(value: str, name: str) -> str:
+    """The reason for a string that :func:`_unstorable` refused."""
+    return f"{name}_too_long" if len(value) > MAX_ID_LENGTH else f"{name}_contains_nul"
+
+
+def _parse_envelope(env: Any, max_ts_ms: int | None, may_hold_nul: bool) -> Tick | str | None:
+    """A tick, a rejection reason, or None for an envelope of another type (ignored).
+
+    ``may_hold_nul``: False when the record's bytes hold no ``\\u0000`` escape, the only way a JSON string
+    can decode to a NUL character (a raw NUL byte is invalid JSON): the NUL checks are then skipped.
+    """
     if not isinstance(env, dict):
         return "not_an_envelope"
     typ = env.get("type", TICK_TYPE)
@@ -190,13 +249,13 @@ def _parse_envelope(env: Any, max_ts_ms: int | None) -> Tick | str | None:
     tick_id = env.get("id")
     if not isinstance(tick_id, str) or not tick_id:
         return "missing_id"
-    if len(tick_id) > MAX_ID_LENGTH:
-        return "id_too_long"
+    if len(tick_id) > MAX_ID_LENGTH or (may_hold_nul and "\x00" in tick_id):
+        return _unstorable_reason(tick_id, "id")
     org_id = env.get("org_id")
     if not isinstance(org_id, str) or not org_id:
         return "missing_org_id"
-    if len(org_id) > MAX_ID_LENGTH:
-        return "org_id_too_long"
+    if len(org_id) > MAX_ID_LENGTH or (may_hold_nul and "\x00" in org_id):
+        return _unstorable_reason(org_id, "org_id")
     ts_ms = parse_timestamp_ms(env.get("timestamp"))
     if ts_ms is None:
         return "bad_timestamp"
@@ -227,18 +286,22 @@ def _parse_envelope(env: Any, max_ts_ms: int | None) -> Tick | str | None:
     if type(sandbox) is not str or not sandbox:
         sandbox = _str_field(payload, "sandbox_id")
     worker = env.get("worker_id", "")
+    if type(worker) is not str:
+        worker = ""
     cell = env.get("cell_id", "")
-    return Tick(
-        tick_id,
-        org_id,
-        sandbox,
-        worker if type(worker) is str else "",
-        cell if type(cell) is str else "",
-        memory,
-        cpus,
-        interval,
-        ts_ms,
-    )
+    if type(cell) is not str:
+        cell = ""
+    # The column limits of the three optional strings, in one pass for the common (short, clean) case.
+    if (
+        len(sandbox) > MAX_ID_LENGTH
+        or len(worker) > MAX_ID_LENGTH
+        or len(cell) > MAX_ID_LENGTH
+        or (may_hold_nul and ("\x00" in sandbox or "\x00" in worker or "\x00" in cell))
+    ):
+        for value, name in ((sandbox, "sandbox_id"), (worker, "worker_id"), (cell, "cell_id")):
+            if _unstorable(value):
+                return _unstorable_reason(value, name)
+    return Tick(tick_id, org_id, sandbox, worker, cell, memory, cpus, interval, ts_ms)
 
 
 def parse_record(raw: bytes | None, *, max_ts_ms: int | None = None) -> ParsedRecord:
@@ -260,12 +323,13 @@ def parse_record(raw: bytes | None, *, max_ts_ms: int | None = None) -> ParsedRe
     except orjson.JSONDecodeError:
         out.rejected.append(Rejected("not_json", raw))
         return out
+    nul = b"\\u0000" in raw
     if isinstance(doc, list):
         if not doc:
             out.rejected.append(Rejected("empty_array", raw))
             return out
         for i, env in enumerate(doc):
-            result = _parse_envelope(env, max_ts_ms)
+            result = _parse_envelope(env, max_ts_ms, nul)
             if isinstance(result, Tick):
                 out.ticks.append(result)
             elif result is None:
@@ -273,7 +337,7 @@ def parse_record(raw: bytes | None, *, max_ts_ms: int | None = None) -> ParsedRe
             else:
                 out.rejected.append(Rejected(result, orjson.dumps(env), i))
         return out
-    result = _parse_envelope(doc, max_ts_ms)
+    result = _parse_envelope(doc, max_ts_ms, nul)
     if isinstance(result, Tick):
         out.ticks.append(result)
     elif result is None:
@@ -281,3 +345,21 @@ def parse_record(raw: bytes | None, *, max_ts_ms: int | None = None) -> ParsedRe
     else:
         out.rejected.append(Rejected(result, raw))
     return out
+
+
+def locate_envelope(raw: bytes | None, tick_id: str) -> tuple[bytes, int | None]:
+    """The bytes to dead-letter for tick ``tick_id`` of record ``raw``, and its array index.
+
+    For a tick the parser accepted but the ledger later refused: inside an array record, the first element
+    whose ``id`` is ``tick_id`` (re-serialized, with its index); otherwise the whole record. Never raises.
+    """
+    data = raw or b""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data, None
+    if isinstance(doc, list):
+        for i, env in enumerate(doc):
+            if isinstance(env, dict) and env.get("id") == tick_id:
+                return orjson.dumps(env), i
+    return data, None

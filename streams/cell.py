@@ -24,8 +24,9 @@ from models.parity import ScaleEvent, parse_scale_event
 from models.ticks import FUTURE_TOLERANCE_MS
 from models.watermark import last_closable_bucket
 from sinks.parity import ParityStore, PendingAlert, RefreshResult, RefreshState, SourcedScaleEvent
+from streams.health import RateLimitedLog
 from streams.pipeline import Deps
-from streams.records import RAW_BYTES, DeadLetter, RawRecord, Record, dead_letter, retry_forever
+from streams.records import RAW_BYTES, DeadLetter, RawRecord, Record, dead_letter, first_line, retry_forever
 
 __all__ = ["ParityRuntime", "ScaleBatch", "install_parity", "prepare_scale"]
 
@@ -76,6 +77,7 @@ class ParityRuntime:
         self.last_refresh: RefreshResult | None = None
         self._lock = asyncio.Lock()
         self._logged: set[tuple[str, int, str]] = set()
+        self._limiter = RateLimitedLog(log)
 
     def write(self, batch: ScaleBatch) -> None:
         if batch.events:
@@ -121,11 +123,21 @@ class ParityRuntime:
         if self._lock.locked():
             return
         async with self._lock:
+            what = "parity refresh"
             try:
                 result = await asyncio.to_thread(self.refresh_once)
-            except Exception:
-                log.exception("parity refresh failed; it will run again")
+            except Exception as exc:
+                self._limiter.failure(
+                    what,
+                    "%s failed (%s: %s); it will run again",
+                    what,
+                    type(exc).__name__,
+                    first_line(exc),
+                    level=logging.ERROR,
+                    exc_info=None if self._limiter.failing(what) else exc,
+                )
                 return
+            self._limiter.recovered(what)
             done: list[str] = []
             for alert in result.alerts:
                 b = alert.body
@@ -177,7 +189,7 @@ def install_parity(app: Any, deps: Deps) -> ParityRuntime:
                 futs = [await dlq.send(key=d.key, value=d.value, headers=d.headers) for d in batch.dead]
                 for f in futs:
                     await f
-            await retry_forever("cell interval write", functools.partial(rt.write, batch))
+            await retry_forever("cell interval write", functools.partial(rt.write, batch), limiter=rt._limiter)
             yield len(records)
 
     app.agent(scale, name="edgebill.cell")(cell_agent)

@@ -20,29 +20,58 @@ A crash after 3 and before 4 re-delivers the batch: every tick id is already in 
 a duplicate. A rebalance between 3 and 4 makes the commit fail (the partitions moved): harmless for the
 same reason. Parsing batch *n + 1* overlaps with writing batch *n* (SQLite and psycopg release the
 GIL while they work), with at most ``depth`` batches in between (backpressure).
+
+No single record can stop ingestion; each failure costs that record only:
+
+* a record the parser rejects is dead-lettered (a bounded copy when it is larger than a producer request,
+  :func:`streams.records.dead_letter`);
+* a tick the *database* refuses (a data error, not an outage) is isolated from its batch and
+  dead-lettered with the database's reason; the rest is written (:meth:`streams.pipeline.Pipeline.write_step`);
+* a database that is unavailable is retried, never dead-lettered (not ready meanwhile);
+* a dead letter that cannot be produced stops this consumer where it is, loudly (not ready, a metric, an
+  error line): it retries and never commits an offset past the record it could not dead-letter.
+
+Stopping never waits on a stuck write: the retry loops give up at once, a write still running in its
+thread is abandoned after ``stop_grace_s`` (its offsets are not committed: the batch is re-read by the next
+owner, its ticks counted as duplicates).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, ConsumerStoppedError, IllegalStateError, KafkaError
 from mode import Service
 
-from streams.pipeline import IngestBatch, Pipeline, prepare_ingest
-from streams.records import DeadLetter, RawRecord, retry_forever
+from streams.health import (
+    BROKER,
+    DEAD_LETTERS,
+    LEDGER,
+    STARTING,
+    dead_letter_failures_total,
+    ingest_fetch_errors_total,
+    ledger_write_failures_total,
+)
+from streams.pipeline import IngestBatch, Pipeline, WritePlan, prepare_ingest
+from streams.records import DeadLetter, RawRecord, Stopped, bound_dead_letter, first_line, retry_forever, sleep_unless
 
 __all__ = ["TickIngestor", "make_ingest_service"]
 
 log = logging.getLogger(__name__)
 
 SendDead = Callable[[list[DeadLetter]], Awaitable[None]]
+
+#: A dead letter the broker still finds too large is cut down to this before it is tried again.
+SMALL_DEAD_LETTER_BYTES: Final = 16 * 1024
+_DEAD_LETTER_TIMEOUT_S: Final = 30.0
+_BROKER_PROBE_EVERY_S: Final = 3.0
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -53,6 +82,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         # Let the batches already read finish (write + commit) so the next owner re-reads as little as
         # possible. Not needed for correctness: re-read ticks are duplicates by id.
         await self._owner.drain(limit_s=2.0)
+        self._owner.forget(revoked)
         if revoked:
             log.info("ingest: partitions revoked %s", sorted(tp.partition for tp in revoked))
 
@@ -70,12 +100,16 @@ class TickIngestor:
         *,
         target_ticks: int = 8000,
         depth: int = 2,
+        stop_grace_s: float = 3.0,
     ) -> None:
         self.pipe = pipe
+        self.health = pipe.health
+        self._limiter = pipe.limiter
         self._send_dead = send_dead
         # Batches are sized in ticks, not messages: a message may carry one tick or hundreds.
         self._target_ticks = target_ticks
         self._ticks_per_message = 1.0
+        self._stop_grace_s = stop_grace_s
         k = pipe.deps.config.kafka
         self.group_id = f"{k.group_id}.ticks"
         self._consumer = AIOKafkaConsumer(
@@ -98,6 +132,12 @@ class TickIngestor:
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.batches = 0
+        # Per owned partition: the next offset not yet written to the ledger (after a batch is written), and
+        # the first offset fetched since it was assigned (until then): what the lag is counted from.
+        self._written: dict[TopicPartition, int] = {}
+        self._first_fetched: dict[TopicPartition, int] = {}
+        self._probe_at = 0.0
+        self._answer_at = time.monotonic()  # the broker's last sign of life
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -107,23 +147,42 @@ class TickIngestor:
         self._tasks = [
             asyncio.create_task(self._fetch_loop(), name="edgebill.ingest.fetch"),
             asyncio.create_task(self._write_loop(), name="edgebill.ingest.write"),
+            asyncio.create_task(self._monitor_loop(), name="edgebill.ingest.monitor"),
         ]
+        self.health.ok(STARTING)
         log.info("ingest: consuming %s as group %s", self.pipe.ticks_topic, self.group_id)
 
     async def stop(self) -> None:
-        """Stop reading, finish what was read (write + commit), leave the group."""
+        """Stop reading; finish the batches already read if that takes under ``stop_grace_s``; leave the group.
+
+        Order: (1) stop fetching; (2) let the write task write + commit what is queued, for at most
+        ``stop_grace_s`` (a retry in progress gives up at once: that batch is not committed); (3) cancel
+        the write task if still running (a ledger write in its thread may still commit later: its batch is
+        re-read by the next owner and counted as duplicates); (4) leave the group (bounded). Never longer
+        than about ``stop_grace_s + 3`` seconds, whatever the broker or the database do.
+        """
         self._stopping.set()
-        fetch, write = self._tasks or (None, None)
-        if fetch is not None:
-            fetch.cancel()
-            await asyncio.gather(fetch, return_exceptions=True)
+        fetch, write, monitor = self._tasks or (None, None, None)
+        for t in (fetch, monitor):
+            if t is not None:
+                t.cancel()
+                await asyncio.gather(t, return_exceptions=True)
         if write is not None:
-            await self._queue.put(None)
-            try:
-                await asyncio.wait_for(write, timeout=30)
-            except TimeoutError:
-                log.error("ingest: the last batch did not finish writing within 30 s; it will be re-read")
-        await self._consumer.stop()
+            with contextlib.suppress(asyncio.QueueFull):  # if full: the write task sees the stop flag itself
+                self._queue.put_nowait(None)
+            done, _ = await asyncio.wait({write}, timeout=self._stop_grace_s)
+            if not done:
+                log.warning(
+                    "ingest: the batch in progress did not finish within %.1f s of the stop; it is not committed "
+                    "and will be re-read",
+                    self._stop_grace_s,
+                )
+                write.cancel()
+                await asyncio.gather(write, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self._consumer.stop(), timeout=3.0)
+        except (TimeoutError, KafkaError) as exc:
+            log.warning("ingest: consumer stop did not finish cleanly (%s)", type(exc).__name__)
 
     async def drain(self, limit_s: float) -> None:
         """Wait until every batch read so far is written and committed (best effort, bounded)."""
@@ -131,6 +190,12 @@ class TickIngestor:
             await asyncio.wait_for(self._queue.join(), timeout=limit_s)
         except TimeoutError:
             log.info("ingest: batches still in flight after %.1fs; they finish after the rebalance", limit_s)
+
+    def forget(self, partitions: Collection[TopicPartition]) -> None:
+        """Partitions no longer owned: their lag is someone else's."""
+        for tp in partitions:
+            self._written.pop(tp, None)
+            self._first_fetched.pop(tp, None)
 
     # -- progress -------------------------------------------------------------------------------
 
@@ -143,6 +208,22 @@ class TickIngestor:
                 out[tp.partition] = int(hw)
         return out
 
+    async def lag(self) -> int:
+        """Records of the owned partitions not yet written to the ledger (log end as last fetched)."""
+        total = 0
+        for tp in self._consumer.assignment():
+            hw = self._consumer.highwater(tp)
+            if hw is None:
+                continue
+            base = self._written.get(tp, self._first_fetched.get(tp))
+            if base is None:  # nothing fetched since assignment: count from where fetching starts
+                try:
+                    base = int(await asyncio.wait_for(self._consumer.position(tp), timeout=0.5))
+                except (TimeoutError, IllegalStateError, KafkaError):
+                    continue
+            total += max(0, int(hw) - base)
+        return total
+
     # -- loops ----------------------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
@@ -154,9 +235,11 @@ class TickIngestor:
             except ConsumerStoppedError:
                 return
             except KafkaError as exc:
-                log.warning("ingest: fetch failed (%s); retrying", exc)
+                ingest_fetch_errors_total.inc()
+                self._limiter.failure("fetch", "ingest: fetch failed (%s: %s); retrying", type(exc).__name__, exc)
                 await asyncio.sleep(0.5)
                 continue
+            self._limiter.recovered("fetch")
             if not batch:
                 continue
             records: list[RawRecord] = []
@@ -165,6 +248,7 @@ class TickIngestor:
                 for m in msgs:
                     records.append(RawRecord(tp.partition, m.offset, m.key, m.value))
                 offsets[tp] = msgs[-1].offset + 1
+                self._first_fetched.setdefault(tp, msgs[0].offset)
             prepared = prepare_ingest(records, topic, self.pipe.deps.clock_ms())
             per = (len(prepared.ticks) + len(prepared.dead)) / len(records)
             self._ticks_per_message = 0.7 * self._ticks_per_message + 0.3 * max(per, 1.0)
@@ -172,29 +256,199 @@ class TickIngestor:
 
     async def _write_loop(self) -> None:
         while True:
-            item = await self._queue.get()
-            if item is None:
-                self._queue.task_done()
+            if self._stopping.is_set() and self._queue.empty():
                 return
+            item = await self._queue.get()
             try:
+                if item is None:
+                    return
                 prepared, offsets = item
-                if prepared.dead:
-                    for d in prepared.dead:
-                        log.warning(
-                            "dead-lettered %s: %s",
-                            d.headers["edgebill-source"].decode(),
-                            d.headers["edgebill-reason"].decode(),
-                        )
-                    await self._send_dead(prepared.dead)
-                await retry_forever("ledger write", functools.partial(self.pipe.write_batch, prepared))
-                try:
-                    await self._consumer.commit(offsets)
-                except (CommitFailedError, IllegalStateError, KafkaError) as exc:
-                    # The batch is in the ledger; whoever reads these offsets again finds duplicates.
-                    log.info("ingest: offset commit skipped (%s); re-reads are absorbed by tick-id dedup", exc)
-                self.batches += 1
+                await self._write_until_done(prepared)
+                await self._commit(offsets)
+            except Stopped:
+                log.info("ingest: stopping mid-batch; its offsets are not committed (it will be re-read)")
+                return
             finally:
                 self._queue.task_done()
+
+    async def _write_until_done(self, prepared: IngestBatch) -> None:
+        """:meth:`_write`, again after an unexpected error (a bug must stall ingestion loudly, not kill it)."""
+        delay = 1.0
+        while True:
+            try:
+                await self._write(prepared)
+            except Stopped:
+                raise
+            except Exception as exc:
+                self._limiter.failure(
+                    "ingest batch",
+                    "ingest: writing a batch failed unexpectedly (%s: %s); trying it again",
+                    type(exc).__name__,
+                    first_line(exc),
+                    level=logging.ERROR,
+                    exc_info=None if self._limiter.failing("ingest batch") else exc,
+                )
+                await sleep_unless(self._stopping, delay)
+                if self._stopping.is_set():
+                    raise Stopped("ingest batch") from exc
+                delay = min(delay * 2, 10.0)
+                continue
+            self._limiter.recovered("ingest batch")
+            return
+
+    async def _write(self, prepared: IngestBatch) -> None:
+        """Write one batch: everything but the offset commit, which the caller does only after this returns.
+
+        In order: (1) the parser's dead letters, produced and acknowledged; (2) the ledger transaction
+        (ticks + progress + counters), or, when the database refuses a tick, the batch written in parts
+        around it (:meth:`Pipeline.write_step`); then, only in that case, (3) the refused ticks' dead
+        letters and (4) the batch's progress and counters. A crash anywhere re-delivers the whole batch:
+        dead letters are written again, ticks already written count as duplicates. Raises :class:`Stopped`
+        if the worker stops while a step is being retried; nothing of the batch is acknowledged then.
+        """
+        if prepared.dead:
+            await self._dead_letters(prepared.dead)
+        plan = WritePlan(prepared)
+        await retry_forever(
+            "ledger write",
+            lambda: self._step(plan),
+            limiter=self._limiter,
+            health=self.health,
+            condition=LEDGER,
+            stopping=self._stopping,
+        )
+        if plan.isolating:
+            letters = self.pipe.refused_letters(plan)
+            if letters:
+                await self._dead_letters(letters)
+            await retry_forever(
+                "ledger write",
+                lambda: self.pipe.finish_isolated(plan),
+                limiter=self._limiter,
+                health=self.health,
+                condition=LEDGER,
+                stopping=self._stopping,
+            )
+        self.health.progress()
+
+    def _step(self, plan: WritePlan) -> None:
+        try:
+            self.pipe.write_step(plan)
+        except Exception:
+            ledger_write_failures_total.labels("unavailable").inc()
+            raise
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        try:
+            await asyncio.wait_for(self._consumer.commit(offsets), timeout=10.0)
+        except (CommitFailedError, IllegalStateError, KafkaError, TimeoutError) as exc:
+            # The batch is in the ledger; whoever reads these offsets again finds duplicates.
+            self._limiter.failure(
+                "offset commit",
+                "ingest: offset commit skipped (%s); re-reads are absorbed by tick-id dedup",
+                type(exc).__name__,
+                level=logging.INFO,
+            )
+        else:
+            self._limiter.recovered("offset commit")
+        for tp, nxt in offsets.items():
+            if tp in self._first_fetched:  # still owned
+                self._written[tp] = max(nxt, self._written.get(tp, 0))
+        self.batches += 1
+
+    async def _dead_letters(self, letters: list[DeadLetter]) -> None:
+        """Produce ``letters`` to the dead-letter topic; retry until they are written or the worker stops.
+
+        While they cannot be written, this consumer goes no further (no offset is committed past a record
+        that is not dead-lettered): not ready (``dead_letters_unwritable``), the failure metric counts, and
+        one error line says so (then once per interval). A letter the broker finds too large is cut to
+        :data:`SMALL_DEAD_LETTER_BYTES` first. A retry after a partial failure may write some letters twice.
+        """
+        for d in letters:
+            self._limiter.failure(
+                f"dead letter {d.headers.get('edgebill-reason', b'?').decode(errors='replace')}",
+                "dead-lettered %s: %s",
+                d.headers["edgebill-source"].decode(),
+                d.headers["edgebill-reason"].decode(errors="replace"),
+            )
+        delay = 0.5
+        while True:
+            try:
+                await asyncio.wait_for(self._send_dead(letters), timeout=_DEAD_LETTER_TIMEOUT_S)
+            except Exception as exc:
+                dead_letter_failures_total.inc()
+                if "TooLarge" in type(exc).__name__ and any(
+                    len(d.value) + len(d.key or b"") > SMALL_DEAD_LETTER_BYTES for d in letters
+                ):
+                    letters = [bound_dead_letter(d, SMALL_DEAD_LETTER_BYTES) for d in letters]
+                    log.warning("ingest: the broker refused a dead letter as too large; retrying with a 16 KiB prefix")
+                    continue
+                self.health.fail(DEAD_LETTERS, f"{type(exc).__name__}: {first_line(exc)}")
+                self._limiter.failure(
+                    "dead letters",
+                    "ingest: STOPPED - cannot write %d dead letter(s) to %s (%s: %s); nothing past them is "
+                    "committed until they are written",
+                    len(letters),
+                    self.pipe.dlq_topic,
+                    type(exc).__name__,
+                    first_line(exc),
+                    level=logging.ERROR,
+                )
+                if self._stopping.is_set():
+                    raise Stopped("dead letters") from exc
+                await sleep_unless(self._stopping, delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.health.ok(DEAD_LETTERS)
+            self._limiter.recovered("dead letters")
+            return
+
+    async def _monitor_loop(self) -> None:
+        """Every second: the lag (for the stall condition) and whether the broker answers."""
+        while not self._stopping.is_set():
+            try:
+                self.health.observe_lag(await self.lag())
+                await self._check_broker()
+            except Exception as exc:
+                self._limiter.failure("health check", "ingest: health check failed (%s)", first_line(exc))
+            await sleep_unless(self._stopping, 1.0)
+
+    async def _check_broker(self) -> None:
+        """Whether the broker answers: a Fetch answered recently on an owned partition; else (no partition,
+        or a paused fetcher) a metadata request, at most every few seconds. Unreachable once nothing has
+        answered for ``broker_timeout_s``."""
+        now = time.monotonic()
+        newest: int | None = None
+        for tp in self._consumer.assignment():
+            stamp = self._consumer.last_poll_timestamp(tp)
+            if stamp is not None and (newest is None or stamp > newest):
+                newest = stamp
+        if newest is not None:
+            self._answer_at = max(self._answer_at, now - max(0.0, time.time() - newest / 1000))
+        if now - self._answer_at < _BROKER_PROBE_EVERY_S:
+            self._reachable()
+            return
+        if now - self._probe_at < _BROKER_PROBE_EVERY_S:
+            return
+        self._probe_at = now
+        timeout_s = self.health.broker_timeout_s
+        try:
+            await asyncio.wait_for(self._consumer.topics(), timeout=timeout_s / 2)
+        except (TimeoutError, KafkaError, OSError) as exc:
+            silent = time.monotonic() - self._answer_at
+            if silent >= timeout_s:
+                servers = self.pipe.deps.config.kafka.servers
+                self.health.fail(BROKER, f"no answer from {servers} for {silent:.0f} s")
+            self._limiter.failure(
+                "broker", "ingest: the Kafka broker does not answer (%s: %s)", type(exc).__name__, first_line(exc)
+            )
+        else:
+            self._answer_at = time.monotonic()
+            self._reachable()
+
+    def _reachable(self) -> None:
+        self.health.ok(BROKER)
+        self._limiter.recovered("broker")
 
 
 def make_ingest_service(pipe: Pipeline, send_dead: SendDead) -> type[Service]:

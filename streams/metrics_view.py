@@ -14,7 +14,10 @@ Exported names (all prefixed ``edgebill_``): ``ticks_ingested_total``, ``ticks_r
 ``meter_rows{state}``, ``consumer_lag{topic,partition}``, ``parity_drift{org_id}``, ``parity_rows{status}``,
 ``parity_aggregate_drift``, ``parity_bucket_start_seconds``, ``parity_clean_hours``,
 ``parity_refresh_age_seconds``, ``ledger_counter{name}`` (every ledger counter),
-``stripe_request_seconds``, ``stripe_errors_total{kind}``.
+``stripe_request_seconds``, ``stripe_errors_total{kind}``; readiness and ingest health from
+:mod:`streams.health`: ``ready``, ``unready{condition}``, ``ingest_lag``, ``ingest_progress_age_seconds``,
+``ledger_write_failures_total{kind}``, ``ticks_refused_total``, ``dead_letter_failures_total``,
+``dead_letters_truncated_total``, ``ingest_fetch_errors_total``.
 """
 
 from __future__ import annotations
@@ -118,8 +121,11 @@ class SnapshotCollector(Collector):
         yield every
 
 
-def render_metrics(snap: MetricsSnapshot, consumed_topics: Collection[str], now_s: float) -> bytes:
-    """The Prometheus text exposition: the process registry, then the ledger snapshot."""
+def render_metrics(snap: MetricsSnapshot | None, consumed_topics: Collection[str], now_s: float) -> bytes:
+    """The Prometheus text exposition: the process registry, then the ledger snapshot (None: the ledger
+    could not be read; the process metrics, readiness included, are still exposed)."""
+    if snap is None:
+        return generate_latest(REGISTRY)
     per_scrape = CollectorRegistry(auto_describe=False)
     per_scrape.register(SnapshotCollector(snap, consumed_topics, now_s))
     return generate_latest(REGISTRY) + generate_latest(per_scrape)

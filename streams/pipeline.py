@@ -4,7 +4,9 @@
 what tests drive directly:
 
 * ingest: :func:`prepare_ingest` parses a batch of ``usage-ticks`` records into good ticks, dead letters
-  and per-partition progress; :meth:`Pipeline.write_batch` writes them in one ledger transaction;
+  and per-partition progress; :meth:`Pipeline.write_batch` writes them in one ledger transaction, or, when
+  the database refuses a record in it, :meth:`Pipeline.write_step` isolates the refused ticks
+  (:class:`WritePlan`) and writes the rest;
 * policies: :meth:`Pipeline.policies_from` parses ``org-policy`` records;
 * closing: :meth:`Pipeline.close_once` computes the watermark from partition progress and closes buckets;
 * sending: :meth:`Pipeline.send_once` drains the outbox to Stripe (never in shadow).
@@ -20,22 +22,33 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from models.errors import InvalidRecord
 from models.policy import OrgPolicy
-from models.ticks import FUTURE_TOLERANCE_MS, parse_record
+from models.ticks import FUTURE_TOLERANCE_MS, locate_envelope, parse_record
 from models.watermark import watermark
 from sinks.ledger import CloseResult, Ledger, SourcedTick
 from sinks.outbox import OutboxSender, SendReport
 from streams.config import WorkerConfig
-from streams.records import DeadLetter, Record, dead_letter
+from streams.health import Health, RateLimitedLog, ledger_write_failures_total, ticks_refused_total
+from streams.records import DeadLetter, Record, dead_letter, first_line
 
-__all__ = ["Deps", "HighwaterSource", "IngestBatch", "Pipeline", "prepare_ingest"]
+__all__ = [
+    "Deps",
+    "HighwaterSource",
+    "IngestBatch",
+    "Pipeline",
+    "WritePlan",
+    "is_record_error",
+    "prepare_ingest",
+]
 
 log = logging.getLogger(__name__)
+
+REFUSED: Final = "ledger_refused"  # dead-letter reason of a tick the database refused
 
 
 @dataclass(slots=True)
@@ -44,11 +57,13 @@ class IngestBatch:
     dead: list[DeadLetter] = field(default_factory=list)
     progress: dict[int, tuple[int, int | None]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    records: Sequence[Record] = ()  # what the batch was parsed from (to dead-letter a refused tick)
+    topic: str = ""
 
 
-def prepare_ingest(records: Iterable[Record], topic: str, now_ms: int) -> IngestBatch:
+def prepare_ingest(records: Sequence[Record], topic: str, now_ms: int) -> IngestBatch:
     """Parse a batch of ``usage-ticks`` records: good ticks, dead letters, per-partition progress. Pure."""
-    out = IngestBatch()
+    out = IngestBatch(records=records, topic=topic)
     rejected = ignored = read = 0
     max_ts = now_ms + FUTURE_TOLERANCE_MS
     ticks_append = out.ticks.append
@@ -74,6 +89,61 @@ def prepare_ingest(records: Iterable[Record], topic: str, now_ms: int) -> Ingest
             progress[part] = (off if off > prev[0] else prev[0], ev)
     out.counts = {"records.read": read, "records.rejected": rejected, "records.ignored_type": ignored}
     return out
+
+
+# DB-API exception classes (sqlite3, psycopg, and SQLAlchemy's wrappers of them, which have the same names)
+# that say "this data cannot be stored", as opposed to "the database cannot be used now".
+_RECORD_ERRORS: frozenset[str] = frozenset({"DataError", "IntegrityError"})
+
+
+def is_record_error(exc: BaseException) -> bool:
+    """Whether a failed ledger write is about the data written (isolate and dead-letter the record) rather
+    than the database (down, locked, full, misconfigured: retry, never dead-letter).
+
+    Record errors: the DB-API's ``DataError`` and ``IntegrityError`` (a value too long, out of range, a NUL,
+    a constraint), raised raw by the driver or wrapped by SQLAlchemy, and the driver's own refusal to encode
+    a value (``UnicodeError``, ``OverflowError``). Everything else, ``OperationalError`` and
+    ``InterfaceError`` (connection lost, database locked, disk full) and any unknown error included, is not.
+    """
+    orig = getattr(exc, "orig", None)  # sqlalchemy.exc.DBAPIError / StatementError carry the driver's error
+    for e in (exc, orig) if isinstance(orig, BaseException) else (exc,):
+        if isinstance(e, UnicodeError | OverflowError):
+            return True
+        if any(cls.__name__ in _RECORD_ERRORS for cls in type(e).__mro__):
+            return True
+    return False
+
+
+def describe_error(exc: BaseException) -> str:
+    """``ClassName: first line`` of the driver's error (what the database said), for a dead letter."""
+    orig = getattr(exc, "orig", None)
+    e = orig if isinstance(orig, BaseException) else exc
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
+@dataclass(slots=True)
+class WritePlan:
+    """Where the ledger write of one :class:`IngestBatch` stands; :meth:`Pipeline.write_step` advances it.
+
+    Resumable: a step that fails because the database is unavailable raises, leaves the plan as it was,
+    and the next step continues from there (nothing is written twice except what a crash re-delivers).
+    """
+
+    batch: IngestBatch
+    whole: bool = True  # still trying the batch in one transaction
+    parts: list[list[SourcedTick]] = field(default_factory=list)  # left to write (a stack) once split
+    refused: list[tuple[SourcedTick, str]] = field(default_factory=list)  # ticks the database refused, why
+    written: bool = False  # every tick is written or refused (progress and counters still to record)
+
+    @property
+    def isolating(self) -> bool:
+        return not self.whole
+
+
+def _halves(ticks: list[SourcedTick]) -> list[list[SourcedTick]]:
+    """``ticks`` split in two, first half on top of the stack (written first)."""
+    mid = len(ticks) // 2
+    return [ticks[mid:], ticks[:mid]] if mid else [ticks]
 
 
 def _owner() -> str:
@@ -124,6 +194,8 @@ class Pipeline:
         self.last_close: CloseResult | None = None
         self.ingestor: HighwaterSource | None = None  # the running ingest service's consumer, once started
         self.last_send: SendReport | None = None
+        self.health = Health()
+        self.limiter = RateLimitedLog(log)
 
     # -- ingest -------------------------------------------------------------------------------
 
@@ -140,6 +212,78 @@ class Pipeline:
             )
         else:
             led.record_progress(self.ticks_topic, batch.progress, batch.counts)
+
+    def write_step(self, plan: WritePlan) -> None:
+        """Write ``plan``'s ticks, isolating any the database refuses; blocking (run it in a thread).
+
+        1. The whole batch in one transaction (:meth:`write_batch`): ticks, progress, counters. Done.
+        2. If the database refuses it for a record's sake (:func:`is_record_error`), split it in halves and
+           write each half without progress or counters, splitting again what is refused, down to single
+           ticks: those are the refused ones (``plan.refused``, with the database's reason). The others are
+           written, ``log2(n)`` transactions per refused tick.
+        3. ``plan.written`` is then set: the caller dead-letters the refused ticks (:meth:`refused_letters`)
+           and only then records progress and counters (:meth:`finish_isolated`), then commits offsets.
+
+        Raises whatever is not a record error (the database is unavailable): the plan keeps its place, and
+        calling again resumes. A crash in step 2 or 3 re-delivers the batch: written ticks are duplicates by
+        id, refused ones are isolated and dead-lettered again (a dead letter may be written twice).
+        """
+        if plan.whole:
+            try:
+                self.write_batch(plan.batch)
+            except Exception as exc:
+                if not is_record_error(exc):
+                    raise
+                ledger_write_failures_total.labels("refused").inc()
+                ticks = plan.batch.ticks
+                self.limiter.failure(
+                    "ledger refused a batch",
+                    "ingest: the ledger refused a batch of %d tick(s) (%s); isolating the refused one(s)",
+                    len(ticks),
+                    describe_error(exc),
+                )
+                plan.whole = False
+                plan.parts = _halves(ticks)
+            else:
+                plan.written = True
+                return
+        led = self.deps.ledger
+        while plan.parts:
+            part = plan.parts[-1]
+            try:
+                led.write_ticks(self.ticks_topic, part, bucket_seconds=self.close_cfg.bucket_seconds, progress={})
+            except Exception as exc:
+                if not is_record_error(exc):
+                    raise
+                plan.parts.pop()
+                if len(part) == 1:
+                    plan.refused.append((part[0], describe_error(exc)))
+                else:
+                    plan.parts.extend(_halves(part))
+                continue
+            plan.parts.pop()
+        plan.written = True
+
+    def refused_letters(self, plan: WritePlan) -> list[DeadLetter]:
+        """Dead letters for the ticks the ledger refused: the envelope's bytes (its array element when the
+        record is an array), reason ``ledger_refused``, the database's words in ``edgebill-detail``."""
+        by_pos = {(r.partition, r.offset): r for r in plan.batch.records}
+        out: list[DeadLetter] = []
+        for st, why in plan.refused:
+            rec = by_pos.get((st.partition, st.offset))
+            if rec is None:  # cannot happen: every tick comes from a record of its batch
+                continue
+            raw, index = locate_envelope(rec.value, st.tick.id)
+            out.append(dead_letter(rec, plan.batch.topic or self.ticks_topic, REFUSED, raw, index, detail=why))
+        return out
+
+    def finish_isolated(self, plan: WritePlan) -> None:
+        """Record the progress and counters of a batch written by isolation (its refused ticks count as
+        rejected); blocking. Only after the refused ticks are dead-lettered."""
+        counts = dict(plan.batch.counts)
+        counts["records.rejected"] = counts.get("records.rejected", 0) + len(plan.refused)
+        self.deps.ledger.record_progress(self.ticks_topic, plan.batch.progress, counts)
+        ticks_refused_total.inc(len(plan.refused))
 
     def policies_from(self, records: Sequence[Record]) -> tuple[list[tuple[OrgPolicy, int, int]], list[DeadLetter]]:
         good: list[tuple[OrgPolicy, int, int]] = []
@@ -184,16 +328,27 @@ class Pipeline:
         if self._close_lock.locked():
             return
         async with self._close_lock:
-            try:
-                await asyncio.to_thread(self.close_once)
-            except Exception:
-                log.exception("closer run failed; it will run again")
+            await self._run_logged("closer run", self.close_once)
 
     async def send_tick(self) -> None:
         if self._send_lock.locked():
             return
         async with self._send_lock:
-            try:
-                await asyncio.to_thread(self.send_once)
-            except Exception:
-                log.exception("sender run failed; it will run again")
+            await self._run_logged("sender run", self.send_once)
+
+    async def _run_logged(self, what: str, fn: Callable[[], object]) -> None:
+        """Run ``fn`` in a thread; a failure is logged (once per interval while it repeats), not raised."""
+        try:
+            await asyncio.to_thread(fn)
+        except Exception as exc:
+            self.limiter.failure(
+                what,
+                "%s failed (%s: %s); it will run again",
+                what,
+                type(exc).__name__,
+                first_line(exc),
+                level=logging.ERROR,
+                exc_info=None if self.limiter.failing(what) else exc,
+            )
+        else:
+            self.limiter.recovered(what)

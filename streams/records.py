@@ -1,19 +1,56 @@
 """What every consumer of the worker shares: the record it reads, the dead letter it writes, the retry.
 
 A leaf module: the pipeline, the ingest service and the cell agent import it; it imports none of them.
+
+Dead letters (``*-dlq`` topics) carry the rejected bytes and these headers:
+
+=========================  =========================================================================
+``edgebill-reason``        short, stable reason (``not_json``, ``sandbox_id_too_long``, ``ledger_refused``…)
+``edgebill-source``        ``topic/partition/offset`` of the record it comes from
+``edgebill-array-index``   position of the element in an array record (absent for a whole record)
+``edgebill-truncated``     original size in bytes, when the value is only a prefix of the rejected bytes
+``edgebill-key-truncated`` original key size in bytes, when the key is only a prefix
+``edgebill-detail``        what the database said, for a record it refused (at most 1,000 characters)
+=========================  =========================================================================
+
+A dead letter always fits a producer request: key + value stay under :data:`DEAD_LETTER_MAX_BYTES`
+(Kafka's default request and message limits are about 1 MB). The whole record can be read again from its
+source offset while the topic's retention keeps it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-__all__ = ["RAW_BYTES", "DeadLetter", "RawRecord", "Record", "dead_letter", "retry_forever"]
+from streams.health import Health, RateLimitedLog, dead_letters_truncated_total
+
+__all__ = [
+    "DEAD_LETTER_KEY_MAX_BYTES",
+    "DEAD_LETTER_MAX_BYTES",
+    "RAW_BYTES",
+    "DeadLetter",
+    "RawRecord",
+    "Record",
+    "Stopped",
+    "bound_dead_letter",
+    "dead_letter",
+    "first_line",
+    "retry_forever",
+    "sleep_unless",
+]
 
 log = logging.getLogger(__name__)
+
+#: Key + value of a dead letter at most (headers are small): half of Kafka's default 1,000,000-byte
+#: producer request, so it fits with room to spare for headers and batch overhead.
+DEAD_LETTER_MAX_BYTES: Final = 512 * 1024
+DEAD_LETTER_KEY_MAX_BYTES: Final = 1024
+_DETAIL_MAX_CHARS: Final = 1000
 
 # Every topic of the worker carries bytes both ways: records are parsed (and dead-lettered) by this code.
 RAW_BYTES: Final[dict[str, Any]] = {
@@ -55,25 +92,103 @@ class DeadLetter:
     headers: dict[str, bytes]
 
 
-def dead_letter(rec: Record, topic: str, reason: str, raw: bytes, index: int | None = None) -> DeadLetter:
-    """The dead letter of a rejected record: original bytes, reason and source in headers."""
+def dead_letter(
+    rec: Record, topic: str, reason: str, raw: bytes, index: int | None = None, *, detail: str | None = None
+) -> DeadLetter:
+    """The dead letter of a rejected record: its bytes (bounded), reason and source in headers."""
     headers = {
         "edgebill-reason": reason.encode(),
         "edgebill-source": f"{topic}/{rec.partition}/{rec.offset}".encode(),
     }
     if index is not None:
         headers["edgebill-array-index"] = str(index).encode()
-    return DeadLetter(key=rec.key, value=raw, headers=headers)
+    if detail:
+        headers["edgebill-detail"] = detail[:_DETAIL_MAX_CHARS].encode("utf-8", "replace")
+    return bound_dead_letter(DeadLetter(key=rec.key, value=raw, headers=headers), DEAD_LETTER_MAX_BYTES)
 
 
-async def retry_forever(what: str, fn: Callable[[], Any]) -> None:
-    """Run a ledger write until it succeeds. Never ack a batch whose write failed (Faust would commit it)."""
+def bound_dead_letter(d: DeadLetter, max_bytes: int) -> DeadLetter:
+    """``d`` with its key cut to :data:`DEAD_LETTER_KEY_MAX_BYTES` and key + value to ``max_bytes``.
+
+    A cut keeps a prefix and records the original size in a header (``edgebill-key-truncated``,
+    ``edgebill-truncated``); cutting an already cut letter keeps the first original size.
+    """
+    key, value, headers = d.key, d.value, d.headers
+    key_cap = min(DEAD_LETTER_KEY_MAX_BYTES, max_bytes // 2)
+    if key is not None and len(key) > key_cap:
+        headers = {"edgebill-key-truncated": str(len(key)).encode(), **headers}
+        key = key[:key_cap]
+    room = max(0, max_bytes - len(key or b""))
+    if len(value) > room:
+        headers = {"edgebill-truncated": str(len(value)).encode(), **headers}
+        value = value[:room]
+        dead_letters_truncated_total.inc()
+    if key is d.key and value is d.value:
+        return d
+    return DeadLetter(key=key, value=value, headers=headers)
+
+
+class Stopped(Exception):
+    """The worker is stopping: a retry loop gave up without finishing (nothing was acknowledged)."""
+
+
+async def retry_forever(
+    what: str,
+    fn: Callable[[], Any],
+    *,
+    limiter: RateLimitedLog | None = None,
+    health: Health | None = None,
+    condition: str | None = None,
+    stopping: asyncio.Event | None = None,
+) -> None:
+    """Run a ledger write (in a thread) until it succeeds. Never ack a batch whose write failed.
+
+    Failures are logged through ``limiter`` (once per interval, with a count) and, with ``health``, hold
+    ``condition`` until the write succeeds. With ``stopping``: once it is set, a failed attempt is not
+    retried but raises :class:`Stopped` (the caller acknowledges nothing).
+    """
+    rl = limiter or _default_limiter
     delay = 0.2
     while True:
         try:
             await asyncio.to_thread(fn)
-            return
-        except Exception:
-            log.exception("%s failed; retrying in %.1fs (offsets are not committed meanwhile)", what, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+        except Exception as exc:
+            rl.failure(
+                what,
+                "%s failed (%s: %s); retrying, offsets are not committed meanwhile",
+                what,
+                type(exc).__name__,
+                first_line(exc),
+                exc_info=None if rl.failing(what) else exc,
+            )
+            if health is not None and condition is not None:
+                health.fail(condition, f"{what}: {type(exc).__name__}: {first_line(exc)}", source=what)
+            if stopping is not None and stopping.is_set():
+                raise Stopped(what) from exc
+            await sleep_unless(stopping, delay)
+            if stopping is not None and stopping.is_set():
+                raise Stopped(what) from exc
+            delay = min(delay * 2, 5.0)
+            continue
+        rl.recovered(what)
+        if health is not None and condition is not None:
+            health.ok(condition, source=what)
+        return
+
+
+_default_limiter = RateLimitedLog(log)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), for one-line logs."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+async def sleep_unless(stopping: asyncio.Event | None, seconds: float) -> None:
+    """Sleep ``seconds``, or less when ``stopping`` gets set."""
+    if stopping is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), timeout=seconds)

@@ -1,8 +1,11 @@
 """The worker's web views, registered by :func:`install_web` (bound to ``EDGEBILL_WEB_HOST``, 127.0.0.1).
 
 =================================  ==============================================================================
-``GET /healthz``                   liveness + flags + meter rows by state (open)
-``GET /metrics``                   Prometheus text format (open, like any scrape target on loopback)
+``GET /healthz``                   liveness: 200 while the process answers, whatever else is wrong; flags (open)
+``GET /readyz``                    readiness: 200 when ready, 503 with the conditions that hold (open; see
+                                   :mod:`streams.health`)
+``GET /metrics``                   Prometheus text format (open, like any scrape target on loopback); the
+                                   process metrics still render when the ledger cannot be read
 ``GET /internal/usage-parity``     ``?from=&to=`` (unix s): parity per pro org over the window, live from the
                                    raw samples and cell intervals. Signed as the cell side's callers sign:
                                    ``X-Timestamp`` (unix s, ±300 s) and ``X-Signature`` = hex HMAC-SHA256 over
@@ -214,24 +217,44 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
             **(headers or {}),
         }
 
+    health = pipe.health
+
     @app.page("/healthz")  # type: ignore[untyped-decorator]
     async def healthz(web: Any, request: Any) -> Any:
+        # Liveness only: no database or broker call, so a sick dependency never gets the process restarted.
         return web.json(
             {
                 "ok": True,
+                "ready": health.ready(),
                 "owner": deps.owner,
                 "shadow": config.close.shadow,
                 "bill_from": config.close.bill_from,
                 "authority": config.authority.value,
-                "rows": await asyncio.to_thread(deps.ledger.state_counts),
             }
         )
 
+    @app.page("/readyz")  # type: ignore[untyped-decorator]
+    async def readyz(web: Any, request: Any) -> Any:
+        body = health.report()
+        body["owner"] = deps.owner
+        return web.json(body, status=200 if body["ready"] else 503)
+
     @app.page("/metrics")  # type: ignore[untyped-decorator]
     async def metrics(web: Any, request: Any) -> Any:
-        body = await asyncio.to_thread(
-            lambda: render_metrics(store.metrics(config.close.grace_seconds), consumed, time.time())
-        )
+        health.report()  # refresh the readiness gauges
+
+        def render() -> bytes:
+            try:
+                snap = store.metrics(config.close.grace_seconds)
+            except Exception as exc:
+                pipe.limiter.failure(
+                    "metrics snapshot", "/metrics: the ledger cannot be read (%s: %s)", type(exc).__name__, exc
+                )
+                return render_metrics(None, consumed, time.time())
+            pipe.limiter.recovered("metrics snapshot")
+            return render_metrics(snap, consumed, time.time())
+
+        body = await asyncio.to_thread(render)
         return web.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     @app.page("/internal/usage-parity")  # type: ignore[untyped-decorator]

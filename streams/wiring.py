@@ -1,15 +1,15 @@
 """Register the worker's topics, agents, services, timers and pages on the Faust app.
 
 * ingest (``usage-ticks``, :mod:`streams.ingest`): a batch consumer run by a Faust service: batches of
-  records -> parse -> bad parts to ``usage-ticks-dlq`` (reason + original bytes) -> valid ticks into the
-  ledger, deduplicated by tick id, together with the partition's progress; offsets are committed to
-  Kafka only after the ledger commit.
+  records -> parse -> bad parts to ``usage-ticks-dlq`` (reason + original bytes, bounded) -> valid ticks
+  into the ledger, deduplicated by tick id, together with the partition's progress (ticks the database
+  refuses are isolated and dead-lettered); offsets are committed to Kafka only after the ledger commit.
 * ``policy`` agent (``org-policy``): policy history into the ledger.
 * ``cell`` agent and the parity refresher (:mod:`streams.cell`).
 * ``progress`` timer (every worker): reports the log end of the partitions it owns.
 * ``closer`` timer (leader): computes the watermark and closes buckets.
 * ``sender`` timer (leader, only when not in shadow): drains the outbox to Stripe.
-* web views (:mod:`streams.web`).
+* web views (:mod:`streams.web`), liveness apart from readiness (:mod:`streams.health`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import logging
 from typing import Any
 
 from streams.cell import install_parity
+from streams.health import LEDGER
 from streams.ingest import make_ingest_service
 from streams.pipeline import Deps, Pipeline
-from streams.records import RAW_BYTES, DeadLetter, RawRecord, retry_forever
+from streams.records import RAW_BYTES, DeadLetter, RawRecord, first_line, retry_forever
 from streams.web import install_web
 
 __all__ = ["install"]
@@ -58,6 +59,7 @@ def install(app: Any, deps: Deps) -> Pipeline:
             await retry_forever(
                 "policy write",
                 functools.partial(deps.ledger.write_policies, pipe.policy_topic, good, progress, counts),
+                limiter=pipe.limiter,
             )
             yield len(records)
 
@@ -72,8 +74,11 @@ def install(app: Any, deps: Deps) -> Pipeline:
 
         The Fetch high watermark is right on Tansu (ListOffsets is not, see infra.kafka_fixes) and costs
         no request. A partition with no Fetch answer yet is not reported: it stays "lagging". Covers
-        every topic the closer waits on, the cell side's scale events included.
+        every topic the closer waits on, the cell side's scale events included. A write that fails holds
+        the ``ledger_unwritable`` readiness condition until one succeeds.
         """
+        what = "progress report"
+        wrote = False
         try:
             by_topic: dict[str, dict[int, int]] = {}
             for tp in app.consumer.assignment():
@@ -88,8 +93,21 @@ def install(app: Any, deps: Deps) -> Pipeline:
                 if not marks:
                     continue
                 await asyncio.to_thread(deps.ledger.report_highwaters, topic, marks, deps.owner)
-        except Exception:
-            log.exception("progress report failed")
+                wrote = True
+        except Exception as exc:
+            pipe.health.fail(LEDGER, f"{what}: {type(exc).__name__}: {first_line(exc)}", source=what)
+            pipe.limiter.failure(
+                what,
+                "%s failed (%s: %s)",
+                what,
+                type(exc).__name__,
+                first_line(exc),
+                exc_info=None if pipe.limiter.failing(what) else exc,
+            )
+        else:
+            if wrote:
+                pipe.health.ok(LEDGER, source=what)
+                pipe.limiter.recovered(what)
 
     app.timer(0.5, name="edgebill.progress")(report_progress)
     app.timer(cfg.close_interval_s, on_leader=True, name="edgebill.closer")(pipe.close_tick)
