@@ -37,11 +37,13 @@ __all__ = [
     "child_env",
     "interlock_problems",
     "load_settings",
+    "stripe_problems",
 ]
 
 DEFAULT_EMBEDDED_KAFKA_PORT = 29092
 DEFAULT_LOCAL_STRIPE_PORT = 12111
 DEFAULT_VAR_DIR = Path("var")
+DEFAULT_WEBHOOK_SECRET = "whsec_edgebill_local"  # noqa: S105 - a public local default, refused with a live key
 _T = TypeVar("_T")
 
 
@@ -113,7 +115,24 @@ class StripeSettings(BaseSettings):
 
     api_base: str | None = None
     api_key: SecretStr = SecretStr("sk_test_edgebill_local")
-    webhook_secret: SecretStr = SecretStr("whsec_edgebill_local")
+    webhook_secret: SecretStr = Field(
+        default=SecretStr(DEFAULT_WEBHOOK_SECRET),
+        description="signing secret of the webhook endpoint (whsec_…; `edgebill stripe setup` prints it once)",
+    )
+    webhook_tolerance: int = Field(default=300, ge=1, le=3600, description="seconds a webhook signature stays valid")
+    webhook_max_body: int = Field(
+        default=256 * 1024, ge=1024, le=16 * 1024 * 1024, description="larger webhook bodies are refused (413)"
+    )
+    webhook_append_timeout: float = Field(
+        default=10.0, gt=0, le=60, description="seconds to wait for the topic to store an event before a 503"
+    )
+    webhook_retry_interval: float = Field(
+        default=5.0, gt=0, description="seconds between retries of webhook events not yet applied (leader)"
+    )
+    webhook_url: str | None = Field(
+        default=None,
+        description="public URL of POST /webhooks/stripe for `edgebill stripe setup`; unset: the worker's own",
+    )
     local_port: int = Field(default=DEFAULT_LOCAL_STRIPE_PORT, ge=1, le=65535)
     mode: Literal["v1", "v2"] = Field(
         default="v1",
@@ -151,7 +170,7 @@ class StripeSettings(BaseSettings):
             return self.send_batch
         return 2000 if self.mode == "v2" else 500
 
-    @field_validator("api_base", "meter_events_base")
+    @field_validator("api_base", "meter_events_base", "webhook_url")
     @classmethod
     def _http(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith(("http://", "https://")):
@@ -293,6 +312,17 @@ def interlock_problems(billing: BillingSettings) -> list[str]:
     return problems
 
 
+def stripe_problems(st: StripeSettings) -> list[str]:
+    """Stripe settings that would let anyone provision: a live key with the well-known local webhook secret."""
+    live = st.api_key.get_secret_value().startswith(("sk_live_", "rk_live_"))
+    if live and st.webhook_secret.get_secret_value() == DEFAULT_WEBHOOK_SECRET:
+        return [
+            "EDGEBILL_STRIPE_WEBHOOK_SECRET is the local default while EDGEBILL_STRIPE_API_KEY is a live key: set it "
+            "to the endpoint's signing secret (`edgebill stripe setup` prints it when it creates the endpoint)"
+        ]
+    return []
+
+
 def load_settings(**overrides: Mapping[str, Any]) -> Settings:
     """Build all settings from the environment, raising one ConfigError that lists every problem.
 
@@ -312,6 +342,9 @@ def load_settings(**overrides: Mapping[str, Any]) -> Settings:
     billing = built.get("billing")
     if isinstance(billing, BillingSettings):
         problems.extend(interlock_problems(billing))
+    stripe_part = built.get("stripe")
+    if isinstance(stripe_part, StripeSettings):
+        problems.extend(stripe_problems(stripe_part))
     if problems:
         raise ConfigError(problems)
     return Settings(

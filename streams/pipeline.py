@@ -30,6 +30,7 @@ from models.ticks import FUTURE_TOLERANCE_MS, parse_record
 from models.watermark import watermark
 from sinks.ledger import CloseResult, Ledger, SourcedTick
 from sinks.outbox import OutboxSender, SendReport
+from sinks.stripe_provisioning import StripeProvisioner
 from streams.config import WorkerConfig
 from streams.records import DeadLetter, Record, dead_letter
 
@@ -93,6 +94,7 @@ class Deps:
     sender: OutboxSender | None
     clock_ms: Callable[[], int] = field(default=_wall_clock_ms)
     owner: str = field(default_factory=_owner)
+    provisioner: StripeProvisioner | None = None  # Stripe writes of the webhook agent (authority edge)
 
 
 class HighwaterSource(Protocol):
