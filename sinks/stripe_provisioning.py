@@ -87,10 +87,11 @@ class ProvisionOutcome:
 
 
 def _meta(obj: Any) -> Mapping[str, Any]:
-    meta = obj.get("metadata") if obj is not None else None
-    if meta is None:
+    """An SDK object's metadata as a plain dict ({} when it has none)."""
+    if obj is None:
         return {}
-    return meta.to_dict() if hasattr(meta, "to_dict") else dict(meta)
+    meta: Any = obj.to_dict().get("metadata") if hasattr(obj, "to_dict") else None
+    return dict(meta or {})
 
 
 class StripeProvisioner:

@@ -23,9 +23,9 @@ Inspection (not Stripe): ``GET /_fake/meter_events``, ``/_fake/duplicates``, ``/
 
 from __future__ import annotations
 
-from infra.devkit.stripe_fake._billing import MeterEventRecord
 from infra.devkit.stripe_fake._errors import StripeError
 from infra.devkit.stripe_fake._faults import FaultConfig
+from infra.devkit.stripe_fake._meters import MeterEventRecord
 from infra.devkit.stripe_fake._routes import build_app
 from infra.devkit.stripe_fake._server import StripeServerThread, run_foreground
 from infra.devkit.stripe_fake._state import FakeStripe

@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from infra.devkit.stripe_fake._base import locked
-from infra.devkit.stripe_fake._commerce import CommerceMixin
 from infra.devkit.stripe_fake._errors import StripeError, no_such
 from infra.devkit.stripe_fake._params import Params
+from infra.devkit.stripe_fake._subscriptions import SubscriptionsMixin
 
 __all__ = ["CheckoutMixin"]
 
 Obj = dict[str, Any]
 
 
-class CheckoutMixin(CommerceMixin):
+class CheckoutMixin(SubscriptionsMixin):
     def _init_state(self) -> None:
         super()._init_state()
         self.checkout_sessions: dict[str, Obj] = {}
