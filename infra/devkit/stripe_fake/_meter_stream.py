@@ -59,10 +59,12 @@ class MeterStreamMixin(MetersMixin):
     def _v2_event_fields(raw: Any, index: int | None) -> tuple[str, dict[str, Any], str | None, str | None]:
         where = f"events[{index}]." if index is not None else ""
         if not isinstance(raw, dict):
-            raise StripeError(400, f"{where or 'body'} must be an object.", param=where.rstrip(".") or None)
+            raise StripeError(
+                400, f"{where or 'body'} must be an object.", code="parameter_invalid", param=where.rstrip(".") or None
+            )
         unknown = set(raw) - {"event_name", "payload", "identifier", "timestamp"}
         if unknown:
-            raise StripeError(400, f"Received unknown parameter: {where}{sorted(unknown)[0]}")
+            raise StripeError(400, f"Received unknown parameter: {where}{sorted(unknown)[0]}", code="parameter_unknown")
         event_name = raw.get("event_name")
         if not isinstance(event_name, str) or not event_name:
             raise StripeError(400, f"Missing required param: {where}event_name.", code="parameter_missing")
@@ -71,10 +73,14 @@ class MeterStreamMixin(MetersMixin):
             raise StripeError(400, f"Missing required param: {where}payload.", code="parameter_missing")
         identifier = raw.get("identifier")
         if identifier is not None and (not isinstance(identifier, str) or len(identifier) > MAX_IDENTIFIER_LEN):
-            raise StripeError(400, f"Invalid {where}identifier: must be a string of at most 100 characters.")
+            raise StripeError(
+                400, f"Invalid {where}identifier: must be a string of at most 100 characters.", code="parameter_invalid"
+            )
         ts = raw.get("timestamp")
         if ts is not None and not isinstance(ts, str):
-            raise StripeError(400, f"Invalid {where}timestamp: must be an ISO-8601 date-time string.")
+            raise StripeError(
+                400, f"Invalid {where}timestamp: must be an ISO-8601 date-time string.", code="parameter_invalid"
+            )
         return event_name, payload, identifier, ts
 
     def _v2_timestamp(self, ts: str | None, where: str) -> int:
@@ -83,7 +89,9 @@ class MeterStreamMixin(MetersMixin):
         try:
             return int(from_iso(ts))
         except ValueError:
-            raise StripeError(400, f"Invalid {where}timestamp: {ts!r} is not an ISO-8601 date-time.") from None
+            raise StripeError(
+                400, f"Invalid {where}timestamp: {ts!r} is not an ISO-8601 date-time.", code="parameter_invalid"
+            ) from None
 
     @locked
     def create_meter_event_v2(self, data: Obj) -> Obj:
@@ -116,7 +124,8 @@ class MeterStreamMixin(MetersMixin):
     def stream_meter_events(self, data: Obj) -> None:
         """Accept a stream batch. Shape errors are 400 now; event errors become error reports."""
         if set(data) - {"events"}:
-            raise StripeError(400, f"Received unknown parameter: {sorted(set(data) - {'events'})[0]}")
+            unknown = sorted(set(data) - {"events"})[0]
+            raise StripeError(400, f"Received unknown parameter: {unknown}", code="parameter_unknown")
         events = data.get("events")
         if not isinstance(events, list) or not events:
             raise StripeError(400, "Missing required param: events.", code="parameter_missing")
@@ -124,6 +133,7 @@ class MeterStreamMixin(MetersMixin):
             raise StripeError(
                 400,
                 f"Too many events: at most {MAX_STREAM_EVENTS} events can be sent per request.",
+                code="too_many_events",
                 param="events",
             )
         parsed = []

@@ -137,7 +137,8 @@ class SubscriptionsMixin(CatalogMixin):
                 "metadata": item_meta,
                 "plan": self._plan(price),
                 "price": self.copy(price),
-                "quantity": quantity,
+                # Stripe leaves ``quantity`` out of items on metered prices (usage comes from the meter).
+                **({} if quantity is None else {"quantity": quantity}),
                 "subscription": ident,
                 "tax_rates": [],
             }
