@@ -45,13 +45,15 @@ class ProvisionRequest:
     """Provision ``org_id`` for ``customer_id`` with ``prices`` ((catalog key, price id) in catalog order).
 
     ``generation``: how many subscriptions were provisioned for the org before (picks the idempotency key);
-    ``credit``: whether the sign-up credit is still to be applied."""
+    ``credit``: whether the sign-up credit is still to be applied; ``subscription_id``: a paying subscription the
+    org already has (then no subscription is created, only the credit is made sure of)."""
 
     org_id: str
     customer_id: str
     prices: tuple[tuple[str, str], ...]
     generation: int = 0
     credit: bool = True
+    subscription_id: str | None = None  # the org's paying subscription the ledger knows: kept, none created
 
     @property
     def subscription_key(self) -> str:
@@ -103,10 +105,11 @@ class StripeProvisioner:
     def provision(self, req: ProvisionRequest) -> ProvisionOutcome:
         """Provision ``req``; never raises.
 
-        Side effects, in order: (1) list the customer's subscriptions and adopt one with ``metadata.org_id`` =
-        the org that has not ended; (2) otherwise create the subscription (every price, ``metadata.org_id``) with
-        the key ``req.subscription_key``; (3) when ``req.credit``, list the customer's balance transactions and
-        adopt the one marked for the org, otherwise create it (−3000 cents) with the key ``credit-{org}``.
+        Side effects, in order: (1) keep ``req.subscription_id`` if given, else list the customer's
+        subscriptions and adopt one with ``metadata.org_id`` = the org that has not ended; (2) otherwise create
+        the subscription (every price, ``metadata.org_id``) with the key ``req.subscription_key``; (3) when
+        ``req.credit``, list the customer's balance transactions and adopt the one marked for the org,
+        otherwise create it (−3000 cents) with the key ``credit-{org}``.
         Nothing is recorded here: a crash after (2) or (3) is followed by a retry that finds the same
         subscription and credit (step 1 and 3's look-ups, or the idempotency keys), never a second one.
         """
@@ -115,7 +118,11 @@ class StripeProvisioner:
         v1 = self._client.v1
         step = "subscription"
         try:
-            sub = self._find_subscription(req)
+            sub: Any = (
+                v1.subscriptions.retrieve(req.subscription_id)
+                if req.subscription_id is not None
+                else self._find_subscription(req)
+            )
             adopted = sub is not None
             if sub is None:
                 params: Any = {

@@ -23,7 +23,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import stripe
@@ -196,8 +196,12 @@ class WebhookRuntime:
             would = {**req.describe(), "policy": {"plan": "pro", "effective_at": created}, "session": action.session_id}
             return self.store.finish_shadow(event_id, org, action.customer_id, would)
         if snap.paying_subscriptions:
-            detail = f"already has a paying subscription ({', '.join(snap.paying_subscriptions)})"
-            return self.store.finish_noop(event_id, org, detail)
+            if snap.credit_txn_id is not None:
+                detail = f"already has a paying subscription ({', '.join(snap.paying_subscriptions)})"
+                return self.store.finish_noop(event_id, org, detail)
+            # A paying subscription without the credit: the one an interrupted provisioning created (its
+            # customer.subscription.created came first), or one made elsewhere. Keep it; make sure of the credit.
+            req = replace(req, subscription_id=snap.paying_subscriptions[0])
         missing = missing_keys(catalog)
         if missing:
             return self.store.finish_failed(
