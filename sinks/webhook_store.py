@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
-from sqlalchemy import Connection, and_, func, select, update
+from sqlalchemy import Connection, func, select, update
 
 from models.billing import BillingMode, Plan
 from models.errors import InvalidRecord
@@ -44,9 +44,8 @@ from models.webhooks import (
     parse_event,
     plan_changes,
 )
-from sinks.ledger import SqlStore
+from sinks.catalog_store import CatalogStore
 from sinks.schema import (
-    billing_prices,
     org_policies,
     org_provisioning,
     provisioning_log,
@@ -55,6 +54,7 @@ from sinks.schema import (
     webhook_policy_outbox,
     webhook_receipts,
 )
+from sinks.webhook_queries import WebhookQueries
 
 __all__ = ["InboxEvent", "OrgSnapshot", "PendingPolicy", "Provisioned", "WebhookStore"]
 
@@ -106,8 +106,9 @@ class PendingPolicy:
     body: bytes
 
 
-class WebhookStore(SqlStore):
-    """Reads and writes of the webhook tables. Thread-safe through the engine pool."""
+class WebhookStore(WebhookQueries, CatalogStore):
+    """Reads and writes of the webhook tables (and the catalog, which provisioning reads). Thread-safe through
+    the engine pool."""
 
     # ------------------------------------------------------------------------------------------ inbox
 
@@ -602,107 +603,3 @@ class WebhookStore(SqlStore):
                 .where(wo.id.in_(wanted), wo.published_ms.is_(None))
                 .values(published_ms=self._clock())
             )
-
-    # ------------------------------------------------------------------------------------- the catalog
-
-    def catalog(self) -> dict[str, str]:
-        """``billing_prices``: catalog key -> Stripe price id."""
-        with self.engine.connect() as conn:
-            return {r.key: r.price_id for r in conn.execute(select(billing_prices.c.key, billing_prices.c.price_id))}
-
-    def publish_catalog(self, prices: Mapping[str, tuple[str, str]]) -> list[str]:
-        """Write ``billing_prices`` (key -> (meter, price id)); returns the keys that changed.
-
-        One transaction; a row whose meter and price are unchanged is not touched (its ``updated_ms`` stays).
-        """
-        bp = billing_prices.c
-        changed: list[str] = []
-        now = self._clock()
-        with self._w.begin() as conn:
-            current = {r.key: (r.meter, r.price_id) for r in conn.execute(select(bp.key, bp.meter, bp.price_id))}
-            for key, (meter, price_id) in prices.items():
-                if current.get(key) == (meter, price_id):
-                    continue
-                stmt = self._insert(billing_prices).values(key=key, meter=meter, price_id=price_id, updated_ms=now)
-                conn.execute(
-                    stmt.on_conflict_do_update(
-                        index_elements=["key"],
-                        set_={"meter": stmt.excluded.meter, "price_id": stmt.excluded.price_id, "updated_ms": now},
-                    )
-                )
-                changed.append(key)
-        return changed
-
-    def catalog_rows(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(select(billing_prices).order_by(billing_prices.c.key))]
-
-    # ----------------------------------------------------------------------------------------- reading
-
-    def recent(self, limit: int = 50, org_id: str | None = None) -> list[dict[str, Any]]:
-        """The newest receipts first: each record read, its event and its outcome (``duplicate`` for a
-        record whose event was already final)."""
-        wr, we = webhook_receipts.c, webhook_events.c
-        q = (
-            select(
-                wr.id,
-                wr.received_ms,
-                wr.partition,
-                wr.offset,
-                wr.event_id,
-                wr.duplicate,
-                we.type,
-                we.object_id,
-                we.org_id,
-                we.created_s,
-                we.outcome,
-                we.detail,
-                we.deliveries,
-            )
-            .select_from(webhook_receipts.outerjoin(webhook_events, wr.event_id == we.event_id))
-            .order_by(wr.id.desc())
-            .limit(limit)
-        )
-        if org_id:
-            q = q.where(we.org_id == org_id)
-        out = []
-        with self.engine.connect() as conn:
-            for r in conn.execute(q):
-                row = dict(r._mapping)
-                if r.outcome is None:
-                    row["outcome"] = Outcome.INVALID.value
-                    row["detail"] = r.event_id.removeprefix("invalid:")
-                elif r.duplicate:
-                    row["event_outcome"] = r.outcome
-                    row["outcome"] = Outcome.DUPLICATE.value
-                out.append(row)
-        return out
-
-    def events(self, *, org_id: str | None = None, outcome: str | None = None) -> list[dict[str, Any]]:
-        we = webhook_events.c
-        q = select(webhook_events).order_by(we.first_ms, we.event_id)
-        if org_id:
-            q = q.where(we.org_id == org_id)
-        if outcome:
-            q = q.where(we.outcome == outcome)
-        with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(q)]
-
-    def provisioning(self, org_id: str | None = None, mode: str | None = None) -> list[dict[str, Any]]:
-        pl = provisioning_log.c
-        q = select(provisioning_log).order_by(pl.id)
-        conds = [
-            c for c in (pl.org_id == org_id if org_id else None, pl.mode == mode if mode else None) if c is not None
-        ]
-        if conds:
-            q = q.where(and_(*conds))
-        with self.engine.connect() as conn:
-            return [{**dict(r._mapping), "detail": orjson.loads(r.detail)} for r in conn.execute(q)]
-
-    def subscriptions(self, org_id: str | None = None) -> list[dict[str, Any]]:
-        ss = stripe_subscriptions.c
-        q = select(stripe_subscriptions).order_by(ss.org_id, ss.event_created_s)
-        if org_id:
-            q = q.where(ss.org_id == org_id)
-        with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(q)]

@@ -33,8 +33,8 @@ def stripe_setup(dry_run: bool, webhook_url: str | None, no_webhook: bool, as_js
     """
     from infra.catalog import ensure_catalog, ensure_webhook_endpoint
     from infra.runtime import webhook_url as default_webhook_url
+    from sinks.catalog_store import CatalogStore
     from sinks.stripe import make_client
-    from sinks.webhook_store import WebhookStore
 
     s = settings_for_cli()
     client = make_client(s.stripe.api_key.get_secret_value(), s.stripe.base, timeout=s.stripe.timeout)
@@ -43,8 +43,7 @@ def stripe_setup(dry_run: bool, webhook_url: str | None, no_webhook: bool, as_js
         ensure_webhook_endpoint(client, webhook_url or default_webhook_url(s), rep)
     changed: list[str] = []
     if rep.complete and not dry_run:
-        store = WebhookStore(ledger_for_cli().engine)
-        changed = store.publish_catalog(rep.prices)
+        changed = CatalogStore(ledger_for_cli().engine).publish_catalog(rep.prices)
     if as_json:
         click.echo(json.dumps({**rep.to_json(), "billing_prices_changed": changed}, indent=2))
     else:
