@@ -1,4 +1,4 @@
-"""Client-side workarounds for two Tansu 0.6.0 defects (local-infra-findings §1.1, §1.2, App. A).
+"""Client-side workarounds for two defects of the embedded Tansu 0.6.0 broker: a short log end, no LeaveGroup.
 
 Both patches reach into **private** internals, so they are written against, and refuse to apply
 to anything but, the pinned versions ``aiokafka==0.14.0`` and ``faust-streaming==0.15.3``.

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-__all__ = ["ReadRecord", "publish", "publish_sync", "read_topic", "read_topic_sync"]
+__all__ = ["ReadRecord", "TopicRead", "publish", "publish_sync", "read_to_end_sync", "read_topic", "read_topic_sync"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class ReadRecord:
     key: bytes | None
     value: bytes | None
     headers: dict[str, bytes]
+    timestamp_ms: int | None = None
 
 
 async def read_topic(
@@ -104,6 +105,7 @@ async def read_topic(
                             r.key,
                             r.value,
                             {k: bytes(v) for k, v in (r.headers or ())},
+                            r.timestamp,
                         )
                     )
             if got:
@@ -119,3 +121,69 @@ def read_topic_sync(
     bootstrap: str, topic: str, *, idle_timeout: float = 1.0, max_wait: float = 10.0
 ) -> list[ReadRecord]:
     return asyncio.run(read_topic(bootstrap, topic, idle_timeout=idle_timeout, max_wait=max_wait))
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRead:
+    """What :func:`read_to_end` found: the records, whether the topic exists, and whether it reached the end."""
+
+    records: list[ReadRecord]
+    exists: bool
+    complete: bool
+
+
+async def read_to_end(bootstrap: str, topic: str, *, max_wait: float = 60.0) -> TopicRead:
+    """Every record of ``topic`` from the beginning up to each partition's high watermark, without a group.
+
+    The end is the high watermark of the fetch responses (not ``end_offsets``, which some brokers answer
+    short), so the read stops as soon as it has caught up instead of waiting for silence. ``complete`` is
+    False when ``max_wait`` s passed first (the records read so far are returned).
+    """
+    from aiokafka import TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    out: list[ReadRecord] = []
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            await consumer.topics()
+            parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            return TopicRead(out, exists=False, complete=True)
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max_wait
+        while loop.time() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for tp, recs in batch.items():
+                out.extend(
+                    ReadRecord(
+                        tp.partition,
+                        r.offset,
+                        r.key,
+                        r.value,
+                        {k: bytes(v) for k, v in (r.headers or ())},
+                        r.timestamp,
+                    )
+                    for r in recs
+                )
+            done = True
+            for tp in tps:
+                hw = consumer.highwater(tp)
+                if hw is None or await consumer.position(tp) < hw:
+                    done = False
+                    break
+            if done:
+                return TopicRead(out, exists=True, complete=True)
+        return TopicRead(out, exists=True, complete=False)
+    finally:
+        await consumer.stop()
+
+
+def read_to_end_sync(bootstrap: str, topic: str, *, max_wait: float = 60.0) -> TopicRead:
+    return asyncio.run(read_to_end(bootstrap, topic, max_wait=max_wait))

@@ -270,7 +270,7 @@ def run_worker(settings: Settings) -> NoReturn:
     )
     # Ingest allocates a tuple or two per tick while the process holds a large, long-lived heap (Faust,
     # aiokafka, SQLAlchemy): move that heap out of the collector's view and collect young objects less
-    # often. Measured on the ingest hot path: about +40 % ticks/s (see README, Performance).
+    # often. Measured on the ingest hot path: about +40 % ticks/s (docs/performance.md).
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)

@@ -10,14 +10,19 @@ cross-area interlocks (see :func:`interlock_problems`), and raises one
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from models.billing import Authority
 from models.errors import ConfigError
@@ -36,15 +41,88 @@ __all__ = [
     "WebSettings",
     "child_env",
     "interlock_problems",
+    "is_loopback",
     "load_settings",
+    "security_problems",
     "stripe_problems",
 ]
 
 DEFAULT_EMBEDDED_KAFKA_PORT = 29092
 DEFAULT_LOCAL_STRIPE_PORT = 12111
 DEFAULT_VAR_DIR = Path("var")
-DEFAULT_WEBHOOK_SECRET = "whsec_edgebill_local"  # noqa: S105 - a public local default, refused with a live key
+DEFAULT_WEBHOOK_SECRET = "whsec_edgebill_local"  # noqa: S105 - a public local default, refused with live Stripe
+DEFAULT_INTERNAL_SECRET = "edgebill-local-internal-secret"  # noqa: S105 - a loopback-only default, refused elsewhere
+MIN_INTERNAL_SECRET_LENGTH = 32
 _T = TypeVar("_T")
+_DNS_NAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252}[A-Za-z0-9_])?$")
+
+
+def _host_ok(host: str) -> bool:
+    """A DNS name (letters, digits, '-', '_', '.') or an IP address (IPv6 with or without brackets)."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        return bare == host and bool(_DNS_NAME.match(host))
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1); a name or 0.0.0.0 is not."""
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def _port_problem(port: str) -> str | None:
+    if not port.isascii() or not port.isdigit():
+        return f"port {port!r} is not a number"
+    if not 1 <= int(port) <= 65535:
+        return f"port {port} is out of range (1-65535)"
+    return None
+
+
+def _bootstrap_problem(value: str) -> str | None:
+    """Why ``host:port[,host:port]`` is malformed, or None."""
+    if not value.strip():
+        return "is empty (unset it to use the embedded broker)"
+    for item in value.split(","):
+        item = item.strip()
+        if "://" in item:
+            return f"{item!r}: give host:port without a scheme"
+        host, sep, port = item.rpartition(":")
+        if not sep:
+            return f"{item!r} has no port (expected host:port)"
+        if not host:
+            return f"{item!r} has no host (expected host:port)"
+        if not _host_ok(host):
+            return f"{item!r}: {host!r} is not a host name or address"
+        problem = _port_problem(port)
+        if problem:
+            return f"{item!r}: {problem}"
+    return None
+
+
+def _url_problem(value: str) -> str | None:
+    """Why an http(s) base URL is malformed (no host, bad port, query or fragment), or None."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https"):
+        return "must be an http:// or https:// URL"
+    if not parts.hostname or not _host_ok(parts.hostname):
+        return "has no valid host (expected e.g. https://api.stripe.com)"
+    if port is not None and not 1 <= port <= 65535:
+        return f"port {port} is out of range (1-65535)"
+    if parts.query or parts.fragment or parts.username is not None:
+        return "must be a plain base URL (no credentials, query or fragment)"
+    return None
 
 
 def _cfg(prefix: str) -> SettingsConfigDict:
@@ -70,6 +148,14 @@ class KafkaSettings(BaseSettings):
     rebalance_timeout: float = Field(default=3.0, gt=0)
     request_timeout: float = Field(default=30.0, gt=0)
     max_fetch_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _host_ports(cls, v: str | None) -> str | None:
+        problem = None if v is None else _bootstrap_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @property
     def embedded(self) -> bool:
@@ -103,6 +189,15 @@ class DatabaseSettings(BaseSettings):
     def _known_scheme(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://")):
             raise ValueError("must start with sqlite:// or postgresql+psycopg://")
+        if v is not None:
+            try:
+                url = make_url(v)
+            except (ArgumentError, ValueError) as exc:
+                raise ValueError(f"is not a database URL ({exc})") from None
+            if url.port is not None and not 1 <= url.port <= 65535:
+                raise ValueError(f"port {url.port} is out of range (1-65535)")
+            if url.get_backend_name() == "sqlite" and not url.database:
+                raise ValueError("names no SQLite file (e.g. sqlite:////srv/edgebill/ledger.db)")
         if v is not None and v.startswith("postgresql://"):
             return "postgresql+psycopg://" + v.removeprefix("postgresql://")
         return v
@@ -170,16 +265,27 @@ class StripeSettings(BaseSettings):
             return self.send_batch
         return 2000 if self.mode == "v2" else 500
 
+    @property
+    def live(self) -> bool:
+        """True when the base is Stripe itself or any https host but this machine (real money)."""
+        host = (urlsplit(self.base).hostname or "").lower()
+        return (
+            host == "stripe.com"
+            or host.endswith(".stripe.com")
+            or (self.base.startswith("https://") and not is_loopback(host))
+        )
+
     @field_validator("api_base", "meter_events_base", "webhook_url")
     @classmethod
     def _http(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
+        problem = None if v is None else _url_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
 
 class BillingSettings(BaseSettings):
-    """Billing semantics and the cutover flags (DESIGN §4)."""
+    """Bucketing, closing, and the cutover flags (``SHADOW``, ``BILL_FROM``, ``PRO_BILLING_AUTHORITY``)."""
 
     model_config = _cfg("EDGEBILL_")
 
@@ -208,11 +314,11 @@ class WebSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=6066, ge=1, le=65535)
-    internal_secret: SecretStr = SecretStr("edgebill-local-internal-secret")
+    internal_secret: SecretStr = SecretStr(DEFAULT_INTERNAL_SECRET)
 
 
 class ParitySettings(BaseSettings):
-    """The parity table, its alert rule and the dashboard (issue 6; models.parity has the rules)."""
+    """The parity table, its alert rule and the dashboard (models.parity has the rules)."""
 
     model_config = _cfg("EDGEBILL_PARITY_")
 
@@ -221,7 +327,7 @@ class ParitySettings(BaseSettings):
         default=40,
         ge=0,
         le=3600,
-        description="one tick of slack per interval near a bucket boundary (2x the 20 s tick); 0 = the seed's rule",
+        description="one tick of slack per interval near a bucket boundary (2x the 20 s tick); 0 = no slack",
     )
     refresh_interval: float = Field(default=5.0, gt=0, description="seconds between parity refreshes (leader)")
     lookback_hours: int = Field(
@@ -270,6 +376,8 @@ class Settings:
                 k: ("**********" if isinstance(v, SecretStr) else (str(v) if isinstance(v, Path) else v))
                 for k, v in part.model_dump().items()
             }
+        if self.db.url:  # a database URL may carry a password
+            out["db"]["url"] = make_url(self.db.url).render_as_string(hide_password=True)
         return out
 
 
@@ -312,15 +420,52 @@ def interlock_problems(billing: BillingSettings) -> list[str]:
     return problems
 
 
-def stripe_problems(st: StripeSettings) -> list[str]:
-    """Stripe settings that would let anyone provision: a live key with the well-known local webhook secret."""
-    live = st.api_key.get_secret_value().startswith(("sk_live_", "rk_live_"))
+def stripe_problems(st: StripeSettings, billing: BillingSettings | None) -> list[str]:
+    """Settings that would let anyone provision: authority ``edge`` against live Stripe (a live key or a live
+    base) with the well-known local webhook secret, with which anyone could sign a checkout event."""
+    if billing is None or billing.pro_billing_authority is not Authority.EDGE:
+        return []
+    live = st.live or st.api_key.get_secret_value().startswith(("sk_live_", "rk_live_"))
     if live and st.webhook_secret.get_secret_value() == DEFAULT_WEBHOOK_SECRET:
         return [
-            "EDGEBILL_STRIPE_WEBHOOK_SECRET is the local default while EDGEBILL_STRIPE_API_KEY is a live key: set it "
+            "EDGEBILL_STRIPE_WEBHOOK_SECRET is the local default while this edge provisions on live Stripe: set it "
             "to the endpoint's signing secret (`edgebill stripe setup` prints it when it creates the endpoint)"
         ]
     return []
+
+
+def security_problems(stripe: StripeSettings | None, web: WebSettings | None) -> list[str]:
+    """Settings that would expose the worker, or send usage with the wrong credentials (None: area invalid)."""
+    problems: list[str] = []
+    if web is not None and not is_loopback(web.host):
+        secret = web.internal_secret.get_secret_value()
+        if secret == DEFAULT_INTERNAL_SECRET:
+            problems.append(
+                f"EDGEBILL_WEB_HOST={web.host} with the default EDGEBILL_WEB_INTERNAL_SECRET (it is in the source: "
+                "anyone who can reach the port could sign dashboard links and internal calls): set a random "
+                f"secret of at least {MIN_INTERNAL_SECRET_LENGTH} characters, or bind to 127.0.0.1"
+            )
+        elif len(secret) < MIN_INTERNAL_SECRET_LENGTH:
+            problems.append(
+                f"EDGEBILL_WEB_HOST={web.host} with a {len(secret)}-character EDGEBILL_WEB_INTERNAL_SECRET: use at "
+                f"least {MIN_INTERNAL_SECRET_LENGTH} random characters (e.g. `openssl rand -hex 32`)"
+            )
+    if stripe is None:
+        return problems
+    key = stripe.api_key.get_secret_value().strip()
+    if not key:
+        problems.append("EDGEBILL_STRIPE_API_KEY is empty: set a secret key (sk_...) or a restricted key (rk_...)")
+    elif key.startswith("pk_"):
+        problems.append(
+            "EDGEBILL_STRIPE_API_KEY is a publishable key (pk_...), which cannot send meter events: use a "
+            "secret key (sk_...) or a restricted key (rk_...)"
+        )
+    elif stripe.live and key.startswith(("sk_test_", "rk_test_")):
+        problems.append(
+            f"EDGEBILL_STRIPE_API_KEY is a test key but EDGEBILL_STRIPE_API_BASE={stripe.base} is live Stripe: use "
+            "the live key (sk_live_... / rk_live_...), or point the base at a test server on 127.0.0.1"
+        )
+    return problems
 
 
 def load_settings(**overrides: Mapping[str, Any]) -> Settings:
@@ -331,20 +476,33 @@ def load_settings(**overrides: Mapping[str, Any]) -> Settings:
     """
     problems: list[str] = []
     built: dict[str, BaseSettings] = {}
+    # An area with an invalid field is rebuilt with that field at its default, so the checks across fields
+    # (interlocks, security) still see the rest of it: every problem is reported in one pass.
+    checked: dict[str, BaseSettings | None] = {}
     for area, cls in _AREAS.items():
+        given = dict(overrides.get(area, {}))
         try:
-            built[area] = cls(**dict(overrides.get(area, {})))
+            built[area] = checked[area] = cls(**given)
         except ValidationError as exc:
             prefix = str(cls.model_config.get("env_prefix", ""))
+            failing: set[str] = set()
             for err in exc.errors():
                 field = ".".join(str(p) for p in err["loc"]) or "?"
-                problems.append(f"{prefix}{field.upper()}: {err['msg']} (got {err.get('input')!r})")
-    billing = built.get("billing")
+                msg = str(err["msg"]).removeprefix("Value error, ")
+                problems.append(f"{prefix}{field.upper()}: {msg} (got {err.get('input')!r})")
+                failing.add(str(err["loc"][0]) if err["loc"] else "")
+            checked[area] = _rest_of(cls, given, failing)
+    billing = checked.get("billing")
     if isinstance(billing, BillingSettings):
         problems.extend(interlock_problems(billing))
-    stripe_part = built.get("stripe")
-    if isinstance(stripe_part, StripeSettings):
-        problems.extend(stripe_problems(stripe_part))
+    stripe, web = checked.get("stripe"), checked.get("web")
+    problems.extend(
+        security_problems(
+            stripe if isinstance(stripe, StripeSettings) else None, web if isinstance(web, WebSettings) else None
+        )
+    )
+    if isinstance(stripe, StripeSettings):
+        problems.extend(stripe_problems(stripe, billing if isinstance(billing, BillingSettings) else None))
     if problems:
         raise ConfigError(problems)
     return Settings(
@@ -355,6 +513,15 @@ def load_settings(**overrides: Mapping[str, Any]) -> Settings:
         web=_as(built["web"], WebSettings),
         parity=_as(built["parity"], ParitySettings),
     )
+
+
+def _rest_of(cls: type[BaseSettings], given: dict[str, Any], failing: set[str]) -> BaseSettings | None:
+    """``cls`` with its ``failing`` fields at their defaults (None if it is still invalid)."""
+    defaults = {f: cls.model_fields[f].default for f in failing if f in cls.model_fields}
+    try:
+        return cls(**{**given, **defaults})
+    except ValidationError:
+        return None
 
 
 def _as(value: object, cls: type[_T]) -> _T:

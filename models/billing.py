@@ -3,7 +3,7 @@
 No I/O, no floats: usage is kept as exact integers (MB-seconds for the unified meter, seconds for
 legacy tier meters) and turned into a Stripe value string only at the edge, with
 :func:`carry_rounded_delta` guaranteeing that the values sent for one (org, meter) always add up
-to the exact running total rounded once (DESIGN §4 "Rounding never loses money over time").
+to the exact running total rounded once, so rounding never loses or invents money over time.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from enum import StrEnum
 from typing import Final
+
+# Stripe's window is defined with its margins in models.stripe_window; re-exported here for older imports.
+from models.stripe_window import STRIPE_MAX_AGE_SECONDS, STRIPE_MAX_FUTURE_SECONDS
 
 __all__ = [
     "LEGACY_TIER_METERS",
@@ -28,9 +31,11 @@ __all__ = [
     "RowState",
     "bucket_end",
     "bucket_start",
+    "bucket_start_s",
     "carry_rounded_delta",
     "format_value",
     "gb_seconds",
+    "mb_seconds",
     "meter_amounts",
     "meter_row_id",
     "meter_unit_divisor",
@@ -50,8 +55,6 @@ LEGACY_TIER_METERS: Final[dict[int, str]] = {
 VALUE_DECIMALS: Final = 6
 MAX_SIGNIFICANT_DIGITS: Final = 15
 MAX_IDENTIFIER_LENGTH: Final = 100
-STRIPE_MAX_AGE_SECONDS: Final = 35 * 86_400
-STRIPE_MAX_FUTURE_SECONDS: Final = 5 * 60
 _QUANTUM: Final = Decimal(1).scaleb(-VALUE_DECIMALS)
 
 
@@ -73,7 +76,9 @@ class Authority(StrEnum):
 
 
 class RowState(StrEnum):
-    """States of a meter row in the outbox (DESIGN §4)."""
+    """States of a meter row in the outbox: ``pending`` -> ``sent``; ``shadow`` (decided in shadow, never
+    sent); ``skipped_before_bill_from``; ``deferred_no_customer``; ``rejected`` (Stripe refused it for good);
+    ``expired`` (past Stripe's 35-day window)."""
 
     PENDING = "pending"
     SENT = "sent"
@@ -85,17 +90,32 @@ class RowState(StrEnum):
 
 
 def bucket_start(ts_ms: int, bucket_seconds: int) -> int:
-    """Start (unix s) of the tumbling UTC-epoch-aligned bucket holding ``ts_ms``; floors negatives too."""
+    """Start (unix s) of the tumbling UTC-epoch-aligned bucket holding ``ts_ms``; floors negatives too.
+
+    The one bucket rule: every bucket computed from a timestamp comes from here (or from
+    :func:`bucket_start_s` for a time in seconds), so a tick lands in the same bucket at ingest, in the
+    closer, in replay and in parity.
+    """
     return (ts_ms // 1000) // bucket_seconds * bucket_seconds
+
+
+def bucket_start_s(ts_s: int, bucket_seconds: int) -> int:
+    """:func:`bucket_start` of a time given in unix seconds."""
+    return ts_s // bucket_seconds * bucket_seconds
 
 
 def bucket_end(start: int, bucket_seconds: int) -> int:
     return start + bucket_seconds
 
 
+def mb_seconds(memory_mb: int, interval_s: int) -> int:
+    """Exact MB-s of one tick (the unified meter's integer unit, see :func:`meter_unit_divisor`)."""
+    return memory_mb * interval_s
+
+
 def gb_seconds(memory_mb: int, interval_s: int) -> Decimal:
     """Exact GB-s of one tick: ``memory_mb × interval_s / 1024`` (exact: 1/1024 has 10 decimals)."""
-    return Decimal(memory_mb * interval_s) / 1024
+    return Decimal(mb_seconds(memory_mb, interval_s)) / 1024
 
 
 def meter_unit_divisor(meter: str) -> int:

@@ -5,38 +5,38 @@ Pure functions and frozen models; no I/O, no clock (callers pass ``now``). The S
 
 Units. Everything is kept as exact integers until it is shown:
 
-* edge usage in **MB-seconds** (Σ ``memory_mb × interval_s`` of the raw samples, DESIGN §4);
+* edge usage in **MB-seconds** (Σ ``memory_mb × interval_s`` of the raw samples, whatever their billing state);
 * cell usage in **MB-milliseconds** (Σ ``memory_mb × clipped ms`` of the scale-event intervals);
 * GB-s = MB-s / 1024 = MB-ms / 1 024 000, exact as :class:`~decimal.Decimal` (both divisors are
   2^k × 5^j, so the quotient always terminates).
 
-Rules (the seed's parity checker, ``usage_parity.go``, with its bugs fixed; reference/seed-semantics §2, §7):
+Rules (those of the cell-side parity checker this table replaces, with its bugs fixed):
 
 * **Cell clipping.** An interval contributes ``least(coalesce(ended, now), span_end) − greatest(started,
-  span_start)`` when positive: an open row counts up to *now*, a closed row never past its end (the seed
-  at cf0db1f3 did not clip closed rows ending after the window).
+  span_start)`` when positive: an open row counts up to *now*, a closed row never past its end (the
+  replaced checker counted a closed row that ended after the window up to its end).
 * **Drift** = ``(edge − cell) / cell``; when ``|cell| < 1e-6`` GB-s it is 0 if ``|edge| < 1e-6`` too, else
   +1 (100 %).
 * **Status**: ``ok`` | ``drift`` (|drift| > tolerance) | ``edge_only`` (cell ~0, edge not) | ``cell_only``
   (edge ~0, cell not).
-* **Boundary slack** (our addition; 0 turns it off and gives the seed's rule exactly). The edge counts a
-  tick whole in the bucket of its timestamp while the cell clips exactly, so a tick that straddles a bucket
-  boundary moves up to one tick of usage across it: the seed documents "±1 tick per sandbox" as benign.
-  For a sandbox running the whole hour that is < 1 % and the 2 % tolerance absorbs it; for one that starts
-  at 10:59:50 it is 100 % of a tiny number and the seed flags it, which would keep the cutover gate shut
-  forever on a real fleet. So a difference no larger than ``slack_seconds × memory`` summed over the
-  intervals that come within ``slack_seconds`` of one of the span's two boundaries is not flagged. An
-  interval wholly inside a span gets no slack, so an edge-only or cell-only org far from a boundary is
-  flagged at any size.
-* **Alert** (seed a2f81d65): a bucket is *systemic* when ≥ ``min_orgs`` orgs have max(cell, edge) ≥
-  ``org_min_gb_seconds`` and |drift| > ``org_drift``, or the aggregate has max(cell, edge) ≥
-  ``aggregate_min_gb_seconds`` and |drift| > ``aggregate_drift`` (the seed required the *cell* aggregate,
-  so a dead cell feed — cell 0 — never alerted on the aggregate); an alert fires when ``consecutive``
-  adjacent settled buckets are systemic, once per episode (a run of systemic buckets), keyed by the
-  episode's first bucket.
+* **Boundary slack** (our addition; 0 turns it off and gives the replaced checker's rule exactly). The edge
+  counts a tick whole in the bucket of its timestamp while the cell clips exactly, so a tick that straddles
+  a bucket boundary moves up to one tick of usage across it, a known and benign difference (±1 tick per
+  sandbox). For a sandbox running the whole hour that is < 1 % and the 2 % tolerance absorbs it; for one
+  that starts at 10:59:50 it is 100 % of a tiny number and a strict rule flags it, which would keep the
+  cutover gate shut forever on a real fleet. So a difference no larger than ``slack_seconds × memory``
+  summed over the intervals that come within ``slack_seconds`` of one of the span's two boundaries is not
+  flagged. An interval wholly inside a span gets no slack, so an edge-only or cell-only org far from a
+  boundary is flagged at any size.
+* **Alert** (the thresholds the cell side's alerting used): a bucket is *systemic* when ≥ ``min_orgs``
+  orgs have max(cell, edge) ≥ ``org_min_gb_seconds`` and |drift| > ``org_drift``, or the aggregate has
+  max(cell, edge) ≥ ``aggregate_min_gb_seconds`` and |drift| > ``aggregate_drift`` (the replaced rule
+  required the *cell* aggregate, so a dead cell feed — cell 0 — never alerted on the aggregate); an alert
+  fires when ``consecutive`` adjacent settled buckets are systemic, once per episode (a run of systemic
+  buckets), keyed by the episode's first bucket.
 
-Also here: the HMAC request signing of the internal endpoints (the seed's ``"{ts}.{path+query}"`` scheme)
-and the dashboard token, both pure functions of a secret and a time.
+Also here: the HMAC request signing of the internal endpoints (``"{ts}.{path+query}"``, the scheme the
+cell side's callers already use) and the dashboard token, both pure functions of a secret and a time.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ __all__ = [
 ]
 
 MB_MS_PER_GB_S: Final = 1024 * 1000
-EPSILON_GB_SECONDS: Final = Fraction(1, 10**6)  # the seed's "~0": |x| < 1e-6 GB-s
+EPSILON_GB_SECONDS: Final = Fraction(1, 10**6)  # "~0" for drift and status: |x| < 1e-6 GB-s
 DRIFT_DECIMALS: Final = 6
 SIGNATURE_TOLERANCE_SECONDS: Final = 300
 MAX_MEMORY_MB: Final = 16 * 1024 * 1024
@@ -108,7 +108,7 @@ class ParityStatus(StrEnum):
 
 
 class ScaleEvent(BaseModel):
-    """One ``sandbox-scale-events`` value: the cell row after the change (DESIGN §3).
+    """One ``sandbox-scale-events`` value: the cell table's row after the change (change-data-capture).
 
     ``started_at`` / ``ended_at`` accept RFC 3339 with an offset or unix seconds; stored as unix ms.
     ``ended_at`` is null while the row is open; the same ``id`` is republished with it set.
@@ -324,7 +324,7 @@ def _near_zero(mb_ms: int) -> bool:
 
 
 def drift_ratio(edge_mb_ms: int, cell_mb_ms: int) -> Fraction:
-    """``(edge − cell) / cell``, exact; the seed's rule when the cell side is ~0 (0 or +1)."""
+    """``(edge − cell) / cell``, exact; when the cell side is ~0: 0 if the edge is ~0 too, else +1 (100 %)."""
     if _near_zero(cell_mb_ms):
         return Fraction(0) if _near_zero(edge_mb_ms) else Fraction(1)
     return Fraction(edge_mb_ms - cell_mb_ms, cell_mb_ms)
@@ -356,7 +356,8 @@ def classify(edge_mb_ms: int, cell_mb_ms: int, slack_mb_ms: int, tolerance: Frac
 
 @dataclass(frozen=True, slots=True)
 class AlertRule:
-    """The seed's alert thresholds (a2f81d65), each a setting (``EDGEBILL_PARITY_ALERT_*``)."""
+    """The alert thresholds (defaults: 3 orgs ≥ 100 GB-s over 10 %, or the aggregate ≥ 300 GB-s over 10 %, in
+    2 consecutive buckets), each a setting (``EDGEBILL_PARITY_ALERT_*``)."""
 
     org_min_gb_seconds: Decimal = Decimal(100)
     org_drift: Decimal = Decimal("0.10")
@@ -456,8 +457,18 @@ def clean_streak(flagged_buckets: Iterable[int], first_bucket: int | None, last_
 
 
 def sign_request(secret: bytes, ts: int | str, path_qs: str) -> str:
-    """Hex HMAC-SHA256 over ``"{ts}.{path+query}"`` (the seed's internal-call signature)."""
-    return hmac.new(secret, f"{ts}.{path_qs}".encode(), hashlib.sha256).hexdigest()
+    """Hex HMAC-SHA256 over ``"{ts}.{path+query}"``: the internal-call signature of ``/internal/usage-parity``.
+
+    ``path_qs`` is the request target as sent; bytes that are not UTF-8 arrive surrogate-escaped (as HTTP
+    servers decode them) and are signed as the original bytes.
+    """
+    return hmac.new(secret, f"{ts}.{path_qs}".encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+
+
+def _ascii_int(text: str, max_digits: int = 12) -> bool:
+    """Only 0-9 (with an optional '-'): ``str.isdigit`` also accepts '²' and '١', which ``int`` refuses or reads."""
+    digits = text.removeprefix("-")
+    return 0 < len(digits) <= max_digits and digits.isascii() and digits.isdigit()
 
 
 def verify_request(
@@ -472,12 +483,18 @@ def verify_request(
     if not ts_header or not sig_header:
         return "unsigned"
     ts = ts_header.strip()
-    if not ts.lstrip("-").isdigit() or len(ts) > 12:
+    if not _ascii_int(ts):
         return "bad_timestamp"
     if abs(now_s - int(ts)) > tolerance_s:
         return "stale"
-    expected = sign_request(secret, ts, path_qs)
-    if not hmac.compare_digest(expected, sig_header.strip().lower()):
+    sig = sig_header.strip().lower()
+    if not sig.isascii():  # compare_digest refuses non-ASCII text; such a header is no signature of ours
+        return "bad_signature"
+    try:
+        expected = sign_request(secret, ts, path_qs)
+    except UnicodeEncodeError:  # a target that is neither UTF-8 nor surrogate-escaped bytes
+        return "bad_signature"
+    if not hmac.compare_digest(expected, sig):
         return "bad_signature"
     return None
 
@@ -488,9 +505,9 @@ def dashboard_token(secret: bytes, expires_s: int) -> str:
 
 
 def verify_dashboard_token(secret: bytes, token: str | None, now_s: int) -> bool:
-    if not token or "." not in token:
+    if not token or "." not in token or not token.isascii():
         return False
     exp, _, _sig = token.partition(".")
-    if not exp.isdigit() or len(exp) > 12 or int(exp) < now_s:
+    if exp.startswith("-") or not _ascii_int(exp) or int(exp) < now_s:
         return False
     return hmac.compare_digest(dashboard_token(secret, int(exp)), token)

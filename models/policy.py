@@ -2,7 +2,7 @@
 
 An org's policy is a history: each record says what holds from ``effective_at`` on. A tick is
 priced by the policy in effect at the tick's own timestamp, so a replay prices it the same way
-whenever it runs (DESIGN §3, §4).
+whenever it runs.
 """
 
 from __future__ import annotations

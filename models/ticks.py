@@ -1,6 +1,6 @@
 """``usage-ticks`` wire format: envelopes, parsing, and the reasons a record is rejected.
 
-A Kafka record's value is one envelope or a JSON array of envelopes (DESIGN §3). Parsing never
+A Kafka record's value is one envelope or a JSON array of envelopes (producers batch). Parsing never
 raises on bad input: it returns :class:`ParsedRecord` with the good ticks, the rejected parts
 (each with a short machine-readable reason and the exact bytes to dead-letter) and how many
 envelopes of another ``type`` were ignored.
@@ -92,11 +92,15 @@ class TickPayload(BaseModel):
     cost_cents: int = 0
     interval_s: int = Field(default=0, ge=0, le=MAX_INTERVAL_S)
     memory_mb: int = Field(default=0, ge=0, le=MAX_MEMORY_MB)
-    cpu_count: int = Field(default=0, ge=0)
+    cpu_count: int = Field(default=0, ge=0, le=MAX_CPUS)
 
 
 class UsageTickEnvelope(BaseModel):
-    """The envelope on ``usage-ticks`` (DESIGN §3). ``plan`` is advisory and never used for pricing."""
+    """The envelope on ``usage-ticks``, as producers publish it.
+
+    ``plan`` is the worker's stale view, kept but never used for pricing: the plan comes from the org
+    policy in force at the tick's timestamp. Unknown extra fields are allowed and ignored.
+    """
 
     model_config = ConfigDict(frozen=True, extra="allow")
 

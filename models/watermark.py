@@ -1,4 +1,9 @@
-"""The event-time watermark that decides when a bucket may close (DESIGN §4 "Closing").
+"""The event-time watermark that decides when a bucket may close.
+
+Closing must neither wait for ever on an idle partition nor close a bucket while unread ticks for it may
+still sit in the topic; it must also survive restarts and rebalances, so it is driven by what the ledger
+holds, not by Faust's wall-clock windows (which never fire for a window open at shutdown and drop late
+data silently).
 
 The watermark is the minimum, over every partition of every input topic, of what that partition
 guarantees:
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from models.billing import bucket_start_s
 
 __all__ = ["PartitionState", "last_closable_bucket", "partition_watermark", "watermark"]
 
@@ -80,4 +87,4 @@ def last_closable_bucket(watermark_ms: int, bucket_seconds: int, grace_seconds: 
     limit = wm_s - grace_seconds - bucket_seconds  # start <= limit  <=>  start + size + grace <= wm
     if limit < 0:
         return None
-    return limit // bucket_seconds * bucket_seconds
+    return bucket_start_s(limit, bucket_seconds)

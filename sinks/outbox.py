@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from models.billing import STRIPE_MAX_AGE_SECONDS, RowState
+from models.billing import RowState
+from models.stripe_window import expired_at_send
 from sinks.base import Outcome, Sink, Status
 from sinks.ledger import Ledger, MeterRow
 from sinks.stripe import MeterEvent
@@ -166,7 +167,7 @@ class OutboxSender:
         pre: list[tuple[str, RowState, str | None, str | None]] = []
         by_id: dict[str, MeterRow] = {}
         for row in rows:
-            if row.bucket_end < now - STRIPE_MAX_AGE_SECONDS + 60:
+            if expired_at_send(row.bucket_end, now):
                 pre.append((row.id, RowState.EXPIRED, None, "bucket end is past Stripe's 35-day window"))
                 report.expired += 1
             elif not row.stripe_customer_id:

@@ -37,6 +37,8 @@ __all__ = [
     "close_runs",
     "closed_buckets",
     "counters",
+    "current_revision",
+    "head_revision",
     "make_engine",
     "metadata",
     "meter_events",
@@ -202,7 +204,7 @@ billing_prices = Table(
     Column("updated_ms", BigInteger, nullable=False),
 )
 
-# ------------------------------------------------------------------------------------ parity (issue 6)
+# ------------------------------------------------------------------------------------------------ parity
 # The cell side (``sandbox-scale-events`` rows), the parity table, its bookkeeping and its alerts.
 # Written by sinks.parity; cell_intervals is also read to tell whether a worker owned a sandbox at a time.
 
@@ -432,3 +434,20 @@ def migrate(engine: Engine, revision: str = "head") -> None:
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_MIGRATE})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+
+
+def head_revision() -> str:
+    """The newest migration this code knows (what :func:`migrate` brings a database to)."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory(str(Path(__file__).parent / "migrations")).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The migration a database is at; None when it has no ledger. Reads only (creates nothing)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()

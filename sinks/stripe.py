@@ -44,10 +44,9 @@ from requests.adapters import HTTPAdapter
 from models.billing import (
     MAX_IDENTIFIER_LENGTH,
     MAX_SIGNIFICANT_DIGITS,
-    STRIPE_MAX_AGE_SECONDS,
-    STRIPE_MAX_FUTURE_SECONDS,
     significant_digits,
 )
+from models.stripe_window import VALIDATE_MARGIN_SECONDS, stripe_refuses_as_future, stripe_refuses_as_old
 from sinks.base import KeptThreads, Outcome, Status
 
 __all__ = [
@@ -155,9 +154,9 @@ def validate_event(ev: MeterEvent, now_s: int) -> str | None:
         return f"value {ev.value!r} is not finite"
     if significant_digits(v) > MAX_SIGNIFICANT_DIGITS:
         return f"value {ev.value} has more than {MAX_SIGNIFICANT_DIGITS} significant digits"
-    if ev.timestamp < now_s - STRIPE_MAX_AGE_SECONDS:
+    if stripe_refuses_as_old(ev.timestamp, now_s, VALIDATE_MARGIN_SECONDS):
         return "timestamp is more than 35 days in the past"
-    if ev.timestamp > now_s + STRIPE_MAX_FUTURE_SECONDS:
+    if stripe_refuses_as_future(ev.timestamp, now_s):
         return "timestamp is more than 5 minutes in the future"
     return None
 

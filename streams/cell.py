@@ -90,7 +90,8 @@ class ParityRuntime:
         return result
 
     def _log_flagged(self, result: RefreshResult) -> None:
-        """Log each flagged settled (org, bucket) once per process, in the seed's log format."""
+        """Log each flagged settled (org, bucket) once per process, in the ``usage_parity: …`` line format that
+        existing log alerts on the cell side already match."""
         if result.watermark_ms is None:
             return
         size = self.cfg.bucket_seconds

@@ -4,7 +4,7 @@
 ``GET /healthz``                   liveness + flags + meter rows by state (open)
 ``GET /metrics``                   Prometheus text format (open, like any scrape target on loopback)
 ``GET /internal/usage-parity``     ``?from=&to=`` (unix s): parity per pro org over the window, live from the
-                                   raw samples and cell intervals. Signed like the seed's internal calls:
+                                   raw samples and cell intervals. Signed as the cell side's callers sign:
                                    ``X-Timestamp`` (unix s, ±300 s) and ``X-Signature`` = hex HMAC-SHA256 over
                                    ``"{ts}.{path+query}"`` with ``EDGEBILL_WEB_INTERNAL_SECRET``. Unsigned, stale
                                    or forged -> 401; bad or empty window -> 400.
@@ -34,7 +34,9 @@ from typing import Any, Final
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from models.billing import bucket_start
 from models.parity import dashboard_token, verify_dashboard_token, verify_request
+from models.stripe_window import PARITY_QUERY_MAX_SECONDS
 from models.watermark import last_closable_bucket
 from sinks.parity import ParityConfig, ParityRow, ParityStore
 from streams.config import WebConfig
@@ -42,12 +44,13 @@ from streams.metrics_view import render_metrics
 from streams.parity_json import gate_json, number, window_org_json
 from streams.pipeline import Deps, Pipeline
 
-__all__ = ["COOKIE", "dashboard_data", "dashboard_url", "install_web", "parity_window_json"]
+__all__ = ["COOKIE", "dashboard_data", "dashboard_html", "dashboard_url", "install_web", "parity_window_json"]
 
 log = logging.getLogger(__name__)
 
 COOKIE: Final = "edgebill_dashboard"
-MAX_WINDOW_SECONDS: Final = 35 * 86_400
+MAX_WINDOW_SECONDS: Final = PARITY_QUERY_MAX_SECONDS
+MAX_FLAGGED_NAMES: Final = 20
 _CSP: Final = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -69,7 +72,8 @@ def dashboard_url(web: WebConfig, now_s: int) -> str:
 
 
 def parity_window_json(store: ParityStore, cfg: ParityConfig, from_s: int, to_s: int, now_ms: int) -> dict[str, Any]:
-    """The ``/internal/usage-parity`` answer: the seed's shape plus cell GB-s, drift and status."""
+    """The ``/internal/usage-parity`` answer: ``window``, per org ``gb_seconds`` and ``samples`` (the shape
+    existing callers read) plus cell GB-s, drift and status."""
     orgs = store.window(from_s, to_s, cfg)
     return {
         "window": {"from": from_s, "to": to_s},
@@ -81,7 +85,7 @@ def parity_window_json(store: ParityStore, cfg: ParityConfig, from_s: int, to_s:
 def dashboard_data(store: ParityStore, cfg: ParityConfig, web: WebConfig, now_ms: int, hours: int) -> dict[str, Any]:
     """Everything the dashboard draws, for the last ``hours`` hours (blocking: call from a thread)."""
     size = cfg.bucket_seconds
-    current = (now_ms // 1000) // size * size
+    current = bucket_start(now_ms, size)
     lo = current - max(1, hours * 3600 // size) * size
     rows = store.rows(lo, current + size)
     st = store.state()
@@ -98,7 +102,7 @@ def dashboard_data(store: ParityStore, cfg: ParityConfig, web: WebConfig, now_ms
         rs = by_bucket.get(b, [])
         edge = sum((r.edge_gb_s for r in rs), Decimal(0))
         cell = sum((r.cell_gb_s for r in rs), Decimal(0))
-        flagged = sum(1 for r in rs if r.flagged)
+        flagged = sorted((r for r in rs if r.flagged), key=lambda r: (-abs(r.drift), r.org_id))
         drift = (edge - cell) / cell if cell else (Decimal(1) if edge else Decimal(0))
         buckets.append(
             {
@@ -108,7 +112,9 @@ def dashboard_data(store: ParityStore, cfg: ParityConfig, web: WebConfig, now_ms
                 "cell": number(cell),
                 "drift": number(drift),
                 "orgs": len(rs),
-                "flagged": flagged,
+                "flagged": len(flagged),
+                # Named on hover, worst first; a long list is cut (the count above is complete).
+                "flagged_orgs": [r.org_id for r in flagged[:MAX_FLAGGED_NAMES]],
                 "settled": last is not None and b <= last,
             }
         )
@@ -167,7 +173,8 @@ def _static(name: str) -> bytes:
     return (resources.files("streams") / "static" / name).read_bytes()
 
 
-def _page(data: dict[str, Any]) -> str:
+def dashboard_html(data: dict[str, Any]) -> str:
+    """The dashboard page with ``data`` (a :func:`dashboard_data` answer) embedded for its first render."""
     blob = orjson.dumps(data).decode().replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return _static("dashboard.html").decode().replace("{{DATA}}", blob)
 
@@ -259,7 +266,7 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
             )
         hours = 48
         data = await asyncio.to_thread(dashboard_data, store, cfg, web_cfg, deps.clock_ms(), hours)
-        return web.html(_page(data), headers=secure())
+        return web.html(dashboard_html(data), headers=secure())
 
     @app.page("/dashboard/data.json")  # type: ignore[untyped-decorator]
     async def dashboard_json(web: Any, request: Any) -> Any:

@@ -8,11 +8,7 @@ Sections:
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -24,7 +20,7 @@ import pytest
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.devkit.broker import EmbeddedBroker, free_port
-from infra.devkit.procs import terminate
+from infra.devkit.stack import WorkerStack
 from infra.kafka_admin import ensure_topics
 from infra.settings import KafkaSettings
 
@@ -249,69 +245,18 @@ def sqlite_url(tmp_path: Path) -> str:
 # ======================================================================================= Pipeline
 #
 # ``stack``: a fresh pipeline on the session broker — unique topic prefix and consumer group, a SQLite
-# ledger in the test's tmp dir, a local Stripe server thread — and helpers to run `edgebill worker`
-# processes against it (started/stopped by PID; every one left running is stopped at teardown).
+# ledger in the test's tmp dir, a local Stripe server thread — and the dev kit's worker harness to run
+# `edgebill worker` processes against it (started/stopped by PID; every one left running is stopped at
+# teardown).
 
 
-@dataclass
-class Stack:
-    bootstrap: str
-    prefix: str
-    env: dict[str, str]
-    ledger: Any
-    stripe: Any
-    client: Any
-    web_port: int
-    logdir: Path
-    procs: list[subprocess.Popen[bytes]]
+class Stack(WorkerStack):
+    """The worker harness plus the local Stripe server its workers send to and an SDK client for it."""
 
-    def topic(self, name: str) -> str:
-        return f"{self.prefix}{name}"
-
-    def start_worker(self, **extra_env: str) -> subprocess.Popen[bytes]:
-        log = (self.logdir / f"worker-{len(self.procs)}.log").open("wb")
-        env = dict(self.env)
-        if self.procs:  # every further worker process gets its own web port
-            env["EDGEBILL_WEB_PORT"] = str(free_port())
-        env.update(extra_env)
-        p = subprocess.Popen(
-            [sys.executable, "-m", "infra.cli", "worker"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        self.procs.append(p)
-        return p
-
-    def kill9(self, p: subprocess.Popen[bytes]) -> None:
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait(timeout=10)
-
-    def stop(self, p: subprocess.Popen[bytes], timeout: float = 20) -> None:
-        terminate(p, grace=timeout)
-
-    def alive(self) -> list[subprocess.Popen[bytes]]:
-        return [p for p in self.procs if p.poll() is None]
-
-    def wait(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cond():
-                return
-            for p in self.procs:
-                if p.poll() not in (None, -signal.SIGKILL, 0):
-                    raise AssertionError(f"worker exited with {p.returncode}:\n{self.logs()}")
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}; counters={self.ledger.counters()}\n{self.logs()}")
-
-    def logs(self, lines: int = 25) -> str:
-        out = []
-        for f in sorted(self.logdir.glob("worker-*.log")):
-            out.append(f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-lines:]))
-        return "\n".join(out)
+    def __init__(self, *, stripe: Any, client: Any, **harness: Any) -> None:
+        super().__init__(**harness)
+        self.stripe = stripe
+        self.client = client
 
 
 @pytest.fixture
@@ -322,12 +267,10 @@ def make_stack(kafka_bootstrap: str, tmp_path: Path, request: pytest.FixtureRequ
     skips with the reason when none answers), as several workers in one group need.
     """
     from infra.devkit.stripe_fake import StripeServerThread
-    from infra.settings import child_env
-    from sinks.ledger import Ledger
-    from sinks.schema import make_engine, migrate
     from sinks.stripe import make_client
 
-    made: list[tuple[Stack, Any, Any]] = []
+    made: list[Stack] = []
+    servers: list[Any] = []
     schemas: list[Iterator[str]] = []
 
     def factory(stripe_faults: Any = None, database: str = "sqlite", **overrides: str) -> Stack:
@@ -338,44 +281,36 @@ def make_stack(kafka_bootstrap: str, tmp_path: Path, request: pytest.FixtureRequ
             db_url = next(gen)
         else:
             db_url = f"sqlite:///{tmp_path / f'ledger-{prefix}db'}"
-        engine = make_engine(db_url)
-        migrate(engine)
         srv = StripeServerThread(faults=stripe_faults)
         srv.start()
+        servers.append(srv)
         now = int(time.time())
-        env: dict[str, str | None] = {
-            "EDGEBILL_KAFKA_BOOTSTRAP": kafka_bootstrap,
-            "EDGEBILL_KAFKA_TOPIC_PREFIX": prefix,
-            "EDGEBILL_KAFKA_GROUP_ID": f"g-{prefix}",
-            "EDGEBILL_DATABASE_URL": db_url,
-            "EDGEBILL_STRIPE_API_BASE": srv.base_url,
-            "EDGEBILL_WEB_PORT": str(free_port()),
-            "EDGEBILL_WEB_HOST": None,
-            "EDGEBILL_SHADOW": "false",
-            "EDGEBILL_PRO_BILLING_AUTHORITY": "edge",
-            "EDGEBILL_BILL_FROM": str((now // 3600 - 48) * 3600),
-        }
-        env.update(overrides)
         s = Stack(
-            bootstrap=kafka_bootstrap,
-            prefix=prefix,
-            env=child_env(env),
-            ledger=Ledger(engine),
             stripe=srv,
             client=make_client("sk_test_x", srv.base_url, timeout=10),
-            web_port=int(env["EDGEBILL_WEB_PORT"] or 0),
-            logdir=tmp_path,
-            procs=[],
+            bootstrap=kafka_bootstrap,
+            database_url=db_url,
+            logdir=tmp_path / f"logs-{prefix}",
+            topic_prefix=prefix,
+            env={
+                "EDGEBILL_STRIPE_API_BASE": srv.base_url,
+                "EDGEBILL_WEB_HOST": None,
+                "EDGEBILL_SHADOW": "false",
+                "EDGEBILL_PRO_BILLING_AUTHORITY": "edge",
+                "EDGEBILL_BILL_FROM": str((now // 3600 - 48) * 3600),
+                **overrides,
+            },
+            stop_grace=20,
+            tail_lines=25,
         )
-        made.append((s, engine, srv))
+        made.append(s)
         return s
 
     yield factory
-    for s, engine, srv in made:
-        for p in s.procs:
-            s.stop(p, timeout=15)
+    for s in made:
+        s.close(grace=15)
+    for srv in servers:
         srv.stop()
-        engine.dispose()
     for gen in schemas:
         for _ in gen:  # runs the schema's DROP
             pass

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
 
 import click
 
-from infra.cli._base import cli, ledger_for_cli, parse_time, settings_for_cli
+from infra.cli._base import broker_errors, cli, iso, open_ledger, parse_time, require_broker, settings_for_cli
 
 
 @cli.group()
@@ -54,7 +53,9 @@ def org_set(
         )
     except ValueError as exc:
         raise click.ClickException(f"invalid policy: {exc}") from exc
-    publish_sync(s.kafka.servers, s.kafka.topic(TOPIC_POLICY), [(org_id.encode(), pol.to_json())])
+    require_broker(s)
+    with broker_errors(s):
+        publish_sync(s.kafka.servers, s.kafka.topic(TOPIC_POLICY), [(org_id.encode(), pol.to_json())])
     click.echo(json.dumps(pol.to_wire()))
 
 
@@ -63,17 +64,20 @@ def org_set(
 @click.option("--json", "as_json", is_flag=True)
 def org_show(org_id: str | None, as_json: bool) -> None:
     """Policy history as the ledger holds it (what the worker has read from org-policy)."""
-    led = ledger_for_cli()
-    rows = led.policies(org_id)
+    led = open_ledger(settings_for_cli())
+    try:
+        rows = led.policies(org_id)
+    finally:
+        led.dispose()
     if as_json:
         click.echo(json.dumps(rows, default=str, indent=2))
         return
     if not rows:
         click.echo("no policy records" + (f" for {org_id}" if org_id else ""))
         return
-    click.echo(f"{'org':<20} {'effective_at':<26} {'plan':<5} {'mode':<8} customer")
+    click.echo(f"{'org':<20} {'effective_at (UTC)':<26} {'plan':<5} {'mode':<8} customer")
     for r in rows:
-        eff = datetime.fromtimestamp(r["effective_ms"] / 1000, UTC).isoformat()
+        eff = iso(r["effective_ms"] / 1000)
         click.echo(
             f"{r['org_id']:<20} {eff:<26} {r['plan']:<5} {r['billing_mode']:<8} {r['stripe_customer_id'] or '-'}"
         )

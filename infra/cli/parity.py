@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from infra.cli._base import cli, ledger_for_cli, parse_time, settings_for_cli
+from infra.cli._base import cli, iso, open_ledger, parse_time, settings_for_cli
+from models.billing import bucket_start_s
+
+if TYPE_CHECKING:
+    from infra.settings import Settings
+    from sinks.ledger import Ledger
+    from sinks.parity import ParityConfig
 
 
 @cli.command()
@@ -36,11 +41,10 @@ def parity(
     """The parity table: edge (usage ticks) vs cell (scale events) GB-s per pro org and bucket.
 
     Status is ok, drift (|drift| > EDGEBILL_PARITY_TOLERANCE), edge_only or cell_only. The worker keeps the
-    table up to date; --refresh recomputes the window here (e.g. with no worker running).
+    table up to date; --refresh recomputes the window here (e.g. with no worker running). Reads the
+    existing ledger (named on stderr); never creates one.
     """
     from infra.runtime import parity_config, web_config
-    from sinks.parity import ParityStore
-    from streams.parity_json import gate_json, row_json, window_org_json
 
     s = settings_for_cli()
     if dashboard_url:
@@ -53,7 +57,28 @@ def parity(
     if end <= start:
         raise click.BadParameter("--to must be after --from")
     cfg = parity_config(s)
-    led = ledger_for_cli()
+    led = open_ledger(s)
+    try:
+        _show(s, led, cfg, start, end, org_id, flagged, as_json, refresh, whole)
+    finally:
+        led.dispose()
+
+
+def _show(
+    s: Settings,
+    led: Ledger,
+    cfg: ParityConfig,
+    start: int,
+    end: int,
+    org_id: str | None,
+    flagged: bool,
+    as_json: bool,
+    refresh: bool,
+    whole: bool,
+) -> None:
+    from sinks.parity import ParityStore
+    from streams.parity_json import gate_json, row_json, window_org_json
+
     store = ParityStore(led.engine, bucket_seconds=s.billing.bucket_seconds)
     if whole:
         orgs = [o for o in store.window(start, end, cfg) if (not org_id or o.org_id == org_id)]
@@ -73,7 +98,7 @@ def parity(
         n = store.recompute_range(start, end, cfg)
         click.echo(f"recomputed {n} row(s)", err=True)
     size = s.billing.bucket_seconds
-    rows = store.rows(start // size * size, end, org=org_id, flagged_only=flagged)
+    rows = store.rows(bucket_start_s(start, size), end, org=org_id, flagged_only=flagged)
     gate = store.gate(s.billing.grace_seconds)
     settled = gate.last_settled
     by_bucket: dict[int, list[Any]] = {}
@@ -95,7 +120,7 @@ def parity(
     if not rows:
         click.echo("no parity rows in the window (is a worker running? --refresh computes them here)")
     for b, rs in sorted(by_bucket.items()):
-        label = datetime.fromtimestamp(b, UTC).strftime("%Y-%m-%d %H:%MZ")
+        label = iso(b)
         click.echo(f"\n{label} {'(settled)' if settled is not None and b <= settled else '(not settled)'}")
         click.echo(f"  {'org':<20} {'edge GB-s':>16} {'cell GB-s':>16} {'samples':>8} {'drift':>9}  status")
         for r in rs:

@@ -8,12 +8,12 @@ from typing import Any
 
 import click
 
-from infra.cli._base import cli, ledger_for_cli, parse_time, settings_for_cli
+from infra.cli._base import broker_errors, cli, open_ledger, parse_time, require_broker, settings_for_cli
 from models.errors import EdgebillError
 
 
 class _ReplayFailed(click.ClickException):
-    """The replay could not run, or --apply refused: exit 2 (1 means: it ran and found differences)."""
+    """--apply refused, or the replay failed midway: exit 2 (1 means: it ran and found differences)."""
 
     exit_code = 2
 
@@ -80,23 +80,21 @@ def replay(
         bucket_from=parse_time(bucket_from) if bucket_from else None,
         bucket_to=parse_time(bucket_to) if bucket_to else None,
     )
-    if dry_run:  # read-only: no migration (it takes the write lock a running worker's ledger uses)
-        from sqlalchemy import inspect
-
-        from sinks.ledger import Ledger
-        from sinks.schema import make_engine
-
-        led = Ledger(make_engine(s.db.resolved_url))
-        if not inspect(led.engine).has_table("usage_samples"):
-            led.engine.dispose()
-            raise _ReplayFailed(f"no ledger at {s.db.resolved_url} (no usage_samples table)")
-    else:
-        led = ledger_for_cli()
+    # The ledger must exist (a new, empty one would make every tick "missing"); no migration either way (it
+    # takes the write lock a running worker's ledger uses). A broker that does not answer: exit 2 now, not
+    # a traceback from the scan.
+    led = open_ledger(s)
+    try:
+        require_broker(s)
+    except click.ClickException:
+        led.dispose()
+        raise
     applied: dict[str, Any] | None = None
     refused: list[str] = []
     try:
         try:
-            result = run_replay(led, s.kafka.servers, spec, bucket_seconds=s.billing.bucket_seconds, jobs=jobs)
+            with broker_errors(s):
+                result = run_replay(led, s.kafka.servers, spec, bucket_seconds=s.billing.bucket_seconds, jobs=jobs)
             if not dry_run:
                 try:
                     res = apply_missing(led, result, force=force)
@@ -107,7 +105,7 @@ def replay(
         except EdgebillError as exc:
             raise _ReplayFailed(str(exc)) from exc
     finally:
-        led.engine.dispose()
+        led.dispose()
     report = result.report
     if as_json:
         out = report.to_wire(limit)

@@ -4,15 +4,31 @@ to Stripe, and the catalog to ``billing_prices`` (the production path's Stripe s
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
-from infra.cli._base import cli, ledger_for_cli, settings_for_cli
+from infra.cli._base import CannotRun, cli, ledger_unreachable, settings_for_cli
 
 
 @cli.group("stripe")
 def stripe_group() -> None:
     """Stripe set-up (the price catalog and the webhook endpoint)."""
+
+
+def _stripe_failed(base: str, exc: Any) -> CannotRun:
+    """One line for a Stripe call that failed: unreachable, a refused key, or another answer."""
+    import stripe
+
+    if isinstance(exc, stripe.APIConnectionError):
+        return CannotRun(f"cannot reach Stripe at {base}", "check EDGEBILL_STRIPE_API_BASE and the network", exc)
+    if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
+        return CannotRun(
+            f"Stripe at {base} refused EDGEBILL_STRIPE_API_KEY",
+            "use a secret key (or a restricted key with write access to Billing, Products, Prices and Webhooks)",
+            exc.user_message or str(exc),
+        )
+    return CannotRun(f"Stripe at {base} answered {exc.http_status or 'an error'}", "see the message", exc)
 
 
 @stripe_group.command("setup")
@@ -29,21 +45,36 @@ def stripe_setup(dry_run: bool, webhook_url: str | None, no_webhook: bool, as_js
 
     Meters, product and prices are found by event name and metadata, so a second run creates nothing and
     leaves billing_prices as it is. A partial catalog (a price that exists with other settings, or one that
-    could not be made) is not written to billing_prices at all: the command fails and says why.
+    could not be made) is not written to billing_prices at all: the command fails and says why. The ledger
+    is created (migrated) when it does not exist yet: this is the first step of a new deployment.
     """
+    import stripe
+    from sqlalchemy.exc import SQLAlchemyError
+
     from infra.catalog import ensure_catalog, ensure_webhook_endpoint
     from infra.runtime import webhook_url as default_webhook_url
     from sinks.catalog_store import CatalogStore
+    from sinks.schema import make_engine, migrate
     from sinks.stripe import make_client
 
     s = settings_for_cli()
     client = make_client(s.stripe.api_key.get_secret_value(), s.stripe.base, timeout=s.stripe.timeout)
-    rep = ensure_catalog(client, dry_run=dry_run)
-    if not no_webhook:
-        ensure_webhook_endpoint(client, webhook_url or default_webhook_url(s), rep)
+    try:
+        rep = ensure_catalog(client, dry_run=dry_run)
+        if not no_webhook:
+            ensure_webhook_endpoint(client, webhook_url or default_webhook_url(s), rep)
+    except stripe.StripeError as exc:
+        raise _stripe_failed(s.stripe.base, exc) from exc
     changed: list[str] = []
     if rep.complete and not dry_run:
-        changed = CatalogStore(ledger_for_cli().engine).publish_catalog(rep.prices)
+        engine = make_engine(s.db.resolved_url)
+        try:
+            migrate(engine)
+            changed = CatalogStore(engine).publish_catalog(rep.prices)
+        except SQLAlchemyError as exc:
+            raise ledger_unreachable(s, exc) from exc
+        finally:
+            engine.dispose()
     if as_json:
         click.echo(json.dumps({**rep.to_json(), "billing_prices_changed": changed}, indent=2))
     else:

@@ -1,24 +1,31 @@
-"""``edgebill webhooks``: received Stripe events and their outcome; re-apply one; the provisioning log."""
+"""``edgebill webhooks``: received Stripe events and their outcome; re-apply one; the provisioning log (reads
+the ledger a worker created; never creates one)."""
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 
-from infra.cli._base import cli, ledger_for_cli
+from infra.cli._base import cli, iso, open_ledger, settings_for_cli
 
 
-def _store() -> Any:
+@contextmanager
+def _store() -> Iterator[Any]:
     from sinks.webhook_store import WebhookStore
 
-    return WebhookStore(ledger_for_cli().engine)
+    led = open_ledger(settings_for_cli())
+    try:
+        yield WebhookStore(led.engine)
+    finally:
+        led.dispose()
 
 
 def _when(ms: int | None) -> str:
-    return "-" if ms is None else datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return iso(None if ms is None else ms / 1000)
 
 
 @cli.group(invoke_without_command=True)
@@ -31,7 +38,8 @@ def webhooks(ctx: click.Context, limit: int, org_id: str | None, as_json: bool) 
     shadow, failed, or received (not applied yet)."""
     if ctx.invoked_subcommand is not None:
         return
-    rows = _store().recent(limit, org_id)
+    with _store() as store:
+        rows = store.recent(limit, org_id)
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -53,7 +61,8 @@ def reapply(event_id: str) -> None:
     applies it under the authority in force now. An applied event is never applied twice."""
     from models.webhooks import Outcome
 
-    before = _store().requeue(event_id)
+    with _store() as store:
+        before = store.requeue(event_id)
     if before is None:
         raise click.ClickException(f"no Stripe event {event_id} was received")
     if before is Outcome.APPLIED:
@@ -67,7 +76,8 @@ def reapply(event_id: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def provisioning(org_id: str | None, shadow: bool, as_json: bool) -> None:
     """The provisioning log: subscriptions and credits created (mode edge) or only described (mode shadow)."""
-    rows = _store().provisioning(org_id, "shadow" if shadow else None)
+    with _store() as store:
+        rows = store.provisioning(org_id, "shadow" if shadow else None)
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return

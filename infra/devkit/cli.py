@@ -16,7 +16,7 @@ import click
 
 from infra.cli import cli
 from infra.cli import main as _main
-from infra.cli._base import parse_time, settings_for_cli
+from infra.cli._base import broker_errors, parse_time, require_broker, settings_for_cli
 
 __all__ = ["cli", "main"]
 
@@ -91,6 +91,11 @@ def stripe_fake(
 @click.option(
     "--file", "path", type=click.File("rb"), default=None, help="JSON lines to publish instead ('-' = stdin)."
 )
+@click.option(
+    "--as-is",
+    is_flag=True,
+    help="With --file: publish every line even if the worker would dead-letter it (to test the DLQ).",
+)
 @click.option("--policies/--no-policies", default=True, show_default=True, help="Also publish simulated org policies.")
 @click.option(
     "--scale-events/--no-scale-events",
@@ -111,6 +116,7 @@ def produce(
     seed: int,
     duplicates: float,
     path: Any,
+    as_is: bool,
     policies: bool,
     scale_events: bool,
     drifts: tuple[str, ...],
@@ -119,6 +125,10 @@ def produce(
 
     The fleet's cell rows go to sandbox-scale-events too, so the parity table has both sides; --drift makes
     the edge side disagree on purpose, and the command prints the (org, bucket) pairs it affects.
+
+    --file checks every line with the worker's own parser first (`edgebill schema` prints the format): when
+    a line would be dead-lettered it lists each one with its line number and reason, publishes nothing and
+    exits 1, unless --as-is.
     """
     from infra.devkit.simulator import (
         DRIFT_KINDS,
@@ -127,7 +137,6 @@ def produce(
         build_fleet,
         encode_messages,
         inject_drift,
-        iter_file_messages,
         pick_drift_specs,
     )
     from infra.kafka_io import publish_sync
@@ -137,9 +146,9 @@ def produce(
     s = settings_for_cli()
     bootstrap = s.kafka.servers
     if path is not None:
-        n = publish_sync(bootstrap, s.kafka.topic(TOPIC_TICKS), iter_file_messages(iter(path)))
-        click.echo(f"published {n} message(s) to {s.kafka.topic(TOPIC_TICKS)}")
+        _produce_file(s, path, as_is)
         return
+    require_broker(s)
     size = s.billing.bucket_seconds
     now = int(time.time())
     start = (now // size - hours - 1) * size
@@ -161,7 +170,8 @@ def produce(
             )
             for o in fleet.orgs
         ]
-        publish_sync(bootstrap, s.kafka.topic(TOPIC_POLICY), pols)
+        with broker_errors(s):
+            publish_sync(bootstrap, s.kafka.topic(TOPIC_POLICY), pols)
     ticks = fleet.ticks
     if drifts:
         specs: list[DriftSpec] = []
@@ -185,15 +195,46 @@ def produce(
         for org, b in sorted(case.affected):
             click.echo(f"  affects {org} bucket {b} ({datetime.fromtimestamp(b, UTC):%Y-%m-%d %H:%MZ})")
     msgs = encode_messages(ticks, fleet.spec)
-    publish_sync(bootstrap, s.kafka.topic(TOPIC_TICKS), msgs)
+    with broker_errors(s):
+        publish_sync(bootstrap, s.kafka.topic(TOPIC_TICKS), msgs)
     click.echo(
         f"published {len(ticks)} unique ticks in {len(msgs)} messages for {orgs} orgs over {hours} h "
         f"from {datetime.fromtimestamp(start, UTC).isoformat()}"
     )
     if scale_events:
         scale = fleet.scale_messages()
-        publish_sync(bootstrap, s.kafka.topic(TOPIC_SCALE_EVENTS), scale)
+        with broker_errors(s):
+            publish_sync(bootstrap, s.kafka.topic(TOPIC_SCALE_EVENTS), scale)
         click.echo(f"published {len(fleet.scale_rows())} cell rows as {len(scale)} scale events")
+
+
+def _produce_file(s: Any, path: Any, as_is: bool) -> None:
+    """Check the file's lines with the ingest parser, then publish them (all or nothing, unless ``as_is``)."""
+    from infra.cli.ticks import check_tick_lines
+    from infra.kafka_io import publish_sync
+    from models.topics import TOPIC_TICKS
+
+    checked = check_tick_lines(iter(path), int(time.time() * 1000))
+    name = getattr(path, "name", "-")
+    for bad in checked.bad:
+        click.echo(f"{name}: {bad}", err=True)
+    if checked.bad and not as_is:
+        lines = len({b.line for b in checked.bad})
+        click.echo(
+            f"{len(checked.bad)} tick(s) on {lines} line(s) would be dead-lettered; nothing published "
+            "(fix them, see `edgebill schema`, or --as-is to publish anyway)",
+            err=True,
+        )
+        sys.exit(1)
+    require_broker(s)
+    topic = s.kafka.topic(TOPIC_TICKS)
+    with broker_errors(s):
+        n = publish_sync(s.kafka.servers, topic, checked.messages)
+    click.echo(
+        f"published {n} message(s) to {topic}: {checked.ticks} tick(s)"
+        + (f", {len(checked.bad)} the worker will dead-letter" if checked.bad else "")
+        + (f", {checked.ignored} of another type" if checked.ignored else "")
+    )
 
 
 @cli.command()
@@ -218,13 +259,19 @@ def produce(
     show_default=True,
     help="Edge-side drift to inject for the parity check, one org per kind ('none' for a clean fleet).",
 )
-def demo(orgs: int, hours: int, seed: int, kills: int, timeout: float, keep: bool, drift: tuple[str, ...]) -> None:
+@click.option("--serve", is_flag=True, help="Keep the stack up after the checks and print the dashboard link.")
+def demo(
+    orgs: int, hours: int, seed: int, kills: int, timeout: float, keep: bool, drift: tuple[str, ...], serve: bool
+) -> None:
     """Everything embedded: broker, local Stripe, worker, a simulated fleet; exits 0 only if all totals agree
-    and the parity table is clean except exactly where drift was injected."""
+    and the parity table is clean except exactly where drift was injected. --serve keeps it all running after
+    the checks and prints a link to the dashboard, until Ctrl-C."""
     from infra.devkit.demo import DemoOptions, run_demo
 
     kinds = tuple(d for d in drift if d != "none")
-    opts = DemoOptions(orgs=orgs, hours=hours, seed=seed, kills=kills, timeout=timeout, keep=keep, drift=kinds)
+    opts = DemoOptions(
+        orgs=orgs, hours=hours, seed=seed, kills=kills, timeout=timeout, keep=keep, drift=kinds, serve=serve
+    )
     sys.exit(run_demo(opts))
 
 

@@ -9,7 +9,7 @@ every bucket is closed and every row is sent; then read Stripe's totals back thr
 summaries and print, per org: ticks, GB-s from the simulator, from the ledger, and from Stripe.
 Exit 0 only when all three agree exactly (and per meter). Everything started is stopped.
 
-Parity (issue 6): the fleet's cell rows are published to ``sandbox-scale-events`` and one drift case is
+Parity: the fleet's cell rows are published to ``sandbox-scale-events`` and one drift case is
 injected on the edge side (``--drift``, default: one org loses a sandbox's ticks for an hour). The demo
 prints the parity table (drift per org and bucket) and passes only when it is clean for every other org
 and flagged for exactly the injected (org, bucket) pairs. Billing exactness is checked against the truth
@@ -19,10 +19,9 @@ of the ticks actually published (a lost tick is not billed, and must not be).
 from __future__ import annotations
 
 import logging
-import os
 import random
+import secrets
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -30,11 +29,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from infra.catalog import ensure_customers, ensure_meters, meter_totals
 from infra.devkit.broker import free_port
-from infra.devkit.procs import terminate
 from infra.devkit.simulator import (
     TIERS,
     UNIFIED_METER,
@@ -46,9 +44,10 @@ from infra.devkit.simulator import (
     pick_drift_specs,
     truth_of,
 )
+from infra.devkit.stack import Child, WorkerStack, wait_until
 from infra.kafka_admin import ensure_topics, kafka_answers
 from infra.kafka_io import publish_sync
-from infra.settings import child_env
+from models.parity import dashboard_token
 from models.policy import OrgPolicy
 from sinks.stripe import make_client
 
@@ -69,61 +68,11 @@ class DemoOptions:
     keep: bool = False
     var_dir: Path = Path("var/demo")
     drift: tuple[str, ...] = ("missing",)  # kinds injected on the edge side (missing, skew), one org each
-
-
-class Child:
-    """A child process with its log file; stopped by PID (its own process group)."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], logdir: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.env = env
-        self.logpath = logdir / f"{name}.log"
-        self._log: IO[bytes] | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self._log = self.logpath.open("ab")
-        self.proc = subprocess.Popen(
-            self.argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.starts += 1
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill9(self) -> None:
-        if self.proc is not None and self.alive:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self, grace: float = 10.0) -> None:
-        if self.proc is not None:
-            terminate(self.proc, grace)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.logpath.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+    serve: bool = False  # after the checks, keep everything running and print the dashboard link until Ctrl-C
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "infra.devkit.cli", *args]
-
-
-def _wait(cond: Any, timeout: float, what: str, step: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(step)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def _fmt(x: Fraction | Decimal) -> str:
@@ -141,36 +90,43 @@ def run_demo(opts: DemoOptions) -> int:
     bootstrap = f"127.0.0.1:{kport}"
     stripe_base = f"http://127.0.0.1:{sport}"
     db_url = f"sqlite:///{root / 'ledger.db'}"
+    web_secret = secrets.token_hex(32)  # signs the dashboard link printed by --serve
     size = 3600
     now = int(time.time())
     start = (now // size - opts.hours - 1) * size  # whole past hours; the newest ends >= 1 h ago
-    env = child_env(
-        {
-            "EDGEBILL_KAFKA_BOOTSTRAP": bootstrap,
-            "EDGEBILL_DATABASE_URL": db_url,
-            "EDGEBILL_STRIPE_API_BASE": stripe_base,
-            "EDGEBILL_STRIPE_API_KEY": API_KEY,
-            "EDGEBILL_WEB_PORT": str(wport),
-            "EDGEBILL_SHADOW": "false",
-            "EDGEBILL_PRO_BILLING_AUTHORITY": "edge",
-            "EDGEBILL_BILL_FROM": str(start),
-            "EDGEBILL_BUCKET_SECONDS": str(size),
-            "EDGEBILL_KAFKA_TOPIC_PREFIX": None,
-            "EDGEBILL_KAFKA_GROUP_ID": "edgebill-demo",
-            "EDGEBILL_PARITY_REFRESH_INTERVAL": "1",
-        }
-    )
-    broker = Child("broker", _cli("broker", "--port", str(kport), "--log-dir", str(root)), env, root)
-    stripe_srv = Child("stripe", _cli("stripe-fake", "--port", str(sport)), env, root)
-    worker = Child("worker", _cli("worker"), env, root)
-    children = [worker, stripe_srv, broker]
+    stack: WorkerStack | None = None
+    children: list[Child] = []
     print(f"edgebill demo — logs and ledger in {root}")
     try:
+        # The worker harness migrates the ledger now; its workers start once the fleet is published.
+        stack = WorkerStack(
+            bootstrap=bootstrap,
+            database_url=db_url,
+            logdir=root,
+            group_id="edgebill-demo",
+            web_port=wport,
+            env={
+                "EDGEBILL_STRIPE_API_BASE": stripe_base,
+                "EDGEBILL_STRIPE_API_KEY": API_KEY,
+                "EDGEBILL_SHADOW": "false",
+                "EDGEBILL_PRO_BILLING_AUTHORITY": "edge",
+                "EDGEBILL_BILL_FROM": str(start),
+                "EDGEBILL_BUCKET_SECONDS": str(size),
+                "EDGEBILL_PARITY_REFRESH_INTERVAL": "1",
+                "EDGEBILL_WEB_INTERNAL_SECRET": web_secret,
+            },
+            stop_grace=10,
+        )
+        broker = Child(
+            "broker", _cli("broker", "--port", str(kport), "--log-dir", str(root)), stack.env, root / "broker.log"
+        )
+        stripe_srv = Child("stripe", _cli("stripe-fake", "--port", str(sport)), stack.env, root / "stripe.log")
+        children = [stripe_srv, broker]
         broker.start()
         stripe_srv.start()
-        _wait(lambda: kafka_answers(bootstrap, 0.5), 30, "the embedded broker")
+        wait_until(lambda: kafka_answers(bootstrap, 0.5), 30, "the embedded broker")
         client = make_client(API_KEY, stripe_base, timeout=10)
-        _wait(lambda: _stripe_up(client), 30, "the local Stripe server")
+        wait_until(lambda: _stripe_up(client), 30, "the local Stripe server")
         print(f"  broker {bootstrap}, local Stripe {stripe_base}   ({time.monotonic() - t0:.1f}s)")
 
         clean = build_fleet(FleetSpec(orgs=opts.orgs, hours=opts.hours, start=start, seed=opts.seed))
@@ -224,33 +180,33 @@ def run_demo(opts: DemoOptions) -> int:
                 f"{datetime.fromtimestamp(spec.bucket_start, UTC):%H:%M}Z (edge side only)"
             )
 
-        from sinks.ledger import Ledger
-        from sinks.schema import make_engine, migrate
-
-        engine = make_engine(db_url)
-        migrate(engine)
-        ledger = Ledger(engine)
-        worker.start()
+        ledger = stack.ledger
+        worker = stack.start_worker()
         rng = random.Random(opts.seed)
         expected_rows = _expected_rows(fleet)
         for k in range(opts.kills):
             # Kill at a random moment while the worker is busy ingesting, then start it again.
             target = rng.uniform(0.15, 0.7) * len(fleet.ticks)
-            _wait(
-                lambda target=target: ledger.counters().get("ticks.ingested", 0) >= target or not worker.alive,
+
+            def busy(target: float = target, w: Child = worker) -> bool:
+                return ledger.counters().get("ticks.ingested", 0) >= target or not w.alive
+
+            stack.wait(
+                busy,
                 opts.timeout,
                 "ingestion to start",
-                0.05,
+                step=0.05,
+                fail_on_exit=False,
             )
             ingested = ledger.counters().get("ticks.ingested", 0)
-            worker.kill9()
             print(f"  SIGKILL worker #{k + 1} after {ingested:,} ticks ingested; restarting it")
-            worker.start()
+            worker = stack.restart(worker, kill=True)
 
         def finished() -> bool:
+            nonlocal worker
             if not worker.alive:
                 print(f"  worker exited unexpectedly; restarting it. Last lines:\n{worker.tail(10)}")
-                worker.start()
+                worker = stack.restart(worker)
                 return False
             c = ledger.counters()
             states = ledger.state_counts()
@@ -261,16 +217,16 @@ def run_demo(opts: DemoOptions) -> int:
                 and states.get("pending", 0) == 0
             )
 
-        _wait(finished, opts.timeout, "every tick billed and sent", 0.5)
+        stack.wait(finished, opts.timeout, "every tick billed and sent", step=0.5, fail_on_exit=False)
         print(f"  pipeline done: {ledger.state_counts()}   ({time.monotonic() - t0:.1f}s)")
         ok = _report(fleet, ledger, client, meters, customers, start, start + opts.hours * size)
-        parity_ok = _parity(ledger, fleet, case, len(scale), finished_ms=int(time.time() * 1000), timeout=opts.timeout)
+        parity_ok = _parity(stack, fleet, case, len(scale), finished_ms=int(time.time() * 1000), timeout=opts.timeout)
         counters = ledger.counters()
         print(
             f"  ledger counters: ingested={counters.get('ticks.ingested', 0):,} "
             f"duplicates={counters.get('ticks.duplicate', 0):,} rejected={counters.get('records.rejected', 0)} "
             f"closes={counters.get('close.runs', 0)} corrections={counters.get('close.corrections', 0)} "
-            f"worker starts={worker.starts}"
+            f"worker starts={len(stack.workers)}"
         )
         print(
             f"\n{'PASS' if ok and parity_ok else 'FAIL'}: simulator, ledger and Stripe "
@@ -278,20 +234,52 @@ def run_demo(opts: DemoOptions) -> int:
             f"{'clean for every other org, drift flagged exactly where injected' if parity_ok else 'WRONG'} "
             f"({time.monotonic() - t0:.1f}s)"
         )
-        return 0 if ok and parity_ok else 1
+        rc = 0 if ok and parity_ok else 1
+        if opts.serve:
+            _serve(stack, worker, f"http://127.0.0.1:{wport}", web_secret.encode(), bootstrap, stripe_base)
+        return rc
     except Exception as exc:
         print(f"\nFAIL: {type(exc).__name__}: {exc}")
+        if stack is not None:
+            print(stack.logs(15))
         for c in children:
             print(f"--- last lines of {c.logpath}:\n{c.tail(15)}")
         return 1
     finally:
+        if stack is not None:
+            stack.close()
         for c in children:
-            c.stop()
+            c.stop(10.0)
         if not opts.keep and root.exists():
             for p in sorted(root.glob("*")):
                 if p.is_file():
                     p.unlink()
             root.rmdir()
+
+
+def _serve(stack: WorkerStack, worker: Child, web: str, secret: bytes, bootstrap: str, stripe_base: str) -> None:
+    """Keep the stack up, print the dashboard link, restart the worker if it dies; return on Ctrl-C or SIGTERM."""
+    ttl = 12 * 3600
+    token = dashboard_token(secret, int(time.time()) + ttl)
+    print(f"\n  dashboard (valid {ttl // 3600} h): {web}/dashboard?token={token}")
+    print(f"  broker {bootstrap}, local Stripe {stripe_base}, worker {web}; Ctrl-C stops everything", flush=True)
+
+    def stop(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Both set here: a shell that starts the demo in the background leaves SIGINT ignored.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            if not worker.alive:
+                print(f"  worker exited; restarting it. Last lines:\n{worker.tail(10)}", flush=True)
+                worker = stack.restart(worker)
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("\n  stopping")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _stripe_up(client: Any) -> bool:
@@ -373,16 +361,19 @@ def _report(
     return ok
 
 
-def _parity(ledger: Any, fleet: Fleet, case: DriftCase, scale_records: int, finished_ms: int, timeout: float) -> bool:
+def _parity(
+    stack: WorkerStack, fleet: Fleet, case: DriftCase, scale_records: int, finished_ms: int, timeout: float
+) -> bool:
     """Wait for a parity refresh after everything was read, print the table; True when it is clean for every
     org except the drifted ones, flagged for exactly the (org, bucket) pairs the injection changed."""
     from sinks.parity import ParityStore
 
     size = fleet.spec.bucket_seconds
-    store = ParityStore(ledger.engine, bucket_seconds=size)
-    _wait(lambda: ledger.counters().get("scale.read", 0) >= scale_records, timeout, "the scale events", 0.3)
+    ledger = stack.ledger
+    store = ParityStore(stack.engine, bucket_seconds=size)
+    stack.wait(lambda: ledger.counters().get("scale.read", 0) >= scale_records, timeout, "the scale events", step=0.3)
     mark = max(finished_ms, int(time.time() * 1000))  # a refresh that starts after this has seen everything
-    _wait(lambda: store.state().get("refreshed_ms", 0) > mark, timeout, "a parity refresh", 0.3)
+    stack.wait(lambda: store.state().get("refreshed_ms", 0) > mark, timeout, "a parity refresh", step=0.3)
     start = fleet.spec.start
     buckets = list(range(start, start + fleet.spec.hours * size, size))
     rows = {(r.org_id, r.bucket_start): r for r in store.rows(start, buckets[-1] + size)}

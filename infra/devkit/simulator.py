@@ -4,7 +4,7 @@ The truth is computed here, independently of the billing code (its own arithmeti
 :class:`fractions.Fraction`, no import of :mod:`models.billing` math), from the set of *unique*
 ticks generated, so the demo and the tests can compare the ledger and Stripe against it.
 
-The cell side (issue 6): :func:`scale_rows` derives the ``sandbox-scale-events`` rows that match the
+The cell side, for parity: :func:`scale_rows` derives the ``sandbox-scale-events`` rows that match the
 ticks (one row per sandbox per run at one memory size; a resize closes a row and opens the next one at the
 start of the first tick of the new size), and :func:`encode_scale_messages` publishes them as the cell's
 change-data-capture would (open, then closed; some repeats, some stale "open" repeats after the close).
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -256,23 +256,6 @@ def encode_messages(ticks: list[SimTick], spec: FleetSpec) -> list[tuple[bytes, 
         if bucket:
             messages.append((org.encode(), orjson.dumps([x.envelope() for x in bucket])))
     return messages
-
-
-def iter_file_messages(lines: Iterator[bytes]) -> Iterator[tuple[bytes | None, bytes]]:
-    """Messages from JSON lines (an envelope or an array per line); the key is the org of the first."""
-    for line in lines:
-        line = line.strip()
-        if not line:
-            continue
-        key: bytes | None = None
-        try:
-            doc = orjson.loads(line)
-            first = doc[0] if isinstance(doc, list) and doc else doc
-            if isinstance(first, dict) and isinstance(first.get("org_id"), str):
-                key = first["org_id"].encode()
-        except orjson.JSONDecodeError:
-            key = None  # sent as is: the worker dead-letters it with its reason
-        yield key, line
 
 
 # ----------------------------------------------------------------------------------- the cell side

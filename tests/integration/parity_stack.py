@@ -1,32 +1,29 @@
 """A worker process on the session broker for the parity tests: unique topics and group, a SQLite ledger in
 the test's tmp dir, shadow mode (no Stripe call is ever made), a fast parity refresh, a known internal secret.
 
-Processes are started and stopped by PID; every one left running is stopped at teardown.
+Processes run under the dev kit's worker harness: started and stopped by PID; every one left running is
+stopped at teardown.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from infra.devkit.broker import free_port
-from infra.devkit.procs import terminate
 from infra.devkit.simulator import Fleet
+from infra.devkit.stack import WorkerStack
 from infra.kafka_io import publish_sync
-from infra.settings import child_env
 from models.parity import sign_request
 from models.policy import OrgPolicy
-from sinks.ledger import Ledger
 from sinks.parity import ParityStore
-from sinks.schema import make_engine, migrate
 
 SECRET = "parity-test-secret"
 H = 3600
@@ -39,52 +36,12 @@ class Response:
     body: bytes
 
 
-@dataclass
-class ParityStack:
-    bootstrap: str
-    prefix: str
-    env: dict[str, str]
-    ledger: Ledger
-    store: ParityStore
-    web_port: int
-    logdir: Path
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+class ParityStack(WorkerStack):
+    """The worker harness plus the parity store on the stack's ledger, fleet publishing and HTTP helpers."""
 
-    def topic(self, name: str) -> str:
-        return f"{self.prefix}{name}"
-
-    def start_worker(self) -> subprocess.Popen[bytes]:
-        log = (self.logdir / f"worker-{len(self.procs)}.log").open("wb")
-        p = subprocess.Popen(
-            [sys.executable, "-m", "infra.cli", "worker"],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        self.procs.append(p)
-        return p
-
-    def wait(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cond():
-                return
-            for p in self.procs:
-                if p.poll() is not None:
-                    raise AssertionError(f"worker exited with {p.returncode}:\n{self.logs()}")
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}; counters={self.ledger.counters()}\n{self.logs()}")
-
-    def logs(self, lines: int = 40) -> str:
-        out = []
-        for f in sorted(self.logdir.glob("worker-*.log")):
-            out.append(f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-lines:]))
-        return "\n".join(out)
-
-    def log_text(self) -> str:
-        return "\n".join(f.read_text(errors="replace") for f in sorted(self.logdir.glob("worker-*.log")))
+    def __init__(self, **harness: Any) -> None:
+        super().__init__(**harness)
+        self.store = ParityStore(self.engine, bucket_seconds=H)
 
     # -- publishing -----------------------------------------------------------------------------
 
@@ -139,27 +96,19 @@ class ParityStack:
         return self.get(path_qs, {"X-Timestamp": str(t), "X-Signature": sign_request(secret.encode(), t, path_qs)})
 
     def web_up(self) -> bool:
-        try:
-            return self.get("/healthz").status == 200
-        except OSError:
-            return False
+        return self.healthy()
 
 
 @contextmanager
 def parity_stack(kafka_bootstrap: str, tmp_path: Path, **extra_env: str) -> Iterator[ParityStack]:
     prefix = f"p{uuid.uuid4().hex[:8]}."
-    db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    engine = make_engine(db_url)
-    migrate(engine)
-    web_port = free_port()
-    env = child_env(
-        {
-            "EDGEBILL_KAFKA_BOOTSTRAP": kafka_bootstrap,
-            "EDGEBILL_KAFKA_TOPIC_PREFIX": prefix,
-            "EDGEBILL_KAFKA_GROUP_ID": f"g-{prefix}",
-            "EDGEBILL_DATABASE_URL": db_url,
+    with ParityStack(
+        bootstrap=kafka_bootstrap,
+        database_url=f"sqlite:///{tmp_path / 'ledger.db'}",
+        logdir=tmp_path,
+        topic_prefix=prefix,
+        env={
             "EDGEBILL_STRIPE_API_BASE": f"http://127.0.0.1:{free_port()}",  # never called: shadow mode
-            "EDGEBILL_WEB_PORT": str(web_port),
             "EDGEBILL_WEB_HOST": None,
             "EDGEBILL_WEB_INTERNAL_SECRET": SECRET,
             "EDGEBILL_SHADOW": None,
@@ -167,20 +116,6 @@ def parity_stack(kafka_bootstrap: str, tmp_path: Path, **extra_env: str) -> Iter
             "EDGEBILL_PRO_BILLING_AUTHORITY": None,
             "EDGEBILL_PARITY_REFRESH_INTERVAL": "0.5",
             **extra_env,
-        }
-    )
-    stack = ParityStack(
-        kafka_bootstrap,
-        prefix,
-        env,
-        Ledger(engine),
-        ParityStore(engine, bucket_seconds=H),
-        web_port,
-        tmp_path,
-    )
-    try:
+        },
+    ) as stack:
         yield stack
-    finally:
-        for p in stack.procs:
-            terminate(p, grace=15)
-        engine.dispose()

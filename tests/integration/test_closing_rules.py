@@ -1,4 +1,8 @@
-"""The closing rules (DESIGN §4), each with a test that fails when the rule is broken."""
+"""The closing rules, each with a test that fails when the rule is broken.
+
+A bucket closes once its end + grace has passed on an event-time watermark that never runs ahead of a
+lagging consumer and still advances on idle partitions; closing survives restarts and rebalances.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The seeded fault-injection run (issue B): exact money under every fault at once.
+"""The seeded fault-injection run: exact money under every fault at once.
 
 Per seed: ≥ 10 % duplicate ticks, heavy reordering across partitions, arrays and single messages,
 malformed records mixed in, a policy upgrade and a downgrade inside buckets, late ticks inside the

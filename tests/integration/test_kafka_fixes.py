@@ -99,7 +99,7 @@ def test_raw_end_offsets_are_short_on_tansu(kafka_bootstrap: str, kafka_kind: st
     assert highwater == 1010
     if kafka_kind != "embedded":
         pytest.skip(ONLY_TANSU.format(kind=kafka_kind))
-    assert end == 1001  # base offset of the last batch + 1 (local-infra-findings §1.1)
+    assert end == 1001  # Tansu answers ListOffsets(latest) with the last batch's base offset + 1
 
 
 def test_true_end_offsets(kafka_bootstrap: str, two_batches: str) -> None:

@@ -273,7 +273,8 @@ def _ztick(sandbox: str, worker: str, ts_s: int, tid: str) -> SourcedTick:
 
 
 def test_zombie_ticks_are_counted_not_billed(ledger: Ledger) -> None:
-    """seed #365 in event time: not the owner at the tick's time, or after the sandbox ended -> zombie."""
+    """Zombie rule, in event time: a tick from a worker that did not own the sandbox at the tick's time, or
+    stamped after the sandbox ended, is counted but not billed; unknown ownership is allowed."""
     policy(ledger, "o", 0)
     # sb1: w-a owns it for 20 min, then it migrates to w-b, which stops it at :40.
     _interval(ledger, "i1", "sb1", "w-a", B0, B0 + 1200)

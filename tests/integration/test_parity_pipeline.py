@@ -1,6 +1,6 @@
 """Parity end to end: `edgebill worker` on the session broker, the simulator's fleet and its scale events.
 
-Acceptance (issue 6): with no injected drift the parity table is clean for every (org, bucket); each
+What must hold: with no injected drift the parity table is clean for every (org, bucket); each
 injected drift kind is flagged for exactly the affected orgs and buckets; a sustained systemic drift is
 one alert on the alerts topic; the parity endpoint refuses unsigned, stale and forged requests.
 """
@@ -51,7 +51,7 @@ def test_clean_fleet_is_clean_for_every_org_and_bucket_and_the_endpoint_is_signe
     bad = [(r.org_id, r.bucket_start, r.status.value, str(r.drift)) for r in rows if r.status is not ParityStatus.OK]
     assert bad == []
 
-    # ---- GET /internal/usage-parity: the seed's shape, exact figures, signed requests only
+    # ---- GET /internal/usage-parity: the shape existing callers read, exact figures, signed requests only
     start, end = fleet.spec.start, fleet.spec.start + 3 * H
     path = f"/internal/usage-parity?from={start}&to={end}"
     r = stack.signed_get(path)

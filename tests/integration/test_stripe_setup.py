@@ -58,7 +58,7 @@ def stripe_counts(env: dict[str, str]) -> dict[str, int]:
 def test_setup_twice_creates_nothing_the_second_time_and_leaves_billing_prices_unchanged(env: dict[str, str]) -> None:
     dry = run(env, "stripe", "setup", "--dry-run", "--json")
     assert dry.exit_code == 0, dry.output
-    plan = json.loads(dry.output)
+    plan = json.loads(dry.stdout)
     assert plan["dry_run"] and len(plan["created"]) == 9 + 1 + len(CATALOG) + 1  # meters, product, prices, endpoint
     assert stripe_counts(env) == {"meters": 0, "products": 0, "prices": 0, "endpoints": 0}
     assert store(env).catalog() == {}
@@ -74,7 +74,7 @@ def test_setup_twice_creates_nothing_the_second_time_and_leaves_billing_prices_u
 
     second = run(env, "stripe", "setup", "--json")
     assert second.exit_code == 0, second.output
-    report = json.loads(second.output)
+    report = json.loads(second.stdout)
     assert report["created"] == [] and report["billing_prices_changed"] == [] and report["endpoint_secret"] is None
     assert stripe_counts(env) == counts
     assert store(env).catalog_rows() == rows  # same price ids, same updated_ms
@@ -130,7 +130,7 @@ def test_webhooks_lists_outcomes_reapplies_and_shows_the_shadow_log(env: dict[st
     s.receive("stripe-webhook-events", [(0, 0, body), (0, 1, b"junk")])
     s.finish_shadow("evt_1", "org_9", "cus_9", {"subscription": {"idempotency_key": "sub-create-org_9"}})
     s.receive("stripe-webhook-events", [(1, 0, body)])
-    listed = json.loads(run(env, "webhooks", "--json").output)
+    listed = json.loads(run(env, "webhooks", "--json").stdout)
     assert [(r["event_id"], r["outcome"]) for r in listed] == [
         ("evt_1", "duplicate"),
         ("invalid:not_json", "invalid"),

@@ -51,20 +51,10 @@ class Hooked:
         return self.stack.stripe.state
 
     def start(self) -> None:
-        """A worker on the endpoint's port (a restarted one too), with the endpoint's signing secret."""
-        self.stack.start_worker(
-            EDGEBILL_STRIPE_WEBHOOK_SECRET=self.secret,
-            EDGEBILL_STRIPE_WEBHOOK_RETRY_INTERVAL="0.5",
-            EDGEBILL_WEB_PORT=str(self.stack.web_port),
-        )
-        self.stack.wait(self.web_up, 60, "the worker's web server")
-
-    def web_up(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.stack.web_port}/healthz", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        """A worker on the endpoint's port, with the endpoint's signing secret."""
+        env = {"EDGEBILL_STRIPE_WEBHOOK_SECRET": self.secret, "EDGEBILL_STRIPE_WEBHOOK_RETRY_INTERVAL": "0.5"}
+        self.stack.start_worker(env, port=self.stack.web_port)
+        self.stack.wait(self.stack.healthy, 60, "the worker's web server")
 
     def post(self, body: bytes, signature: str) -> int:
         req = urllib.request.Request(self.url, data=body, headers={"Stripe-Signature": signature}, method="POST")
@@ -308,7 +298,8 @@ def test_a_crash_between_creating_the_subscription_and_recording_it(hooked: Any)
     assert worker.returncode == -signal.SIGKILL
     assert h.outcome(completed["id"]) == "received"  # stored, never recorded as applied
     h.state.set_faults(FaultConfig())
-    h.start()
+    h.stack.restart(worker)  # same port, same environment
+    h.stack.wait(h.stack.healthy, 60, "the restarted worker")
     h.wait_outcome(completed["id"], "applied", timeout=90)
     assert len(h.subscriptions(customer)) == 1
     assert len(h.credits(customer)) == 1

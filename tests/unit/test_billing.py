@@ -23,14 +23,14 @@ from models.billing import (
     significant_digits,
 )
 
-SEED_BILL_FROM = 1781564400  # 2026-06-15T23:00:00Z, the seed's prod cutover (hour aligned)
+EXAMPLE_HOUR = 1781564400  # 2026-06-15T23:00:00Z: the hour of the README's example tick (hour aligned)
 
 
-def test_bucket_of_the_seed_example_tick() -> None:
+def test_bucket_of_the_readme_example_tick() -> None:
     # "timestamp": "2026-06-15T23:00:12Z" counts whole in the bucket [23:00, 00:00)
-    assert bucket_start(1781564412000, 3600) == SEED_BILL_FROM
-    assert bucket_start(SEED_BILL_FROM * 1000 - 1, 3600) == SEED_BILL_FROM - 3600
-    assert SEED_BILL_FROM % 3600 == 0
+    assert bucket_start(1781564412000, 3600) == EXAMPLE_HOUR
+    assert bucket_start(EXAMPLE_HOUR * 1000 - 1, 3600) == EXAMPLE_HOUR - 3600
+    assert EXAMPLE_HOUR % 3600 == 0
 
 
 @given(st.integers(-(10**15), 10**15), st.sampled_from([60, 300, 900, 3600, 86400]))
@@ -41,7 +41,7 @@ def test_bucket_contains_its_tick_and_is_epoch_aligned(ts_ms: int, size: int) ->
 
 
 def test_gb_seconds_is_exact() -> None:
-    assert gb_seconds(4096, 20) == Decimal(80)  # the seed's default tick: 4 GB for 20 s
+    assert gb_seconds(4096, 20) == Decimal(80)  # a typical tick: 4 GB for 20 s (producers tick every 20 s)
     assert gb_seconds(3000, 21) == Decimal("61.5234375")
     assert gb_seconds(0, 20) == 0 and gb_seconds(1024, 0) == 0
 
@@ -57,9 +57,9 @@ def test_meters_per_mode() -> None:
 
 
 def test_row_ids_and_stripe_identifier_limit() -> None:
-    assert meter_row_id("org_7", SEED_BILL_FROM, UNIFIED_METER) == f"org_7:{SEED_BILL_FROM}:{UNIFIED_METER}"
-    assert meter_row_id("org_7", SEED_BILL_FROM, UNIFIED_METER, 2).endswith(":r2")
-    assert len(meter_row_id("o" * 50, SEED_BILL_FROM, "sandbox_compute_sandbox_64gb", 99)) <= 100
+    assert meter_row_id("org_7", EXAMPLE_HOUR, UNIFIED_METER) == f"org_7:{EXAMPLE_HOUR}:{UNIFIED_METER}"
+    assert meter_row_id("org_7", EXAMPLE_HOUR, UNIFIED_METER, 2).endswith(":r2")
+    assert len(meter_row_id("o" * 50, EXAMPLE_HOUR, "sandbox_compute_sandbox_64gb", 99)) <= 100
 
 
 @pytest.mark.parametrize(

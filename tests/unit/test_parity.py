@@ -8,6 +8,8 @@ from fractions import Fraction
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from infra.devkit.simulator import (
     FleetSpec,
@@ -60,7 +62,7 @@ def test_clip_counts_open_rows_up_to_now_and_clips_closed_rows_to_the_span() -> 
     # open row: up to now, never past the span end
     assert clip_ms(s - 10_000, None, s + 60_000, s, e) == 60_000
     assert clip_ms(s - 10_000, None, e + 99_000, s, e) == H * 1000
-    # the seed's cf0db1f3 bug: a closed row ending after the window was not clipped
+    # a closed row ending after the window is clipped to it (the replaced checker counted it to its end)
     assert clip_ms(s + 1000, e + 500_000, e + 600_000, s, e) == H * 1000 - 1000
     # outside the span, or an open row that starts after now: nothing
     assert clip_ms(e, e + 5000, e + 9000, s, e) == 0
@@ -96,7 +98,7 @@ def test_boundary_slack_only_for_intervals_near_a_boundary() -> None:
 # ------------------------------------------------------------------------------ drift and status
 
 
-def test_drift_is_the_seeds_rule() -> None:
+def test_drift_is_exact_and_100_percent_when_only_the_cell_side_is_near_zero() -> None:
     assert drift_ratio(mb_ms(110), mb_ms(100)) == Fraction(1, 10)
     assert drift_ratio(mb_ms(90), mb_ms(100)) == Fraction(-1, 10)
     assert drift_ratio(0, 0) == 0
@@ -201,7 +203,8 @@ def test_systemic_needs_three_big_orgs_or_a_big_aggregate() -> None:
     assert bucket_verdict(T0, _rows(0.5, 0.5, 0.5, gb=120), RULE).systemic
     assert bucket_verdict(T0, _rows(0.6, 0, 0, 0, 0, gb=100), RULE).systemic  # aggregate 560 GB-s, +12 %
     assert not bucket_verdict(T0, _rows(0.5, 0, 0, 0, 0, gb=100), RULE).systemic  # exactly +10 %: not over
-    # a dead cell feed (cell 0 everywhere) alerts on the aggregate even with one org (the seed required cell >= 300)
+    # a dead cell feed (cell 0 everywhere) alerts on the aggregate even with one org
+    # (the replaced rule required the cell aggregate >= 300)
     assert bucket_verdict(T0, [("o", mb_ms(400), 0)], RULE).systemic
 
 
@@ -258,6 +261,35 @@ def test_dashboard_tokens_expire_and_cannot_be_forged() -> None:
     assert not verify_dashboard_token(SECRET, "garbage", 1000)
 
 
+@pytest.mark.parametrize(
+    ("ts", "sig", "reason"),
+    [
+        ("²", "ab", "bad_timestamp"),  # isdigit() but not int()
+        ("١٧٩٠٠٠٠٠٠٠", "ab", "bad_timestamp"),  # Arabic-Indic digits: int() would read them
+        ("1790000000", "é", "bad_signature"),  # compare_digest refuses non-ASCII text
+        ("1790000000", "\udcff\udcfe", "bad_signature"),  # non-UTF-8 bytes, surrogate-escaped by the server
+    ],
+)
+def test_odd_signature_headers_are_refused_not_raised(ts: str, sig: str, reason: str) -> None:
+    assert verify_request(SECRET, ts, sig, "/internal/usage-parity?from=1&to=2", 1_790_000_000) == reason
+
+
+def test_odd_paths_and_tokens_never_raise() -> None:
+    now = 1_790_000_000
+    odd_path = "/internal/usage-parity?x=\udcff"  # a target with a byte that is not UTF-8
+    sig = sign_request(SECRET, now, odd_path)
+    assert verify_request(SECRET, str(now), sig, odd_path, now) is None
+    assert verify_request(SECRET, str(now), sig, "/internal/usage-parity?x=\ud800", now) == "bad_signature"
+    for token in ("é.é", "²9.ab", "١٢.ab", "-5.ab", "9" * 5000 + ".ab", ".", "\udcff.ab"):
+        assert not verify_dashboard_token(SECRET, token, 1000)
+
+
+@given(st.text(), st.text(), st.text(), st.integers(0, 2**40))
+def test_verify_never_raises(ts: str, sig: str, path: str, now: int) -> None:
+    assert verify_request(SECRET, ts, sig, path, now) is not None or sig == sign_request(SECRET, ts.strip(), path)
+    verify_dashboard_token(SECRET, sig, now)
+
+
 # ------------------------------------------------------------------------------ the simulator, end to end in memory
 
 
@@ -285,14 +317,14 @@ def _parity(fleet_ticks: list, rows: list, spec: FleetSpec, slack_s: int) -> dic
 SPEC = FleetSpec(orgs=24, hours=4, start=T0, seed=7)
 
 
-def test_clean_fleet_is_clean_for_every_org_and_bucket_and_the_seeds_rule_is_not() -> None:
+def test_clean_fleet_is_clean_for_every_org_and_bucket_and_the_strict_rule_is_not() -> None:
     fleet = build_fleet(SPEC)
     rows = fleet.scale_rows()
     got = _parity(fleet.ticks, rows, SPEC, slack_s=40)
     assert got and all(s is ParityStatus.OK for s in got.values())
-    # Without the boundary slack (the seed's rule) a sandbox starting or resizing near a boundary is flagged.
-    seed_rule = _parity(fleet.ticks, rows, SPEC, slack_s=0)
-    assert any(s is not ParityStatus.OK for s in seed_rule.values())
+    # Without the boundary slack (the strict rule) a sandbox starting or resizing near a boundary is flagged.
+    strict_rule = _parity(fleet.ticks, rows, SPEC, slack_s=0)
+    assert any(s is not ParityStatus.OK for s in strict_rule.values())
 
 
 def test_scale_rows_match_the_ticks_exactly_over_each_row() -> None:

@@ -6,6 +6,8 @@ from decimal import Decimal
 
 import click
 import pytest
+from zombie_cases import B0 as ZOMBIE_B0
+from zombie_cases import MIGRATION, MIGRATION_INTERVALS
 
 from infra.cli.replay import _partition_offsets
 from infra.replay import (
@@ -99,28 +101,12 @@ def test_unknown_free_provider_and_untiered_usage_is_unbilled() -> None:
 
 
 def test_zombie_rule_is_the_closers() -> None:
-    """The closer's own zombie case (test_ledger::test_zombie_ticks_are_counted_not_billed), re-derived."""
-    intervals = [
-        ("sb1", "w-a", B0 * 1000, (B0 + 1200) * 1000),
-        ("sb1", "w-b", (B0 + 1200) * 1000, (B0 + 2400) * 1000),
-        ("sb2", "w-a", B0 * 1000, None),
-    ]
-    pricer = Pricer({"o": [pol("o", 0)]}, intervals, H)
-    cases = {
-        "ok-owner-a": ("sb1", "w-a", B0 + 600, False),
-        "ok-final-flush-a": ("sb1", "w-a", B0 + 1210, False),
-        "zombie-not-owner": ("sb1", "w-a", B0 + 1800, True),
-        "ok-owner-b": ("sb1", "w-b", B0 + 1800, False),
-        "zombie-after-stop": ("sb1", "w-b", B0 + 3000, True),
-        "zombie-other-worker": ("sb2", "w-b", B0 + 100, True),
-        "ok-open-interval": ("sb2", "w-a", B0 + 3500, False),
-        "ok-unknown-sandbox": ("sb3", "w-z", B0 + 100, False),
-        "ok-no-worker-id": ("sb1", "", B0 + 3000, False),
-        "ok-before-known": ("sb1", "w-z", B0 - 3600, False),  # the cell knew nothing of sb1 yet
-    }
-    for name, (sandbox, worker, ts, zombie) in cases.items():
-        assert pricer.is_zombie(sandbox, worker, ts * 1000, 20) is zombie, name
-    ticks = [tk(n, "o", ts, secs=20, sandbox=sb, worker=w) for n, (sb, w, ts, _) in cases.items()]
+    """The zombie case table that also runs through the closer's SQL form (tests/zombie_cases.py), priced."""
+    assert ZOMBIE_B0 == B0
+    pricer = Pricer({"o": [pol("o", 0)]}, MIGRATION_INTERVALS, H)
+    for name, (sandbox, worker, ts_ms, secs, zombie) in MIGRATION.items():
+        assert pricer.is_zombie(sandbox, worker, ts_ms, secs) is zombie, name
+    ticks = [tk(n, "o", ts // 1000, secs=secs, sandbox=sb, worker=w) for n, (sb, w, ts, secs, _) in MIGRATION.items()]
     agg = pricer.price(ticks)
     assert agg.unbilled[("o", B0, "zombie")] == [3, 3 * 20480]
     assert agg.billable[("o", B0, UNIFIED_METER)] == [6 * 20480, 6]

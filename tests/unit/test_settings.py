@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -104,3 +107,158 @@ def test_check_config_ok_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     result = CliRunner().invoke(cli, ["check-config"])
     assert result.exit_code == 0, result.output
     assert "configuration OK" in result.output and "sk_test_secret123" not in result.output
+
+
+# ------------------------------------------------------------------ secure by default: check-config refuses
+
+LONG_SECRET = "x" * 40
+
+
+@pytest.mark.parametrize(
+    ("env", "needles"),
+    [
+        pytest.param(
+            {"EDGEBILL_WEB_HOST": "0.0.0.0"},
+            ["EDGEBILL_WEB_HOST=0.0.0.0", "default EDGEBILL_WEB_INTERNAL_SECRET"],
+            id="public-bind-default-secret",
+        ),
+        pytest.param(
+            {"EDGEBILL_WEB_HOST": "10.1.2.3", "EDGEBILL_WEB_INTERNAL_SECRET": "short-secret"},
+            ["EDGEBILL_WEB_HOST=10.1.2.3", "12-character EDGEBILL_WEB_INTERNAL_SECRET"],
+            id="public-bind-short-secret",
+        ),
+        pytest.param(
+            {"EDGEBILL_STRIPE_API_BASE": "https://api.stripe.com", "EDGEBILL_STRIPE_API_KEY": "sk_test_abc123"},
+            ["EDGEBILL_STRIPE_API_KEY is a test key", "https://api.stripe.com"],
+            id="live-stripe-test-key",
+        ),
+        pytest.param(
+            {"EDGEBILL_STRIPE_API_BASE": "https://billing-proxy.example.net", "EDGEBILL_STRIPE_API_KEY": "rk_test_a"},
+            ["EDGEBILL_STRIPE_API_KEY is a test key", "billing-proxy.example.net"],
+            id="non-loopback-https-test-key",
+        ),
+        pytest.param(
+            {"EDGEBILL_STRIPE_API_KEY": "pk_live_abc123"},
+            ["EDGEBILL_STRIPE_API_KEY is a publishable key"],
+            id="publishable-live-key",
+        ),
+        pytest.param(
+            {"EDGEBILL_STRIPE_API_BASE": "https://api.stripe.com", "EDGEBILL_STRIPE_API_KEY": "pk_test_abc123"},
+            ["EDGEBILL_STRIPE_API_KEY is a publishable key"],
+            id="publishable-test-key",
+        ),
+        pytest.param({"EDGEBILL_STRIPE_API_KEY": ""}, ["EDGEBILL_STRIPE_API_KEY is empty"], id="empty-key"),
+        pytest.param(
+            {"EDGEBILL_KAFKA_BOOTSTRAP": "127.0.0.1:notaport"},
+            ["EDGEBILL_KAFKA_BOOTSTRAP", "'notaport' is not a number"],
+            id="bootstrap-not-a-port",
+        ),
+        pytest.param(
+            {"EDGEBILL_KAFKA_BOOTSTRAP": "k1:9092,127.0.0.1:99999"},
+            ["EDGEBILL_KAFKA_BOOTSTRAP", "port 99999 is out of range"],
+            id="bootstrap-port-out-of-range",
+        ),
+        pytest.param(
+            {"EDGEBILL_KAFKA_BOOTSTRAP": ":9092"}, ["EDGEBILL_KAFKA_BOOTSTRAP", "has no host"], id="bootstrap-no-host"
+        ),
+        pytest.param(
+            {"EDGEBILL_KAFKA_BOOTSTRAP": "k1"}, ["EDGEBILL_KAFKA_BOOTSTRAP", "has no port"], id="bootstrap-no-port"
+        ),
+        pytest.param(
+            {"EDGEBILL_KAFKA_BOOTSTRAP": "kafka://k1:9092"},
+            ["EDGEBILL_KAFKA_BOOTSTRAP", "without a scheme"],
+            id="bootstrap-scheme",
+        ),
+        pytest.param(
+            {"EDGEBILL_STRIPE_API_BASE": "http://"}, ["EDGEBILL_STRIPE_API_BASE", "has no valid host"], id="url-no-host"
+        ),
+        pytest.param(
+            {"EDGEBILL_STRIPE_API_BASE": "http://127.0.0.1:99999"},
+            ["EDGEBILL_STRIPE_API_BASE", "out of range"],
+            id="url-port-out-of-range",
+        ),
+        pytest.param(
+            {"EDGEBILL_STRIPE_METER_EVENTS_BASE": "https://"},
+            ["EDGEBILL_STRIPE_METER_EVENTS_BASE", "has no valid host"],
+            id="meter-events-url-no-host",
+        ),
+        pytest.param(
+            {"EDGEBILL_DATABASE_URL": "postgresql+psycopg://u@db:99999/edgebill"},
+            ["EDGEBILL_DATABASE_URL", "port 99999 is out of range"],
+            id="database-port-out-of-range",
+        ),
+        pytest.param({"EDGEBILL_WEB_PORT": "99999"}, ["EDGEBILL_WEB_PORT"], id="web-port-out-of-range"),
+        pytest.param({"EDGEBILL_WEB_PORT": "0"}, ["EDGEBILL_WEB_PORT"], id="web-port-zero"),
+        pytest.param(
+            {"EDGEBILL_STRIPE_LOCAL_PORT": "70000"}, ["EDGEBILL_STRIPE_LOCAL_PORT"], id="stripe-local-port-out-of-range"
+        ),
+    ],
+)
+def test_check_config_refuses(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], needles: list[str]) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    result = CliRunner().invoke(cli, ["check-config"])
+    assert result.exit_code == 1, result.output
+    for needle in needles:
+        assert needle in result.output
+    assert "configuration OK" not in result.output
+    with pytest.raises(ConfigError):  # the worker and every other command refuse the same settings
+        load_settings()
+
+
+def test_check_config_lists_every_security_and_format_problem_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEBILL_WEB_HOST", "0.0.0.0")
+    monkeypatch.setenv("EDGEBILL_STRIPE_API_KEY", "pk_live_x")
+    monkeypatch.setenv("EDGEBILL_KAFKA_BOOTSTRAP", "127.0.0.1:notaport")
+    monkeypatch.setenv("EDGEBILL_STRIPE_API_BASE", "http://")
+    monkeypatch.setenv("EDGEBILL_WEB_PORT", "99999")
+    with pytest.raises(ConfigError) as e:
+        load_settings()
+    text = "\n".join(e.value.problems)
+    # An invalid field does not hide the checks across fields of its area (the web port, the Stripe base).
+    assert len(e.value.problems) == 5, text
+    for needle in (
+        "EDGEBILL_WEB_HOST=0.0.0.0",
+        "publishable key",
+        "EDGEBILL_KAFKA_BOOTSTRAP",
+        "EDGEBILL_STRIPE_API_BASE",
+        "EDGEBILL_WEB_PORT",
+    ):
+        assert needle in text
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        pytest.param({"EDGEBILL_WEB_HOST": "0.0.0.0", "EDGEBILL_WEB_INTERNAL_SECRET": LONG_SECRET}, id="public-long"),
+        pytest.param({"EDGEBILL_WEB_HOST": "localhost"}, id="localhost-default-secret"),
+        pytest.param({"EDGEBILL_WEB_HOST": "::1"}, id="ipv6-loopback"),
+        pytest.param(
+            {"EDGEBILL_STRIPE_API_BASE": "https://api.stripe.com", "EDGEBILL_STRIPE_API_KEY": "rk_live_abc"},
+            id="live-restricted-key",
+        ),
+        pytest.param({"EDGEBILL_STRIPE_API_BASE": "http://stripe-mock:12111"}, id="plain-http-test-server"),
+        pytest.param({"EDGEBILL_STRIPE_API_BASE": "https://127.0.0.1:12111"}, id="loopback-https-test-key"),
+        pytest.param({"EDGEBILL_KAFKA_BOOTSTRAP": "k1:9092, k2.example.net:9093,[::1]:9094"}, id="bootstrap-list"),
+        pytest.param({"EDGEBILL_DATABASE_URL": "postgresql://u:p@[::1]:5432/x"}, id="database-ipv6"),
+    ],
+)
+def test_check_config_accepts(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    result = CliRunner().invoke(cli, ["check-config"])
+    assert result.exit_code == 0, result.output
+    assert "configuration OK" in result.output
+
+
+def test_check_config_prints_the_resolved_ledger(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["check-config"])
+    assert result.exit_code == 0, result.output
+    assert f"ledger: sqlite:///{tmp_path.resolve() / 'var' / 'edgebill.db'}" in result.output
+    monkeypatch.setenv("EDGEBILL_DATABASE_URL", "postgresql://edgebill:hunter2@db.internal:5432/ledger")
+    result = CliRunner().invoke(cli, ["check-config", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["db"]["ledger"] == "postgresql+psycopg://edgebill:***@db.internal:5432/ledger"
+    assert "hunter2" not in result.output

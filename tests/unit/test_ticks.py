@@ -28,7 +28,7 @@ def env(**over: object) -> dict[str, object]:
     return base
 
 
-def test_design_example_parses_to_exact_tick() -> None:
+def test_the_readme_example_parses_to_an_exact_tick() -> None:
     out = parse_record(orjson.dumps(env()))
     assert out.rejected == [] and out.ignored == 0
     assert out.ticks == [

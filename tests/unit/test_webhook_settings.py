@@ -32,11 +32,18 @@ def test_the_worker_gets_the_secret_the_300_s_tolerance_and_the_topic(monkeypatc
     assert webhook_url(load_settings()) == "https://billing.example.test/webhooks/stripe"
 
 
-def test_a_live_key_with_the_local_webhook_secret_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_edge_provisioning_on_live_stripe_with_the_local_webhook_secret_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EDGEBILL_STRIPE_API_BASE", "https://api.stripe.com")
     monkeypatch.setenv("EDGEBILL_STRIPE_API_KEY", "sk_live_x")
+    assert load_settings().stripe.webhook_secret.get_secret_value() == "whsec_edgebill_local"  # cell: no provisioning
+    monkeypatch.setenv("EDGEBILL_PRO_BILLING_AUTHORITY", "edge")
+    monkeypatch.setenv("EDGEBILL_SHADOW", "false")
+    monkeypatch.setenv("EDGEBILL_BILL_FROM", "1781564400")
     with pytest.raises(ConfigError) as info:
         load_settings()
-    assert any("EDGEBILL_STRIPE_WEBHOOK_SECRET" in p for p in info.value.problems)
+    assert [p for p in info.value.problems if "EDGEBILL_STRIPE_WEBHOOK_SECRET" in p]
     monkeypatch.setenv("EDGEBILL_STRIPE_WEBHOOK_SECRET", "whsec_real")
     assert load_settings().stripe.webhook_secret.get_secret_value() == "whsec_real"
 

@@ -5,7 +5,7 @@ what a bare aiokafka consumer does on the same broker and the same messages (``g
 decode), measured in the same run, so the ratios stay comparable across machines and noise.
 
 Benchmarks register themselves in :data:`BENCHMARKS` (name -> function taking a :class:`BenchContext`
-and yielding :class:`Metric`); modules ``infra.bench_*`` are imported to fill it.
+and yielding :class:`Metric`); every module of this package is imported to fill it.
 """
 
 from __future__ import annotations

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,47 +18,36 @@ from typing import Any
 import orjson
 
 from infra.devkit.bench import BenchContext, Metric, raw_consume_rate, register, tick_messages
-from infra.devkit.broker import free_port
-from infra.devkit.procs import terminate
+from infra.devkit.stack import WorkerStack
 from infra.kafka_admin import ensure_topics
 from infra.kafka_io import publish
-from infra.settings import child_env
 from models.policy import OrgPolicy
-from sinks.ledger import Ledger
-from sinks.schema import make_engine, migrate
 
 log = logging.getLogger(__name__)
 
 
-class _Run:
-    """One isolated pipeline: topics under a fresh prefix, a fresh ledger, worker processes."""
+class _Run(WorkerStack):
+    """One isolated pipeline (the dev kit's worker harness): topics under a fresh prefix, a fresh ledger,
+    worker processes in shadow mode, each on its own web port."""
 
     def __init__(self, ctx: BenchContext, name: str, db_url: str | None = None, **env: str) -> None:
         self.ctx = ctx
-        self.prefix = f"b{uuid.uuid4().hex[:6]}."
-        self.db_url = db_url or f"sqlite:///{ctx.workdir / f'{name}-{self.prefix}db'}"
-        self.engine = make_engine(self.db_url)
-        migrate(self.engine)
-        self.ledger = Ledger(self.engine)
-        self.env = child_env(
-            {
-                "EDGEBILL_KAFKA_BOOTSTRAP": ctx.bootstrap,
-                "EDGEBILL_KAFKA_TOPIC_PREFIX": self.prefix,
-                "EDGEBILL_KAFKA_GROUP_ID": f"g-{self.prefix}",
-                "EDGEBILL_DATABASE_URL": self.db_url,
-                "EDGEBILL_WEB_PORT": str(free_port()),
+        prefix = f"b{uuid.uuid4().hex[:6]}."
+        super().__init__(
+            bootstrap=ctx.bootstrap,
+            database_url=db_url or f"sqlite:///{ctx.workdir / f'{name}-{prefix}db'}",
+            logdir=ctx.workdir,
+            topic_prefix=prefix,
+            env={
                 "EDGEBILL_SHADOW": "true",
                 "EDGEBILL_PRO_BILLING_AUTHORITY": "cell",
                 "EDGEBILL_BILL_FROM": "0",
                 **env,
-            }
+            },
+            log_name=f"worker-{prefix}",
+            stop_grace=20,
         )
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.last_port = 0  # web port of the newest worker
         ensure_topics(ctx.bootstrap, {self.topic(t): 4 for t in ("usage-ticks", "org-policy", "sandbox-scale-events")})
-
-    def topic(self, name: str) -> str:
-        return f"{self.prefix}{name}"
 
     def publish(self, topic: str, msgs: list[tuple[bytes, bytes]]) -> None:
         asyncio.run(publish(self.ctx.bootstrap, self.topic(topic), msgs))
@@ -75,33 +62,6 @@ class _Run:
         ]
         self.publish("org-policy", pols)
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
-        logf = (self.ctx.workdir / f"worker-{self.prefix}{len(self.procs)}.log").open("wb")
-        port = self.last_port = free_port()
-        p = subprocess.Popen(
-            [sys.executable, "-m", "infra.cli", "worker"],
-            env=dict(self.env, EDGEBILL_WEB_PORT=str(port)),  # each worker its own web port
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        logf.close()
-        self.procs.append(p)
-        return p
-
-    def wait(self, cond: Callable[[], bool], timeout: float, step: float = 0.02) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cond():
-                return time.monotonic()
-            time.sleep(step)
-        raise TimeoutError(f"benchmark condition not met in {timeout}s; counters={self.ledger.counters()}")
-
-    def close(self) -> None:
-        for p in self.procs:
-            terminate(p, grace=20)
-        self.engine.dispose()
-
 
 def _e2e(
     ctx: BenchContext, per_message: int, n: int, *, workers: int = 1, db_url: str | None = None
@@ -115,9 +75,12 @@ def _e2e(
         run.publish("usage-ticks", tick_messages(n, per_message))
         for _ in range(workers):
             run.start_worker()
-        t0 = run.wait(lambda: run.ledger.counters().get("records.read", 0) > 0, 60)
+        t0 = run.wait(lambda: run.ledger.counters().get("records.read", 0) > 0, 60, "the first record read", step=0.02)
         t1 = run.wait(
-            lambda: run.ledger.counters().get("ticks.ingested", 0) >= n and run.ledger.open_samples() == 0, 600, 0.05
+            lambda: run.ledger.counters().get("ticks.ingested", 0) >= n and run.ledger.open_samples() == 0,
+            600,
+            f"{n} ticks ingested and every sample closed",
+            step=0.05,
         )
         return n / (t1 - t0), t1 - t0
     finally:
@@ -125,15 +88,8 @@ def _e2e(
 
 
 def _owned(run: _Run) -> list[Any]:
-    from sqlalchemy import select
-
-    from sinks.schema import partition_progress
-
     now = time.time() * 1000
-    with run.engine.connect() as conn:
-        rows = conn.execute(
-            select(partition_progress).where(partition_progress.c.topic == run.topic("usage-ticks"))
-        ).all()
+    rows = [r for r in run.ledger.partition_states() if r.topic == run.topic("usage-ticks")]
     return [r for r in rows if r.reported_ms and now - r.reported_ms < 5000]
 
 
@@ -239,7 +195,7 @@ def _memory_run(ctx: BenchContext, orgs: int, hours: int) -> float:
     try:
         run.policies(orgs)
         p = run.start_worker()
-        run.wait(lambda: bool(_owned(run)), 60, 0.1)
+        run.wait(lambda: bool(_owned(run)), 60, "the worker to own its partitions", step=0.1)
         if hours:
             base_s = (int(time.time()) // 3600 - hours - 1) * 3600
             msgs: list[tuple[bytes, bytes]] = []
@@ -258,7 +214,12 @@ def _memory_run(ctx: BenchContext, orgs: int, hours: int) -> float:
                 ]
                 msgs.extend((b"k", orjson.dumps(batch[i : i + 100])) for i in range(0, orgs, 100))
             run.publish("usage-ticks", msgs)
-            run.wait(lambda: run.ledger.counters().get("ticks.ingested", 0) >= orgs * hours, 300, 0.1)
+            run.wait(
+                lambda: run.ledger.counters().get("ticks.ingested", 0) >= orgs * hours,
+                300,
+                f"{orgs * hours} open org-hours ingested",
+                step=0.1,
+            )
         time.sleep(6)  # a parity refresh and a few closer runs over what is held
         return _vm_hwm_mb(p.pid)
     finally:
@@ -294,10 +255,10 @@ def bench_latency(ctx: BenchContext) -> Iterator[Metric]:
     try:
         run.policies(10)
         t_start = time.monotonic()
-        run.start_worker()
-        ready = run.wait(lambda: _healthy(str(run.last_port)), 60, 0.05)
+        worker = run.start_worker()
+        ready = run.wait(lambda: run.healthy(worker, timeout=0.5), 60, "the worker's /healthz", step=0.05)
         # "Ready" = the worker answers /healthz and holds its partitions (it reports their log ends).
-        assigned = run.wait(lambda: bool(run.ledger.partition_states()), 60, 0.05)
+        assigned = run.wait(lambda: bool(run.ledger.partition_states()), 60, "the worker's partitions", step=0.05)
         yield Metric("worker_start_to_ready_s", max(ready, assigned) - t_start, "s", None)
         latencies = []
         for _ in range(ctx.scale(3, 1)):
@@ -318,7 +279,7 @@ def bench_latency(ctx: BenchContext) -> Iterator[Metric]:
             def closed_one(b: int = before) -> bool:
                 return len(run.ledger.rows()) > b
 
-            closed = run.wait(closed_one, 120, 0.02)
+            closed = run.wait(closed_one, 120, "the bucket to close", step=0.02)
             latencies.append(time.time() - (time.monotonic() - closed) - (end + 1))
         yield Metric(
             "bucket_close_latency_after_end_plus_grace_s",
@@ -329,16 +290,6 @@ def bench_latency(ctx: BenchContext) -> Iterator[Metric]:
         )
     finally:
         run.close()
-
-
-def _healthy(port: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=0.5) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
 
 
 __all__: list[str] = []

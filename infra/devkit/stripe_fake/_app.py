@@ -18,7 +18,7 @@ from aiohttp import web
 from infra.devkit.stripe_fake._base import API_VERSION, IdempotentResult, RequestContext, current_request
 from infra.devkit.stripe_fake._errors import StripeError
 from infra.devkit.stripe_fake._faults import FaultConfig, FaultDecision
-from infra.devkit.stripe_fake._params import parse_form, parse_pairs
+from infra.devkit.stripe_fake._params import MAX_DEPTH, json_depth_ok, parse_form, parse_pairs
 from infra.devkit.stripe_fake._state import FakeStripe
 from infra.devkit.stripe_fake._util import dumps
 
@@ -44,9 +44,16 @@ RATE_LIMIT_MESSAGE = (
     "Request rate limit exceeded. Learn more about rate limits here https://stripe.com/docs/rate-limits."
 )
 KEY_PREFIXES = ("sk_test_", "sk_live_", "rk_test_", "rk_live_")
+# Headers whose values end up in stored objects, events or answers: refused (400) unless they are UTF-8.
+TEXT_HEADERS = ("Authorization", "Idempotency-Key", "Stripe-Version", "Stripe-Account", "Content-Type")
 
 
 # -- small helpers ---------------------------------------------------------------------------------
+
+
+def _text(value: str) -> str:
+    """``value`` with what is not text (bytes that were not UTF-8, kept as lone surrogates) as U+FFFD."""
+    return value.encode("utf-8", "replace").decode("utf-8")
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -138,11 +145,21 @@ async def _authenticate(request: web.Request, state: FakeStripe) -> tuple[str, b
     return token, "_live_" in token
 
 
+def _query_pairs(request: web.Request) -> list[tuple[str, str]]:
+    """The query as sent (still percent-encoded), decoded once; bytes that are not UTF-8 read as U+FFFD."""
+    return parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True)
+
+
 async def _parse(request: web.Request, v2: bool) -> Obj:
-    body = await request.read()
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise StripeError(
+            413, f"Request entity too large: the body must be at most {request.client_max_size:,} bytes."
+        ) from None
     if v2:
         if request.method in ("GET", "DELETE"):
-            return parse_pairs(parse_qsl(request.query_string, keep_blank_values=True))
+            return parse_pairs(_query_pairs(request))
         if not body.strip():
             return {}
         try:
@@ -151,8 +168,10 @@ async def _parse(request: web.Request, v2: bool) -> Obj:
             raise StripeError(400, "Invalid JSON in the request body.") from None
         if not isinstance(data, dict):
             raise StripeError(400, "The request body must be a JSON object.")
+        if not json_depth_ok(data):
+            raise StripeError(400, f"Invalid request: the JSON body is nested more than {MAX_DEPTH} levels deep.")
         return data
-    merged = parse_pairs(parse_qsl(request.query_string, keep_blank_values=True))
+    merged = parse_pairs(_query_pairs(request))
     if body:
         ctype = request.headers.get("Content-Type", "")
         if "json" in ctype:
@@ -223,7 +242,7 @@ async def _serve(request: web.Request, handler: Handler, state: FakeStripe, requ
         return _error_response(
             StripeError(
                 404,
-                f"Unrecognized request URL ({request.method}: {request.path}). "
+                f"Unrecognized request URL ({request.method}: {_text(request.path)}). "
                 "Please see https://stripe.com/docs or we can help at https://support.stripe.com/.",
             ),
             request_id,
@@ -231,6 +250,10 @@ async def _serve(request: web.Request, handler: Handler, state: FakeStripe, requ
     idem_slot: tuple[str, str] | None = None
     meter_slot: tuple[str, str] | None = None
     try:
+        for name in TEXT_HEADERS:
+            value = request.headers.get(name)
+            if value is not None and _text(value) != value:
+                raise StripeError(400, f"Invalid {name} header: it must be UTF-8 text.")
         api_key, livemode = await _authenticate(request, state)
         data = await _parse(request, v2)
         request[PARAMS_KEY] = data

@@ -14,10 +14,29 @@ from urllib.parse import parse_qsl
 
 from infra.devkit.stripe_fake._errors import StripeError, invalid_integer, missing_param, unknown_param
 
-__all__ = ["Params", "parse_form", "parse_pairs"]
+__all__ = ["MAX_DEPTH", "Params", "json_depth_ok", "parse_form", "parse_pairs"]
 
 _KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
+# Deeper nesting than any Stripe parameter has is refused (and never reaches a recursive walk).
+MAX_DEPTH = 32
 _SUB = re.compile(r"\[([^\[\]]*)\]")
+
+
+def _too_deep(key: str) -> StripeError:
+    shown = key if len(key) <= 40 else key[:37] + "..."
+    return StripeError(400, f"Invalid parameter: {shown} is nested more than {MAX_DEPTH} levels deep", param=shown)
+
+
+def json_depth_ok(doc: Any) -> bool:
+    """True when ``doc`` (parsed JSON) nests at most :data:`MAX_DEPTH` levels (checked without recursion)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > MAX_DEPTH:
+                return False
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return True
 
 
 def _conflict(key: str) -> StripeError:
@@ -30,11 +49,13 @@ def parse_pairs(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
     for raw_key, value in pairs:
         m = _KEY.match(raw_key)
         path: list[Any] = [raw_key] if m is None else [m.group(1), *_SUB.findall(m.group(2))]
+        if len(path) > MAX_DEPTH:
+            raise _too_deep(raw_key)
         node: dict[str, Any] = root
         for i, part in enumerate(path):
             if part == "" and i > 0:
                 # ``key[]`` appends: emulate with the next free integer index.
-                part = str(sum(1 for k in node if k.isdigit()))
+                part = str(sum(1 for k in node if _is_index(k)))
             if i == len(path) - 1:
                 if isinstance(node.get(part), dict):
                     raise _conflict(raw_key)
@@ -48,17 +69,26 @@ def parse_pairs(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
     return result
 
 
+def _is_index(key: str) -> bool:
+    """``0``, ``1``, ...: ASCII digits only (``str.isdigit`` also takes '²', which ``int`` refuses)."""
+    return key.isascii() and key.isdigit()
+
+
 def _listify(node: Any) -> Any:
     if not isinstance(node, dict):
         return node
     out = {k: _listify(v) for k, v in node.items()}
-    if out and all(k.isdigit() for k in out):
+    if out and all(_is_index(k) for k in out):
         return [out[k] for k in sorted(out, key=int)]
     return out
 
 
 def parse_form(body: bytes | str) -> dict[str, Any]:
-    text = body.decode("utf-8") if isinstance(body, bytes) else body
+    """A form body; bytes that are not UTF-8 are refused with Stripe's 400 (percent-escapes decode leniently)."""
+    try:
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
+    except UnicodeDecodeError:
+        raise StripeError(400, "Invalid request: the request body is not valid UTF-8.") from None
     return parse_pairs(parse_qsl(text, keep_blank_values=True))
 
 

@@ -1,0 +1,78 @@
+"""Replay's report as a human-readable table."""
+
+from __future__ import annotations
+
+from infra.replay.report import ReplayReport, _dec, _exact, _iso
+from models.billing import meter_unit_divisor
+
+__all__ = ["render_table"]
+
+
+def render_table(report: ReplayReport, limit: int = 50) -> list[str]:
+    """The human-readable report, as lines."""
+    c = report.counts
+    out = [
+        f"topic {report.topic}: {len(report.ranges)} partition(s), offsets "
+        + ", ".join(f"{r.partition}:[{r.start},{r.end})" for r in report.ranges)
+        + ("" if report.complete else "  (partial offset range: per-bucket units not compared)"),
+    ]
+    lo, hi = report.window_ms
+    if lo is not None or hi is not None:
+        out.append(
+            f"tick window: [{'-' if lo is None else _iso(lo // 1000)}, {'-' if hi is None else _iso(hi // 1000)})"
+        )
+    if report.compared_buckets:
+        a, b = report.compared_buckets
+        out.append(f"buckets compared: {_iso(a)} .. {_iso(b)} (bucket starts, inclusive)")
+    out.append(
+        f"records {c['records']:,}  ticks read {c['ticks_read']:,}  selected {c['selected']:,}  "
+        f"unique {c['unique']:,}  duplicates {c['duplicates']:,}  rejected {c['rejected']:,}  "
+        f"other types {c['ignored_type']:,}"
+    )
+    if report.rejected:
+        out.append("rejected by reason: " + ", ".join(f"{k}={v}" for k, v in report.rejected.items()))
+    if report.unbilled:
+        out.append("counted, not billed: " + ", ".join(f"{k}={v[0]} ticks" for k, v in sorted(report.unbilled.items())))
+    out.append(
+        f"missing from ledger {c['missing_from_ledger']:,}  extra in ledger {c['extra_in_ledger']:,}  "
+        f"(org, bucket, meter) compared {c['compared_keys']:,}, differing {c['differing_keys']:,}"
+    )
+    if report.keys:
+        out.append("")
+        out.append(
+            f"{'org':<20} {'bucket':<17} {'meter':<34} {'re-derived':>16} {'billed':>16} {'open':>12} "
+            f"{'difference':>14} {'missing':>14}"
+        )
+        for k in report.keys[:limit]:
+            w = k.to_wire()
+            out.append(
+                f"{k.org_id:<20} {_iso(k.bucket_start):<17} {k.meter:<34} {w['derived']:>16} {w['billed']:>16} "
+                f"{_exact(k.open_units, meter_unit_divisor(k.meter)):>12} "
+                f"{w['diff'] if k.compared else 'n/c':>14} {w['missing']:>14}"
+            )
+        if len(report.keys) > limit:
+            out.append(f"... {len(report.keys) - limit} more (--limit 0 shows all)")
+        out.append("(GB-s for the unified meter, seconds for tier meters; n/c = bucket not wholly in the range)")
+    if report.org_meters:
+        out.append("")
+        out.append(f"{'org':<20} {'meter':<34} {'re-derived value':>18} {'billed value':>18} {'difference':>14}")
+        for o in report.org_meters[:limit]:
+            note = "" if o.units_agree else "  (units differ)"
+            out.append(
+                f"{o.org_id:<20} {o.meter:<34} {_dec(o.derived_value):>18} {_dec(o.billed_value):>18} "
+                f"{_dec(o.value_diff):>14}{note}"
+            )
+    for label, ids in (("missing from ledger", report.missing_ids), ("extra in ledger", report.extra_ids)):
+        if ids:
+            shown = ids[:limit]
+            more = f" ... (+{len(ids) - len(shown)})" if len(ids) > len(shown) else ""
+            out.append(f"{label}: " + ", ".join(shown) + more)
+    out.append("")
+    out.append(
+        "no difference"
+        if report.clean
+        else f"DIFFERENCES: {c['missing_from_ledger']} missing tick(s), {c['extra_in_ledger']} extra sample(s), "
+        f"{c['differing_keys']} (org, bucket, meter) differing"
+    )
+    out.append(f"({report.seconds:.2f}s, {report.jobs} scan process(es))")
+    return out

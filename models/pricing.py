@@ -1,0 +1,115 @@
+"""Pricing of usage under a policy, and the state of the meter row it goes into.
+
+Usage is priced by the org's policy in effect at the usage's own time (``models.policy``), so the closer
+and a replay price the same ticks the same way whenever they run. :func:`price_usage` is that rule for an
+aggregate of ticks of one org, bucket and memory size; it is additive (pricing a split aggregate and
+adding the parts gives the same result), which lets the closer price whole groups and replay subtract
+ticks it gave up. Usage that is not billed keeps a reason and is recorded, visibly, never dropped.
+
+:func:`row_placement` decides the state of a meter row when the closer writes it, and the rounding-carry
+stream its value is assigned in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+from models.billing import BillingMode, RowState, meter_amounts
+from models.policy import OrgPolicy
+from models.stripe_window import expired_at_close
+
+__all__ = [
+    "BILLED_STREAM",
+    "FREE_PLAN",
+    "LEGACY_UNKNOWN_TIER",
+    "SHADOW_STREAM",
+    "UNKNOWN_ORG",
+    "ZOMBIE",
+    "Priced",
+    "RowPlacement",
+    "Unbilled",
+    "price_usage",
+    "provider_reason",
+    "row_placement",
+]
+
+# Why usage is not billed (``unbilled_usage.reason``, counters ``unbilled.<reason>``).
+UNKNOWN_ORG: Final = "unknown_org"  # no policy of the org in effect at the usage's time
+FREE_PLAN: Final = "free_plan"  # the policy in effect is not a pro plan
+LEGACY_UNKNOWN_TIER: Final = "legacy_unknown_tier"  # legacy billing, memory size outside the six tier meters
+ZOMBIE: Final = "zombie"  # the worker did not own the sandbox at the tick's time (models.zombie)
+
+
+def provider_reason(provider: str) -> str:
+    """The reason for usage of an org billed through another provider than Stripe."""
+    return f"provider_{provider}"
+
+
+@dataclass(frozen=True, slots=True)
+class Priced:
+    """Billable: ``units`` exact integer units of ``meter`` (see ``meter_unit_divisor``), under ``mode``."""
+
+    meter: str
+    units: int
+    mode: BillingMode
+
+
+@dataclass(frozen=True, slots=True)
+class Unbilled:
+    """Not billed, and why."""
+
+    reason: str
+
+
+_UNKNOWN_ORG: Final = Unbilled(UNKNOWN_ORG)
+_FREE_PLAN: Final = Unbilled(FREE_PLAN)
+_LEGACY_UNKNOWN_TIER: Final = Unbilled(LEGACY_UNKNOWN_TIER)
+
+
+def price_usage(policy: OrgPolicy | None, memory_mb: int, seconds: int, mb_seconds: int) -> Priced | Unbilled:
+    """Price an aggregate of ticks of one org at one memory size under ``policy`` (the policy in effect at
+    the ticks' time, None when the org had none): its meter and units, or why it is not billed.
+
+    ``seconds``: the ticks' summed intervals; ``mb_seconds``: their summed memory × interval.
+    """
+    if policy is None:
+        return _UNKNOWN_ORG
+    if not policy.billable:
+        return _FREE_PLAN if policy.billing_provider == "stripe" else Unbilled(provider_reason(policy.billing_provider))
+    amount = meter_amounts(policy.billing_mode, memory_mb, seconds, mb_seconds)
+    if amount is None:
+        return _LEGACY_UNKNOWN_TIER
+    return Priced(amount.meter, amount.units, policy.billing_mode)
+
+
+# Rounding-carry streams (``meter_totals.stream``): shadow rows carry apart from billed ones, so that a
+# shadow period never shifts the values later billed.
+BILLED_STREAM: Final = "billed"
+SHADOW_STREAM: Final = "shadow"
+
+
+class RowPlacement(NamedTuple):
+    """The state a new meter row is written in, and the carry stream its value is assigned in (None: the
+    value is its own units rounded once; such a row is never sent)."""
+
+    state: RowState
+    stream: str | None
+
+
+_SKIPPED: Final = RowPlacement(RowState.SKIPPED_BEFORE_BILL_FROM, None)
+_EXPIRED: Final = RowPlacement(RowState.EXPIRED, None)
+_SHADOW: Final = RowPlacement(RowState.SHADOW, SHADOW_STREAM)
+_PENDING: Final = RowPlacement(RowState.PENDING, BILLED_STREAM)
+
+
+def row_placement(bucket_start: int, bucket_end: int, now_ms: int, *, bill_from: int, shadow: bool) -> RowPlacement:
+    """Where a row of this bucket goes when the closer writes it at ``now_ms``, in this order of precedence:
+    a bucket starting before ``bill_from`` is ``skipped_before_bill_from`` (billed by the old path); a
+    bucket whose end Stripe would no longer take is ``expired``; in shadow mode ``shadow`` (computed,
+    never sent); otherwise ``pending`` (the sender ships it)."""
+    if bucket_start < bill_from:
+        return _SKIPPED
+    if expired_at_close(bucket_end, now_ms):
+        return _EXPIRED
+    return _SHADOW if shadow else _PENDING

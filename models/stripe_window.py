@@ -1,0 +1,85 @@
+"""Stripe's time window for meter events, and the safety margin each stage keeps inside it.
+
+Stripe takes a meter event only when its timestamp lies at most 35 days in the past and at most 5 minutes
+in the future (v1 answers 400 otherwise; the v2 stream answers 202 and reports the error later). A meter
+row is sent with its bucket end as timestamp, so the bucket end decides whether Stripe still takes the
+row. Every stage that asks the question asks it here, each with its own named margin: a stage that lets
+a row through must leave it inside the window for the stages after it, and for Stripe itself.
+
+Pure: times are integers (unix seconds, or milliseconds where the name says so), ``now`` is passed in.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "CLOSE_MARGIN_SECONDS",
+    "PARITY_MARGIN_SECONDS",
+    "PARITY_QUERY_MAX_SECONDS",
+    "SEND_MARGIN_SECONDS",
+    "STRIPE_MAX_AGE_SECONDS",
+    "STRIPE_MAX_FUTURE_SECONDS",
+    "VALIDATE_MARGIN_SECONDS",
+    "expired_at_close",
+    "expired_at_send",
+    "oldest_accepted_ms",
+    "oldest_accepted_s",
+    "stripe_refuses_as_future",
+    "stripe_refuses_as_old",
+]
+
+# Stripe's limits for a meter event's timestamp, relative to Stripe's clock.
+STRIPE_MAX_AGE_SECONDS: Final = 35 * 86_400
+STRIPE_MAX_FUTURE_SECONDS: Final = 5 * 60
+
+# The closer writes a row ``expired`` instead of ``pending`` when less than this is left of the window at
+# close time: the row still waits for the sender's next batch and must then pass the sender's own margin;
+# a row written closer to the edge could only be expired by the sender.
+CLOSE_MARGIN_SECONDS: Final = 300
+# The sender expires a row instead of sending it when less than this is left: the request still has to
+# be built, cross the network (through retries of a transient error) and be checked against Stripe's clock,
+# which may run ahead of ours.
+SEND_MARGIN_SECONDS: Final = 60
+# The Stripe sink's last check before a request is Stripe's own rule, without margin: it refuses exactly
+# what Stripe would refuse, so nothing is sent that Stripe answers with an error (the earlier stages keep
+# the margins).
+VALIDATE_MARGIN_SECONDS: Final = 0
+# Parity marks a bucket for recomputation only while Stripe could still take a correction for it: the
+# exact window, since parity only reports and sends nothing.
+PARITY_MARGIN_SECONDS: Final = 0
+# The parity endpoint answers windows at most this long: all that Stripe can still bill, and no more (a
+# longer window costs a scan of samples whose usage can no longer change a bill).
+PARITY_QUERY_MAX_SECONDS: Final = STRIPE_MAX_AGE_SECONDS
+
+
+def oldest_accepted_s(now_s: int, margin_s: int) -> int:
+    """The oldest timestamp (unix s) Stripe takes at ``now_s`` with ``margin_s`` seconds to spare."""
+    return now_s - STRIPE_MAX_AGE_SECONDS + margin_s
+
+
+def oldest_accepted_ms(now_ms: int, margin_s: int) -> int:
+    """:func:`oldest_accepted_s` in milliseconds, for a clock in milliseconds."""
+    return now_ms - (STRIPE_MAX_AGE_SECONDS - margin_s) * 1000
+
+
+def stripe_refuses_as_old(timestamp_s: int, now_s: int, margin_s: int) -> bool:
+    """Is ``timestamp_s`` older than Stripe takes at ``now_s``, with ``margin_s`` seconds to spare?"""
+    return timestamp_s < oldest_accepted_s(now_s, margin_s)
+
+
+def stripe_refuses_as_future(timestamp_s: int, now_s: int) -> bool:
+    """Is ``timestamp_s`` further in the future than Stripe takes at ``now_s``?"""
+    return timestamp_s > now_s + STRIPE_MAX_FUTURE_SECONDS
+
+
+def expired_at_close(bucket_end_s: int, now_ms: int) -> bool:
+    """Is a row with this bucket end, written by the closer at ``now_ms``, past the window (with the
+    closer's margin)? Such a row is written ``expired``: it can no longer reach Stripe."""
+    return stripe_refuses_as_old(bucket_end_s, now_ms // 1000, CLOSE_MARGIN_SECONDS)
+
+
+def expired_at_send(bucket_end_s: int, now_s: int) -> bool:
+    """Is a row with this bucket end, about to be sent at ``now_s``, past the window (with the sender's
+    margin)? Such a row is marked ``expired`` instead of sent."""
+    return stripe_refuses_as_old(bucket_end_s, now_s, SEND_MARGIN_SECONDS)

@@ -1,0 +1,84 @@
+"""The zombie rule: usage a worker reports for a sandbox it did not own at the time is counted, not billed.
+
+A tick of sandbox S from worker W at time t covers ``(t - interval_s, t]``. It is a *zombie* when the cell
+side knows that S had started by t, and yet no interval of S owned by W covers t: either another worker
+owned S then (W kept reporting after a migration), or every interval of S had ended before t (W kept
+reporting after S stopped). An interval covers t when ``started - slack <= t <= ended + slack`` (an open
+interval has no end), where ``slack = interval_s * 1000 + ZOMBIE_SLACK_MS``: the tick's own span, plus
+clock jitter between worker and cell. S counts as started by t when some interval of S starts at or
+before ``t + slack``. Unknown ownership is allowed: no interval of S known by then, or a tick without a
+worker id (an older producer).
+
+The rule is decided in event time, from the ticks' and intervals' own timestamps, so a replay decides it
+as the closer did whenever it runs. The closer evaluates it in SQL for speed (``zombie_expr`` in
+``sinks.ledger.closer``), built from the constants here; one table of cases checks that both forms agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from models.ticks import MAX_INTERVAL_S
+
+__all__ = [
+    "MAX_ZOMBIE_SLACK_MS",
+    "ZOMBIE_SLACK_MS",
+    "Interval",
+    "SandboxOwnership",
+    "is_zombie",
+    "ownership_by_sandbox",
+    "zombie_slack_ms",
+]
+
+# Beyond the tick's own interval: the worker's and the cell's clocks may disagree by this much.
+ZOMBIE_SLACK_MS: Final = 5_000
+
+# (sandbox, worker, started_ms, ended_ms or None): one ownership interval as the cell side reports it.
+Interval = tuple[str, str, int, int | None]
+
+
+def zombie_slack_ms(interval_s: int) -> int:
+    """How far around an ownership interval a tick of ``interval_s`` seconds still counts as covered."""
+    return interval_s * 1000 + ZOMBIE_SLACK_MS
+
+
+# The largest slack any valid tick gets: intervals starting later than a tick plus this cannot decide it.
+MAX_ZOMBIE_SLACK_MS: Final = zombie_slack_ms(MAX_INTERVAL_S)
+
+
+@dataclass(slots=True)
+class SandboxOwnership:
+    """What the cell side knows of one sandbox: its earliest interval start, and its intervals
+    ``(started_ms, ended_ms or None)`` per owning worker."""
+
+    first_start_ms: int
+    by_worker: dict[str, list[tuple[int, int | None]]]
+
+
+def ownership_by_sandbox(intervals: Iterable[Interval]) -> dict[str, SandboxOwnership]:
+    """Index ownership intervals by sandbox, for :func:`is_zombie`."""
+    out: dict[str, SandboxOwnership] = {}
+    for sandbox, worker, started, ended in intervals:
+        o = out.get(sandbox)
+        if o is None:
+            o = out[sandbox] = SandboxOwnership(started, {})
+        elif started < o.first_start_ms:
+            o.first_start_ms = started
+        o.by_worker.setdefault(worker, []).append((started, ended))
+    return out
+
+
+def is_zombie(owner: SandboxOwnership | None, worker_id: str, ts_ms: int, interval_s: int) -> bool:
+    """The rule (module docstring) for a tick of ``worker_id`` at ``ts_ms``; ``owner``: what the cell side
+    knows of the tick's sandbox (None: nothing)."""
+    if not worker_id or owner is None:
+        return False
+    slack = interval_s * 1000 + ZOMBIE_SLACK_MS  # zombie_slack_ms, inlined: replay calls this per tick
+    if owner.first_start_ms > ts_ms + slack:
+        return False  # the sandbox was not known to have started by t: ownership unknown, allowed
+    for started, ended in owner.by_worker.get(worker_id, ()):
+        if started - slack <= ts_ms and (ended is None or ts_ms <= ended + slack):
+            return False
+    return True

@@ -1,0 +1,437 @@
+"""The closer: turns samples into meter rows once the watermark allows, and late samples into corrections.
+
+Pricing, the zombie rule, the row states and the rounding carry are the rules of ``models`` (``pricing``,
+``zombie``, ``stripe_window``, ``billing``); this module applies them to the samples in one transaction.
+The zombie rule is evaluated here in SQL, for speed, from the same constants (:func:`zombie_expr`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Connection, and_, case, func, insert, literal, select, text, update
+
+from models.billing import (
+    BillingMode,
+    bucket_end,
+    carry_rounded_delta,
+    format_value,
+    mb_seconds,
+    meter_row_id,
+    meter_unit_divisor,
+    round_value,
+)
+from models.policy import OrgPolicy, PolicyHistory
+from models.pricing import ZOMBIE, Priced, Unbilled, price_usage, row_placement
+from models.watermark import last_closable_bucket
+from models.zombie import ZOMBIE_SLACK_MS
+from sinks.ledger.store import SqlStore, policy_from_row
+from sinks.schema import (
+    cell_intervals,
+    close_runs,
+    closed_buckets,
+    meter_events,
+    meter_totals,
+    org_policies,
+    unbilled_usage,
+    usage_samples,
+)
+
+__all__ = ["CloseConfig", "CloseResult", "LedgerCloser", "close_position", "not_aggregated", "zombie_expr"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConfig:
+    bucket_seconds: int
+    grace_seconds: int
+    shadow: bool
+    bill_from: int
+
+
+@dataclass(slots=True)
+class CloseResult:
+    close_id: int | None = None
+    last_bucket: int | None = None
+    samples: int = 0
+    rows: int = 0
+    corrections: int = 0
+    buckets: list[int] = field(default_factory=list)
+    unbilled: dict[str, int] = field(default_factory=dict)
+
+
+_ADVISORY_LOCK_CLOSER = 0x6564676562696C  # "edgebil"
+
+
+def not_aggregated() -> Any:
+    """SQL condition: the sample is not yet in any meter row (its bucket's cursor is below its ``seq``)."""
+    cb = closed_buckets.c
+    us = usage_samples.c
+    cursor = select(cb.seq).where(cb.bucket_start == us.bucket_start).scalar_subquery()
+    return us.seq > func.coalesce(cursor, 0)
+
+
+def close_position(conn: Connection) -> tuple[int, int | None]:
+    """(upto_seq, last_bucket) of the last close run: every sample at or below it, in a bucket at or
+    before it, is aggregated."""
+    row = conn.execute(
+        select(close_runs.c.upto_seq, close_runs.c.last_bucket).order_by(close_runs.c.id.desc()).limit(1)
+    ).first()
+    return (int(row.upto_seq), row.last_bucket) if row else (0, None)
+
+
+def zombie_expr() -> Any:
+    """1 when a sample is a zombie tick, else 0: :func:`models.zombie.is_zombie` as SQL over
+    ``usage_samples`` and ``cell_intervals``, from the same constants. Used inside the close claim.
+
+    Term by term: the sandbox is known to have started by t (some interval of it starts at or before
+    ``t + slack``), the tick has a worker id, and no interval of the sandbox owned by that worker has
+    ``started - slack <= t <= ended + slack`` (an open interval has no end).
+    """
+    us = usage_samples.c
+    ci = cell_intervals.c
+    slack = us.interval_s * 1000 + ZOMBIE_SLACK_MS  # models.zombie.zombie_slack_ms
+    known = select(literal(1)).where(ci.sandbox_id == us.sandbox_id, ci.started_ms <= us.ts_ms + slack).exists()
+    owned = (
+        select(literal(1))
+        .where(
+            ci.sandbox_id == us.sandbox_id,
+            ci.worker_id == us.worker_id,
+            ci.started_ms - slack <= us.ts_ms,
+            (ci.ended_ms.is_(None)) | (us.ts_ms <= ci.ended_ms + slack),
+        )
+        .exists()
+    )
+    return case((and_(us.worker_id != "", known, ~owned), 1), else_=0)
+
+
+def _book(
+    price: Priced | Unbilled,
+    org: str,
+    bstart: int,
+    n: int,
+    mbs: int,
+    billable: dict[tuple[str, int, str], list[Any]],
+    unbilled: dict[tuple[str, int, str], list[int]],
+) -> None:
+    """Add ``n`` samples priced as ``price`` to the close run's billable or unbilled aggregates."""
+    if isinstance(price, Priced):
+        slot = billable.setdefault((org, bstart, price.meter), [0, 0, price.mode])
+        slot[0] += price.units
+        slot[1] += n
+        return
+    u = unbilled[(org, bstart, price.reason)]
+    u[0] += int(n)
+    u[1] += int(mbs)
+
+
+class LedgerCloser(SqlStore):
+    """The closer side of the :class:`sinks.ledger.Ledger`."""
+
+    def _policy_histories(self, conn: Connection, orgs: Iterable[str]) -> dict[str, PolicyHistory]:
+        wanted = set(orgs)
+        found: dict[str, list[OrgPolicy]] = defaultdict(list)
+        chunk: list[str] = []
+        ordered = sorted(wanted)
+        for i in range(0, len(ordered), 500):
+            chunk = ordered[i : i + 500]
+            for r in conn.execute(select(org_policies).where(org_policies.c.org_id.in_(chunk))):
+                found[r.org_id].append(policy_from_row(r))
+        return {org: PolicyHistory(pols) for org, pols in found.items()}
+
+    def close(self, watermark_ms: int, cfg: CloseConfig) -> CloseResult:
+        """Close every bucket the watermark allows, and turn late samples into corrections.
+
+        Samples are never rewritten: a bucket's cursor (``closed_buckets.seq``) says up to which insertion
+        ``seq`` its samples are aggregated, and the last close run (``upto_seq``, ``last_bucket``) says that
+        every sample with ``seq <= upto_seq`` in a bucket ``<= last_bucket`` is. One transaction, in order:
+          1. take the closer lock and stop ingest for the moment (SQLite: BEGIN IMMEDIATE, the only writer;
+             PostgreSQL: an advisory lock, then ``LOCK TABLE usage_samples IN SHARE MODE``, which waits for
+             in-flight ingest transactions, so no sample below the ``seq`` read next can still appear);
+          2. read ``S = max(seq)``; the buckets to work on: those ``<= last closable`` holding samples
+             with ``seq`` above the previous run's ``upto_seq``, and those newly closable;
+          3. insert the ``close_runs`` row (``upto_seq = S``, ``last_bucket``) -> ``close_id``;
+          4. per bucket, aggregate exactly its samples with ``cursor < seq <= S`` per (org, memory size), set
+             zombie ticks aside (:func:`zombie_expr`), price the rest with the policy in effect at each
+             tick's time (buckets with a policy change are priced per tick);
+          5. per (org, bucket, meter): the next revision (0, or r{n} when the bucket already has rows),
+             the value through the rounding carry in ``meter_totals``, the state (pending / shadow /
+             skipped_before_bill_from / expired), insert the row; non-billable usage (unknown org, free
+             plan, legacy size outside the tiers, zombie) into ``unbilled_usage`` with its reason;
+          6. move each bucket's cursor to ``S``; counters; commit.
+        A crash anywhere before the commit changes nothing: the next run does the same work again. After
+        the commit every sample up to ``S`` of those buckets is in exactly one row set — aggregated once,
+        never skipped — and rows are never rewritten, so an identifier can never reach Stripe with two values.
+        """
+        result = CloseResult()
+        last = last_closable_bucket(watermark_ms, cfg.bucket_seconds, cfg.grace_seconds)
+        result.last_bucket = last
+        if last is None:
+            return result
+        with self.engine.connect() as probe:
+            if not self._close_work(probe, last):
+                return result
+        now = self._clock()
+        with self._w.begin() as conn:
+            if self._dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_CLOSER})
+                conn.execute(text("LOCK TABLE usage_samples IN SHARE MODE"))
+            self._close_in_tx(conn, now, watermark_ms, last, cfg, result)
+        if result.rows or result.samples:
+            log.info(
+                "close run %s: buckets<=%s aggregated %d samples -> %d rows (%d corrections); unbilled %s",
+                result.close_id,
+                last,
+                result.samples,
+                result.rows,
+                result.corrections,
+                result.unbilled or "{}",
+            )
+        return result
+
+    def _close_buckets(self, conn: Connection, last: int, upto: int | None = None) -> list[int]:
+        """Buckets ``<= last`` with samples not yet aggregated (below ``upto`` when given)."""
+        us = usage_samples.c
+        done_seq, done_bucket = close_position(conn)
+        fresh = select(us.bucket_start).where(us.seq > done_seq, us.bucket_start <= last)
+        if upto is not None:
+            fresh = fresh.where(us.seq <= upto)
+        found = {int(b) for b in conn.execute(fresh.distinct()).scalars()}
+        newly = select(us.bucket_start).where(us.bucket_start <= last, us.seq <= done_seq)
+        if done_bucket is not None:
+            newly = newly.where(us.bucket_start > done_bucket)
+        found.update(int(b) for b in conn.execute(newly.distinct()).scalars())
+        return sorted(found)
+
+    def _close_work(self, conn: Connection, last: int) -> bool:
+        return bool(self._close_buckets(conn, last))
+
+    def _close_in_tx(
+        self, conn: Connection, now: int, watermark_ms: int, last: int, cfg: CloseConfig, result: CloseResult
+    ) -> None:
+        us = usage_samples.c
+        top = conn.execute(select(func.max(us.seq))).scalar_one_or_none() or 0
+        buckets = self._close_buckets(conn, last, upto=top)
+        done_seq, done_bucket = close_position(conn)
+        cid = conn.execute(
+            insert(close_runs)
+            .values(
+                started_ms=now,
+                watermark_ms=watermark_ms,
+                samples=0,
+                rows=0,
+                upto_seq=max(top, done_seq),
+                last_bucket=last if done_bucket is None else max(last, done_bucket),
+            )
+            .returning(close_runs.c.id)
+        ).scalar_one()
+        result.close_id = cid
+        if not buckets:
+            return
+        cb = closed_buckets.c
+        cursors = {
+            int(r.bucket_start): int(r.seq)
+            for r in conn.execute(select(cb.bucket_start, cb.seq).where(cb.bucket_start.in_(buckets)))
+        }
+
+        def pending(b: int) -> Any:
+            return and_(us.bucket_start == b, us.seq > cursors.get(b, 0), us.seq <= top)
+
+        zombie = zombie_expr().label("zombie")
+        groups: list[Any] = []
+        for b in buckets:
+            groups.extend(
+                conn.execute(
+                    select(
+                        us.org_id,
+                        us.bucket_start,
+                        us.memory_mb,
+                        zombie,
+                        func.count().label("n"),
+                        func.sum(us.interval_s).label("secs"),
+                        func.sum(us.memory_mb * us.interval_s).label("mbs"),
+                    )
+                    .where(pending(b))
+                    .group_by(us.org_id, us.bucket_start, us.memory_mb, zombie)
+                ).all()
+            )
+        claimed: int = sum((int(g.n) for g in groups), 0)
+        result.samples = claimed
+        histories = self._policy_histories(conn, {g.org_id for g in groups})
+        size = cfg.bucket_seconds
+        # (org, bucket, meter) -> [units, samples, mode];  (org, bucket, reason) -> [samples, mb_s]
+        billable: dict[tuple[str, int, str], list[Any]] = {}
+        unbilled: dict[tuple[str, int, str], list[int]] = defaultdict(lambda: [0, 0])
+        split: set[tuple[str, int]] = set()
+        for g in groups:
+            if g.zombie:
+                u = unbilled[(g.org_id, g.bucket_start, ZOMBIE)]
+                u[0] += int(g.n)
+                u[1] += int(g.mbs or 0)
+                continue
+            hist = histories.get(g.org_id)
+            if hist is not None and hist.change_points(g.bucket_start * 1000, (g.bucket_start + size) * 1000):
+                split.add((g.org_id, g.bucket_start))
+                continue
+            pol = hist.as_of(g.bucket_start * 1000) if hist else None
+            price = price_usage(pol, int(g.memory_mb), int(g.secs), int(g.mbs))
+            _book(price, g.org_id, g.bucket_start, g.n, g.mbs, billable, unbilled)
+        for org, bstart in sorted(split):
+            hist = histories[org]
+            for r in conn.execute(
+                select(us.ts_ms, us.memory_mb, us.interval_s).where(
+                    pending(bstart), us.org_id == org, zombie_expr() == 0
+                )
+            ):
+                mbs = mb_seconds(r.memory_mb, r.interval_s)
+                price = price_usage(hist.as_of(r.ts_ms), int(r.memory_mb), int(r.interval_s), mbs)
+                _book(price, org, bstart, 1, mbs, billable, unbilled)
+        self._write_rows(
+            conn,
+            cid,
+            now,
+            [(org, b, m, u, n, mode) for (org, b, m), (u, n, mode) in sorted(billable.items())],
+            cfg,
+            result,
+        )
+        if unbilled:
+            stmt = self._insert(unbilled_usage)
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["org_id", "bucket_start", "reason"],
+                    set_={
+                        "samples": unbilled_usage.c.samples + stmt.excluded.samples,
+                        "mb_seconds": unbilled_usage.c.mb_seconds + stmt.excluded.mb_seconds,
+                    },
+                ),
+                [
+                    {"org_id": o, "bucket_start": b, "reason": reason, "samples": v[0], "mb_seconds": v[1]}
+                    for (o, b, reason), v in unbilled.items()
+                ],
+            )
+            for (_, _, reason), v in unbilled.items():
+                result.unbilled[reason] = result.unbilled.get(reason, 0) + v[0]
+        result.buckets = buckets
+        stmt = self._insert(closed_buckets)
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["bucket_start"], set_={"close_id": stmt.excluded.close_id, "seq": stmt.excluded.seq}
+            ),
+            [{"bucket_start": b, "closed_ms": now, "close_id": cid, "seq": top} for b in buckets],
+        )
+        conn.execute(update(close_runs).where(close_runs.c.id == cid).values(samples=claimed, rows=result.rows))
+        self._bump_counters(
+            conn,
+            {
+                "close.runs": 1,
+                "close.samples": claimed,
+                "close.rows": result.rows,
+                "close.corrections": result.corrections,
+                **{f"unbilled.{k}": v for k, v in result.unbilled.items()},
+            },
+        )
+
+    def _write_rows(
+        self,
+        conn: Connection,
+        cid: int,
+        now: int,
+        items: list[tuple[str, int, str, int, int, BillingMode]],
+        cfg: CloseConfig,
+        result: CloseResult,
+    ) -> None:
+        """Write the meter rows of one close run: (org, bucket, meter, units, samples, mode), sorted.
+
+        Set-based: the previous revisions of the buckets involved and the rounding carries of the orgs
+        involved are read in a few queries, the rows are computed in order (per (org, meter) in bucket
+        order, so the carry runs forwards), then inserted and the carries upserted with one executemany
+        each. Part of the close transaction (see :meth:`close`).
+        """
+        if not items:
+            return
+        me = meter_events.c
+        mt = meter_totals.c
+        prev_rev: dict[tuple[str, int, str], int] = {}
+        buckets = sorted({b for _, b, _, _, _, _ in items})
+        for i in range(0, len(buckets), 500):
+            for r in conn.execute(
+                select(me.org_id, me.bucket_start, me.meter, func.max(me.revision).label("rev"))
+                .where(me.bucket_start.in_(buckets[i : i + 500]))
+                .group_by(me.org_id, me.bucket_start, me.meter)
+            ):
+                prev_rev[(r.org_id, r.bucket_start, r.meter)] = r.rev
+        totals: dict[tuple[str, str, str], tuple[int, Decimal]] = {}
+        orgs = sorted({o for o, _, _, _, _, _ in items})
+        for i in range(0, len(orgs), 500):
+            for r in conn.execute(select(meter_totals).where(mt.org_id.in_(orgs[i : i + 500]))):
+                totals[(r.org_id, r.meter, r.stream)] = (r.units, Decimal(r.assigned))
+        changed: set[tuple[str, str, str]] = set()
+        rows: list[dict[str, Any]] = []
+        for org, bstart, meter, units, samples, mode in items:
+            bend = bucket_end(bstart, cfg.bucket_seconds)
+            divisor = meter_unit_divisor(meter)
+            state, stream = row_placement(bstart, bend, now, bill_from=cfg.bill_from, shadow=cfg.shadow)
+            if stream is None:
+                value = round_value(units, divisor)
+            else:
+                key = (org, meter, stream)
+                before_units, before_assigned = totals.get(key, (0, Decimal(0)))
+                value, assigned = carry_rounded_delta(before_units, before_assigned, units, divisor)
+                totals[key] = (before_units + units, assigned)
+                changed.add(key)
+            if value <= 0:
+                continue  # nothing to send (the rounding carry keeps the units for the next row)
+            prev = prev_rev.get((org, bstart, meter))
+            revision = 0 if prev is None else prev + 1
+            prev_rev[(org, bstart, meter)] = revision
+            rows.append(
+                {
+                    "id": meter_row_id(org, bstart, meter, revision),
+                    "org_id": org,
+                    "bucket_start": bstart,
+                    "bucket_end": bend,
+                    "meter": meter,
+                    "revision": revision,
+                    "billing_mode": mode.value,
+                    "value": format_value(value),
+                    "units": units,
+                    "samples": samples,
+                    "state": state.value,
+                    "stripe_customer_id": None,
+                    "close_id": cid,
+                    "created_ms": now,
+                    "updated_ms": now,
+                    "sent_ms": None,
+                    "attempts": 0,
+                    "last_error": None,
+                }
+            )
+            result.rows += 1
+            if revision:
+                result.corrections += 1
+        if rows:
+            conn.execute(insert(meter_events), rows)
+        if changed:
+            stmt = self._insert(meter_totals)
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["org_id", "meter", "stream"],
+                    set_={"units": stmt.excluded.units, "assigned": stmt.excluded.assigned},
+                ),
+                [
+                    {
+                        "org_id": o,
+                        "meter": m,
+                        "stream": st,
+                        "units": totals[(o, m, st)][0],
+                        "assigned": str(totals[(o, m, st)][1]),
+                    }
+                    for (o, m, st) in sorted(changed)
+                ],
+            )

@@ -1,0 +1,210 @@
+"""The read models: parity rows, the live window over raw samples, the refresher's state, the alerts, the
+cutover gate, and the snapshot ``/metrics`` exports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from sqlalchemy import func, select
+
+from models.parity import (
+    Measure,
+    ParityStatus,
+    classify,
+    clean_streak,
+    edge_gb_seconds,
+    gb_seconds_of_mb_ms,
+    ratio_decimal,
+)
+from models.watermark import PartitionState, last_closable_bucket
+from sinks.parity.base import ParityConfig
+from sinks.parity.measure import Measuring
+from sinks.schema import closed_buckets, counters, meter_events, parity_alerts, parity_state, usage_parity
+
+__all__ = ["GateStatus", "MetricsSnapshot", "ParityReads", "ParityRow", "WindowOrg"]
+
+
+@dataclass(frozen=True, slots=True)
+class ParityRow:
+    """One row of the parity table."""
+
+    org_id: str
+    bucket_start: int
+    edge_mb_s: int
+    samples: int
+    cell_mb_ms: int
+    slack_mb_ms: int
+    drift: Decimal
+    status: ParityStatus
+    updated_ms: int
+
+    @property
+    def edge_gb_s(self) -> Decimal:
+        return edge_gb_seconds(self.edge_mb_s)
+
+    @property
+    def cell_gb_s(self) -> Decimal:
+        return gb_seconds_of_mb_ms(self.cell_mb_ms)
+
+    @property
+    def flagged(self) -> bool:
+        return self.status is not ParityStatus.OK
+
+
+@dataclass(frozen=True, slots=True)
+class WindowOrg:
+    """One org over an arbitrary window (the ``/internal/usage-parity`` answer)."""
+
+    org_id: str
+    measure: Measure
+    drift: Decimal
+    status: ParityStatus
+
+
+@dataclass(frozen=True, slots=True)
+class GateStatus:
+    """The cutover gate: consecutive clean settled buckets up to the newest settled one."""
+
+    clean_buckets: int
+    last_settled: int | None
+    last_flagged: int | None
+    first_bucket: int | None
+    bucket_seconds: int
+
+    @property
+    def clean_hours(self) -> Decimal:
+        return Decimal(self.clean_buckets * self.bucket_seconds) / 3600
+
+
+@dataclass(slots=True)
+class MetricsSnapshot:
+    counters: dict[str, int]
+    rows_by_state: dict[str, int]
+    buckets_closed: int
+    progress: list[PartitionState]
+    parity_bucket: int | None  # newest settled bucket with parity rows
+    parity_rows: list[ParityRow]
+    gate: GateStatus | None
+    refreshed_ms: int | None
+
+
+class ParityReads(Measuring):
+    """Everything read from the parity tables (and the window computed live)."""
+
+    def window(self, from_s: int, to_s: int, cfg: ParityConfig) -> list[WindowOrg]:
+        """Parity over an arbitrary window ``[from_s, to_s)``, live from the raw samples and intervals
+        (the endpoint's semantics: raw samples, whatever their billing state)."""
+        now = self._clock()
+        with self.engine.connect() as conn:
+            hists, _ = self._histories(conn)
+            measures = self._measure(conn, [(from_s, to_s)], hists, now, cfg.slack_seconds, by_bucket=False)
+        out = []
+        for (org, _), m in sorted(measures.items()):
+            d, status = classify(m.edge_mb_ms, m.cell_mb_ms, m.slack_mb_ms, cfg.tolerance)
+            out.append(WindowOrg(org, m, ratio_decimal(d), status))
+        return out
+
+    def rows(self, from_s: int, to_s: int, *, org: str | None = None, flagged_only: bool = False) -> list[ParityRow]:
+        """Parity rows of buckets starting in ``[from_s, to_s)``, by bucket then org."""
+        up = usage_parity.c
+        q = (
+            select(usage_parity)
+            .where(up.bucket_start >= from_s, up.bucket_start < to_s)
+            .order_by(up.bucket_start, up.org_id)
+        )
+        if org:
+            q = q.where(up.org_id == org)
+        if flagged_only:
+            q = q.where(up.status != ParityStatus.OK.value)
+        with self.engine.connect() as conn:
+            return [self._row(r) for r in conn.execute(q)]
+
+    @staticmethod
+    def _row(r: Any) -> ParityRow:
+        return ParityRow(
+            org_id=r.org_id,
+            bucket_start=int(r.bucket_start),
+            edge_mb_s=int(r.edge_mb_s),
+            samples=int(r.samples),
+            cell_mb_ms=int(r.cell_mb_ms),
+            slack_mb_ms=int(r.slack_mb_ms),
+            drift=Decimal(r.drift),
+            status=ParityStatus(r.status),
+            updated_ms=int(r.updated_ms),
+        )
+
+    def state(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            return {r.name: int(r.value) for r in conn.execute(select(parity_state))}
+
+    def alerts(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [
+                {**dict(r._mapping), "body": orjson.loads(r.body)}
+                for r in conn.execute(select(parity_alerts).order_by(parity_alerts.c.first_bucket))
+            ]
+
+    def gate(self, grace_seconds: int, *, watermark_ms: int | None = None) -> GateStatus:
+        """Consecutive clean settled buckets (see :func:`models.parity.clean_streak`). Settled = end + grace
+        at or before the refresher's stored watermark (or ``watermark_ms``)."""
+        size = self.bucket_seconds
+        up = usage_parity.c
+        with self.engine.connect() as conn:
+            wm = watermark_ms
+            if wm is None:
+                wm = conn.execute(
+                    select(parity_state.c.value).where(parity_state.c.name == "watermark_ms")
+                ).scalar_one_or_none()
+            last = last_closable_bucket(int(wm), size, grace_seconds) if wm is not None else None
+            first = conn.execute(select(func.min(up.bucket_start))).scalar_one_or_none()
+            flagged = None
+            if last is not None:
+                flagged = conn.execute(
+                    select(func.max(up.bucket_start)).where(up.status != ParityStatus.OK.value, up.bucket_start <= last)
+                ).scalar_one_or_none()
+        streak = clean_streak(
+            [] if flagged is None else [int(flagged)], None if first is None else int(first), last, size
+        )
+        return GateStatus(
+            clean_buckets=streak,
+            last_settled=last,
+            last_flagged=None if flagged is None else int(flagged),
+            first_bucket=None if first is None else int(first),
+            bucket_seconds=size,
+        )
+
+    def metrics(self, grace_seconds: int) -> MetricsSnapshot:
+        """Everything ``/metrics`` exports that lives in the database, read in one go."""
+        me = meter_events.c
+        up = usage_parity.c
+        with self.engine.connect() as conn:
+            ctr = {r.name: int(r.value) for r in conn.execute(select(counters))}
+            states = {
+                r.state: int(r.n) for r in conn.execute(select(me.state, func.count().label("n")).group_by(me.state))
+            }
+            closed = int(conn.execute(select(func.count()).select_from(closed_buckets)).scalar_one())
+            progress = self._progress(conn)
+            st = {r.name: int(r.value) for r in conn.execute(select(parity_state))}
+        gate = self.gate(grace_seconds, watermark_ms=st.get("watermark_ms"))
+        rows: list[ParityRow] = []
+        bucket = None
+        if gate.last_settled is not None:
+            with self.engine.connect() as conn:
+                bucket = conn.execute(
+                    select(func.max(up.bucket_start)).where(up.bucket_start <= gate.last_settled)
+                ).scalar_one_or_none()
+            if bucket is not None:
+                rows = self.rows(int(bucket), int(bucket) + 1)
+        return MetricsSnapshot(
+            counters=ctr,
+            rows_by_state=states,
+            buckets_closed=closed,
+            progress=progress,
+            parity_bucket=None if bucket is None else int(bucket),
+            parity_rows=rows,
+            gate=gate,
+            refreshed_ms=st.get("refreshed_ms"),
+        )
