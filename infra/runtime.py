@@ -24,18 +24,22 @@ from sinks.outbox import OutboxSender
 from sinks.parity import ParityConfig
 from sinks.schema import make_engine, migrate
 from sinks.stripe import StripeMeterSink, make_client, make_http_session
+from sinks.stripe_provisioning import StripeProvisioner
 from sinks.stripe_v2 import ErrorReportReconciler, StripeStreamSink
-from streams.config import KafkaConfig, Topics, WebConfig, WorkerConfig
+from streams.config import KafkaConfig, Topics, WebConfig, WebhookConfig, WorkerConfig
 from streams.pipeline import Deps
 
 __all__ = [
     "STOP_DEADLINE_S",
     "build_deps",
+    "build_provisioner",
     "build_sender",
     "parity_config",
     "run_worker",
     "topics",
     "web_config",
+    "webhook_config",
+    "webhook_url",
     "worker_config",
 ]
 
@@ -97,6 +101,27 @@ def web_config(settings: Settings) -> WebConfig:
     )
 
 
+def webhook_config(settings: Settings) -> WebhookConfig:
+    st = settings.stripe
+    return WebhookConfig(
+        secret=st.webhook_secret.get_secret_value(),
+        tolerance_s=st.webhook_tolerance,
+        max_body_bytes=st.webhook_max_body,
+        append_timeout_s=st.webhook_append_timeout,
+        retry_interval_s=st.webhook_retry_interval,
+    )
+
+
+def webhook_url(settings: Settings) -> str:
+    """Where Stripe delivers events: ``EDGEBILL_STRIPE_WEBHOOK_URL``, else the worker's own receiver."""
+    return settings.stripe.webhook_url or f"http://{settings.web.host}:{settings.web.port}/webhooks/stripe"
+
+
+def build_provisioner(st: StripeSettings) -> StripeProvisioner:
+    """The webhook agent's Stripe client (its own, small: provisioning is a few calls per new org)."""
+    return StripeProvisioner(make_client(st.api_key.get_secret_value(), st.base, timeout=st.timeout))
+
+
 def worker_config(settings: Settings) -> WorkerConfig:
     """Everything the worker's agents, timers and pages take, from the settings."""
     k = settings.kafka
@@ -122,6 +147,7 @@ def worker_config(settings: Settings) -> WorkerConfig:
         ),
         parity=parity_config(settings),
         web=web_config(settings),
+        webhooks=webhook_config(settings),
         authority=b.pro_billing_authority,
         close_interval_s=b.close_interval,
         send_interval_s=settings.stripe.send_interval,
@@ -137,7 +163,12 @@ def build_deps(settings: Settings) -> Deps:
     ledger = Ledger(engine)
     ledger.check_bucket_seconds(settings.billing.bucket_seconds)
     sender = build_sender(settings.stripe, ledger)
-    return Deps(config=worker_config(settings), ledger=ledger, sender=sender)
+    return Deps(
+        config=worker_config(settings),
+        ledger=ledger,
+        sender=sender,
+        provisioner=build_provisioner(settings.stripe),
+    )
 
 
 def build_sender(
@@ -194,7 +225,16 @@ def _wanted_topics(settings: Settings) -> dict[str, int]:
     """Every topic the worker reads or writes, with the partition count to create it with."""
     t = topics(settings)
     n = settings.kafka.partitions
-    return {t.ticks: n, t.dlq: n, t.policy: n, t.policy_dlq: 1, t.scale: n, t.scale_dlq: 1, t.alerts: 1}
+    return {
+        t.ticks: n,
+        t.dlq: n,
+        t.policy: n,
+        t.policy_dlq: 1,
+        t.scale: n,
+        t.scale_dlq: 1,
+        t.alerts: 1,
+        t.webhooks: n,
+    }
 
 
 def _arm_stop_deadline(seconds: float) -> None:

@@ -44,11 +44,13 @@ __all__ = [
     "is_loopback",
     "load_settings",
     "security_problems",
+    "stripe_problems",
 ]
 
 DEFAULT_EMBEDDED_KAFKA_PORT = 29092
 DEFAULT_LOCAL_STRIPE_PORT = 12111
 DEFAULT_VAR_DIR = Path("var")
+DEFAULT_WEBHOOK_SECRET = "whsec_edgebill_local"  # noqa: S105 - a public local default, refused with live Stripe
 DEFAULT_INTERNAL_SECRET = "edgebill-local-internal-secret"  # noqa: S105 - a loopback-only default, refused elsewhere
 MIN_INTERNAL_SECRET_LENGTH = 32
 _T = TypeVar("_T")
@@ -208,7 +210,24 @@ class StripeSettings(BaseSettings):
 
     api_base: str | None = None
     api_key: SecretStr = SecretStr("sk_test_edgebill_local")
-    webhook_secret: SecretStr = SecretStr("whsec_edgebill_local")
+    webhook_secret: SecretStr = Field(
+        default=SecretStr(DEFAULT_WEBHOOK_SECRET),
+        description="signing secret of the webhook endpoint (whsec_…; `edgebill stripe setup` prints it once)",
+    )
+    webhook_tolerance: int = Field(default=300, ge=1, le=3600, description="seconds a webhook signature stays valid")
+    webhook_max_body: int = Field(
+        default=256 * 1024, ge=1024, le=16 * 1024 * 1024, description="larger webhook bodies are refused (413)"
+    )
+    webhook_append_timeout: float = Field(
+        default=10.0, gt=0, le=60, description="seconds to wait for the topic to store an event before a 503"
+    )
+    webhook_retry_interval: float = Field(
+        default=5.0, gt=0, description="seconds between retries of webhook events not yet applied (leader)"
+    )
+    webhook_url: str | None = Field(
+        default=None,
+        description="public URL of POST /webhooks/stripe for `edgebill stripe setup`; unset: the worker's own",
+    )
     local_port: int = Field(default=DEFAULT_LOCAL_STRIPE_PORT, ge=1, le=65535)
     mode: Literal["v1", "v2"] = Field(
         default="v1",
@@ -256,7 +275,7 @@ class StripeSettings(BaseSettings):
             or (self.base.startswith("https://") and not is_loopback(host))
         )
 
-    @field_validator("api_base", "meter_events_base")
+    @field_validator("api_base", "meter_events_base", "webhook_url")
     @classmethod
     def _http(cls, v: str | None) -> str | None:
         problem = None if v is None else _url_problem(v)
@@ -401,6 +420,20 @@ def interlock_problems(billing: BillingSettings) -> list[str]:
     return problems
 
 
+def stripe_problems(st: StripeSettings, billing: BillingSettings | None) -> list[str]:
+    """Settings that would let anyone provision: authority ``edge`` against live Stripe (a live key or a live
+    base) with the well-known local webhook secret, with which anyone could sign a checkout event."""
+    if billing is None or billing.pro_billing_authority is not Authority.EDGE:
+        return []
+    live = st.live or st.api_key.get_secret_value().startswith(("sk_live_", "rk_live_"))
+    if live and st.webhook_secret.get_secret_value() == DEFAULT_WEBHOOK_SECRET:
+        return [
+            "EDGEBILL_STRIPE_WEBHOOK_SECRET is the local default while this edge provisions on live Stripe: set it "
+            "to the endpoint's signing secret (`edgebill stripe setup` prints it when it creates the endpoint)"
+        ]
+    return []
+
+
 def security_problems(stripe: StripeSettings | None, web: WebSettings | None) -> list[str]:
     """Settings that would expose the worker, or send usage with the wrong credentials (None: area invalid)."""
     problems: list[str] = []
@@ -468,6 +501,8 @@ def load_settings(**overrides: Mapping[str, Any]) -> Settings:
             stripe if isinstance(stripe, StripeSettings) else None, web if isinstance(web, WebSettings) else None
         )
     )
+    if isinstance(stripe, StripeSettings):
+        problems.extend(stripe_problems(stripe, billing if isinstance(billing, BillingSettings) else None))
     if problems:
         raise ConfigError(problems)
     return Settings(

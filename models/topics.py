@@ -15,6 +15,7 @@ __all__ = [
     "TOPIC_SCALE_DLQ",
     "TOPIC_SCALE_EVENTS",
     "TOPIC_TICKS",
+    "TOPIC_WEBHOOKS",
 ]
 
 TOPIC_TICKS: Final = "usage-ticks"
@@ -23,4 +24,5 @@ TOPIC_POLICY: Final = "org-policy"
 TOPIC_POLICY_DLQ: Final = "org-policy-dlq"
 TOPIC_SCALE_EVENTS: Final = "sandbox-scale-events"
 TOPIC_SCALE_DLQ: Final = "sandbox-scale-events-dlq"
+TOPIC_WEBHOOKS: Final = "stripe-webhook-events"  # verified raw Stripe events, keyed by the event's object id
 TOPIC_ALERTS: Final = "billing-alerts"  # the default; EDGEBILL_PARITY_ALERTS_TOPIC renames it

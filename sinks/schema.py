@@ -45,14 +45,20 @@ __all__ = [
     "meter_totals",
     "migrate",
     "org_policies",
+    "org_provisioning",
     "parity_alerts",
     "parity_dirty",
     "parity_edge",
     "parity_state",
     "partition_progress",
+    "provisioning_log",
+    "stripe_subscriptions",
     "unbilled_usage",
     "usage_parity",
     "usage_samples",
+    "webhook_events",
+    "webhook_policy_outbox",
+    "webhook_receipts",
 ]
 
 log = logging.getLogger(__name__)
@@ -274,6 +280,104 @@ parity_state = Table(
     metadata,
     Column("name", String(64), primary_key=True),
     Column("value", BigInteger, nullable=False),
+)
+
+# --------------------------------------------------------------------------- Stripe webhooks and provisioning
+# Written by sinks.webhook_store: the received events (the inbox the webhook agent applies, each once), one
+# row per record read from ``stripe-webhook-events``, subscription state for the ordering guard, each org's
+# provisioning and published plan, the plan records still to publish on ``org-policy``, and a log of every
+# provisioning done (authority edge) or only described (authority cell).
+
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("event_id", String(255), primary_key=True),  # Stripe's evt_… id: the exactly-once key
+    Column("type", String(100), nullable=False),
+    Column("object_id", String(255), nullable=False),
+    Column("org_id", String(255), nullable=True),
+    Column("created_s", BigInteger, nullable=False),  # Stripe's event time
+    Column("outcome", String(32), nullable=False),  # models.webhooks.Outcome (never 'duplicate')
+    Column("detail", Text, nullable=True),
+    Column("body", Text, nullable=False),  # the verified raw event JSON
+    Column("deliveries", Integer, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),  # apply attempts that failed transiently
+    Column("next_ms", BigInteger, nullable=False),  # a 'received' event is (re)applied from then on
+    Column("first_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+    Index("ix_webhook_events_pending", "outcome", "next_ms"),
+)
+
+webhook_receipts = Table(
+    "webhook_receipts",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("topic", String(255), nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("offset", BigInteger, nullable=False),
+    Column("event_id", String(255), nullable=False),
+    Column("duplicate", Integer, nullable=False),  # 1: the event was already final when this record came
+    Column("received_ms", BigInteger, nullable=False),
+    UniqueConstraint("topic", "partition", "offset", name="uq_webhook_receipts_source"),
+    Index("ix_webhook_receipts_event", "event_id"),
+)
+
+stripe_subscriptions = Table(
+    "stripe_subscriptions",
+    metadata,
+    Column("subscription_id", String(255), primary_key=True),
+    Column("org_id", String(255), nullable=False),
+    Column("customer_id", String(255), nullable=True),
+    Column("status", String(64), nullable=False),
+    Column("event_created_s", BigInteger, nullable=False),  # created of the event that set the status
+    Column("event_id", String(255), nullable=False),
+    Column("provisioned", Integer, nullable=False),  # 1: created by edgebill's provisioning
+    Column("updated_ms", BigInteger, nullable=False),
+    Index("ix_stripe_subscriptions_org", "org_id"),
+    Index("ix_stripe_subscriptions_customer", "customer_id"),
+)
+
+org_provisioning = Table(
+    "org_provisioning",
+    metadata,
+    Column("org_id", String(255), primary_key=True),
+    Column("customer_id", String(255), nullable=True),
+    Column("subscription_id", String(255), nullable=True),  # the last one provisioned
+    Column("generation", Integer, nullable=False),  # subscriptions provisioned so far (idempotency key suffix)
+    Column("credit_txn_id", String(255), nullable=True),  # the sign-up credit, once applied
+    Column("plan", String(16), nullable=True),  # models.webhooks.PlanState
+    Column("plan_since_s", BigInteger, nullable=True),
+    Column("plan_last_s", BigInteger, nullable=True),
+    Column("plan_floor_s", BigInteger, nullable=True),
+    Column("updated_ms", BigInteger, nullable=False),
+    Index("ix_org_provisioning_customer", "customer_id"),
+)
+
+webhook_policy_outbox = Table(
+    "webhook_policy_outbox",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("org_id", String(255), nullable=False),
+    Column("effective_ms", BigInteger, nullable=False),
+    Column("body", Text, nullable=False),  # the org-policy record (JSON)
+    Column("event_id", String(255), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("published_ms", BigInteger, nullable=True),  # NULL = not yet on org-policy
+    Index("ix_webhook_policy_outbox_pending", "published_ms", "id"),
+)
+
+provisioning_log = Table(
+    "provisioning_log",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("event_id", String(255), nullable=False),
+    Column("org_id", String(255), nullable=False),
+    Column("customer_id", String(255), nullable=False),
+    Column("mode", String(16), nullable=False),  # 'edge': done; 'shadow': what would have been done
+    Column("subscription_id", String(255), nullable=True),
+    Column("credit_txn_id", String(255), nullable=True),
+    Column("detail", Text, nullable=False),  # JSON: idempotency keys, prices, credit, plan
+    Column("created_ms", BigInteger, nullable=False),
+    Index("ix_provisioning_log_org", "org_id"),
 )
 
 

@@ -6,7 +6,7 @@ Nothing in ``streams/`` reads settings or the environment: :func:`infra.runtime.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from models.billing import Authority
@@ -17,11 +17,12 @@ from models.topics import (
     TOPIC_SCALE_DLQ,
     TOPIC_SCALE_EVENTS,
     TOPIC_TICKS,
+    TOPIC_WEBHOOKS,
 )
 from sinks.ledger import CloseConfig
 from sinks.parity import ParityConfig
 
-__all__ = ["KafkaConfig", "Topics", "WebConfig", "WorkerConfig"]
+__all__ = ["KafkaConfig", "Topics", "WebConfig", "WebhookConfig", "WorkerConfig"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,7 @@ class Topics:
     scale: str
     scale_dlq: str
     alerts: str
+    webhooks: str
 
     @classmethod
     def with_prefix(cls, prefix: str, alerts: str) -> Topics:
@@ -46,6 +48,7 @@ class Topics:
             scale=prefix + TOPIC_SCALE_EVENTS,
             scale_dlq=prefix + TOPIC_SCALE_DLQ,
             alerts=prefix + alerts,
+            webhooks=prefix + TOPIC_WEBHOOKS,
         )
 
 
@@ -82,6 +85,23 @@ class WebConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """The Stripe webhook receiver and agent.
+
+    ``secret``: the endpoint's signing secret (``whsec_…``); ``tolerance_s``: how old a signature may be;
+    ``max_body_bytes``: larger bodies are refused unread; ``append_timeout_s``: how long the receiver waits for
+    the topic to acknowledge an event before answering 503; ``retry_interval_s``: how often events not yet
+    applied (a transient failure, a crash) are tried again.
+    """
+
+    secret: str = field(repr=False)
+    tolerance_s: int = 300
+    max_body_bytes: int = 256 * 1024
+    append_timeout_s: float = 10.0
+    retry_interval_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerConfig:
     """Everything the worker's agents, timers and pages need, explicitly."""
 
@@ -90,6 +110,7 @@ class WorkerConfig:
     close: CloseConfig
     parity: ParityConfig
     web: WebConfig
+    webhooks: WebhookConfig
     authority: Authority
     close_interval_s: float
     send_interval_s: float

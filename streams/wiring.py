@@ -9,6 +9,8 @@
 * ``progress`` timer (every worker): reports the log end of the partitions it owns.
 * ``closer`` timer (leader): computes the watermark and closes buckets.
 * ``sender`` timer (leader, only when not in shadow): drains the outbox to Stripe.
+* Stripe webhooks: the ``POST /webhooks/stripe`` receiver, the ``webhooks`` agent and its retry timer
+  (:mod:`streams.webhooks`).
 * web views (:mod:`streams.web`), liveness apart from readiness (:mod:`streams.health`).
 """
 
@@ -25,6 +27,7 @@ from streams.ingest import make_ingest_service
 from streams.pipeline import Deps, Pipeline
 from streams.records import RAW_BYTES, DeadLetter, RawRecord, first_line, retry_forever
 from streams.web import install_web
+from streams.webhooks import install_webhooks
 
 __all__ = ["install"]
 
@@ -114,5 +117,6 @@ def install(app: Any, deps: Deps) -> Pipeline:
     app.timer(cfg.send_interval_s, on_leader=True, name="edgebill.sender")(pipe.send_tick)
 
     install_parity(app, deps)
+    install_webhooks(app, deps)
     install_web(app, deps, pipe)
     return pipe

@@ -47,6 +47,13 @@ def broker(port: int | None, log_dir: Path | None) -> None:
 @click.option("--fault-slow", type=float, default=0.0, show_default=True, help="Share of POSTs delayed.")
 @click.option("--fault-seed", type=int, default=1, show_default=True, help="Seed of the fault RNG (repeatable runs).")
 @click.option("--live-limits", is_flag=True, help="Enforce live-mode rate limits (1,000/s, one per customer+meter).")
+@click.option(
+    "--webhook-speed",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10_000.0,
+    show_default=True,
+    help="Retry failed webhook deliveries on Stripe's three-day schedule compressed this many times.",
+)
 def stripe_fake(
     host: str,
     port: int | None,
@@ -56,6 +63,7 @@ def stripe_fake(
     fault_slow: float,
     fault_seed: int,
     live_limits: bool,
+    webhook_speed: float,
 ) -> None:
     """Run the local Stripe-compatible server (customers, meters, meter events, summaries, ...)."""
     from infra.devkit.stripe_fake import FaultConfig, run_foreground
@@ -72,7 +80,7 @@ def stripe_fake(
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
-    sys.exit(run_foreground(host, p, faults=faults))
+    sys.exit(run_foreground(host, p, faults=faults, webhook_speed=webhook_speed))
 
 
 @cli.command()

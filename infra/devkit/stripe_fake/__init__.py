@@ -18,14 +18,19 @@ meter_event_adjustments, core/events.
 Inspection (not Stripe): ``GET /_fake/meter_events``, ``/_fake/duplicates``, ``/_fake/requests``,
 ``/_fake/error_reports``, ``/_fake/webhook_deliveries``; ``GET|POST /_fake/faults`` and
 ``/_fake/clock`` (``{"advance": seconds}``); ``POST /_fake/reset``,
-``POST /_fake/checkout_sessions/{id}/complete``.
+``POST /_fake/checkout_sessions/{id}/complete`` (fires ``checkout.session.completed``, signed, to every
+matching endpoint), ``POST /_fake/events/{id}/resend``.
+
+Webhook delivery retries a non-2xx answer on Stripe's live schedule (exponential, up to three days)
+compressed by a speed factor (``webhook_speed``, default 10,000: about 24 s in all). ``expand[]`` is
+honoured on the answers (``customer`` on a subscription, ``line_items`` on a checkout session, ...).
 """
 
 from __future__ import annotations
 
-from infra.devkit.stripe_fake._billing import MeterEventRecord
 from infra.devkit.stripe_fake._errors import StripeError
 from infra.devkit.stripe_fake._faults import FaultConfig
+from infra.devkit.stripe_fake._meters import MeterEventRecord
 from infra.devkit.stripe_fake._routes import build_app
 from infra.devkit.stripe_fake._server import StripeServerThread, run_foreground
 from infra.devkit.stripe_fake._state import FakeStripe

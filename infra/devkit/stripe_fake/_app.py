@@ -115,8 +115,16 @@ class _Prepared:
 async def _authenticate(request: web.Request, state: FakeStripe) -> tuple[str, bool]:
     token = _bearer(request)
     if request.path == STREAM_PATH:
+        # Every v2 error carries a ``code``; Stripe documents only the expired-session one, the others are ours.
         if token is None:
-            raise StripeError(401, NO_KEY_MESSAGE)
+            raise StripeError(401, NO_KEY_MESSAGE, code="missing_authentication")
+        if token.startswith(KEY_PREFIXES):
+            raise StripeError(
+                401,
+                "The meter event stream takes a meter event session token, not an API key: create one with "
+                "POST /v2/billing/meter_event_session.",
+                code="secret_key_not_allowed",
+            )
         status = state.session_status(token)
         if status == "expired":
             raise StripeError(
@@ -126,7 +134,9 @@ async def _authenticate(request: web.Request, state: FakeStripe) -> tuple[str, b
                 code="billing_meter_event_session_expired",
             )
         if status == "unknown":
-            raise StripeError(401, f"Invalid authentication token provided: {_mask(token)}")
+            raise StripeError(
+                401, f"Invalid authentication token provided: {_mask(token)}", code="invalid_authentication_token"
+            )
         return token, "_live_" in token
     if token is None:
         raise StripeError(401, NO_KEY_MESSAGE)

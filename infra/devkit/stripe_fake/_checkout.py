@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from infra.devkit.stripe_fake._base import locked
-from infra.devkit.stripe_fake._commerce import CommerceMixin
 from infra.devkit.stripe_fake._errors import StripeError, no_such
 from infra.devkit.stripe_fake._params import Params
+from infra.devkit.stripe_fake._subscriptions import SubscriptionsMixin
 
 __all__ = ["CheckoutMixin"]
 
 Obj = dict[str, Any]
 
 
-class CheckoutMixin(CommerceMixin):
+class CheckoutMixin(SubscriptionsMixin):
     def _init_state(self) -> None:
         super()._init_state()
         self.checkout_sessions: dict[str, Obj] = {}
@@ -59,7 +59,7 @@ class CheckoutMixin(CommerceMixin):
         currency: str | None = p.string("currency")
         if mode == "subscription":
             for price, quantity, _ in self._resolve_items(p.array("line_items"), "line_items"):
-                lines.append({"price": price["id"], "quantity": quantity})
+                lines.append({"id": self.ids("li_", 24), "price": price["id"], "quantity": quantity})
                 subtotal += (price["unit_amount"] or 0) * (quantity or 0)
                 currency = price["currency"]
         elif mode == "payment":
@@ -71,7 +71,7 @@ class CheckoutMixin(CommerceMixin):
                     raise no_such("price", price_id, param=f"line_items[{i}][price]", status=400)
                 price = one
                 quantity = lp.integer("quantity", required=True) or 0
-                lines.append({"price": price_id, "quantity": quantity})
+                lines.append({"id": self.ids("li_", 24), "price": price_id, "quantity": quantity})
                 subtotal += (price["unit_amount"] or 0) * quantity
                 currency = price["currency"]
             if not lines:
@@ -158,6 +158,41 @@ class CheckoutMixin(CommerceMixin):
     def retrieve_checkout_session(self, ident: str) -> Obj:
         return self.copy(self.get_or_404(self.checkout_sessions, ident, "checkout.session"))
 
+    def line_items(self, ident: str) -> Obj:
+        """The session's ``line_items`` list (what ``expand[]=line_items`` shows): Stripe ``item`` objects."""
+        session = self.get_or_404(self.checkout_sessions, ident, "checkout.session")
+        plan = self._checkout_plans.get(ident, {"lines": []})
+        data: list[Obj] = []
+        for line in plan["lines"]:
+            price = self.prices.get(line["price"])
+            if price is None:
+                continue
+            quantity = line["quantity"]
+            amount = (price["unit_amount"] or 0) * (quantity or 0)
+            product = self.products.get(price["product"]) or {}
+            data.append(
+                {
+                    "id": line["id"],
+                    "object": "item",
+                    "adjustable_quantity": None,
+                    "amount_discount": 0,
+                    "amount_subtotal": amount,
+                    "amount_tax": 0,
+                    "amount_total": amount,
+                    "currency": price["currency"],
+                    "description": product.get("name"),
+                    "metadata": {},
+                    "price": self.copy(price),
+                    "quantity": quantity,
+                }
+            )
+        return {
+            "object": "list",
+            "data": data,
+            "has_more": False,
+            "url": f"/v1/checkout/sessions/{session['id']}/line_items",
+        }
+
     @locked
     def list_checkout_sessions(self, data: Obj) -> Obj:
         p = Params(
@@ -208,6 +243,8 @@ class CheckoutMixin(CommerceMixin):
             session["subscription"] = sub["id"]
         elif session["mode"] == "payment":
             session["payment_intent"] = self.ids("pi_")
+        else:  # setup: Checkout collected a payment method through a SetupIntent
+            session["setup_intent"] = self.ids("seti_")
         session["customer_details"] = {
             "address": None,
             "business_name": None,

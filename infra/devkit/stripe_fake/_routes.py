@@ -21,10 +21,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _op(fn: Callable[[web.Request], Any], status: int = 200) -> Handler:
-    """Wrap a synchronous state call (given the request) into a JSON handler."""
+    """Wrap a synchronous state call (given the request) into a JSON handler; ``expand[]`` is applied to the
+    answer (Stripe expands after the operation, on what it returns)."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        return json_response(fn(request), status)
+        obj = fn(request)
+        expand = params(request).get("expand")
+        if expand is not None:
+            obj = state_of(request).expand(obj, expand if isinstance(expand, list) else [expand])
+        return json_response(obj, status)
 
     return handler
 
@@ -100,6 +105,10 @@ async def fake_complete_checkout(request: web.Request) -> web.StreamResponse:
         raise StripeError(400, "email and name must be strings")
     session = state_of(request).complete_checkout_session(_id(request), email=email, name=name)
     return json_response(session)
+
+
+async def fake_resend_event(request: web.Request) -> web.StreamResponse:
+    return json_response(state_of(request).resend_event(_id(request)))
 
 
 async def fake_clock(request: web.Request) -> web.StreamResponse:
@@ -204,6 +213,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/_fake/error_reports", fake_error_reports)
     r.add_get("/_fake/webhook_deliveries", fake_webhook_deliveries)
     r.add_post("/_fake/checkout_sessions/{id}/complete", fake_complete_checkout)
+    r.add_post("/_fake/events/{id}/resend", fake_resend_event)
     r.add_post("/_fake/reset", fake_reset)
     r.add_get("/_fake/faults", fake_faults)
     r.add_post("/_fake/faults", fake_faults)

@@ -21,9 +21,15 @@ log = logging.getLogger("infra.devkit.stripe_fake")
 SHUTDOWN_TIMEOUT_S = 2.0
 
 
-def run_foreground(host: str = "127.0.0.1", port: int = 12111, *, faults: FaultConfig | None = None) -> int:
+def run_foreground(
+    host: str = "127.0.0.1",
+    port: int = 12111,
+    *,
+    faults: FaultConfig | None = None,
+    webhook_speed: float | None = None,
+) -> int:
     """Serve a fresh fake Stripe account on ``host:port`` until SIGINT/SIGTERM; returns 0."""
-    state = FakeStripe(faults=faults)
+    state = FakeStripe(faults=faults, webhook_speed=webhook_speed)
 
     async def main() -> None:
         runner = web.AppRunner(build_app(state), shutdown_timeout=SHUTDOWN_TIMEOUT_S)
@@ -62,8 +68,9 @@ class StripeServerThread:
         host: str = "127.0.0.1",
         port: int = 0,
         faults: FaultConfig | None = None,
+        webhook_speed: float | None = None,
     ) -> None:
-        self.state = state if state is not None else FakeStripe(faults=faults)
+        self.state = state if state is not None else FakeStripe(faults=faults, webhook_speed=webhook_speed)
         if state is not None and faults is not None:
             self.state.set_faults(faults)
         self.host = host

@@ -6,15 +6,15 @@ from collections.abc import Callable
 from typing import Any
 
 from infra.devkit.stripe_fake._base import locked
+from infra.devkit.stripe_fake._expand import ExpandMixin
 from infra.devkit.stripe_fake._faults import FaultConfig
-from infra.devkit.stripe_fake._webhooks import WebhooksMixin
 
 __all__ = ["FakeStripe"]
 
 Obj = dict[str, Any]
 
 
-class FakeStripe(WebhooksMixin):
+class FakeStripe(ExpandMixin):
     """State and operations of the fake Stripe account.
 
     Every public operation takes the request's parameters as parsed (nested dicts/lists of strings
@@ -29,8 +29,11 @@ class FakeStripe(WebhooksMixin):
         faults: FaultConfig | None = None,
         seed: int = 0,
         clock: Callable[[], float] | None = None,
+        webhook_speed: float | None = None,
     ) -> None:
         super().__init__(faults=faults, seed=seed, clock=clock)
+        if webhook_speed is not None:
+            self.set_webhook_speed(webhook_speed)
 
     @locked
     def reset(self) -> None:

@@ -20,14 +20,47 @@ from infra.devkit.stripe_fake._errors import StripeError
 from infra.devkit.stripe_fake._params import Params
 from infra.devkit.stripe_fake._util import dumps
 
-__all__ = ["WebhookDeliverer", "WebhooksMixin", "sign_payload"]
+__all__ = [
+    "DEFAULT_WEBHOOK_SPEED",
+    "STRIPE_RETRY_SCHEDULE_S",
+    "WebhookDeliverer",
+    "WebhooksMixin",
+    "retry_delays",
+    "sign_payload",
+]
 
 log = logging.getLogger("infra.devkit.stripe_fake")
 
 Obj = dict[str, Any]
 
-#: Seconds between attempts after a failed delivery; one attempt more than there are delays.
-DEFAULT_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+def _stripe_schedule() -> tuple[int, ...]:
+    """Seconds before each retry of a failed delivery, as in live mode: Stripe retries "with an exponential
+    back off" for up to three days and does not publish the intervals; here the delay triples from a minute,
+    capped at a day, for as long as the retries stay within 72 hours (9 retries, the last ~66 h in)."""
+    delays: list[int] = []
+    delay, total = 60, 0
+    while total + delay <= 72 * 3600:
+        delays.append(delay)
+        total += delay
+        delay = min(delay * 3, 86_400)
+    return tuple(delays)
+
+
+#: Stripe's retry schedule in seconds (one attempt more than there are delays).
+STRIPE_RETRY_SCHEDULE_S = _stripe_schedule()
+#: How much faster than Stripe the local server retries by default: three days pass in about 24 s.
+DEFAULT_WEBHOOK_SPEED = 10_000.0
+
+
+def retry_delays(speed: float) -> tuple[float, ...]:
+    """Stripe's schedule compressed ``speed`` times (``speed=1``: real time)."""
+    if not speed > 0:
+        raise ValueError("the webhook speed factor must be > 0")
+    return tuple(d / speed for d in STRIPE_RETRY_SCHEDULE_S)
+
+
+DEFAULT_RETRY_DELAYS = retry_delays(DEFAULT_WEBHOOK_SPEED)
 
 
 def sign_payload(payload: bytes, secret: str, timestamp: int) -> str:
@@ -44,7 +77,13 @@ class _Target:
 
 
 class WebhooksMixin(CheckoutMixin):
+    #: Seconds between delivery attempts (Stripe's schedule at :data:`DEFAULT_WEBHOOK_SPEED`); a test may
+    #: set its own on the instance.
     webhook_retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS
+
+    def set_webhook_speed(self, speed: float) -> None:
+        """Retry failed deliveries on Stripe's schedule compressed ``speed`` times."""
+        self.webhook_retry_delays = retry_delays(speed)
 
     def _init_state(self) -> None:
         super()._init_state()
@@ -169,6 +208,15 @@ class WebhooksMixin(CheckoutMixin):
     @locked
     def retrieve_event(self, ident: str) -> Obj:
         return self.copy(self.get_or_404(self.events, ident, "event"))
+
+    @locked
+    def resend_event(self, ident: str) -> Obj:
+        """Deliver an event again to every endpoint it matches (the Dashboard's "Resend"): same id, same body,
+        a fresh signature. Returns the event."""
+        event = self.get_or_404(self.events, ident, "event")
+        for listener in list(self._event_listeners):
+            listener(event)
+        return self.copy(event)
 
     # -- delivery bookkeeping (the deliverer calls these) ------------------------------------------
 
