@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Final
 
@@ -32,9 +33,15 @@ __all__ = [
     "CONTROL_KEY",
     "CutoverState",
     "Decision",
+    "armed_state",
     "decide",
+    "decision_from_row_states",
     "interlock_problems",
+    "is_explicit_shadow_value",
     "parse_shadow",
+    "plan_problems",
+    "rollback_problems",
+    "rolled_back_state",
 ]
 
 CONTROL_KEY: Final = "cutover"
@@ -166,13 +173,14 @@ def interlock_problems(state: CutoverState, bucket_seconds: int) -> list[str]:
     if not state.shadow:
         if state.authority is not Authority.EDGE and state.bill_until is None:
             problems.append(
-                "live sending (shadow off) requires authority edge (or, after a rollback, a bill_until "
-                "boundary): with the cell authoritative for every hour both sides would bill the same usage"
+                "live sending (SHADOW=false) requires authority edge (PRO_BILLING_AUTHORITY=edge; or, after a "
+                "rollback, a bill_until boundary): with the cell authoritative for every hour both sides would "
+                "bill the same usage"
             )
         if state.bill_from <= 0:
             problems.append(
-                "live sending (shadow off) requires a cutover boundary bill_from > 0: without it the edge "
-                "would bill hours the cell already billed"
+                "live sending (SHADOW=false) requires a cutover boundary bill_from > 0 (BILL_FROM > 0): without "
+                "it the edge would bill hours the cell already billed"
             )
     for name, value in (("bill_from", state.bill_from), ("bill_until", state.bill_until)):
         if value and value % bucket_seconds:
@@ -185,9 +193,110 @@ def interlock_problems(state: CutoverState, bucket_seconds: int) -> list[str]:
         problems.append(f"bill_until={state.bill_until} is before bill_from={state.bill_from}")
     if state.authority is Authority.EDGE and state.shadow:
         problems.append(
-            "authority edge with shadow on: the cell stops billing but the edge does not send, so usage "
-            "from now on would be billed by nobody"
+            "authority edge with shadow on (PRO_BILLING_AUTHORITY=edge, SHADOW on): the cell stops billing but "
+            "the edge does not send, so usage from now on would be billed by nobody"
         )
     if state.authority is Authority.EDGE and state.bill_until is not None:
         problems.append("authority edge with a rollback boundary bill_until: the cell bills from bill_until on")
     return problems
+
+
+def decision_from_row_states(states: set[str]) -> Decision | None:
+    """The decision a bucket closed before decisions were stored was billed under, read from the states of
+    its rows: any ``shadow`` row -> shadow (its first row decided it), any skipped row -> skipped, any other
+    row -> billed; no row at all -> None (nothing was decided that a later row must follow)."""
+    if not states:
+        return None
+    if "shadow" in states:
+        return Decision.SHADOW
+    if "skipped_before_bill_from" in states:
+        return Decision.SKIPPED_BEFORE_BILL_FROM
+    if "skipped_rolled_back" in states:
+        return Decision.SKIPPED_ROLLED_BACK
+    return Decision.BILLED
+
+
+def _iso(ts_s: int) -> str:
+    return datetime.fromtimestamp(ts_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def plan_problems(
+    at: int, *, now_s: int, bucket_seconds: int, clean_hours: Decimal, required_hours: Decimal
+) -> list[str]:
+    """Why a cutover at ``at`` (T) should not be planned now (empty: it may).
+
+    * T must be a bucket boundary: otherwise the straddling bucket is billed by neither side or by both;
+    * T must be in the future: the cell bills every hour up to the moment it is told to stop, and a bucket
+      at or after T that closes before the plan is armed is decided in shadow (a gap);
+    * the parity soak must have proved the numbers: ``clean_hours`` (settled hours with usage on both sides
+      since the last flagged one) at least ``required_hours``.
+    """
+    problems: list[str] = []
+    if at % bucket_seconds:
+        lower = at - at % bucket_seconds
+        problems.append(
+            f"T={at} ({_iso(at)}) is not on a bucket boundary of {bucket_seconds} s "
+            f"(use {lower} or {lower + bucket_seconds})"
+        )
+    if at <= now_s:
+        problems.append(f"T={at} ({_iso(at)}) is not in the future (now {_iso(now_s)})")
+    if clean_hours < required_hours:
+        problems.append(
+            f"parity has {clean_hours:g} consecutive clean hour(s) with usage on both sides; the cutover needs "
+            f"{required_hours:g} (EDGEBILL_CUTOVER_CLEAN_HOURS)"
+        )
+    return problems
+
+
+def armed_state(at: int, *, changed_at_ms: int, by: str, reason: str, command: str) -> CutoverState:
+    """The live state a plan at T becomes: the edge sends, bills buckets from T, and is authoritative (the
+    cell side stops billing when it reads it)."""
+    return CutoverState.model_validate(
+        {
+            "shadow": False,
+            "bill_from": at,
+            "bill_until": None,
+            "authority": Authority.EDGE,
+            "changed_at": changed_at_ms,
+            "by": by,
+            "reason": reason,
+            "command": command,
+        }
+    )
+
+
+def rollback_problems(current: CutoverState, until: int, bucket_seconds: int) -> list[str]:
+    """Why a rollback to the cell from ``until`` (R) cannot be made from ``current`` (empty: it can)."""
+    problems: list[str] = []
+    if current.bill_from <= 0 or current.shadow:
+        problems.append("nothing to roll back: the edge is not billing (no armed cutover is in force)")
+    if until % bucket_seconds:
+        lower = until - until % bucket_seconds
+        problems.append(f"R={until} is not on a bucket boundary (use {lower} or {lower + bucket_seconds})")
+    if current.bill_from and until < current.bill_from:
+        problems.append(f"R={until} ({_iso(until)}) is before T={current.bill_from} ({_iso(current.bill_from)})")
+    if current.bill_until is not None and until > current.bill_until:
+        problems.append(
+            f"R={until} is after the rollback already in force (R={current.bill_until}): buckets from "
+            f"{current.bill_until} are billed by the cell"
+        )
+    return problems
+
+
+def rolled_back_state(
+    current: CutoverState, until: int, *, changed_at_ms: int, by: str, reason: str, command: str
+) -> CutoverState:
+    """The state after a rollback at R: the cell is authoritative again and bills from R; the edge keeps
+    sending the buckets in [T, R) (shadow stays off), so no hour is billed by neither side."""
+    return CutoverState.model_validate(
+        {
+            "shadow": False,
+            "bill_from": current.bill_from,
+            "bill_until": until,
+            "authority": Authority.CELL,
+            "changed_at": changed_at_ms,
+            "by": by,
+            "reason": reason,
+            "command": command,
+        }
+    )

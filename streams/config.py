@@ -11,6 +11,7 @@ from decimal import Decimal
 
 from models.billing import Authority
 from models.topics import (
+    TOPIC_CONTROL,
     TOPIC_DLQ,
     TOPIC_POLICY,
     TOPIC_POLICY_DLQ,
@@ -35,6 +36,7 @@ class Topics:
     scale: str
     scale_dlq: str
     alerts: str
+    control: str
 
     @classmethod
     def with_prefix(cls, prefix: str, alerts: str) -> Topics:
@@ -46,6 +48,7 @@ class Topics:
             scale=prefix + TOPIC_SCALE_EVENTS,
             scale_dlq=prefix + TOPIC_SCALE_DLQ,
             alerts=prefix + alerts,
+            control=prefix + TOPIC_CONTROL,
         )
 
 
@@ -102,4 +105,5 @@ class WorkerConfig:
 
     @property
     def shadow(self) -> bool:
+        """The environment's bootstrap SHADOW (the state in force may differ: ``Deps.cutover``)."""
         return self.close.shadow

@@ -1,7 +1,7 @@
 """The worker's web views, registered by :func:`install_web` (bound to ``EDGEBILL_WEB_HOST``, 127.0.0.1).
 
 =================================  ==============================================================================
-``GET /healthz``                   liveness + flags + meter rows by state (open)
+``GET /healthz``                   liveness + the cutover state in force (and its source) + rows by state (open)
 ``GET /metrics``                   Prometheus text format (open, like any scrape target on loopback)
 ``GET /internal/usage-parity``     ``?from=&to=`` (unix s): parity per pro org over the window, live from the
                                    raw samples and cell intervals. Signed as the cell side's callers sign:
@@ -212,13 +212,16 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
 
     @app.page("/healthz")  # type: ignore[untyped-decorator]
     async def healthz(web: Any, request: Any) -> Any:
+        eff = await asyncio.to_thread(deps.cutover.current)
         return web.json(
             {
                 "ok": True,
                 "owner": deps.owner,
-                "shadow": config.close.shadow,
-                "bill_from": config.close.bill_from,
-                "authority": config.authority.value,
+                "shadow": eff.state.shadow,
+                "bill_from": eff.state.bill_from,
+                "bill_until": eff.state.bill_until,
+                "authority": eff.state.authority.value,
+                "cutover": {"source": eff.source, "seq": eff.seq},
                 "rows": await asyncio.to_thread(deps.ledger.state_counts),
             }
         )

@@ -15,8 +15,10 @@ from models.errors import ConfigError
 @click.option("--json", "as_json", is_flag=True, help="Print effective settings as JSON.")
 def check_config(as_json: bool) -> None:
     """Validate every setting and the cutover interlocks; report every problem at once (exit 1)."""
-    from infra.settings import load_settings
+    from infra.settings import config_warnings, load_settings
 
+    for warning in config_warnings():
+        click.echo(f"warning: {warning}", err=True)
     try:
         s = load_settings()
     except ConfigError as exc:
