@@ -11,13 +11,13 @@ import sys
 
 import click
 
-from infra.cli import config, ledger, org, parity, replay, worker
+from infra.cli import config, cutover, ledger, org, parity, replay, worker
 from infra.cli._base import cli
 from models.errors import EdgebillError
 
 __all__ = ["cli", "main"]
 
-_COMMAND_MODULES = (config, ledger, org, parity, replay, worker)
+_COMMAND_MODULES = (config, cutover, ledger, org, parity, replay, worker)
 
 
 def main() -> None:
