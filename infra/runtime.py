@@ -26,6 +26,7 @@ from streams.config import KafkaConfig, Topics, WebConfig, WorkerConfig
 from streams.pipeline import Deps
 
 __all__ = [
+    "CONTROL_TOPIC_CONFIG",
     "build_deps",
     "build_sender",
     "parity_config",

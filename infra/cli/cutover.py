@@ -32,9 +32,9 @@ def _default_by() -> str:
 def _ops(s: Any, led: Any) -> Any:
     """The operation context from the settings: ledger, parity gate, bootstrap state, publisher, Stripe."""
     from infra.cutover import CutoverOps
-    from infra.kafka_admin import kafka_answers
+    from infra.kafka_admin import ensure_topics, kafka_answers
     from infra.kafka_io import publish_sync
-    from infra.runtime import topics
+    from infra.runtime import CONTROL_TOPIC_CONFIG, topics
     from infra.settings import bootstrap_cutover
     from models.cutover import CONTROL_KEY, CutoverState
     from models.errors import BrokerError
@@ -47,8 +47,16 @@ def _ops(s: Any, led: Any) -> Any:
     def publish(state: CutoverState) -> None:
         if not kafka_answers(servers, timeout=3.0):
             raise BrokerError(f"no Kafka broker answers on {servers}")
-        try:
+        try:  # created compacted if no worker has created it yet (a plain produce would auto-create it)
+            ensure_topics(
+                servers,
+                {control: 1},
+                replication_factor=s.kafka.replication_factor,
+                configs={control: dict(CONTROL_TOPIC_CONFIG)},
+            )
             publish_sync(servers, control, [(CONTROL_KEY.encode(), state.to_json())])
+        except BrokerError:
+            raise
         except Exception as exc:  # aiokafka's errors: the change stays recorded, unpublished
             raise BrokerError(f"publishing on {control} failed: {type(exc).__name__}: {exc}") from exc
 
