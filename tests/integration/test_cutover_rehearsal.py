@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -129,6 +130,11 @@ def test_rehearsal_plan_arm_late_ticks_rollback_on_running_workers(
         }
 
     stack.wait(lambda: acked(armed["armed"]["seq"]), 30, "both workers to apply the armed state")
+    for w in workers:  # each worker's /healthz shows the state in force and where it comes from
+        with urllib.request.urlopen(f"http://127.0.0.1:{w.port}/healthz", timeout=5) as resp:
+            health = json.loads(resp.read())
+        assert (health["authority"], health["shadow"], health["bill_from"]) == ("edge", False, t)
+        assert health["cutover"] == {"source": "ledger", "seq": armed["armed"]["seq"]}
 
     # ---- T-1, T and T+1 (= R), published at once; each closes when the clock passes its end + grace
     r = t + B
