@@ -11,7 +11,11 @@ from infra.cli._base import cli, ledger_for_cli
 
 @cli.command()
 @click.option("--org", "org_id", default=None)
-@click.option("--state", default=None, help="pending, sent, shadow, skipped_before_bill_from, skipped_rolled_back, cancelled, rejected, ...")
+@click.option(
+    "--state",
+    default=None,
+    help="pending, sent, shadow, skipped_before_bill_from, skipped_rolled_back, cancelled, rejected, ...",
+)
 @click.option("--bucket", type=int, default=None, help="Bucket start (unix s).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--summary", is_flag=True, help="Only counts by state, counters and unbilled usage.")
