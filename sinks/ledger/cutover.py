@@ -316,7 +316,9 @@ class LedgerCutover(LedgerCorrections):
         return Recorded(seq, True)
 
     def mark_published(self, change_ids: Iterable[str]) -> None:
-        """The changes were acknowledged by the broker on the control topic."""
+        """The changes were acknowledged by the broker on the control topic. One transaction; call it only
+        after the broker's acknowledgement: a crash before it leaves the change unpublished, and publishing
+        it again is harmless (the same change id)."""
         ids = list(change_ids)
         if not ids:
             return
