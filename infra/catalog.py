@@ -12,7 +12,7 @@ from typing import Any
 
 import stripe
 
-from models.billing import LEGACY_TIER_METERS, UNIFIED_METER
+from models.billing import LEGACY_TIER_METERS, UNIFIED_METER, short_org
 from models.catalog import (
     CATALOG,
     CATALOG_METERS,
@@ -62,6 +62,17 @@ def ensure_meters(client: stripe.StripeClient, names: Iterable[str] = ALL_METERS
     return found
 
 
+#: Stripe refuses an ``Idempotency-Key`` longer than this.
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+
+def _customer_key(org: str) -> str:
+    """``customer-create-{org}``, with a long org id in its stable short form (an org id may have 255
+    characters, the key may not have more)."""
+    key = f"customer-create-{org}"
+    return key if len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH else f"customer-create-{short_org(org)}"
+
+
 def ensure_customers(client: stripe.StripeClient, emails: dict[str, str]) -> dict[str, str]:
     """org_id -> Stripe customer id for every org in ``emails`` (metadata ``org_id``), creating missing ones.
 
@@ -78,7 +89,7 @@ def ensure_customers(client: stripe.StripeClient, emails: dict[str, str]) -> dic
         if org in found:
             continue
         params: Any = {"email": email, "name": org, "metadata": {"org_id": org}}
-        cust = client.v1.customers.create(params, {"idempotency_key": f"customer-create-{org}"})
+        cust = client.v1.customers.create(params, {"idempotency_key": _customer_key(org)})
         found[org] = str(cust.id)
     return found
 

@@ -121,11 +121,14 @@ async def ensure_topics_async(
     *,
     replication_factor: int = 1,
     request_timeout: float = 30.0,
+    configs: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, int]:
     """Create each missing topic with its partition count; async twin of :func:`ensure_topics`.
 
-    ``request_timeout`` bounds each admin request and the whole operation. Returns the partition count
-    each named topic has now (an existing topic keeps its own count).
+    ``request_timeout`` bounds each admin request and the whole operation. ``configs``: topic configs to
+    create a topic with (e.g. ``cleanup.policy=compact``), by name; a broker that does not implement one
+    (Tansu keeps every record) still creates the topic. Returns the partition count each named topic has
+    now (an existing topic keeps its own count and configs).
     """
     timeout = request_timeout
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -151,7 +154,13 @@ async def ensure_topics_async(
                     )
             if not missing:
                 return {name: existing[name] for name in topics}
-            response = await admin.create_topics([NewTopic(name, n, replication_factor) for name, n in missing.items()])
+            wanted = configs or {}
+            response = await admin.create_topics(
+                [
+                    NewTopic(name, n, replication_factor, topic_configs=dict(wanted.get(name, {})))
+                    for name, n in missing.items()
+                ]
+            )
             problems: list[str] = []
             for entry in response.topic_errors:
                 name, code = entry[0], entry[1]
@@ -184,8 +193,10 @@ def ensure_topics(
     *,
     replication_factor: int = 1,
     timeout: float = 30.0,
+    configs: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, int]:
-    """Create the topics in ``topics`` (name -> partitions) that are missing; idempotent.
+    """Create the topics in ``topics`` (name -> partitions) that are missing; idempotent. ``configs``: see
+    :func:`ensure_topics_async`.
 
     Returns the partition count each named topic has now.
 
@@ -199,5 +210,7 @@ def ensure_topics(
     else:
         raise BrokerError("ensure_topics() called inside a running event loop; await ensure_topics_async()")
     return asyncio.run(
-        ensure_topics_async(bootstrap, topics, replication_factor=replication_factor, request_timeout=timeout)
+        ensure_topics_async(
+            bootstrap, topics, replication_factor=replication_factor, request_timeout=timeout, configs=configs
+        )
     )

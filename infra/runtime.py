@@ -30,12 +30,14 @@ from streams.config import KafkaConfig, Topics, WebConfig, WebhookConfig, Worker
 from streams.pipeline import Deps
 
 __all__ = [
+    "CONTROL_TOPIC_CONFIG",
     "STOP_DEADLINE_S",
     "build_deps",
     "build_provisioner",
     "build_sender",
     "parity_config",
     "run_worker",
+    "topic_configs",
     "topics",
     "web_config",
     "webhook_config",
@@ -144,6 +146,7 @@ def worker_config(settings: Settings) -> WorkerConfig:
             grace_seconds=b.grace_seconds,
             shadow=b.shadow,
             bill_from=b.bill_from,
+            authority=b.pro_billing_authority,
         ),
         parity=parity_config(settings),
         web=web_config(settings),
@@ -221,6 +224,10 @@ def build_sender(
     )
 
 
+#: The control topic keeps the latest state per key forever (where the broker implements compaction).
+CONTROL_TOPIC_CONFIG: dict[str, str] = {"cleanup.policy": "compact"}
+
+
 def _wanted_topics(settings: Settings) -> dict[str, int]:
     """Every topic the worker reads or writes, with the partition count to create it with."""
     t = topics(settings)
@@ -234,7 +241,13 @@ def _wanted_topics(settings: Settings) -> dict[str, int]:
         t.scale_dlq: 1,
         t.alerts: 1,
         t.webhooks: n,
+        t.control: 1,
     }
+
+
+def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
+    """Topic configs to create topics with: the control topic is compacted."""
+    return {topics(settings).control: dict(CONTROL_TOPIC_CONFIG)}
 
 
 def _arm_stop_deadline(seconds: float) -> None:
@@ -314,7 +327,10 @@ def run_worker(settings: Settings) -> NoReturn:
     kafka_fixes.apply_all()
     deps = build_deps(settings)
     counts = ensure_topics(
-        settings.kafka.servers, _wanted_topics(settings), replication_factor=settings.kafka.replication_factor
+        settings.kafka.servers,
+        _wanted_topics(settings),
+        replication_factor=settings.kafka.replication_factor,
+        configs=topic_configs(settings),
     )
     app = configure(deps.config.kafka, deps.config.web)
     pipe = install(app, deps)
@@ -330,11 +346,18 @@ def run_worker(settings: Settings) -> NoReturn:
             )
             pipe.partitions[topic] = counts[topic]
     b = settings.billing
+    eff = deps.cutover.fresh()
     log.info(
-        "edgebill worker: broker=%s db=%s stripe=%s shadow=%s bill_from=%s authority=%s web=%s:%s",
+        "edgebill worker: broker=%s db=%s stripe=%s; cutover state in force (from the %s): shadow=%s "
+        "bill_from=%s bill_until=%s authority=%s (environment: shadow=%s bill_from=%s authority=%s); web=%s:%s",
         settings.kafka.servers,
         deps.ledger.engine.url.render_as_string(hide_password=True),
         settings.stripe.base,
+        eff.source,
+        eff.state.shadow,
+        eff.state.bill_from,
+        eff.state.bill_until,
+        eff.state.authority.value,
         b.shadow,
         b.bill_from,
         b.pro_billing_authority.value,

@@ -25,6 +25,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from models.billing import Authority
+from models.cutover import CutoverState, is_explicit_shadow_value, parse_shadow
+from models.cutover import interlock_problems as cutover_interlocks
 from models.errors import ConfigError
 from models.topics import TOPIC_ALERTS
 
@@ -39,7 +41,9 @@ __all__ = [
     "Settings",
     "StripeSettings",
     "WebSettings",
+    "bootstrap_cutover",
     "child_env",
+    "config_warnings",
     "interlock_problems",
     "is_loopback",
     "load_settings",
@@ -289,7 +293,9 @@ class BillingSettings(BaseSettings):
 
     model_config = _cfg("EDGEBILL_")
 
-    shadow: bool = Field(default=True, description="compute rows but never send them (state=shadow)")
+    shadow: bool = Field(
+        default=True, description="compute rows but never send them (state=shadow); only 'false' turns it off"
+    )
     bill_from: int = Field(default=0, ge=0, description="cutover boundary on bucket start, unix s; 0=off")
     pro_billing_authority: Authority = Authority.CELL
     bucket_seconds: int = Field(default=3600, ge=60, le=86400)
@@ -298,6 +304,17 @@ class BillingSettings(BaseSettings):
     progress_stale_after: float = Field(
         default=15.0, gt=0, description="a partition whose progress report is older is treated as lagging"
     )
+
+    cutover_clean_hours: Decimal = Field(
+        default=Decimal(24),
+        ge=0,
+        description="clean parity hours (usage on both sides) `edgebill cutover plan` asks for before T",
+    )
+
+    @field_validator("shadow", mode="before")
+    @classmethod
+    def _explicit_false_only(cls, v: Any) -> bool:
+        return parse_shadow(v)
 
     @field_validator("bucket_seconds")
     @classmethod
@@ -391,33 +408,31 @@ _AREAS: dict[str, type[BaseSettings]] = {
 }
 
 
+def bootstrap_cutover(billing: BillingSettings) -> CutoverState:
+    """The environment's cutover state: in force until the ledger records the first cutover change."""
+    return CutoverState(shadow=billing.shadow, bill_from=billing.bill_from, authority=billing.pro_billing_authority)
+
+
 def interlock_problems(billing: BillingSettings) -> list[str]:
-    """Configurations that could double-bill or leave a gap at the cutover seam."""
-    problems: list[str] = []
-    if not billing.shadow:
-        if billing.pro_billing_authority is not Authority.EDGE:
-            problems.append(
-                "EDGEBILL_SHADOW=false requires EDGEBILL_PRO_BILLING_AUTHORITY=edge: with the cell still "
-                "authoritative both sides would bill the same usage"
-            )
-        if billing.bill_from <= 0:
-            problems.append(
-                "EDGEBILL_SHADOW=false requires EDGEBILL_BILL_FROM > 0 (the cutover boundary): without it "
-                "the edge would bill hours the cell already billed"
-            )
-    if billing.bill_from % billing.bucket_seconds:
-        lower = billing.bill_from - billing.bill_from % billing.bucket_seconds
-        problems.append(
-            f"EDGEBILL_BILL_FROM={billing.bill_from} is not aligned to EDGEBILL_BUCKET_SECONDS="
-            f"{billing.bucket_seconds}: the straddling bucket would be billed by neither side "
-            f"(use {lower} or {lower + billing.bucket_seconds})"
-        )
-    if billing.pro_billing_authority is Authority.EDGE and billing.shadow:
-        problems.append(
-            "EDGEBILL_PRO_BILLING_AUTHORITY=edge with EDGEBILL_SHADOW=true: the cell stops billing but the "
-            "edge does not send, so usage from now on would be billed by nobody"
-        )
-    return problems
+    """Configurations that could double-bill or leave a gap at the cutover seam: the one rule of
+    :func:`models.cutover.interlock_problems`, applied to the environment's bootstrap state."""
+    return [
+        f"EDGEBILL_SHADOW / EDGEBILL_BILL_FROM / EDGEBILL_PRO_BILLING_AUTHORITY: {p}"
+        for p in cutover_interlocks(bootstrap_cutover(billing), billing.bucket_seconds)
+    ]
+
+
+def config_warnings(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+    """What is valid but probably not meant (``check-config`` prints it): a ``EDGEBILL_SHADOW`` that is
+    neither true nor false keeps shadow on, since only an explicit false turns it off."""
+    given = dict((overrides or {}).get("billing", {}))
+    raw: object = given["shadow"] if "shadow" in given else os.environ.get("EDGEBILL_SHADOW")
+    if raw is None or is_explicit_shadow_value(raw):
+        return []
+    return [
+        f"EDGEBILL_SHADOW={raw!r} is neither true nor false: shadow stays ON (nothing is sent to Stripe); only "
+        "an explicit false turns it off"
+    ]
 
 
 def stripe_problems(st: StripeSettings, billing: BillingSettings | None) -> list[str]:

@@ -8,6 +8,7 @@ to the exact running total rounded once, so rounding never loses or invents mone
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from enum import StrEnum
@@ -20,6 +21,9 @@ __all__ = [
     "LEGACY_TIER_METERS",
     "MAX_IDENTIFIER_LENGTH",
     "MAX_SIGNIFICANT_DIGITS",
+    "ORG_HASH_HEX",
+    "ORG_HASH_MARK",
+    "ORG_PREFIX_CHARS",
     "STRIPE_MAX_AGE_SECONDS",
     "STRIPE_MAX_FUTURE_SECONDS",
     "UNIFIED_METER",
@@ -40,6 +44,7 @@ __all__ = [
     "meter_row_id",
     "meter_unit_divisor",
     "round_value",
+    "short_org",
     "significant_digits",
 ]
 
@@ -76,17 +81,21 @@ class Authority(StrEnum):
 
 
 class RowState(StrEnum):
-    """States of a meter row in the outbox: ``pending`` -> ``sent``; ``shadow`` (decided in shadow, never
-    sent); ``skipped_before_bill_from``; ``deferred_no_customer``; ``rejected`` (Stripe refused it for good);
-    ``expired`` (past Stripe's 35-day window)."""
+    """States of a meter row in the outbox: ``pending`` -> ``sent``; ``shadow`` (decided in shadow, not sent
+    unless an operator releases the bucket); ``skipped_before_bill_from`` (the cell bills the bucket);
+    ``skipped_rolled_back`` (after a rollback, the cell bills the bucket again); ``deferred_no_customer``;
+    ``rejected`` (Stripe refused it for good); ``expired`` (past Stripe's 35-day window); ``cancelled`` (sent,
+    then cancelled at Stripe through a meter-event adjustment: it no longer counts there)."""
 
     PENDING = "pending"
     SENT = "sent"
     SHADOW = "shadow"
     SKIPPED_BEFORE_BILL_FROM = "skipped_before_bill_from"
+    SKIPPED_ROLLED_BACK = "skipped_rolled_back"
     DEFERRED_NO_CUSTOMER = "deferred_no_customer"
     REJECTED = "rejected"
     EXPIRED = "expired"
+    CANCELLED = "cancelled"
 
 
 def bucket_start(ts_ms: int, bucket_seconds: int) -> int:
@@ -143,10 +152,38 @@ def meter_amounts(mode: BillingMode, memory_mb: int, seconds: int, mb_seconds: i
     return MeterAmount(meter, seconds)
 
 
+#: Characters of a long org id kept in front of its hash in an identifier (see :func:`meter_row_id`).
+ORG_PREFIX_CHARS: Final = 24
+#: Hex digits of sha256(org id) in the short form: 96 bits, so two org ids colliding is not a practical risk.
+ORG_HASH_HEX: Final = 24
+ORG_HASH_MARK: Final = "~"
+
+
+def short_org(org_id: str, prefix_chars: int = ORG_PREFIX_CHARS) -> str:
+    """The stable short form of an org id inside an identifier: its first ``prefix_chars`` characters (for
+    a human reading Stripe's dashboard), ``~``, and 24 hex digits of sha256 of the whole id."""
+    digest = hashlib.sha256(org_id.encode()).hexdigest()[:ORG_HASH_HEX]
+    return f"{org_id[:prefix_chars]}{ORG_HASH_MARK}{digest}"
+
+
 def meter_row_id(org_id: str, start: int, meter: str, revision: int = 0) -> str:
-    """Outbox id and Stripe ``identifier``: ``{org}:{bucket_start}:{meter}`` or ``…:r{n}`` for corrections."""
-    base = f"{org_id}:{start}:{meter}"
-    return base if revision == 0 else f"{base}:r{revision}"
+    """Outbox id and Stripe ``identifier``: ``{org}:{bucket_start}:{meter}`` or ``…:r{n}`` for corrections.
+
+    Never longer than :data:`MAX_IDENTIFIER_LENGTH` (Stripe refuses longer identifiers for good, so an org
+    with a long id would never be billed): when the plain form would be longer, the org part becomes
+    :func:`short_org` (shortening its readable prefix further only if even that does not fit). A pure
+    function of its arguments, so the same row gets the same identifier in every process and after every
+    restart; identifiers that fit keep the plain form; still unique per (org, bucket, meter, revision).
+    Raises ValueError when not even the hash fits (a meter name of about 50 characters or more).
+    """
+    tail = f":{start}:{meter}" if revision == 0 else f":{start}:{meter}:r{revision}"
+    plain = org_id + tail
+    if len(plain) <= MAX_IDENTIFIER_LENGTH:
+        return plain
+    room = MAX_IDENTIFIER_LENGTH - len(tail) - len(ORG_HASH_MARK) - ORG_HASH_HEX
+    if room < 0:
+        raise ValueError(f"no identifier of at most {MAX_IDENTIFIER_LENGTH} characters for meter {meter!r}")
+    return short_org(org_id, min(ORG_PREFIX_CHARS, room)) + tail
 
 
 def significant_digits(value: Decimal) -> int:

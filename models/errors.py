@@ -6,7 +6,8 @@
     ├── ConfigError                    settings invalid; carries every problem at once
     ├── InvalidRecord                  a usage tick / policy record that cannot be used (dead-lettered)
     ├── LedgerError                    the SQL ledger refused an operation
-    └── BrokerError                    the Kafka broker could not be started or reached
+    ├── BrokerError                    the Kafka broker could not be started or reached
+    └── CutoverRefused                 a cutover command refused; carries every reason
 
 Delivery failures are not exceptions: a sink returns one :class:`sinks.base.Outcome` per item, with a
 :class:`sinks.base.Status` (ok, duplicate, transient, permanent), so a batch with one bad item still
@@ -19,6 +20,7 @@ from __future__ import annotations
 __all__ = [
     "BrokerError",
     "ConfigError",
+    "CutoverRefused",
     "EdgebillError",
     "InvalidRecord",
     "LedgerError",
@@ -51,3 +53,12 @@ class LedgerError(EdgebillError):
 
 class BrokerError(EdgebillError):
     """The Kafka-compatible broker could not be started or reached."""
+
+
+class CutoverRefused(EdgebillError):
+    """A cutover command refused to change anything; ``problems`` lists every reason (``--force`` overrides
+    those that may be overridden)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))

@@ -442,9 +442,22 @@ def alert_episodes(verdicts: Sequence[BucketVerdict], bucket_seconds: int, conse
     return out
 
 
-def clean_streak(flagged_buckets: Iterable[int], first_bucket: int | None, last_settled: int | None, size: int) -> int:
+def clean_streak(
+    flagged_buckets: Iterable[int],
+    first_bucket: int | None,
+    last_settled: int | None,
+    size: int,
+    *,
+    evidence: Iterable[int] | None = None,
+) -> int:
     """Consecutive clean buckets ending at ``last_settled`` (the cutover gate), counting back to the first
-    flagged bucket or to ``first_bucket`` (the oldest bucket with parity data), whichever is later."""
+    flagged bucket or to ``first_bucket`` (the oldest bucket with parity data), whichever is later.
+
+    ``evidence``: the buckets that hold usage on *both* sides (edge ticks and cell intervals); when given,
+    only those count. A bucket with no usage on either side proves nothing: it neither counts nor breaks
+    the streak (quiet hours happen), while a flagged bucket always breaks it. ``None`` counts every bucket
+    of the span (for a caller that has already filtered).
+    """
     if last_settled is None or first_bucket is None or last_settled < first_bucket:
         return 0
     lower = first_bucket
@@ -453,7 +466,9 @@ def clean_streak(flagged_buckets: Iterable[int], first_bucket: int | None, last_
             lower = max(lower, b + size)
     if lower > last_settled:
         return 0
-    return (last_settled - lower) // size + 1
+    if evidence is None:
+        return (last_settled - lower) // size + 1
+    return len({b for b in evidence if lower <= b <= last_settled})
 
 
 # ------------------------------------------------------------------------------ request signing

@@ -18,7 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from models.billing import BillingMode, Plan
 from models.ticks import MAX_TS_MS, no_nul, parse_timestamp_ms
 
-__all__ = ["OrgPolicy", "PolicyHistory"]
+__all__ = ["STRIPE_BILLED_PROVIDERS", "OrgPolicy", "PolicyHistory"]
+
+#: ``billing_provider`` values billed through Stripe, i.e. by edgebill: ``stripe``, and ``legacy`` (the
+#: original system's name for the same path). Anything else (``autumn``) is billed elsewhere: the usage is
+#: counted, with the reason ``provider_<name>``, never sent.
+STRIPE_BILLED_PROVIDERS: frozenset[str] = frozenset({"stripe", "legacy"})
 
 
 class OrgPolicy(BaseModel):
@@ -50,9 +55,14 @@ class OrgPolicy(BaseModel):
         return ms
 
     @property
+    def billed_through_stripe(self) -> bool:
+        """The org's provider is one edgebill bills through (:data:`STRIPE_BILLED_PROVIDERS`)."""
+        return self.billing_provider in STRIPE_BILLED_PROVIDERS
+
+    @property
     def billable(self) -> bool:
         """Only pro orgs billed through Stripe are billed by edgebill."""
-        return self.plan is Plan.PRO and self.billing_provider == "stripe"
+        return self.plan is Plan.PRO and self.billed_through_stripe
 
     def to_wire(self) -> dict[str, Any]:
         return {

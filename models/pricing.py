@@ -6,8 +6,9 @@ aggregate of ticks of one org, bucket and memory size; it is additive (pricing a
 adding the parts gives the same result), which lets the closer price whole groups and replay subtract
 ticks it gave up. Usage that is not billed keeps a reason and is recorded, visibly, never dropped.
 
-:func:`row_placement` decides the state of a meter row when the closer writes it, and the rounding-carry
-stream its value is assigned in.
+:func:`row_placement` decides the state of a meter row when it is written (by the closer, or by an operator
+command for a bucket already closed), from the bucket's billing decision, and the rounding-carry stream its
+value is assigned in.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 from models.billing import BillingMode, RowState, meter_amounts
+from models.cutover import Decision
 from models.policy import OrgPolicy
 from models.stripe_window import expired_at_close
 
@@ -76,7 +78,7 @@ def price_usage(policy: OrgPolicy | None, memory_mb: int, seconds: int, mb_secon
     if policy is None:
         return _UNKNOWN_ORG
     if not policy.billable:
-        return _FREE_PLAN if policy.billing_provider == "stripe" else Unbilled(provider_reason(policy.billing_provider))
+        return _FREE_PLAN if policy.billed_through_stripe else Unbilled(provider_reason(policy.billing_provider))
     amount = meter_amounts(policy.billing_mode, memory_mb, seconds, mb_seconds)
     if amount is None:
         return _LEGACY_UNKNOWN_TIER
@@ -98,18 +100,26 @@ class RowPlacement(NamedTuple):
 
 
 _SKIPPED: Final = RowPlacement(RowState.SKIPPED_BEFORE_BILL_FROM, None)
+_ROLLED_BACK: Final = RowPlacement(RowState.SKIPPED_ROLLED_BACK, None)
 _EXPIRED: Final = RowPlacement(RowState.EXPIRED, None)
 _SHADOW: Final = RowPlacement(RowState.SHADOW, SHADOW_STREAM)
 _PENDING: Final = RowPlacement(RowState.PENDING, BILLED_STREAM)
 
 
-def row_placement(bucket_start: int, bucket_end: int, now_ms: int, *, bill_from: int, shadow: bool) -> RowPlacement:
-    """Where a row of this bucket goes when the closer writes it at ``now_ms``, in this order of precedence:
-    a bucket starting before ``bill_from`` is ``skipped_before_bill_from`` (billed by the old path); a
-    bucket whose end Stripe would no longer take is ``expired``; in shadow mode ``shadow`` (computed,
-    never sent); otherwise ``pending`` (the sender ships it)."""
-    if bucket_start < bill_from:
+def row_placement(decision: Decision, bucket_end: int, now_ms: int) -> RowPlacement:
+    """Where a row of a bucket goes when it is written at ``now_ms``, from the bucket's billing decision
+    (made once, at the bucket's first close: :func:`models.cutover.decide`), in this order of precedence:
+    a bucket the cell bills is ``skipped_before_bill_from`` or ``skipped_rolled_back``; a bucket whose end
+    Stripe would no longer take is ``expired``; a bucket decided in shadow is ``shadow`` (computed, not
+    sent); otherwise ``pending`` (the sender ships it).
+
+    Every row of a bucket, its first and each later correction, is placed from the same decision, so a
+    bucket is billed by the edge in full or not at all.
+    """
+    if decision is Decision.SKIPPED_BEFORE_BILL_FROM:
         return _SKIPPED
+    if decision is Decision.SKIPPED_ROLLED_BACK:
+        return _ROLLED_BACK
     if expired_at_close(bucket_end, now_ms):
         return _EXPIRED
-    return _SHADOW if shadow else _PENDING
+    return _SHADOW if decision is Decision.SHADOW else _PENDING

@@ -9,6 +9,7 @@ from typing import Final
 
 __all__ = [
     "TOPIC_ALERTS",
+    "TOPIC_CONTROL",
     "TOPIC_DLQ",
     "TOPIC_POLICY",
     "TOPIC_POLICY_DLQ",
@@ -26,3 +27,6 @@ TOPIC_SCALE_EVENTS: Final = "sandbox-scale-events"
 TOPIC_SCALE_DLQ: Final = "sandbox-scale-events-dlq"
 TOPIC_WEBHOOKS: Final = "stripe-webhook-events"  # verified raw Stripe events, keyed by the event's object id
 TOPIC_ALERTS: Final = "billing-alerts"  # the default; EDGEBILL_PARITY_ALERTS_TOPIC renames it
+#: Compacted, one partition; key = the control name (``cutover``), value = the cutover state
+#: (``models.cutover.CutoverState``) as a history of changes. The cell side reads ``authority`` from it.
+TOPIC_CONTROL: Final = "billing-control"

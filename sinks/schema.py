@@ -38,6 +38,8 @@ __all__ = [
     "closed_buckets",
     "counters",
     "current_revision",
+    "cutover_acks",
+    "cutover_log",
     "head_revision",
     "make_engine",
     "metadata",
@@ -162,6 +164,10 @@ closed_buckets = Table(
     Column("closed_ms", BigInteger, nullable=False),  # first closed
     Column("close_id", BigInteger, nullable=False),  # last close run that aggregated samples of it
     Column("seq", BigInteger, nullable=False, server_default="0"),  # samples of it up to here are aggregated
+    # The bucket's billing decision (models.cutover.Decision), made once at its first close from the cutover
+    # state then in force; every later row of the bucket is placed from it. NULL: not decided yet (a bucket
+    # closed before decisions were stored and without a row to read one from): the next close decides.
+    Column("decision", String(32), nullable=True),
 )
 
 close_runs = Table(
@@ -193,6 +199,41 @@ counters = Table(
     metadata,
     Column("name", String(128), primary_key=True),
     Column("value", BigInteger, nullable=False),
+)
+
+# ------------------------------------------------------------------------------------------------ cutover
+# The cutover's audit and state (also on the compacted billing-control topic, which a broker without
+# compaction or retention cannot be trusted to keep): every change, plan, release and cancellation, and
+# which worker has applied which state.
+
+cutover_log = Table(
+    "cutover_log",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("change_id", String(64), nullable=False),  # the same change recorded twice is one entry
+    Column("kind", String(16), nullable=False),  # state | plan | release | cancel
+    # The state columns: of the new state (kind state), of the planned one (plan: bill_from = T).
+    Column("shadow", Integer, nullable=True),
+    Column("bill_from", BigInteger, nullable=True),
+    Column("bill_until", BigInteger, nullable=True),
+    Column("authority", String(16), nullable=True),
+    Column("by", String(255), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("command", Text, nullable=False),
+    Column("changed_ms", BigInteger, nullable=False),  # when the change was made (its own changed_at)
+    Column("recorded_ms", BigInteger, nullable=False),  # when this ledger recorded it
+    Column("published_ms", BigInteger, nullable=True),  # when it was seen on billing-control (state only)
+    Column("details", Text, nullable=False),  # JSON: forced problems, rows moved, the source, ...
+    UniqueConstraint("change_id", name="uq_cutover_log_change_id"),
+    Index("ix_cutover_log_kind", "kind", "seq"),
+)
+
+cutover_acks = Table(
+    "cutover_acks",
+    metadata,
+    Column("owner", String(255), primary_key=True),  # the worker (host:pid)
+    Column("seq", BigInteger, nullable=False),  # the state entry it applies (0: the environment's bootstrap)
+    Column("acked_ms", BigInteger, nullable=False),
 )
 
 billing_prices = Table(

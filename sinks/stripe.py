@@ -50,12 +50,15 @@ from models.stripe_window import VALIDATE_MARGIN_SECONDS, stripe_refuses_as_futu
 from sinks.base import KeptThreads, Outcome, Status
 
 __all__ = [
+    "CANCEL_WINDOW_SECONDS",
     "PROCESS_KEY_LOCKS",
     "STRIPE_METER_EVENTS_HOST",
+    "Cancellation",
     "KeyedLocks",
     "MeterEvent",
     "RateLimiter",
     "StripeMeterSink",
+    "cancel_meter_event",
     "classify",
     "error_kind",
     "make_client",
@@ -417,3 +420,43 @@ class StripeMeterSink:
     def close(self) -> None:
         """Stop the worker threads (waiting for calls in flight). Idempotent."""
         self._threads.close()
+
+
+#: Stripe cancels a meter event (a meter-event adjustment) only within 24 h of having received it.
+CANCEL_WINDOW_SECONDS = 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Cancellation:
+    """What Stripe said to one cancellation: ``cancelled`` (now, or already before: ``already``), else why
+    not: ``too_late`` (outside the 24 h window; a credit is the only way left) or another ``error``, with
+    ``transient`` telling whether trying again may help."""
+
+    identifier: str
+    cancelled: bool
+    already: bool = False
+    too_late: bool = False
+    transient: bool = False
+    error: str | None = None
+
+
+def cancel_meter_event(client: stripe.StripeClient, event_name: str, identifier: str) -> Cancellation:
+    """Cancel one meter event through a v1 meter-event adjustment (``type=cancel``, ``cancel.identifier``).
+
+    Idempotent in effect: an event Stripe reports as already cancelled counts as cancelled, so a repair
+    that crashed after Stripe's answer and before recording it can simply ask again.
+    """
+    try:
+        with observed():
+            client.v1.billing.meter_event_adjustments.create(
+                {"event_name": event_name, "type": "cancel", "cancel": {"identifier": identifier}}
+            )
+    except Exception as exc:  # every Stripe failure is classified, none escapes
+        status, message, _, _ = classify(exc, new_request_per_attempt=True)
+        low = message.lower()
+        if status is Status.PERMANENT and "already" in low and "cancel" in low:
+            return Cancellation(identifier, cancelled=True, already=True)
+        if status is Status.PERMANENT and ("24 hours" in low or "no longer" in low):
+            return Cancellation(identifier, cancelled=False, too_late=True, error=message)
+        return Cancellation(identifier, cancelled=False, transient=status is Status.TRANSIENT, error=message)
+    return Cancellation(identifier, cancelled=True)

@@ -11,6 +11,7 @@ from decimal import Decimal
 
 from models.billing import Authority
 from models.topics import (
+    TOPIC_CONTROL,
     TOPIC_DLQ,
     TOPIC_POLICY,
     TOPIC_POLICY_DLQ,
@@ -37,6 +38,7 @@ class Topics:
     scale_dlq: str
     alerts: str
     webhooks: str
+    control: str
 
     @classmethod
     def with_prefix(cls, prefix: str, alerts: str) -> Topics:
@@ -49,6 +51,7 @@ class Topics:
             scale_dlq=prefix + TOPIC_SCALE_DLQ,
             alerts=prefix + alerts,
             webhooks=prefix + TOPIC_WEBHOOKS,
+            control=prefix + TOPIC_CONTROL,
         )
 
 
@@ -123,4 +126,5 @@ class WorkerConfig:
 
     @property
     def shadow(self) -> bool:
+        """The environment's bootstrap SHADOW (the state in force may differ: ``Deps.cutover``)."""
         return self.close.shadow

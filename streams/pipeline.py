@@ -9,7 +9,11 @@ what tests drive directly:
   (:class:`WritePlan`) and writes the rest;
 * policies: :meth:`Pipeline.policies_from` parses ``org-policy`` records;
 * closing: :meth:`Pipeline.close_once` computes the watermark from partition progress and closes buckets;
-* sending: :meth:`Pipeline.send_once` drains the outbox to Stripe (never in shadow).
+* sending: :meth:`Pipeline.send_once` drains the outbox to Stripe, only while the cutover state in force
+  is live (shadow off);
+* the cutover: :meth:`Pipeline.record_control` records what the ``billing-control`` topic carries (a change
+  made by any tool), and :meth:`Pipeline.control_tick` notices a new state, logs it once and acknowledges it;
+  a running worker applies a change without restart (the closer and the sender read the state each run).
 
 No Stripe call and no long transaction runs on the event loop: the closer and the sender run in a
 thread, one at a time.
@@ -26,11 +30,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from models.cutover import CONTROL_KEY, CutoverState
 from models.errors import InvalidRecord
 from models.policy import OrgPolicy
 from models.ticks import FUTURE_TOLERANCE_MS, locate_envelope, parse_record
 from models.watermark import watermark
-from sinks.ledger import CloseResult, Ledger, SourcedTick
+from sinks.ledger import CloseResult, CutoverView, EffectiveCutover, Ledger, SourcedTick
 from sinks.outbox import OutboxSender, SendReport
 from sinks.stripe_provisioning import StripeProvisioner
 from streams.config import WorkerConfig
@@ -157,7 +162,11 @@ def _wall_clock_ms() -> int:
 
 @dataclass
 class Deps:
-    """Everything the pipeline needs, passed in (the Faust app is the only global)."""
+    """Everything the pipeline needs, passed in (the Faust app is the only global).
+
+    ``cutover`` is built from the ledger and the environment's bootstrap state: the one object through which
+    the worker's code asks for the cutover state in force (the sender, ``/healthz``, webhook provisioning).
+    """
 
     config: WorkerConfig
     ledger: Ledger
@@ -165,6 +174,10 @@ class Deps:
     clock_ms: Callable[[], int] = field(default=_wall_clock_ms)
     owner: str = field(default_factory=_owner)
     provisioner: StripeProvisioner | None = None  # Stripe writes of the webhook agent (authority edge)
+    cutover: CutoverView = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cutover = CutoverView(self.ledger, self.config.close.bootstrap)
 
 
 class HighwaterSource(Protocol):
@@ -185,6 +198,7 @@ class Pipeline:
         self.policy_topic = t.policy
         self.policy_dlq_topic = t.policy_dlq
         self.scale_topic = t.scale
+        self.control_topic = t.control
         self.close_cfg = cfg.close
         # Every input the closer must have read before a bucket closes: ticks (event time), and the two
         # topics that decide *how* a tick is billed — policies (plan, mode) and the cell's scale events
@@ -198,6 +212,8 @@ class Pipeline:
         self.last_send: SendReport | None = None
         self.health = Health()
         self.limiter = RateLimitedLog(log)
+        self._applied_seq: int | None = None  # the cutover state entry this worker applies and acknowledged
+        self._acked_at = 0.0
 
     # -- ingest -------------------------------------------------------------------------------
 
@@ -320,7 +336,9 @@ class Pipeline:
         return result
 
     def send_once(self) -> SendReport | None:
-        if self.deps.sender is None or self.close_cfg.shadow:
+        """One sender run, only while the cutover state in force is live (read now, not cached): pending
+        rows exist only for buckets decided billed, and a state in shadow keeps them waiting."""
+        if self.deps.sender is None or not self.deps.cutover.fresh().state.live:
             return None
         report = self.deps.sender.run_once()
         self.last_send = report
@@ -354,3 +372,70 @@ class Pipeline:
             )
         else:
             self.limiter.recovered(what)
+
+    # -- the cutover --------------------------------------------------------------------------
+
+    def record_control(self, records: Sequence[Record]) -> list[CutoverState]:
+        """Record the cutover states read from ``billing-control`` (idempotent by change id); returns the
+        ones the ledger did not hold yet (made by a tool that did not record them itself). A record that is
+        not a cutover state is logged and skipped: it cannot change billing."""
+        fresh: list[CutoverState] = []
+        for rec in records:
+            if rec.key is not None and rec.key != CONTROL_KEY.encode():
+                continue
+            try:
+                state = CutoverState.from_json(rec.value or b"")
+            except ValueError as exc:
+                log.error("billing-control %s/%s is not a cutover state, ignored: %s", rec.partition, rec.offset, exc)
+                continue
+            got = self.deps.ledger.record_state(state, details={"source": self.control_topic}, published=True)
+            if got.new:
+                log.warning(
+                    "cutover change read from %s, not made through this ledger: %s (by %s: %s)",
+                    self.control_topic,
+                    _describe(state),
+                    state.by or "?",
+                    state.reason or "no reason given",
+                )
+                fresh.append(state)
+        return fresh
+
+    def control_tick(self) -> EffectiveCutover | None:
+        """Notice a new cutover state: log it once (what, who, why, which command) and acknowledge it for
+        this worker; re-acknowledge every 30 s so ``cutover status`` sees the worker alive. Returns the
+        state when it changed."""
+        seq = self.deps.ledger.newest_state_seq()
+        now = time.monotonic()
+        if seq == self._applied_seq:
+            if now - self._acked_at >= 30.0:
+                self.deps.ledger.ack_cutover(self.deps.owner, seq)
+                self._acked_at = now
+            return None
+        eff = self.deps.cutover.fresh()
+        st = eff.state
+        if eff.seq == 0:
+            log.info("cutover state in force: the environment's (no change recorded yet): %s", _describe(st))
+        else:
+            log.info(
+                "cutover state in force: seq %d from the ledger: %s; changed by %s at %s, reason: %s, command: %s",
+                eff.seq,
+                _describe(st),
+                st.by or "?",
+                st.to_wire()["changed_at"],
+                st.reason or "-",
+                st.command or "-",
+            )
+            boot = self.deps.config.close.bootstrap
+            if boot.flags() != st.flags():
+                log.info("the environment's cutover settings (%s) are not in force", _describe(boot))
+        self.deps.ledger.ack_cutover(self.deps.owner, eff.seq)
+        self._applied_seq, self._acked_at = eff.seq, now
+        return eff
+
+    async def control_progress(self) -> None:
+        await self._run_logged("cutover acknowledgement", self.control_tick)
+
+
+def _describe(state: CutoverState) -> str:
+    until = "" if state.bill_until is None else f" bill_until={state.bill_until}"
+    return f"shadow={state.shadow} bill_from={state.bill_from}{until} authority={state.authority.value}"

@@ -1,7 +1,8 @@
 """The worker's web views, registered by :func:`install_web` (bound to ``EDGEBILL_WEB_HOST``, 127.0.0.1).
 
 =================================  ==============================================================================
-``GET /healthz``                   liveness: 200 while the process answers, whatever else is wrong; flags (open)
+``GET /healthz``                   liveness: 200 while the process answers, whatever else is wrong; flags: the
+                                   cutover state in force as last read (and its source) (open)
 ``GET /readyz``                    readiness: 200 when ready, 503 with the conditions that hold (open; see
                                    :mod:`streams.health`)
 ``GET /metrics``                   Prometheus text format (open, like any scrape target on loopback); the
@@ -222,14 +223,18 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
     @app.page("/healthz")  # type: ignore[untyped-decorator]
     async def healthz(web: Any, request: Any) -> Any:
         # Liveness only: no database or broker call, so a sick dependency never gets the process restarted.
+        # The cutover state is the one last read (the closer, the sender and the progress timer read it).
+        eff = deps.cutover.last_known()
         return web.json(
             {
                 "ok": True,
                 "ready": health.ready(),
                 "owner": deps.owner,
-                "shadow": config.close.shadow,
-                "bill_from": config.close.bill_from,
-                "authority": config.authority.value,
+                "shadow": eff.state.shadow,
+                "bill_from": eff.state.bill_from,
+                "bill_until": eff.state.bill_until,
+                "authority": eff.state.authority.value,
+                "cutover": {"source": eff.source, "seq": eff.seq},
             }
         )
 

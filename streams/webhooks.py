@@ -152,15 +152,22 @@ class WebhookRuntime:
         store: WebhookStore,
         *,
         topic: str,
-        authority: Authority,
+        authority: Authority | Callable[[], Authority],
         provisioner: StripeProvisioner | None,
     ) -> None:
+        """``authority``: who provisions, or a function asked at each event (the cutover state in force can
+        change while the worker runs)."""
         self.store = store
         self.topic = topic
-        self.authority = authority
+        self._authority = authority
         self.provisioner = provisioner
         self._busy: set[str] = set()
         self._lock = asyncio.Lock()
+
+    @property
+    def authority(self) -> Authority:
+        a = self._authority
+        return a if isinstance(a, Authority) else a()
 
     def receive(self, records: Sequence[tuple[int, int, bytes | None]]) -> list[str]:
         return self.store.receive(self.topic, records, claim_ms=CLAIM_MS)
@@ -281,7 +288,7 @@ def install_webhooks(app: Any, deps: Deps) -> WebhookRuntime:
     rt = WebhookRuntime(
         WebhookStore(deps.ledger.engine, clock=deps.clock_ms),
         topic=cfg.topics.webhooks,
-        authority=cfg.authority,
+        authority=lambda: deps.cutover.authority,
         provisioner=deps.provisioner,
     )
     events_topic = app.topic(cfg.topics.webhooks, partitions=cfg.kafka.partitions, **RAW_BYTES)

@@ -5,8 +5,11 @@
   into the ledger, deduplicated by tick id, together with the partition's progress (ticks the database
   refuses are isolated and dead-lettered); offsets are committed to Kafka only after the ledger commit.
 * ``policy`` agent (``org-policy``): policy history into the ledger.
+* ``control`` agent (``billing-control``, one partition, compacted): cutover states made by any tool into
+  the ledger's audit (idempotent: a state a command recorded itself is recorded once).
 * ``cell`` agent and the parity refresher (:mod:`streams.cell`).
-* ``progress`` timer (every worker): reports the log end of the partitions it owns.
+* ``progress`` timer (every worker): reports the log end of the partitions it owns, and notices a new
+  cutover state (logged once, acknowledged in the ledger).
 * ``closer`` timer (leader): computes the watermark and closes buckets.
 * ``sender`` timer (leader, only when not in shadow): drains the outbox to Stripe.
 * Stripe webhooks: the ``POST /webhooks/stripe`` receiver, the ``webhooks`` agent and its retry timer
@@ -42,6 +45,7 @@ def install(app: Any, deps: Deps) -> Pipeline:
     dlq = app.topic(pipe.dlq_topic, partitions=n, **RAW_BYTES)
     policy = app.topic(pipe.policy_topic, partitions=n, **RAW_BYTES)
     policy_dlq = app.topic(pipe.policy_dlq_topic, partitions=1, **RAW_BYTES)
+    control = app.topic(pipe.control_topic, partitions=1, **RAW_BYTES)
 
     async def send_dead(topic: Any, dead: list[DeadLetter]) -> None:
         futs = [await topic.send(key=d.key, value=d.value, headers=d.headers) for d in dead]
@@ -71,6 +75,15 @@ def install(app: Any, deps: Deps) -> Pipeline:
     # like @app.service — so the two group joins overlap (about a second off every start on Tansu).
     app.add_dependency(make_ingest_service(pipe, functools.partial(send_dead, dlq))())
     app.agent(policy, name="edgebill.policy")(policy_agent)
+
+    async def control_agent(stream: Any) -> Any:
+        async for events in stream.take_events(100, within=0.2):
+            records = [RawRecord(e.message.partition, e.message.offset, e.message.key, e.message.value) for e in events]
+            await retry_forever("cutover control write", functools.partial(pipe.record_control, records))
+            await pipe.control_progress()  # apply it here at once, not at the next progress tick
+            yield len(records)
+
+    app.agent(control, name="edgebill.control")(control_agent)
 
     async def report_progress() -> None:
         """Report the log end of owned partitions, from the consumer's last Fetch responses.
@@ -111,6 +124,7 @@ def install(app: Any, deps: Deps) -> Pipeline:
             if wrote:
                 pipe.health.ok(LEDGER, source=what)
                 pipe.limiter.recovered(what)
+        await pipe.control_progress()
 
     app.timer(0.5, name="edgebill.progress")(report_progress)
     app.timer(cfg.close_interval_s, on_leader=True, name="edgebill.closer")(pipe.close_tick)

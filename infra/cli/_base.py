@@ -250,3 +250,28 @@ def open_ledger(s: Settings, *, quiet: bool = False) -> Ledger:
     if not quiet:
         click.echo(f"ledger: {label}", err=True)
     return Ledger(engine)
+
+
+def ledger_for_writing(s: Settings, *, quiet: bool = False) -> Ledger:
+    """The ledger named by the settings, created or migrated to this code's schema (under the migration lock a
+    starting worker takes too). For commands that record something in it, such as a cutover change, which
+    must not depend on a worker having run first. A database that cannot be reached: exit 2 in one line."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from sinks.ledger import Ledger
+    from sinks.schema import make_engine, migrate
+
+    url = s.db.resolved_url
+    kwargs: dict[str, Any] = {}
+    if make_url(url).get_backend_name() != "sqlite":
+        kwargs["connect_args"] = {"connect_timeout": DB_CONNECT_TIMEOUT_S}
+    engine = make_engine(url, **kwargs)
+    try:
+        migrate(engine)
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise ledger_unreachable(s, exc) from exc
+    if not quiet:
+        click.echo(f"ledger: {ledger_label(url)}", err=True)
+    return Ledger(engine)

@@ -24,10 +24,13 @@ def check_config(as_json: bool, probe: bool) -> None:
     """Validate every setting, the cutover interlocks and the security rules; report every problem at once.
 
     Exit 1 when a setting is invalid; with --probe, exit 2 when the broker, the database or Stripe cannot be
-    reached (one line each, naming the setting and the fix).
+    reached (one line each, naming the setting and the fix). Values that are valid but probably not what was
+    meant (a SHADOW that is neither true nor false) are warned about on stderr.
     """
-    from infra.settings import load_settings
+    from infra.settings import config_warnings, load_settings
 
+    for warning in config_warnings():
+        click.echo(f"warning: {warning}", err=True)
     try:
         s = load_settings()
     except ConfigError as exc:

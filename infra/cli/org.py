@@ -21,7 +21,12 @@ def org() -> None:
 @click.option("--billing-mode", type=click.Choice(["unified", "legacy"]), default="unified", show_default=True)
 @click.option("--customer", default=None, help="Stripe customer id (cus_…).")
 @click.option("--subscription", default=None, help="Stripe subscription id (sub_…).")
-@click.option("--provider", default="stripe", show_default=True, help="Billing provider (only 'stripe' is billed).")
+@click.option(
+    "--provider",
+    default="stripe",
+    show_default=True,
+    help="Billing provider: 'stripe' and 'legacy' are billed through Stripe; others (autumn) are billed elsewhere.",
+)
 @click.option("--effective-at", default=None, help="Unix seconds or RFC 3339 (default: now).")
 def org_set(
     org_id: str,

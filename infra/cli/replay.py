@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 import click
 
-from infra.cli._base import broker_errors, cli, open_ledger, parse_time, require_broker, settings_for_cli
+from infra.cli._base import broker_errors, cli, ledger_label, open_ledger, parse_time, require_broker, settings_for_cli
 from models.errors import EdgebillError
 
 
@@ -30,6 +31,11 @@ def _partition_offsets(values: tuple[str, ...], flag: str) -> dict[int | None, i
     return out
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
 @cli.command()
 @click.option("--partition", "partitions", type=int, multiple=True, help="Only this partition (repeatable).")
 @click.option("--from-offset", "from_offsets", multiple=True, help="[PARTITION:]OFFSET to start at (inclusive).")
@@ -38,9 +44,12 @@ def _partition_offsets(values: tuple[str, ...], flag: str) -> dict[int | None, i
 @click.option("--until", default=None, help="Only ticks stamped before: unix s or RFC 3339.")
 @click.option("--bucket-from", default=None, help="First bucket (its start, or any time inside it).")
 @click.option("--bucket-to", default=None, help="Last bucket, inclusive (its start, or any time inside it).")
-@click.option("--dry-run/--apply", "dry_run", default=True, show_default=True, help="Only diff, or write the missing.")
+@click.option("--org", "orgs", multiple=True, help="Only this org (repeatable).")
+@click.option(
+    "--dry-run/--apply", "dry_run", default=True, show_default=True, help="Only diff, or repair the differences."
+)
 @click.option("--force", is_flag=True, help="--apply even beyond Stripe's 35 days or with unexplained differences.")
-@click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON (no progress display).")
 @click.option("--limit", type=int, default=50, show_default=True, help="Rows and ids shown (0 = all).")
 @click.option("--jobs", type=int, default=None, help="Scan processes (default: one per CPU; small ranges: 1).")
 def replay(
@@ -51,22 +60,37 @@ def replay(
     until: str | None,
     bucket_from: str | None,
     bucket_to: str | None,
+    orgs: tuple[str, ...],
     dry_run: bool,
     force: bool,
     as_json: bool,
     limit: int,
     jobs: int | None,
 ) -> None:
-    """Re-derive a range of usage-ticks and diff it against what the ledger billed.
+    """Re-derive a range of usage-ticks and diff it against what the ledger billed; --apply repairs.
 
     Reads the topic without a consumer group (never commits, never disturbs a worker), prices every unique
     tick as the closer does, and compares: ticks missing from the ledger, samples the topic does not hold,
-    units per (org, bucket, meter) and values per (org, meter). Exit 0 when there is no difference, 1 when
-    there is, 2 when the replay could not run or --apply refused. --apply writes only the missing ticks
-    into the ledger (the closer turns them into correction rows, the sender ships them) and exits 0 when
-    that accounts for every difference.
+    units per (org, bucket, meter) — each labelled ok, missing, under-billed or over-billed — and values per
+    (org, meter). --apply writes the missing ticks (the closer turns them into correction rows), and repairs
+    under- and over-billing with correction rows: an over-billing still inside Stripe's 24 h window is
+    cancelled at Stripe and resent with its corrected value, an older one gets a negative correction.
+    Exit 0 when there is no difference (or --apply accounted for every one), 1 when there is, 2 when the
+    replay could not run (broker or ledger unreachable: one line on stderr) or --apply refused.
     """
-    from infra.replay import ReplayRefused, ReplaySpec, apply_missing, render_table, run_replay
+    from sqlalchemy.exc import DBAPIError
+
+    from infra.replay import (
+        ReplaySpec,
+        apply_missing,
+        apply_problems,
+        apply_repairs,
+        progress_display,
+        render_table,
+        repair_problems,
+        repairable,
+        run_replay,
+    )
     from models.topics import TOPIC_TICKS
 
     s = settings_for_cli()
@@ -79,31 +103,54 @@ def replay(
         until_ms=parse_time(until) * 1000 if until else None,
         bucket_from=parse_time(bucket_from) if bucket_from else None,
         bucket_to=parse_time(bucket_to) if bucket_to else None,
+        orgs=tuple(orgs) or None,
     )
     # The ledger must exist (a new, empty one would make every tick "missing"); no migration either way (it
-    # takes the write lock a running worker's ledger uses). A broker that does not answer: exit 2 now, not
-    # a traceback from the scan.
-    led = open_ledger(s)
+    # takes the write lock a running worker's ledger uses). A ledger or a broker that cannot be reached:
+    # exit 2 now with the one line that matters, not a traceback from the scan; the ledger is named after.
+    url = s.db.resolved_url
+    led = open_ledger(s, quiet=True)
     try:
         require_broker(s)
     except click.ClickException:
         led.dispose()
         raise
+    click.echo(f"ledger: {ledger_label(url)}", err=True)
     applied: dict[str, Any] | None = None
+    repaired: dict[str, Any] | None = None
     refused: list[str] = []
+    remaining = False
     try:
         try:
-            with broker_errors(s):
-                result = run_replay(led, s.kafka.servers, spec, bucket_seconds=s.billing.bucket_seconds, jobs=jobs)
+            with (
+                broker_errors(s),
+                progress_display(sys.stderr, enabled=not as_json and sys.stderr.isatty()) as progress,
+            ):
+                result = run_replay(
+                    led, s.kafka.servers, spec, bucket_seconds=s.billing.bucket_seconds, jobs=jobs, progress=progress
+                )
             if not dry_run:
-                try:
-                    res = apply_missing(led, result, force=force)
+                now_ms = time.time_ns() // 1_000_000
+                refused = apply_problems(result, now_ms=now_ms) + repair_problems(result, now_ms=now_ms)
+                if not refused or force:
+                    refused = []
+                    res = apply_missing(led, result, force=True, now_ms=now_ms)
                     applied = {"offered": res.offered, "inserted": res.inserted}
                     applied["already_present"] = res.offered - res.inserted
-                except ReplayRefused as exc:
-                    refused = exc.reasons
+                    fixed = apply_repairs(led, result, cancel=_canceller(s), now_ms=now_ms)
+                    repaired = fixed.to_wire()
+                    handled = {(k.org_id, k.bucket_start, k.meter) for k in repairable(result)}
+                    handled -= {(x["org_id"], x["bucket_start"], x["meter"]) for x in fixed.skipped}
+                    remaining = bool(result.report.extra_ids or fixed.errors or fixed.skipped) or any(
+                        k.diff_units and not k.explained and (k.org_id, k.bucket_start, k.meter) not in handled
+                        for k in result.report.keys
+                    )
         except EdgebillError as exc:
             raise _ReplayFailed(str(exc)) from exc
+        except DBAPIError as exc:
+            raise _ReplayFailed(f"the ledger at {_safe(url)} failed: {_one_line(exc.orig or exc)}") from None
+        except (OSError, ConnectionError) as exc:
+            raise _ReplayFailed(f"the Kafka broker at {s.kafka.servers} failed: {_one_line(exc)}") from None
     finally:
         led.dispose()
     report = result.report
@@ -111,6 +158,7 @@ def replay(
         out = report.to_wire(limit)
         if not dry_run:
             out["applied"] = applied
+            out["repaired"] = repaired
             out["refused"] = refused
         click.echo(json.dumps(out, indent=2))
     else:
@@ -122,11 +170,43 @@ def replay(
                 f"({applied['already_present']} were present by then); the closer turns them into rows "
                 "(corrections …:r{n} for closed buckets) and the sender ships them"
             )
+        if repaired is not None:
+            for line in _render_repairs(repaired):
+                click.echo(line)
     if refused:
         for r in refused:
             click.echo(f"refused: {r}", err=True)
         raise _ReplayFailed("nothing applied (--force to apply anyway)")
-    if applied is not None:  # what remains after applying: differences the missing ticks do not explain
-        remaining = bool(report.extra_ids) or any(k.diff_units and not k.explained for k in report.keys)
+    if applied is not None:  # what remains after applying: differences neither the ticks nor the repairs cover
         sys.exit(1 if remaining else 0)
     sys.exit(0 if report.clean else 1)
+
+
+def _safe(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _canceller(s: Any) -> Any:
+    """Cancels one meter event at Stripe (event_name, identifier) -> Cancellation."""
+    from sinks.stripe import cancel_meter_event, make_client
+
+    client = make_client(s.stripe.api_key.get_secret_value(), s.stripe.base, timeout=s.stripe.timeout)
+    return lambda event_name, identifier: cancel_meter_event(client, event_name, identifier)
+
+
+def _render_repairs(r: dict[str, Any]) -> list[str]:
+    lines = [
+        f"repaired: {len(r['cancelled'])} row(s) cancelled at Stripe, {len(r['corrections'])} correction row(s) "
+        "written (the sender ships the pending ones)"
+    ]
+    for c in r["corrections"]:
+        lines.append(f"  {c['id']}  {c['value']}  {c['state']}")
+    for c in r["credit_needed"]:
+        lines.append(f"  credit needed (Stripe cannot take it): {c['org_id']} {c['bucket_start']} {c['meter']}")
+    for e in r["errors"]:
+        lines.append(f"  cancel failed: {e['id']}: {e['error']}")
+    for k in r["skipped"]:
+        lines.append(f"  not repaired: {k['org_id']} {k['bucket_start']} {k['meter']}: {k['why']}")
+    return lines

@@ -28,6 +28,13 @@ The unit comparison needs every tick of a bucket: it covers the buckets lying wh
 bounds, and it is skipped when the offset range is partial (not every partition from its log start to
 its end) — the tick-level comparison (missing / extra) is exact in every case.
 
+Each (org, bucket, meter) is labelled ``ok``, ``missing`` (ticks missing from the ledger explain it),
+``under-billed`` or ``over-billed`` (for another reason: a policy or an ownership known only later).
+
+:func:`apply_repairs` (:mod:`~infra.replay.repair`) repairs under- and over-billing with correction rows;
+an over-billing still inside Stripe's 24 h cancel window is cancelled at Stripe and resent with its
+corrected value under a new identifier, an older one gets a negative correction.
+
 :func:`apply_missing` (:mod:`~infra.replay.apply`) writes only the missing ticks, through
 :meth:`Ledger.write_ticks` with no partition progress (the id primary key absorbs anything already
 present): the running closer turns them into correction rows ``…:r{n}`` for buckets already closed, and
@@ -44,14 +51,16 @@ from infra.replay.compare import _ledger_ids as _ledger_ids
 from infra.replay.plan import PartitionRange, ReplayError, ReplayRefused, ReplaySpec, plan_ranges
 from infra.replay.plan import _slices as _slices
 from infra.replay.price import Aggregates, Key, Pricer, load_pricer
-from infra.replay.render import render_table
-from infra.replay.report import KeyDiff, OrgMeterDiff, ReplayReport, ReplayResult
+from infra.replay.render import progress_display, render_table
+from infra.replay.repair import RepairResult, apply_repairs, repair_problems, repairable
+from infra.replay.report import LABELS, KeyDiff, OrgMeterDiff, ReplayReport, ReplayResult
 from infra.replay.run import INLINE_BELOW_RECORDS, MAX_JOBS, run_replay
 from infra.replay.scan import STALL_SECONDS, ScanCounts
 
 __all__ = [
     "APPLY_CHUNK",
     "INLINE_BELOW_RECORDS",
+    "LABELS",
     "MAX_JOBS",
     "STALL_SECONDS",
     "Aggregates",
@@ -61,6 +70,7 @@ __all__ = [
     "OrgMeterDiff",
     "PartitionRange",
     "Pricer",
+    "RepairResult",
     "ReplayError",
     "ReplayRefused",
     "ReplayReport",
@@ -69,8 +79,12 @@ __all__ = [
     "ScanCounts",
     "apply_missing",
     "apply_problems",
+    "apply_repairs",
     "load_pricer",
     "plan_ranges",
+    "progress_display",
     "render_table",
+    "repair_problems",
+    "repairable",
     "run_replay",
 ]

@@ -70,6 +70,7 @@ def _ledger_ids(
     lo: int,
     hi: int,
     partial: Sequence[PartitionRange] | None,
+    orgs: Sequence[str] | None = None,
 ) -> tuple[set[str], set[str]]:
     """(ids of the samples in scope, the ids among them that the range should hold).
 
@@ -81,9 +82,9 @@ def _ledger_ids(
     lo_ms = None if lo == NO_LOW else lo
     hi_ms = None if hi == NO_HIGH else hi
     if partial is None:
-        ids = ledger.sample_ids(first, last, lo_ms, hi_ms)
+        ids = ledger.sample_ids(first, last, lo_ms, hi_ms, orgs)
         return ids, ids
-    rows = ledger.sample_sources(first, last, lo_ms, hi_ms)
+    rows = ledger.sample_sources(first, last, lo_ms, hi_ms, orgs)
     spans: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for r in partial:
         spans[r.partition].append((r.start, r.end))
@@ -98,6 +99,7 @@ def _compare(
     derived: Aggregates,
     missed: Aggregates,
     compared: tuple[int, int] | None,
+    orgs: Sequence[str] | None = None,
 ) -> tuple[list[KeyDiff], int, list[OrgMeterDiff], dict[str, list[int]]]:
     """Per (org, bucket, meter) and per (org, meter): the re-derived usage against the ledger's."""
     billed: dict[Key, int] = {}
@@ -105,10 +107,10 @@ def _compare(
     opened = Aggregates()
     if compared is not None:
         first, last = compared
-        for k, (units, value) in ledger.billed_by_key(first, last).items():
+        for k, (units, value) in ledger.billed_by_key(first, last, orgs).items():
             billed[k] = units
             values[(k[0], k[2])] += value
-        open_ticks = ledger.open_ticks(first, last)
+        open_ticks = ledger.open_ticks(first, last, orgs)
         pricer.price(open_ticks, opened)
 
     def inside(b: int) -> bool:

@@ -35,7 +35,8 @@ class ReplaySpec:
     """What to replay. Offsets are per partition, ``[from, to)``; times are unix ms of the tick's own
     timestamp, ``[since, until)``; bucket bounds are bucket starts (unix s), both inclusive.
 
-    ``from_offsets`` / ``to_offsets`` map a partition (or None: every partition) to an offset.
+    ``from_offsets`` / ``to_offsets`` map a partition (or None: every partition) to an offset. ``orgs``
+    narrows everything, the topic's ticks and the ledger's side, to those orgs.
     """
 
     topic: str
@@ -46,6 +47,7 @@ class ReplaySpec:
     until_ms: int | None = None
     bucket_from: int | None = None
     bucket_to: int | None = None
+    orgs: tuple[str, ...] | None = None  # only the ticks (and ledger samples and rows) of these orgs
 
     def window_ms(self, bucket_seconds: int) -> tuple[int, int]:
         """The tick filter as one half-open window ``[lo, hi)`` of unix ms (unbounded sides = ±2^62)."""

@@ -1,11 +1,57 @@
-"""Replay's report as a human-readable table."""
+"""Replay's report as a human-readable table, and its progress display on a terminal."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import IO, Any
 
 from infra.replay.report import ReplayReport, _dec, _exact, _iso
 from models.billing import meter_unit_divisor
 
-__all__ = ["render_table"]
+__all__ = ["progress_display", "render_table"]
+
+
+@contextmanager
+def progress_display(stream: IO[str], *, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar for the scan on ``stream`` (records read of records to read, rate, time left), or
+    None when not ``enabled`` (``--json``, or not a terminal). Removed from the screen when done."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class _Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{speed:,.0f} records/s")
+
+    console = Console(file=stream, force_terminal=True)
+    with Progress(
+        TextColumn("replay: scanning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _Rate(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("scan", total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
 
 
 def render_table(report: ReplayReport, limit: int = 50) -> list[str]:
@@ -37,18 +83,20 @@ def render_table(report: ReplayReport, limit: int = 50) -> list[str]:
         f"missing from ledger {c['missing_from_ledger']:,}  extra in ledger {c['extra_in_ledger']:,}  "
         f"(org, bucket, meter) compared {c['compared_keys']:,}, differing {c['differing_keys']:,}"
     )
+    if report.labels:
+        out.append("(org, bucket, meter) by label: " + ", ".join(f"{k} {v:,}" for k, v in report.labels.items()))
     if report.keys:
         out.append("")
         out.append(
             f"{'org':<20} {'bucket':<17} {'meter':<34} {'re-derived':>16} {'billed':>16} {'open':>12} "
-            f"{'difference':>14} {'missing':>14}"
+            f"{'difference':>14} {'missing':>14}  label"
         )
         for k in report.keys[:limit]:
             w = k.to_wire()
             out.append(
                 f"{k.org_id:<20} {_iso(k.bucket_start):<17} {k.meter:<34} {w['derived']:>16} {w['billed']:>16} "
                 f"{_exact(k.open_units, meter_unit_divisor(k.meter)):>12} "
-                f"{w['diff'] if k.compared else 'n/c':>14} {w['missing']:>14}"
+                f"{w['diff'] if k.compared else 'n/c':>14} {w['missing']:>14}  {k.label}"
             )
         if len(report.keys) > limit:
             out.append(f"... {len(report.keys) - limit} more (--limit 0 shows all)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -11,7 +11,13 @@ from infra.replay.plan import PartitionRange
 from models.billing import meter_unit_divisor, round_value
 from sinks.ledger import SourcedTick
 
-__all__ = ["KeyDiff", "OrgMeterDiff", "ReplayReport", "ReplayResult"]
+__all__ = ["LABELS", "KeyDiff", "OrgMeterDiff", "ReplayReport", "ReplayResult"]
+
+#: What a replay says of each (org, bucket, meter): the ledger agrees (``ok``); ticks are missing from it
+#: and writing them makes it agree (``missing``); it accounts for less (``under-billed``) or more
+#: (``over-billed``) than the topic's ticks, for another reason (a policy or ownership known only later).
+OK, MISSING, UNDER, OVER = "ok", "missing", "under-billed", "over-billed"
+LABELS = (OK, MISSING, UNDER, OVER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +44,24 @@ class KeyDiff:
         """Applying the missing ticks would make the ledger agree exactly."""
         return not self.compared or self.diff_units == self.missing_units
 
+    @property
+    def label(self) -> str:
+        """ok / missing / under-billed / over-billed (see :data:`LABELS`)."""
+        if not self.compared:
+            return MISSING if self.missing_units else OK
+        if self.diff_units == 0:
+            return OK
+        if self.missing_units and self.diff_units == self.missing_units:
+            return MISSING
+        return UNDER if self.diff_units > 0 else OVER
+
     def to_wire(self) -> dict[str, Any]:
         div = meter_unit_divisor(self.meter)
         return {
             "org_id": self.org_id,
             "bucket_start": self.bucket_start,
             "meter": self.meter,
+            "label": self.label,
             "compared": self.compared,
             "derived_units": self.derived_units,
             "billed_units": self.billed_units,
@@ -121,6 +139,7 @@ class ReplayReport:
     jobs: int
     seconds: float
     now_ms: int
+    labels: dict[str, int] = field(default_factory=dict)  # label -> (org, bucket, meter) keys
 
     @property
     def differing_keys(self) -> list[KeyDiff]:
@@ -145,6 +164,7 @@ class ReplayReport:
             "window": {"since_ms": lo, "until_ms": hi},
             "compared_buckets": list(self.compared_buckets) if self.compared_buckets else None,
             "counts": self.counts,
+            "labels": self.labels,
             "rejected": self.rejected,
             "unbilled": {k: {"samples": v[0], "mb_seconds": v[1]} for k, v in sorted(self.unbilled.items())},
             "differences": [k.to_wire() for k in self.keys[:lim]],

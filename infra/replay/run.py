@@ -9,16 +9,16 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from infra.replay.compare import _check_bucket_seconds, _compare, _compared_buckets, _id_scope, _ledger_ids
 from infra.replay.plan import NO_HIGH, NO_LOW, PartitionRange, ReplaySpec, _slices, plan_ranges
 from infra.replay.price import Aggregates, load_pricer
-from infra.replay.report import ReplayReport, ReplayResult
+from infra.replay.report import LABELS, ReplayReport, ReplayResult
 from infra.replay.scan import ScanCounts, _Job, _Scanner
 from models.ticks import Tick
 from sinks.ledger import Ledger, SourcedTick
@@ -39,11 +39,13 @@ def run_replay(
     bucket_seconds: int,
     jobs: int | None = None,
     inline_below: int = INLINE_BELOW_RECORDS,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ReplayResult:
     """Re-derive ``spec``'s range and compare it with the ledger. Read-only on Kafka and on the ledger.
 
     ``jobs``: worker processes for the scan (default: one per CPU, at most 8; ranges of fewer than
-    ``inline_below`` records are scanned in this process).
+    ``inline_below`` records are scanned in this process). ``progress(records read, records to read)`` is
+    called as the scan goes (from this process, whichever process scans).
     """
     t0 = time.perf_counter()
     now_ms = time.time_ns() // 1_000_000
@@ -62,15 +64,34 @@ def run_replay(
         ledger.dispose()
         sys.stdout.flush()
         sys.stderr.flush()
+    orgs = frozenset(spec.orgs) if spec.orgs else None
+    counters: list[Any] = [
+        multiprocessing.get_context("fork").Value("q", 0, lock=False) if fork else _Counter() for _ in range(n_jobs)
+    ]
+
+    def report_progress() -> None:
+        if progress is not None:
+            progress(min(total, sum(int(c.value) for c in counters)), total)
+
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of acyclic objects (ticks, ids): the collector would only rescan them, repeatedly
     try:
-        scanners = [_Scanner(bootstrap, spec.topic, sl, (lo, hi), pricer) for sl in _slices(ranges, n_jobs)]
-        sd = _scan_and_diff(ledger, scanners, fork, lo, hi, None if complete else ranges, bucket_seconds)
+        scanners = [
+            _Scanner(bootstrap, spec.topic, sl, (lo, hi), pricer, orgs=orgs, counter=counters[k])
+            for k, sl in enumerate(_slices(ranges, n_jobs))
+        ]
+        if not fork:
+            for sc in scanners:
+                sc.on_progress = report_progress
+        sd = _scan_and_diff(
+            ledger, scanners, fork, lo, hi, None if complete else ranges, bucket_seconds, spec.orgs, report_progress
+        )
+        if progress is not None:
+            progress(total, total)
         del scanners  # every tick but the missing ones is freed here, before the collector runs again
         t_diff = time.perf_counter()
         compared = _compared_buckets(spec, sd.counts, bucket_seconds) if complete else None
-        keys, n_compared, org_meters, unbilled = _compare(ledger, pricer, sd.derived, sd.missed, compared)
+        keys, n_compared, org_meters, unbilled = _compare(ledger, pricer, sd.derived, sd.missed, compared, spec.orgs)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -89,6 +110,10 @@ def run_replay(
         "compared_keys": n_compared,
         "differing_keys": sum(1 for k in keys if k.diff_units),
     }
+    labels = dict.fromkeys(LABELS, 0)
+    for k in keys:
+        labels[k.label] += 1
+    labels["ok"] = n_compared - sum(1 for k in keys if k.compared and k.label != "ok")
     seconds = time.perf_counter() - t0
     log.debug(
         "replay timings: plan+pricer %.3fs, scan %.3fs, ids+ledger ids %.3fs, diff+finish %.3fs, compare %.3fs",
@@ -115,8 +140,18 @@ def run_replay(
         jobs=n_jobs,
         seconds=seconds,
         now_ms=now_ms,
+        labels=labels,
     )
     return ReplayResult(report, [SourcedTick(t, p, o) for t, p, o in sd.missing_ticks])
+
+
+class _Counter:
+    """Records read by a scan in this process (a worker process gets a shared ``multiprocessing.Value``)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
 
 
 @dataclass
@@ -141,12 +176,14 @@ def _scan_and_diff(
     hi: int,
     partial: Sequence[PartitionRange] | None,
     bucket_seconds: int,
+    orgs: Sequence[str] | None = None,
+    on_wait: Callable[[], None] | None = None,
 ) -> _ScanDiff:
     """Run the scanners (worker processes when ``fork``) through their three steps against the ledger's ids."""
     jobs: list[_Job] = []
     try:
         for sc in scanners:
-            jobs.append(_Job(sc, fork))
+            jobs.append(_Job(sc, fork, on_wait))
         # Step 1: the scans; their span of tick times bounds the ledger scope.
         counts = ScanCounts()
         for job in jobs:
@@ -157,7 +194,7 @@ def _scan_and_diff(
         # ticks; an id two scanners hold counts for the earliest slice only.
         id_lo, id_hi = _id_scope(lo, hi, counts, bucket_seconds)
         with ThreadPoolExecutor(1, thread_name_prefix="edgebill-replay-ids") as pool:
-            ledger_read = pool.submit(_ledger_ids, ledger, id_lo, id_hi, lo, hi, partial)
+            ledger_read = pool.submit(_ledger_ids, ledger, id_lo, id_hi, lo, hi, partial, orgs)
             derived = Aggregates()
             earlier: set[str] = set()  # ids of the scanners before the current one
             owned: list[AbstractSet[str]] = []

@@ -67,9 +67,24 @@ class _Scanner:
     """
 
     def __init__(
-        self, bootstrap: str, topic: str, slices: Sequence[PartitionRange], window: tuple[int, int], pricer: Pricer
+        self,
+        bootstrap: str,
+        topic: str,
+        slices: Sequence[PartitionRange],
+        window: tuple[int, int],
+        pricer: Pricer,
+        *,
+        orgs: frozenset[str] | None = None,
+        counter: Any = None,
     ) -> None:
+        """``orgs``: only ticks of these orgs are selected (the others count as outside the window).
+        ``counter``: an object with an integer ``value`` the scan adds the records it read to (a shared
+        ``multiprocessing.Value`` when the scan runs in a worker process); ``on_progress`` is called after
+        each batch when the scan runs in this process."""
         self.pricer = pricer
+        self.orgs = orgs
+        self.counter = counter
+        self.on_progress: Any = None
         self.groups = _Groups()
         self.bootstrap = bootstrap
         self.topic = topic
@@ -140,6 +155,7 @@ class _Scanner:
         mn, mx = c.min_ts, c.max_ts
         fresh: list[Tick] = []
         add = fresh.append
+        orgs = self.orgs
         for r in recs:
             off = r.offset
             if off >= end:
@@ -153,7 +169,7 @@ class _Scanner:
             n_ticks += len(ticks)
             for t in ticks:
                 ts = t.ts_ms
-                if ts < lo or ts >= hi:
+                if ts < lo or ts >= hi or (orgs is not None and t.org_id not in orgs):
                     outside += 1
                     continue
                 entry = (t, partition, off)
@@ -176,6 +192,10 @@ class _Scanner:
         c.ignored += ignored
         c.min_ts, c.max_ts = mn, mx
         self.pricer.collect(fresh, self.groups)  # while the batch's ticks are still in the CPU cache
+        if self.counter is not None:
+            self.counter.value += n_rec
+            if self.on_progress is not None:
+                self.on_progress()
 
     def price(self) -> None:
         self.derived = self.pricer.finish(self.groups)
@@ -214,8 +234,10 @@ class _Job:
     ids to give up and the missing ids -> :class:`_Part`. In a worker process step 2 overlaps the parent's
     ledger reads."""
 
-    def __init__(self, scanner: _Scanner, fork: bool) -> None:
+    def __init__(self, scanner: _Scanner, fork: bool, on_wait: Any = None) -> None:
+        """``on_wait``: called while the parent waits for a worker process (the progress display)."""
         self.scanner = scanner
+        self.on_wait = on_wait
         self.proc: Any = None
         self.conn: Any = None
         if fork:
@@ -270,6 +292,8 @@ class _Job:
 
     def _recv(self, want: str) -> tuple[Any, ...]:
         while not self.conn.poll(0.2):
+            if self.on_wait is not None:
+                self.on_wait()
             if not self.proc.is_alive():
                 raise ReplayError(f"replay worker process {self.proc.pid} exited with {self.proc.exitcode}")
         try:

@@ -11,7 +11,11 @@ One module per job, joined into :class:`Ledger`:
 * :mod:`~sinks.ledger.ingest` — samples, policies, progress, highwaters (the worker's hot path);
 * :mod:`~sinks.ledger.closer` — samples into meter rows, with the zombie rule in SQL;
 * :mod:`~sinks.ledger.outbox` — the rows to send, send outcomes, Stripe's error-report cursor;
-* :mod:`~sinks.ledger.queries` — read models for reports, commands and replay.
+* :mod:`~sinks.ledger.queries` — read models for reports, commands and replay;
+* :mod:`~sinks.ledger.corrections` — rows written or moved after a close by operator commands (replay's
+  corrections, cancellations at Stripe), keeping the rounding carry exact;
+* :mod:`~sinks.ledger.cutover` — the cutover's audit log, the state in force, the workers' acknowledgements,
+  a rollback's sweep and a release; :class:`CutoverView` for the worker.
 
 Concurrency: SQLite serialises writers; on PostgreSQL the closer takes a transaction-scoped
 advisory lock so that two workers can never close at once, plus a short SHARE lock on
@@ -23,25 +27,45 @@ from __future__ import annotations
 
 from models.zombie import ZOMBIE_SLACK_MS
 from sinks.ledger.closer import CloseConfig, CloseResult, LedgerCloser, close_position, not_aggregated, zombie_expr
+from sinks.ledger.corrections import Correction, LedgerCorrections, WrittenRow
+from sinks.ledger.cutover import (
+    BOOTSTRAP_SOURCE,
+    LEDGER_SOURCE,
+    CutoverView,
+    EffectiveCutover,
+    LedgerCutover,
+    LogEntry,
+    Recorded,
+)
 from sinks.ledger.ingest import IngestResult, LedgerIngest, SourcedTick
 from sinks.ledger.outbox import LedgerOutbox, MeterRow
 from sinks.ledger.queries import LedgerQueries
 from sinks.ledger.store import Clock, SqlStore, policy_from_row, read_partition_states, wall_clock_ms
 
 __all__ = [
+    "BOOTSTRAP_SOURCE",
+    "LEDGER_SOURCE",
     "ZOMBIE_SLACK_MS",
     "Clock",
     "CloseConfig",
     "CloseResult",
+    "Correction",
+    "CutoverView",
+    "EffectiveCutover",
     "IngestResult",
     "Ledger",
     "LedgerCloser",
+    "LedgerCorrections",
+    "LedgerCutover",
     "LedgerIngest",
     "LedgerOutbox",
     "LedgerQueries",
+    "LogEntry",
     "MeterRow",
+    "Recorded",
     "SourcedTick",
     "SqlStore",
+    "WrittenRow",
     "close_position",
     "not_aggregated",
     "policy_from_row",
@@ -51,5 +75,5 @@ __all__ = [
 ]
 
 
-class Ledger(LedgerIngest, LedgerCloser, LedgerOutbox, LedgerQueries):
+class Ledger(LedgerIngest, LedgerCloser, LedgerOutbox, LedgerQueries, LedgerCutover):
     """All ledger reads and writes. One instance per process; thread-safe through the engine pool."""

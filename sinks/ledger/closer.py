@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, case, func, insert, literal, select, text, update
 
 from models.billing import (
+    Authority,
     BillingMode,
     bucket_end,
     carry_rounded_delta,
@@ -26,10 +27,12 @@ from models.billing import (
     meter_unit_divisor,
     round_value,
 )
+from models.cutover import CutoverState, Decision, decide
 from models.policy import OrgPolicy, PolicyHistory
 from models.pricing import ZOMBIE, Priced, Unbilled, price_usage, row_placement
 from models.watermark import last_closable_bucket
 from models.zombie import ZOMBIE_SLACK_MS
+from sinks.ledger.cutover import read_effective_state
 from sinks.ledger.store import SqlStore, policy_from_row
 from sinks.schema import (
     cell_intervals,
@@ -49,10 +52,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class CloseConfig:
+    """Bucketing and closing; ``shadow``, ``bill_from`` and ``authority`` are the environment's bootstrap
+    cutover state, in force until the ledger records the first cutover change."""
+
     bucket_seconds: int
     grace_seconds: int
     shadow: bool
     bill_from: int
+    authority: Authority = Authority.CELL
+
+    @property
+    def bootstrap(self) -> CutoverState:
+        return CutoverState(shadow=self.shadow, bill_from=self.bill_from, authority=self.authority)
 
 
 @dataclass(slots=True)
@@ -64,9 +75,7 @@ class CloseResult:
     corrections: int = 0
     buckets: list[int] = field(default_factory=list)
     unbilled: dict[str, int] = field(default_factory=dict)
-
-
-_ADVISORY_LOCK_CLOSER = 0x6564676562696C  # "edgebil"
+    decided: dict[int, Decision] = field(default_factory=dict)  # buckets decided by this run, first close
 
 
 def not_aggregated() -> Any:
@@ -156,15 +165,19 @@ class LedgerCloser(SqlStore):
              in-flight ingest transactions, so no sample below the ``seq`` read next can still appear);
           2. read ``S = max(seq)``; the buckets to work on: those ``<= last closable`` holding samples
              with ``seq`` above the previous run's ``upto_seq``, and those newly closable;
-          3. insert the ``close_runs`` row (``upto_seq = S``, ``last_bucket``) -> ``close_id``;
+          3. insert the ``close_runs`` row (``upto_seq = S``, ``last_bucket``) -> ``close_id``; read each
+             bucket's stored decision, and decide the buckets closing for the first time from the cutover
+             state in force (the ledger's newest, else ``cfg.bootstrap``), read here, inside the transaction;
           4. per bucket, aggregate exactly its samples with ``cursor < seq <= S`` per (org, memory size), set
              zombie ticks aside (:func:`zombie_expr`), price the rest with the policy in effect at each
              tick's time (buckets with a policy change are priced per tick);
           5. per (org, bucket, meter): the next revision (0, or r{n} when the bucket already has rows),
-             the value through the rounding carry in ``meter_totals``, the state (pending / shadow /
-             skipped_before_bill_from / expired), insert the row; non-billable usage (unknown org, free
+             the value through the rounding carry in ``meter_totals``, the state from the bucket's one
+             decision (:func:`models.pricing.row_placement`: skipped_before_bill_from / skipped_rolled_back /
+             expired / shadow / pending), insert the row; non-billable usage (unknown org, free
              plan, legacy size outside the tiers, zombie) into ``unbilled_usage`` with its reason;
-          6. move each bucket's cursor to ``S``; counters; commit.
+          6. move each bucket's cursor to ``S`` and store the decisions made in 3 (a stored one is kept);
+             counters; commit.
         A crash anywhere before the commit changes nothing: the next run does the same work again. After
         the commit every sample up to ``S`` of those buckets is in exactly one row set — aggregated once,
         never skipped — and rows are never rewritten, so an identifier can never reach Stripe with two values.
@@ -179,8 +192,8 @@ class LedgerCloser(SqlStore):
                 return result
         now = self._clock()
         with self._w.begin() as conn:
+            self._lock_closer(conn)
             if self._dialect == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_CLOSER})
                 conn.execute(text("LOCK TABLE usage_samples IN SHARE MODE"))
             self._close_in_tx(conn, now, watermark_ms, last, cfg, result)
         if result.rows or result.samples:
@@ -235,10 +248,19 @@ class LedgerCloser(SqlStore):
         if not buckets:
             return
         cb = closed_buckets.c
-        cursors = {
-            int(r.bucket_start): int(r.seq)
-            for r in conn.execute(select(cb.bucket_start, cb.seq).where(cb.bucket_start.in_(buckets)))
-        }
+        cursors: dict[int, int] = {}
+        decisions: dict[int, Decision] = {}
+        for r in conn.execute(select(cb.bucket_start, cb.seq, cb.decision).where(cb.bucket_start.in_(buckets))):
+            cursors[int(r.bucket_start)] = int(r.seq)
+            if r.decision is not None:
+                decisions[int(r.bucket_start)] = Decision(r.decision)
+        # Each bucket's decision is made once, at its first close, from the cutover state in force now (read
+        # in this transaction: a change commits before or after this run, never during it).
+        got = read_effective_state(conn)
+        state = cfg.bootstrap if got is None else got[1]
+        for b in buckets:
+            if b not in decisions:
+                decisions[b] = result.decided[b] = decide(state, b)
 
         def pending(b: int) -> Any:
             return and_(us.bucket_start == b, us.seq > cursors.get(b, 0), us.seq <= top)
@@ -298,6 +320,7 @@ class LedgerCloser(SqlStore):
             now,
             [(org, b, m, u, n, mode) for (org, b, m), (u, n, mode) in sorted(billable.items())],
             cfg,
+            decisions,
             result,
         )
         if unbilled:
@@ -321,9 +344,17 @@ class LedgerCloser(SqlStore):
         stmt = self._insert(closed_buckets)
         conn.execute(
             stmt.on_conflict_do_update(
-                index_elements=["bucket_start"], set_={"close_id": stmt.excluded.close_id, "seq": stmt.excluded.seq}
+                index_elements=["bucket_start"],
+                set_={
+                    "close_id": stmt.excluded.close_id,
+                    "seq": stmt.excluded.seq,
+                    "decision": func.coalesce(closed_buckets.c.decision, stmt.excluded.decision),
+                },
             ),
-            [{"bucket_start": b, "closed_ms": now, "close_id": cid, "seq": top} for b in buckets],
+            [
+                {"bucket_start": b, "closed_ms": now, "close_id": cid, "seq": top, "decision": decisions[b].value}
+                for b in buckets
+            ],
         )
         conn.execute(update(close_runs).where(close_runs.c.id == cid).values(samples=claimed, rows=result.rows))
         self._bump_counters(
@@ -344,6 +375,7 @@ class LedgerCloser(SqlStore):
         now: int,
         items: list[tuple[str, int, str, int, int, BillingMode]],
         cfg: CloseConfig,
+        decisions: dict[int, Decision],
         result: CloseResult,
     ) -> None:
         """Write the meter rows of one close run: (org, bucket, meter, units, samples, mode), sorted.
@@ -376,7 +408,7 @@ class LedgerCloser(SqlStore):
         for org, bstart, meter, units, samples, mode in items:
             bend = bucket_end(bstart, cfg.bucket_seconds)
             divisor = meter_unit_divisor(meter)
-            state, stream = row_placement(bstart, bend, now, bill_from=cfg.bill_from, shadow=cfg.shadow)
+            state, stream = row_placement(decisions[bstart], bend, now)
             if stream is None:
                 value = round_value(units, divisor)
             else:

@@ -7,13 +7,15 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import and_, case, func, select, update
 
 from models.billing import RowState
+from models.pricing import BILLED_STREAM
 from sinks.ledger.store import SqlStore
-from sinks.schema import counters, meter_events, org_policies
+from sinks.schema import counters, meter_events, meter_totals, org_policies
 
 __all__ = ["LedgerOutbox", "MeterRow"]
 
@@ -145,6 +147,11 @@ class LedgerOutbox(SqlStore):
         moves a row out of ``sent``); ``sent`` rows get ``sent_ms``; the customer is kept when None is given;
         counters ``rows.<state>`` are bumped. A crash before the commit changes nothing (the sender sends
         those rows again; see OutboxSender). The sender's hot path: thousands of rows/s.
+
+        One exception, so the ledger never hides a delivery: a rollback may have moved a row to
+        ``skipped_rolled_back`` while the sender was already sending it. When Stripe took it, the row becomes
+        ``sent`` all the same (in the same transaction, re-entering the billed carry stream it had left), and
+        the cutover status lists it among the rows sent for buckets at or after R.
         """
         if not updates:
             return
@@ -175,6 +182,59 @@ class LedgerOutbox(SqlStore):
         counts: dict[str, int] = defaultdict(int)
         for _, state, _, _ in updates:
             counts[f"rows.{state.value}"] += 1
+        sent_ids = [row_id for row_id, state, _, _ in updates if state is RowState.SENT]
         with self._w.begin() as conn:
+            raced = self._rolled_back_among(conn, sent_ids) if sent_ids else []
             conn.exec_driver_sql(sql, params)
+            if raced:
+                self._sent_despite_rollback(conn, raced, {u[0]: u[2] for u in updates}, now)
+                counts["rows.sent_after_rollback"] += len(raced)
             self._bump_counters(conn, counts)
+
+    @staticmethod
+    def _rolled_back_among(conn: Any, ids: Sequence[str]) -> list[Any]:
+        me = meter_events.c
+        found: list[Any] = []
+        for i in range(0, len(ids), 500):
+            found.extend(
+                conn.execute(
+                    select(me.id, me.org_id, me.meter, me.units, me.value).where(
+                        me.id.in_(list(ids[i : i + 500])), me.state == RowState.SKIPPED_ROLLED_BACK.value
+                    )
+                ).all()
+            )
+        return found
+
+    def _sent_despite_rollback(
+        self, conn: Any, rows: Sequence[Any], customers: dict[str, str | None], now: int
+    ) -> None:
+        """Rows a rollback had skipped while they were on their way: Stripe has them, so they are ``sent``
+        and count in the billed carry stream again."""
+        me = meter_events.c
+        mt = meter_totals.c
+        for r in rows:
+            conn.execute(
+                update(meter_events)
+                .where(me.id == r.id)
+                .values(
+                    state=RowState.SENT.value,
+                    sent_ms=now,
+                    updated_ms=now,
+                    stripe_customer_id=func.coalesce(customers.get(r.id), me.stripe_customer_id),
+                    last_error="sent while a rollback skipped it: Stripe has it (cancel it or credit it)",
+                )
+            )
+            conn.execute(
+                update(meter_totals)
+                .where(mt.org_id == r.org_id, mt.meter == r.meter, mt.stream == BILLED_STREAM)
+                .values(units=mt.units + int(r.units))
+            )
+            cur = conn.execute(
+                select(mt.assigned).where(mt.org_id == r.org_id, mt.meter == r.meter, mt.stream == BILLED_STREAM)
+            ).scalar_one_or_none()
+            if cur is not None:
+                conn.execute(
+                    update(meter_totals)
+                    .where(mt.org_id == r.org_id, mt.meter == r.meter, mt.stream == BILLED_STREAM)
+                    .values(assigned=str(Decimal(cur) + Decimal(r.value)))
+                )

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sqlalchemy import Connection, Engine, case, select
+from sqlalchemy import Connection, Engine, case, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from models.errors import LedgerError
@@ -15,9 +15,13 @@ from models.policy import OrgPolicy
 from models.watermark import PartitionState
 from sinks.schema import counters, partition_progress
 
-__all__ = ["Clock", "SqlStore", "policy_from_row", "read_partition_states", "wall_clock_ms"]
+__all__ = ["ADVISORY_LOCK_CLOSER", "Clock", "SqlStore", "policy_from_row", "read_partition_states", "wall_clock_ms"]
 
 Clock = Callable[[], int]  # unix milliseconds
+
+#: Transaction-scoped PostgreSQL advisory lock taken by the closer, and by every write that changes a
+#: bucket's decision or its rows (a rollback, a release), so none of them interleaves with a close run.
+ADVISORY_LOCK_CLOSER = 0x6564676562696C  # "edgebil"
 
 
 def wall_clock_ms() -> int:
@@ -78,6 +82,12 @@ class SqlStore:
 
     def _insert(self, table: Any) -> Any:
         return (sqlite.insert if self._dialect == "sqlite" else postgresql.insert)(table)
+
+    def _lock_closer(self, conn: Connection) -> None:
+        """Inside a write transaction: wait for, then hold until commit, the closer's lock (PostgreSQL; on
+        SQLite the write transaction itself is exclusive)."""
+        if self._dialect == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_CLOSER})
 
     def _bump_counters(self, conn: Connection, deltas: Mapping[str, int]) -> None:
         rows = [{"name": k, "value": v} for k, v in deltas.items() if v]

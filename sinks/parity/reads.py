@@ -66,7 +66,7 @@ class WindowOrg:
 
 @dataclass(frozen=True, slots=True)
 class GateStatus:
-    """The cutover gate: consecutive clean settled buckets up to the newest settled one."""
+    """The cutover gate: clean settled buckets with usage on both sides since the last flagged one."""
 
     clean_buckets: int
     last_settled: int | None
@@ -148,8 +148,9 @@ class ParityReads(Measuring):
             ]
 
     def gate(self, grace_seconds: int, *, watermark_ms: int | None = None) -> GateStatus:
-        """Consecutive clean settled buckets (see :func:`models.parity.clean_streak`). Settled = end + grace
-        at or before the refresher's stored watermark (or ``watermark_ms``)."""
+        """Clean settled buckets holding usage on both sides, back to the newest flagged one (see
+        :func:`models.parity.clean_streak`). Settled = end + grace at or before the refresher's stored
+        watermark (or ``watermark_ms``)."""
         size = self.bucket_seconds
         up = usage_parity.c
         with self.engine.connect() as conn:
@@ -161,12 +162,33 @@ class ParityReads(Measuring):
             last = last_closable_bucket(int(wm), size, grace_seconds) if wm is not None else None
             first = conn.execute(select(func.min(up.bucket_start))).scalar_one_or_none()
             flagged = None
+            evidence: list[int] = []
             if last is not None:
                 flagged = conn.execute(
                     select(func.max(up.bucket_start)).where(up.status != ParityStatus.OK.value, up.bucket_start <= last)
                 ).scalar_one_or_none()
+                # Evidence, not silence: a bucket counts only when some org had usage on both sides in it.
+                lower = first if flagged is None else int(flagged) + size
+                if lower is not None:
+                    evidence = [
+                        int(b)
+                        for b in conn.execute(
+                            select(up.bucket_start)
+                            .where(
+                                up.bucket_start >= lower,
+                                up.bucket_start <= last,
+                                up.edge_mb_s > 0,
+                                up.cell_mb_ms > 0,
+                            )
+                            .distinct()
+                        ).scalars()
+                    ]
         streak = clean_streak(
-            [] if flagged is None else [int(flagged)], None if first is None else int(first), last, size
+            [] if flagged is None else [int(flagged)],
+            None if first is None else int(first),
+            last,
+            size,
+            evidence=evidence,
         )
         return GateStatus(
             clean_buckets=streak,

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from models.billing import (
     LEGACY_TIER_METERS,
+    MAX_IDENTIFIER_LENGTH,
     UNIFIED_METER,
     BillingMode,
     bucket_start,
@@ -60,6 +61,39 @@ def test_row_ids_and_stripe_identifier_limit() -> None:
     assert meter_row_id("org_7", EXAMPLE_HOUR, UNIFIED_METER) == f"org_7:{EXAMPLE_HOUR}:{UNIFIED_METER}"
     assert meter_row_id("org_7", EXAMPLE_HOUR, UNIFIED_METER, 2).endswith(":r2")
     assert len(meter_row_id("o" * 50, EXAMPLE_HOUR, "sandbox_compute_sandbox_64gb", 99)) <= 100
+
+
+@given(
+    st.text(min_size=1, max_size=255),
+    st.integers(0, 4_000_000_000),
+    st.sampled_from([UNIFIED_METER, *LEGACY_TIER_METERS.values()]),
+    st.integers(0, 99_999),
+)
+def test_no_identifier_exceeds_100_characters_and_each_is_a_pure_function(
+    org: str, start: int, meter: str, revision: int
+) -> None:
+    got = meter_row_id(org, start, meter, revision)
+    assert len(got) <= MAX_IDENTIFIER_LENGTH
+    assert got == meter_row_id(org, start, meter, revision)  # stable: every process, every restart
+    tail = f":{start}:{meter}" + (f":r{revision}" if revision else "")
+    assert got.endswith(tail)
+    if len(org) + len(tail) <= MAX_IDENTIFIER_LENGTH:
+        assert got == org + tail  # identifiers that fit keep their plain form
+
+
+def test_long_org_ids_get_a_short_form_unique_per_org_bucket_meter_and_revision() -> None:
+    a, b = "a" * 255, "a" * 254 + "b"  # the same readable prefix, different orgs
+    ids = {
+        meter_row_id(org, EXAMPLE_HOUR + k * 3600, meter, rev)
+        for org in (a, b, "x" * 60)
+        for k in range(3)
+        for meter in (UNIFIED_METER, "sandbox_compute_sandbox_64gb")
+        for rev in (0, 1, 12)
+    }
+    assert len(ids) == 3 * 3 * 2 * 3
+    assert all(len(i) <= MAX_IDENTIFIER_LENGTH for i in ids)
+    assert meter_row_id(a, EXAMPLE_HOUR, UNIFIED_METER).startswith(a[:24] + "~")
+    assert meter_row_id(a, EXAMPLE_HOUR, UNIFIED_METER) != meter_row_id(b, EXAMPLE_HOUR, UNIFIED_METER)
 
 
 @pytest.mark.parametrize(

@@ -221,6 +221,16 @@ def test_an_alert_needs_consecutive_systemic_buckets_and_fires_once_per_episode(
     assert len(alert_episodes(gap, H, 1)) == 2
 
 
+def test_the_gate_counts_evidence_not_silence() -> None:
+    # Two settled buckets, only one with usage on both sides: one clean hour, not two.
+    assert clean_streak([], T0, T0 + H, H, evidence=[T0 + H]) == 1
+    # Quiet buckets neither count nor break the streak; a flagged bucket breaks it.
+    assert clean_streak([], T0, T0 + 9 * H, H, evidence=[T0, T0 + 4 * H, T0 + 9 * H]) == 3
+    assert clean_streak([T0 + 4 * H], T0, T0 + 9 * H, H, evidence=[T0, T0 + 4 * H, T0 + 9 * H]) == 1
+    assert clean_streak([], T0, T0 + 9 * H, H, evidence=[]) == 0
+    assert clean_streak([], T0, T0 + 9 * H, H, evidence=[T0 + 20 * H]) == 0  # not settled yet
+
+
 def test_clean_streak_counts_back_to_the_last_flagged_bucket_or_the_first_data() -> None:
     assert clean_streak([], T0, T0 + 9 * H, H) == 10
     assert clean_streak([T0 + 4 * H], T0, T0 + 9 * H, H) == 5

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from models.billing import UNIFIED_METER, BillingMode, RowState, bucket_end, bucket_start, bucket_start_s, mb_seconds
+from models.cutover import CutoverState, Decision, decide
 from models.policy import OrgPolicy
 from models.pricing import (
     BILLED_STREAM,
@@ -59,6 +60,16 @@ def test_price_usage_meter_units_or_the_reason_it_is_not_billed() -> None:
     assert price_usage(pol(plan="free", provider="paddle"), mb, secs, mbs) == Unbilled("provider_paddle")
 
 
+def test_legacy_provider_is_billed_through_stripe_and_autumn_is_counted_as_billed_elsewhere() -> None:
+    mb, secs = 4096, 40
+    mbs = mb_seconds(mb, secs)
+    assert pol(provider="legacy").billable
+    assert price_usage(pol(provider="legacy"), mb, secs, mbs) == Priced(UNIFIED_METER, mbs, BillingMode.UNIFIED)
+    assert price_usage(pol(plan="free", provider="legacy"), mb, secs, mbs) == Unbilled(FREE_PLAN)
+    assert not pol(provider="autumn").billable
+    assert price_usage(pol(provider="autumn"), mb, secs, mbs) == Unbilled("provider_autumn")
+
+
 @given(
     st.sampled_from([1024, 3000, 4096, 65536]),
     st.lists(st.integers(0, 86_400), min_size=1, max_size=20),
@@ -83,7 +94,8 @@ def test_row_placement_in_order_of_precedence() -> None:
     old = bucket_start_s(NOW_S - STRIPE_MAX_AGE_SECONDS, H) - H
 
     def place(b: int, *, bill_from: int = 0, shadow: bool = False) -> tuple[RowState, str | None]:
-        return row_placement(b, bucket_end(b, H), now_ms, bill_from=bill_from, shadow=shadow)
+        decision = decide(CutoverState(shadow=shadow, bill_from=bill_from), b)
+        return row_placement(decision, bucket_end(b, H), now_ms)
 
     assert place(fresh) == (RowState.PENDING, BILLED_STREAM)
     assert place(fresh, shadow=True) == (RowState.SHADOW, SHADOW_STREAM)
@@ -91,6 +103,21 @@ def test_row_placement_in_order_of_precedence() -> None:
     assert place(old, shadow=True) == (RowState.EXPIRED, None)
     assert place(old, bill_from=fresh) == (RowState.SKIPPED_BEFORE_BILL_FROM, None)  # before bill_from wins
     assert place(fresh, bill_from=fresh) == (RowState.PENDING, BILLED_STREAM)  # bill_from is inclusive
+
+
+def test_every_row_of_a_bucket_is_placed_from_its_one_decision() -> None:
+    now_ms = NOW_S * 1000
+    fresh = bucket_start_s(NOW_S, H) - H
+    old = bucket_start_s(NOW_S - STRIPE_MAX_AGE_SECONDS, H) - H
+    end = bucket_end(fresh, H)
+    assert row_placement(Decision.BILLED, end, now_ms) == (RowState.PENDING, BILLED_STREAM)
+    assert row_placement(Decision.SHADOW, end, now_ms) == (RowState.SHADOW, SHADOW_STREAM)
+    assert row_placement(Decision.SKIPPED_ROLLED_BACK, end, now_ms) == (RowState.SKIPPED_ROLLED_BACK, None)
+    assert row_placement(Decision.SKIPPED_ROLLED_BACK, bucket_end(old, H), now_ms) == (
+        RowState.SKIPPED_ROLLED_BACK,
+        None,
+    )
+    assert row_placement(Decision.BILLED, bucket_end(old, H), now_ms) == (RowState.EXPIRED, None)
 
 
 def test_stripe_window_and_the_margin_of_each_stage() -> None:

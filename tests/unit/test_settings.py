@@ -262,3 +262,28 @@ def test_check_config_prints_the_resolved_ledger(monkeypatch: pytest.MonkeyPatch
     doc = json.loads(result.output)
     assert doc["db"]["ledger"] == "postgresql+psycopg://edgebill:***@db.internal:5432/ledger"
     assert "hunter2" not in result.output
+
+
+@pytest.mark.parametrize("text", ["0", "no", "off", "", "flase", "False", " false "])
+def test_only_an_explicit_false_turns_shadow_off(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    monkeypatch.setenv("EDGEBILL_SHADOW", text)
+    monkeypatch.setenv("EDGEBILL_PRO_BILLING_AUTHORITY", "edge")
+    monkeypatch.setenv("EDGEBILL_BILL_FROM", "1781564400")
+    explicit_false = text.strip().lower() == "false"
+    if explicit_false:
+        assert load_settings().billing.shadow is False
+    else:
+        # shadow stays on: with authority edge that is the "billed by nobody" interlock, never live sending
+        with pytest.raises(ConfigError, match="billed by nobody"):
+            load_settings()
+
+
+@pytest.mark.parametrize(("text", "warned"), [("0", True), ("off", True), ("flase", True), ("true", False)])
+def test_check_config_warns_on_a_shadow_that_is_neither_true_nor_false(
+    monkeypatch: pytest.MonkeyPatch, text: str, warned: bool
+) -> None:
+    monkeypatch.setenv("EDGEBILL_SHADOW", text)
+    result = CliRunner().invoke(cli, ["check-config"])
+    assert result.exit_code == 0, result.output
+    assert ("shadow stays ON" in result.output) is warned
+    assert "shadow = True" in result.output
