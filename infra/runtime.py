@@ -99,7 +99,7 @@ def web_config(settings: Settings) -> WebConfig:
         signature_tolerance_s=p.signature_tolerance_seconds,
         dashboard_token_ttl_s=p.dashboard_token_ttl,
         parity_tolerance=p.tolerance,
-        gate_hours=p.gate_hours,
+        gate_hours=settings.billing.cutover_clean_hours,
     )
 
 

@@ -357,7 +357,6 @@ class ParitySettings(BaseSettings):
     alert_aggregate_drift: Decimal = Field(default=Decimal("0.10"), ge=0)
     alert_consecutive_buckets: int = Field(default=2, ge=1, le=48)
     alerts_topic: str = Field(default=TOPIC_ALERTS, pattern=r"^[A-Za-z0-9._-]+$")
-    gate_hours: int = Field(default=72, ge=1, description="consecutive clean hours the cutover gate asks for")
     signature_tolerance_seconds: int = Field(default=300, ge=1, le=3600)
     dashboard_token_ttl: int = Field(default=12 * 3600, ge=60, description="seconds a dashboard link stays valid")
 

@@ -80,7 +80,7 @@ class WebConfig:
     signature_tolerance_s: int
     dashboard_token_ttl_s: int
     parity_tolerance: Decimal
-    gate_hours: int
+    gate_hours: Decimal  # clean parity hours the cutover asks for (the gate shown on the dashboard)
 
     @property
     def base_url(self) -> str:

@@ -50,12 +50,12 @@ def window_org_json(o: WindowOrg) -> dict[str, Any]:
     }
 
 
-def gate_json(gate: GateStatus, required_hours: int) -> dict[str, Any]:
+def gate_json(gate: GateStatus, required_hours: Decimal) -> dict[str, Any]:
     """The cutover gate: consecutive clean settled hours against the hours required."""
     return {
         "clean_buckets": gate.clean_buckets,
         "clean_hours": number(gate.clean_hours),
-        "required_hours": required_hours,
+        "required_hours": number(required_hours),
         "open": gate.clean_hours >= required_hours,
         "last_settled": gate.last_settled,
         "last_flagged": gate.last_flagged,

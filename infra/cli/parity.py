@@ -110,7 +110,7 @@ def _show(
                 {
                     "window": {"from": start, "to": end},
                     "rows": [row_json(r) for r in rows],
-                    "gate": gate_json(gate, s.parity.gate_hours),
+                    "gate": gate_json(gate, s.billing.cutover_clean_hours),
                     "state": store.state(),
                 },
                 indent=2,
@@ -135,5 +135,6 @@ def _show(
             f"worst={worst.org_id} ({worst.drift * 100:+.1f}%)"
         )
     click.echo(
-        f"\ngate: {gate.clean_hours:.0f} consecutive clean hour(s) of parity (cutover needs {s.parity.gate_hours})"
+        f"\ngate: {gate.clean_hours:.0f} consecutive clean hour(s) of parity with usage on both sides "
+        f"(the cutover needs {s.billing.cutover_clean_hours:g}: EDGEBILL_CUTOVER_CLEAN_HOURS)"
     )
