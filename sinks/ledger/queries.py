@@ -168,13 +168,14 @@ class LedgerQueries(SqlStore):
 
     def billed_by_key(self, first_bucket: int, last_bucket: int) -> dict[tuple[str, int, str], tuple[int, Decimal]]:
         """Per (org, bucket, meter) of buckets ``[first_bucket, last_bucket]``: the exact units and the sum
-        of the values of its meter rows, over every revision and state."""
+        of the values of its meter rows, over every revision and state. A row a reconciliation repair wrote to
+        bill a lost row again (``repair_of``) is not counted: the lost row already counts that decision."""
         me = meter_events.c
         out: dict[tuple[str, int, str], tuple[int, Decimal]] = {}
         with self.engine.connect() as conn:
             for r in conn.execute(
                 select(me.org_id, me.bucket_start, me.meter, me.units, me.value).where(
-                    me.bucket_start >= first_bucket, me.bucket_start <= last_bucket
+                    me.bucket_start >= first_bucket, me.bucket_start <= last_bucket, me.repair_of.is_(None)
                 )
             ):
                 k = (r[0], int(r[1]), r[2])
