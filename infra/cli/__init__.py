@@ -11,13 +11,13 @@ import sys
 
 import click
 
-from infra.cli import config, dlq, ledger, org, parity, replay, stripe_setup, ticks, webhooks, worker
+from infra.cli import config, dlq, ledger, org, parity, reconcile, replay, stripe_setup, ticks, webhooks, worker
 from infra.cli._base import cli
 from models.errors import EdgebillError
 
 __all__ = ["cli", "main"]
 
-_COMMAND_MODULES = (config, dlq, ledger, org, parity, replay, stripe_setup, ticks, webhooks, worker)
+_COMMAND_MODULES = (config, dlq, ledger, org, parity, reconcile, replay, stripe_setup, ticks, webhooks, worker)
 
 
 def main() -> None:
