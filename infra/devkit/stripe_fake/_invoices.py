@@ -222,6 +222,8 @@ class InvoicesMixin(SubscriptionsMixin):
             "starting_balance": balance,
             "statement_descriptor": None,
             "status": "draft",
+            # Kept null, as in Stripe's example object: the subscription is in ``parent.subscription_details``.
+            "subscription": None,
             "status_transitions": {
                 "finalized_at": None,
                 "marked_uncollectible_at": None,
