@@ -19,7 +19,8 @@ import orjson
 from sqlalchemy import and_, func, select
 
 from models.billing import RowState
-from models.reconcile import InvoiceLineResult, WindowResult, alert_id, dec
+from models.invoice_check import InvoiceLineResult
+from models.reconcile import WindowResult, alert_id, dec
 from sinks.ledger.closer import not_aggregated
 from sinks.reconcile_repair import ReconcileRepairs
 from sinks.schema import (
@@ -242,7 +243,7 @@ class ReconcileStore(ReconcileRepairs):
 
         One transaction, in order: (1) insert the run; (2) per compared window: read its previous result, set
         ``streak`` (consecutive runs with a difference: +1 when the previous result differed and came from the
-        run just before, else 1; 0 when ok) and ``first_run`` (the run this difference was first seen in),
+        last run before this one that could read Stripe, else 1; 0 when ok) and ``first_run`` (the run this difference was first seen in),
         upsert the result; (3) per window whose streak reaches ``alert_runs``, insert its alert unless one with
         the same key (window, first run) exists; (4) upsert the invoice lines checked; commit. Then (5) read the
         alerts not yet published. The caller publishes them, then :meth:`mark_published`: a crash in between
@@ -258,7 +259,10 @@ class ReconcileStore(ReconcileRepairs):
         diffs = sum(1 for r in run.results if r.label.difference)
         inv_diffs = sum(1 for i in run.invoices if i.difference)
         with self._w.begin() as conn:
-            prev_run = conn.execute(select(func.max(reconcile_runs.c.id))).scalar_one_or_none()
+            # The run before this one that compared (a run that could not read Stripe breaks no streak).
+            prev_run = conn.execute(
+                select(func.max(reconcile_runs.c.id)).where(reconcile_runs.c.error.is_(None))
+            ).scalar_one_or_none()
             run_id = int(
                 conn.execute(
                     reconcile_runs.insert()

@@ -23,10 +23,10 @@ from decimal import Decimal
 from typing import Any
 
 from models.billing import RowState
+from models.invoice_check import InvoiceLineResult, compare_invoice_line
 from models.reconcile import (
     DAY,
     Grouping,
-    InvoiceLineResult,
     Label,
     MeterConfig,
     RowFact,
@@ -35,7 +35,6 @@ from models.reconcile import (
     WindowResult,
     aligned_range,
     choose_meter,
-    compare_invoice_line,
     compare_window,
     dec,
     meter_problems,

@@ -33,7 +33,8 @@ from typing import Any, Generic, TypeVar
 
 import stripe
 
-from models.reconcile import Grouping, InvoiceLine, MeterConfig
+from models.invoice_check import InvoiceLine
+from models.reconcile import Grouping, MeterConfig
 from sinks.base import Backoff, Status
 from sinks.stripe import classify, observed
 from sinks.stripe_v2 import ERROR_REPORT_TYPES

@@ -122,20 +122,18 @@ def test_labels_causes_repair_and_streaks(ledger: Ledger) -> None:
             assert causes == {Cause.MISSING: (dropped["id"],), Cause.REJECTED_AFTER_SEND: (refused["id"],)}
             assert [c.cause for c in b.causes] == [Cause.METER] and "inactive" in b.causes[0].detail
 
-            # The scheduled run's streaks: the second run in a row with the difference alerts, once.
+            # The scheduled run's streaks: the second run in a row with the difference alerts, once; a run that
+            # could not read Stripe in between breaks no streak.
             alerts = []
-            for _ in range(3):
+            for error in (None, "reading the billing meters: unreachable: connection refused", None, None):
                 rep = rec.compare(D, D + DAY, Grouping.DAY)
-                alerts.append(
-                    store.record_run(
-                        RunRecord(1, 2, rep.lo, rep.hi, "day", rep.results, requests=rep.requests), alert_runs=2
-                    )
-                )
-            assert [len(a) for a in alerts] == [0, 2, 2]  # due after run 2, still unpublished after run 3
-            assert [a.new for a in alerts[1]] == [True, True] and [a.new for a in alerts[2]] == [False, False]
-            store.mark_published([a.id for a in alerts[2]])
+                record = RunRecord(1, 2, rep.lo, rep.hi, "day", rep.results if error is None else (), error=error)
+                alerts.append(store.record_run(record, alert_runs=2))
+            assert [len(a) for a in alerts] == [0, 0, 2, 2]  # due after the 2nd good run, unpublished after the 3rd
+            assert [a.new for a in alerts[2]] == [True, True] and [a.new for a in alerts[3]] == [False, False]
+            store.mark_published([a.id for a in alerts[3]])
             assert store.pending_alerts() == []
-            body = {a.body["org_id"]: a.body for a in alerts[1]}
+            body = {a.body["org_id"]: a.body for a in alerts[2]}
             assert body["a"]["label"] == "short" and body["a"]["runs"] == 2
             assert {c["cause"] for c in body["a"]["causes"]} == {"missing_at_stripe", "rejected_after_send"}
 

@@ -6,6 +6,7 @@ from decimal import Decimal
 
 import pytest
 
+from models.invoice_check import compare_invoice_line
 from models.reconcile import (
     DAY,
     HOUR,
@@ -20,7 +21,6 @@ from models.reconcile import (
     alert_id,
     aligned_range,
     choose_meter,
-    compare_invoice_line,
     compare_window,
     grouping_for,
     meter_problems,
