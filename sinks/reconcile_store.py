@@ -243,12 +243,13 @@ class ReconcileStore(ReconcileRepairs):
 
         One transaction, in order: (1) insert the run; (2) per compared window: read its previous result, set
         ``streak`` (consecutive runs with a difference: +1 when the previous result differed and came from the
-        last run before this one that could read Stripe, else 1; 0 when ok) and ``first_run`` (the run this difference was first seen in),
-        upsert the result; (3) per window whose streak reaches ``alert_runs``, insert its alert unless one with
-        the same key (window, first run) exists; (4) upsert the invoice lines checked; commit. Then (5) read the
-        alerts not yet published. The caller publishes them, then :meth:`mark_published`: a crash in between
-        publishes an alert again (same key) later. A crash before the commit records nothing: the next run
-        starts the streaks from the run before, as if this one had not happened.
+        last run before this one that could read Stripe, else 1; 0 when ok) and ``first_run`` (the run this
+        difference was first seen in), upsert the result; (3) per window whose streak reaches ``alert_runs``,
+        insert its alert unless one with the same key (window, first run) exists; (4) upsert the invoice lines
+        checked; commit. Then (5) read the alerts not yet published. The caller publishes them, then
+        :meth:`mark_published`: a crash in between publishes an alert again (same key) later. A crash before the
+        commit records nothing: the next run starts the streaks from the run before, as if this one had not
+        happened.
         """
         rr = reconcile_results.c
         ra = reconcile_alerts.c

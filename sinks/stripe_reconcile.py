@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -209,11 +210,11 @@ class StripeReader:
                 return Answer(body)
             except stripe.StripeError as exc:
                 problem, wait = self._judge(exc, attempt)
-                message = getattr(exc, "user_message", None) or str(exc) or type(exc).__name__
+                message = _reason(exc)
                 if problem is not None:
                     param = getattr(exc, "param", None)
                     return Answer(problem=problem, detail=message, param=None if param is None else str(param))
-                log.info("Stripe read %s %s: %s; retrying in %.2fs (attempt %d)", method, path, message, wait, attempt)
+                log.debug("Stripe read %s %s: %s; retrying in %.2fs (attempt %d)", method, path, message, wait, attempt)
                 self._sleep(wait)
             except ValueError as exc:  # not JSON
                 return Answer(problem=Problem.ERROR, detail=f"Stripe's answer is not JSON: {exc}")
@@ -373,6 +374,22 @@ class StripeReader:
             if not nxt:
                 return Answer(out)
             got = self._call("get", str(nxt))
+
+
+def _reason(exc: stripe.StripeError) -> str:
+    """Stripe's message in one line; for a failed connection, the cause inside the SDK's text."""
+    text = getattr(exc, "user_message", None) or str(exc) or type(exc).__name__
+    if isinstance(exc, stripe.APIConnectionError):
+        full = str(exc)
+        m = re.search(r"\[Errno -?\d+\] ([^\"')]+)", full)
+        if m:
+            return m.group(1).strip()
+        if "timed out" in full.lower() or "timeout" in full.lower():
+            return "no answer in time"
+        _, _, rest = full.partition("Network error: ")
+        text = rest or full
+    line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return line[:200]
 
 
 def _read_report(ev: Mapping[str, Any], out: ErrorReportIds) -> None:

@@ -75,6 +75,11 @@ def reconcile(
                 rec.check_invoices(report, orgs=list(orgs) or None)
                 report.requests, report.throttled = rec.reader.requests, rec.reader.throttled
             assert report is not None
+            if report.failure is None and report.requests == 0:
+                # Nothing needed a Stripe read (no rows, no subscription): still say whether Stripe answers.
+                probe = rec.reader.meters()
+                if probe.problem is not None and probe.problem.fatal:
+                    report.failure = f"reading the billing meters: {probe.problem}: {probe.detail}"
             if report.failure is not None:
                 raise _stripe_unreachable(s, report.failure)
             fixed = rec.repair(report, by=f"cli:{socket.gethostname()}:{os.getpid()}") if repair else None
