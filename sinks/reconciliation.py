@@ -356,6 +356,19 @@ class Reconciliation:
 
     # --------------------------------------------------------------------------------------- invoices
 
+    def invoices(self, *, orgs: Sequence[str] | None = None) -> ReconcileReport:
+        """A report of the invoice check alone (see :meth:`check_invoices`), for every pro org with a subscription."""
+        now = self._now_ms()
+        day = now // 1000 // DAY * DAY
+        report = ReconcileReport(day, day + DAY, Grouping.DAY, started_ms=now, reads_per_s=self.reader.reads_per_s)
+        try:
+            self.check_invoices(report, orgs=orgs)
+        finally:
+            report.finished_ms = self._now_ms()
+            report.requests = self.reader.requests
+            report.throttled = self.reader.throttled
+        return report
+
     def check_invoices(
         self, report: ReconcileReport, *, orgs: Sequence[str] | None = None, due_only: bool = False
     ) -> None:

@@ -25,7 +25,11 @@ if TYPE_CHECKING:
 @click.option("--to", "to", default=None, help="Range end, exclusive (default: the end of today, UTC).")
 @click.option("--org", "orgs", multiple=True, help="Only this org (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON (exact decimal strings).")
-@click.option("--invoice", is_flag=True, help="Check each pro org's upcoming invoice (Stripe's preview) instead.")
+@click.option(
+    "--invoice",
+    is_flag=True,
+    help="Check each pro org's upcoming invoice (the current period; Stripe's preview) instead.",
+)
 @click.option("--repair", is_flag=True, help="Repair the short windows through the outbox (see below).")
 def reconcile(
     from_: str | None, to: str | None, orgs: tuple[str, ...], as_json: bool, invoice: bool, repair: bool
@@ -65,16 +69,8 @@ def reconcile(
     try:
         rec = build_reconciliation(s, led.engine)
         try:
-            report = rec.compare(lo, hi, grouping_for(lo, hi), orgs=list(orgs) or None) if not invoice else None
-            if invoice:
-                from sinks.reconciliation import ReconcileReport
-
-                report = ReconcileReport(
-                    lo, hi, Grouping.DAY, started_ms=now * 1000, reads_per_s=rec.reader.reads_per_s
-                )
-                rec.check_invoices(report, orgs=list(orgs) or None)
-                report.requests, report.throttled = rec.reader.requests, rec.reader.throttled
-            assert report is not None
+            only = list(orgs) or None
+            report = rec.invoices(orgs=only) if invoice else rec.compare(lo, hi, grouping_for(lo, hi), orgs=only)
             if report.failure is None and report.requests == 0:
                 # Nothing needed a Stripe read (no rows, no subscription): still say whether Stripe answers.
                 probe = rec.reader.meters()

@@ -121,6 +121,14 @@ def test_labels_causes_repair_and_streaks(ledger: Ledger) -> None:
             causes = {c.cause: c.rows for c in a.causes}
             assert causes == {Cause.MISSING: (dropped["id"],), Cause.REJECTED_AFTER_SEND: (refused["id"],)}
             assert [c.cause for c in b.causes] == [Cause.METER] and "inactive" in b.causes[0].detail
+            # By the hour (a range that is not whole days): each lost row in its own hour, with its cause.
+            hourly = rec.compare(D + 90, D + 9 * H - 90, Grouping.HOUR)
+            assert (hourly.lo, hourly.hi) == (D, D + 9 * H)
+            short_hours = {r.key.start: r for r in hourly.results if r.key.org_id == "a" and r.label is Label.SHORT}
+            assert sorted(short_hours) == [dropped["bucket_end"], refused["bucket_end"]]
+            assert [c.cause for c in short_hours[dropped["bucket_end"]].causes] == [Cause.MISSING]
+            assert [c.cause for c in short_hours[refused["bucket_end"]].causes] == [Cause.REJECTED_AFTER_SEND]
+            assert sum(1 for r in hourly.results if r.key.org_id == "a" and r.label is Label.OK) == 4
 
             # The scheduled run's streaks: the second run in a row with the difference alerts, once; a run that
             # could not read Stripe in between breaks no streak.
