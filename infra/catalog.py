@@ -17,6 +17,9 @@ from models.catalog import (
     CATALOG,
     CATALOG_METERS,
     CURRENCY,
+    METER_AGGREGATION,
+    METER_CUSTOMER_KEY,
+    METER_VALUE_KEY,
     PRODUCT_MARK,
     PRODUCT_NAME,
     CatalogPrice,
@@ -52,9 +55,9 @@ def ensure_meters(client: stripe.StripeClient, names: Iterable[str] = ALL_METERS
             {
                 "display_name": meter_display_name(name),
                 "event_name": name,
-                "default_aggregation": {"formula": "sum"},
-                "customer_mapping": {"event_payload_key": "stripe_customer_id", "type": "by_id"},
-                "value_settings": {"event_payload_key": "value"},
+                "default_aggregation": {"formula": METER_AGGREGATION},
+                "customer_mapping": {"event_payload_key": METER_CUSTOMER_KEY, "type": "by_id"},
+                "value_settings": {"event_payload_key": METER_VALUE_KEY},
             }
         )
         log.info("created Stripe meter %s (%s)", name, meter.id)
@@ -153,8 +156,9 @@ def _meter_ok(obj: Any) -> str | None:
     agg = (meter.get("default_aggregation") or {}).get("formula")
     ckey = (meter.get("customer_mapping") or {}).get("event_payload_key")
     vkey = (meter.get("value_settings") or {}).get("event_payload_key")
-    if (agg, ckey, vkey) != ("sum", "stripe_customer_id", "value"):
-        return f"aggregation {agg}, customer key {ckey}, value key {vkey} (want sum, stripe_customer_id, value)"
+    want = (METER_AGGREGATION, METER_CUSTOMER_KEY, METER_VALUE_KEY)
+    if (agg, ckey, vkey) != want:
+        return f"aggregation {agg}, customer key {ckey}, value key {vkey} (want {', '.join(want)})"
     return None
 
 
@@ -203,9 +207,9 @@ def ensure_catalog(client: stripe.StripeClient, *, dry_run: bool = False) -> Set
             {
                 "display_name": meter_display_name(name),
                 "event_name": name,
-                "default_aggregation": {"formula": "sum"},
-                "customer_mapping": {"event_payload_key": "stripe_customer_id", "type": "by_id"},
-                "value_settings": {"event_payload_key": "value"},
+                "default_aggregation": {"formula": METER_AGGREGATION},
+                "customer_mapping": {"event_payload_key": METER_CUSTOMER_KEY, "type": "by_id"},
+                "value_settings": {"event_payload_key": METER_VALUE_KEY},
             }
         )
         rep.meters[name] = str(created.id)

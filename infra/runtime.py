@@ -14,6 +14,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Final, NoReturn
 
 import requests
+from sqlalchemy import Engine
 
 from infra.settings import Settings, StripeSettings
 from models.errors import BrokerError
@@ -22,9 +23,12 @@ from sinks.base import RetryingSink
 from sinks.ledger import CloseConfig, Ledger
 from sinks.outbox import OutboxSender
 from sinks.parity import ParityConfig
+from sinks.reconcile_store import ReconcileStore
+from sinks.reconciliation import ReconcileConfig, Reconciliation
 from sinks.schema import make_engine, migrate
 from sinks.stripe import StripeMeterSink, make_client, make_http_session
 from sinks.stripe_provisioning import StripeProvisioner
+from sinks.stripe_reconcile import StripeReader
 from sinks.stripe_v2 import ErrorReportReconciler, StripeStreamSink
 from streams.config import KafkaConfig, Topics, WebConfig, WebhookConfig, WorkerConfig
 from streams.pipeline import Deps
@@ -34,8 +38,10 @@ __all__ = [
     "STOP_DEADLINE_S",
     "build_deps",
     "build_provisioner",
+    "build_reconciliation",
     "build_sender",
     "parity_config",
+    "reconcile_config",
     "run_worker",
     "topic_configs",
     "topics",
@@ -124,6 +130,31 @@ def build_provisioner(st: StripeSettings) -> StripeProvisioner:
     return StripeProvisioner(make_client(st.api_key.get_secret_value(), st.base, timeout=st.timeout))
 
 
+def reconcile_config(settings: Settings) -> ReconcileConfig:
+    """The reconciliation's rules' settings (``EDGEBILL_STRIPE_AUDIT_*``)."""
+    st = settings.stripe
+    b = settings.billing
+    return ReconcileConfig(
+        bucket_seconds=b.bucket_seconds,
+        grace_seconds=b.grace_seconds,
+        settle_seconds=st.audit_settle,
+        lookback_days=st.audit_lookback_days,
+        alert_runs=st.audit_alert_runs,
+        invoice_ahead_seconds=st.audit_invoice_ahead_hours * 3600,
+    )
+
+
+def build_reconciliation(
+    settings: Settings, engine: Engine, *, sleep: Callable[[float], None] = time.sleep
+) -> Reconciliation:
+    """The reconciliation over ``engine``'s ledger, reading Stripe with its own client, paced at
+    ``EDGEBILL_STRIPE_AUDIT_READS_PER_S``."""
+    st = settings.stripe
+    client = make_client(st.api_key.get_secret_value(), st.base, timeout=st.timeout)
+    reader = StripeReader(client, reads_per_s=st.audit_reads_per_s, sleep=sleep)
+    return Reconciliation(ReconcileStore(engine), reader, reconcile_config(settings))
+
+
 def worker_config(settings: Settings) -> WorkerConfig:
     """Everything the worker's agents, timers and pages take, from the settings."""
     k = settings.kafka
@@ -156,6 +187,8 @@ def worker_config(settings: Settings) -> WorkerConfig:
         send_interval_s=settings.stripe.send_interval,
         parity_refresh_interval_s=settings.parity.refresh_interval,
         progress_stale_after_ms=int(b.progress_stale_after * 1000),
+        reconcile=reconcile_config(settings),
+        reconcile_interval_s=settings.stripe.audit_interval,
     )
 
 
@@ -171,6 +204,7 @@ def build_deps(settings: Settings) -> Deps:
         ledger=ledger,
         sender=sender,
         provisioner=build_provisioner(settings.stripe),
+        reconciliation=build_reconciliation(settings, engine),
     )
 
 

@@ -257,6 +257,31 @@ class StripeSettings(BaseSettings):
     reconcile_interval: float = Field(
         default=30.0, gt=0, description="seconds between reads of Stripe's v2 error reports"
     )
+    # The reconciliation with Stripe (`edgebill reconcile`, and its scheduled run on the leader).
+    audit_interval: float = Field(
+        default=900.0, ge=0, description="seconds between scheduled reconciliations with Stripe (leader); 0 = off"
+    )
+    audit_lookback_days: int = Field(
+        default=7, ge=1, le=35, description="days (UTC) a reconciliation compares by default, today included"
+    )
+    audit_settle: int = Field(
+        default=600,
+        ge=0,
+        le=86_400,
+        description="seconds after its newest send before a window is compared (Stripe's summaries lag)",
+    )
+    audit_reads_per_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=25,
+        description="Stripe requests a second the reconciliation may make (Stripe allows 25 reads/s per endpoint)",
+    )
+    audit_alert_runs: int = Field(
+        default=2, ge=1, le=100, description="scheduled runs in a row a difference must persist for to alert"
+    )
+    audit_invoice_ahead_hours: int = Field(
+        default=72, ge=1, le=24 * 31, description="check a subscription's upcoming invoice this long before its end"
+    )
 
     @property
     def base(self) -> str:

@@ -32,6 +32,9 @@ __all__ = [
     "CATALOG_METERS",
     "CURRENCY",
     "DISK_METER",
+    "METER_AGGREGATION",
+    "METER_CUSTOMER_KEY",
+    "METER_VALUE_KEY",
     "PRODUCT_MARK",
     "PRODUCT_NAME",
     "RESERVED_METER",
@@ -45,6 +48,11 @@ PRODUCT_NAME: Final = "Sandbox Compute"
 #: Metadata that marks edgebill's product and prices (``{"edgebill": "compute"}``).
 PRODUCT_MARK: Final = ("edgebill", "compute")
 RESERVED_METER: Final = "sandbox_compute_sandbox_reserved"
+#: What every meter event edgebill sends carries, and how its meters are set up to read it: the customer id
+#: under ``stripe_customer_id`` (mapping ``by_id``), the value under ``value``, summed.
+METER_CUSTOMER_KEY: Final = "stripe_customer_id"
+METER_VALUE_KEY: Final = "value"
+METER_AGGREGATION: Final = "sum"
 DISK_METER: Final = "sandbox_compute_sandbox_disk_overage"
 
 _CENT_DECIMALS: Final = Decimal(1).scaleb(-12)

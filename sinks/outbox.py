@@ -23,12 +23,14 @@ from sinks.base import Outcome, Sink, Status
 from sinks.ledger import Ledger, MeterRow
 from sinks.stripe import MeterEvent
 
-__all__ = ["V2_ACCEPTED_NOTE", "OutboxSender", "Reconciler", "SendReport"]
+__all__ = ["DUPLICATE_NOTE", "V2_ACCEPTED_NOTE", "OutboxSender", "Reconciler", "SendReport"]
 
 log = logging.getLogger(__name__)
 
 #: ``last_error`` of a row the v2 stream accepted: billed unless Stripe's later validation refuses it.
 V2_ACCEPTED_NOTE = "accepted by the v2 meter-event stream (202); Stripe validates it asynchronously"
+#: How ``last_error`` of a row Stripe answered "already exists" begins: Stripe holds its identifier.
+DUPLICATE_NOTE = "duplicate at Stripe"
 #: Outcome code the v2 sink gives an accepted event (``sinks.stripe_v2.ACCEPTED_ASYNC``).
 _ACCEPTED_ASYNC = "accepted_async"
 
@@ -207,7 +209,7 @@ class OutboxSender:
                 report.sent += 1
                 report.accepted_async += accepted_async
             elif o.status is Status.DUPLICATE:
-                updates.append((row.id, RowState.SENT, o.item.customer, f"duplicate at Stripe: {o.error}"))
+                updates.append((row.id, RowState.SENT, o.item.customer, f"{DUPLICATE_NOTE}: {o.error}"))
                 report.duplicates += 1
             elif o.status is Status.PERMANENT:
                 updates.append((row.id, RowState.REJECTED, o.item.customer, f"{o.code or 'error'}: {o.error}"))

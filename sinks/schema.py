@@ -54,6 +54,11 @@ __all__ = [
     "parity_state",
     "partition_progress",
     "provisioning_log",
+    "reconcile_alerts",
+    "reconcile_invoices",
+    "reconcile_repairs",
+    "reconcile_results",
+    "reconcile_runs",
     "stripe_subscriptions",
     "unbilled_usage",
     "usage_parity",
@@ -113,6 +118,9 @@ meter_events = Table(
     Column("sent_ms", BigInteger, nullable=True),
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("last_error", Text, nullable=True),
+    # Set on a row a reconciliation repair wrote to bill again a row Stripe lost (refused after the send, or
+    # cancelled): the lost row's id. The pair is one billing decision: readers that count decisions count one.
+    Column("repair_of", String(255), nullable=True),
     Index("ix_meter_events_state", "state", "bucket_start"),
     Index("ix_meter_events_key", "org_id", "bucket_start", "meter"),
 )
@@ -419,6 +427,104 @@ provisioning_log = Table(
     Column("detail", Text, nullable=False),  # JSON: idempotency keys, prices, credit, plan
     Column("created_ms", BigInteger, nullable=False),
     Index("ix_provisioning_log_org", "org_id"),
+)
+
+
+# ---------------------------------------------------------------------------------- reconciliation with Stripe
+# Written by sinks.reconcile_store: each scheduled run, the latest result per (org, customer, meter, window) with
+# how many runs in a row it has differed, the alerts (the dedup), the repairs done (each with its evidence) and
+# the latest invoice-preview check per subscription line.
+
+reconcile_runs = Table(
+    "reconcile_runs",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("started_ms", BigInteger, nullable=False),
+    Column("finished_ms", BigInteger, nullable=False),
+    Column("window_lo", BigInteger, nullable=False),  # the range compared, unix s
+    Column("window_hi", BigInteger, nullable=False),
+    Column("grouping", String(8), nullable=False),  # Stripe's value_grouping_window: day | hour
+    Column("compared", Integer, nullable=False),
+    Column("differences", Integer, nullable=False),
+    Column("unsettled", Integer, nullable=False),  # windows not closed, not sent, or sent too recently
+    Column("requests", Integer, nullable=False),  # Stripe requests made
+    Column("throttled", Integer, nullable=False),  # of which answered 429
+    Column("invoice_lines", Integer, nullable=False),
+    Column("invoice_differences", Integer, nullable=False),
+    Column("error", Text, nullable=True),  # why the run could not compare (Stripe unreachable, ...)
+    Column("summary", Text, nullable=False),  # JSON: windows by label
+)
+
+reconcile_results = Table(
+    "reconcile_results",
+    metadata,
+    Column("org_id", String(255), nullable=False),
+    Column("customer_id", String(255), nullable=False),
+    Column("meter", String(100), nullable=False),
+    Column("window_start", BigInteger, nullable=False),
+    Column("grouping", String(8), nullable=False),
+    Column("label", String(32), nullable=False),  # models.reconcile.Label
+    Column("ledger_value", String(40), nullable=False),  # what Stripe should hold
+    Column("stripe_value", String(40), nullable=True),  # what it holds (NULL: it could not say)
+    Column("lost_value", String(40), nullable=False),
+    Column("causes", Text, nullable=False),  # JSON
+    Column("streak", Integer, nullable=False),  # consecutive runs with a difference (0 when ok)
+    Column("first_run", BigInteger, nullable=True),  # the run the current difference was first seen in
+    Column("run_id", BigInteger, nullable=False),  # the run that wrote this result
+    Column("checked_ms", BigInteger, nullable=False),
+    PrimaryKeyConstraint("org_id", "customer_id", "meter", "window_start", "grouping"),
+    Index("ix_reconcile_results_run", "run_id"),
+)
+
+reconcile_alerts = Table(
+    "reconcile_alerts",
+    metadata,
+    Column("id", String(255), primary_key=True),  # dedup key: models.reconcile.alert_id
+    Column("org_id", String(255), nullable=False),
+    Column("meter", String(100), nullable=False),
+    Column("window_start", BigInteger, nullable=False),
+    Column("label", String(32), nullable=False),
+    Column("first_run", BigInteger, nullable=False),
+    Column("fired_run", BigInteger, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("published_ms", BigInteger, nullable=True),  # NULL = not yet on the alerts topic
+    Column("body", Text, nullable=False),  # the alert record (JSON)
+)
+
+reconcile_repairs = Table(
+    "reconcile_repairs",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("row_id", String(255), nullable=False),  # the row Stripe does not hold
+    Column("action", String(16), nullable=False),  # models.reconcile.RepairAction
+    Column("new_row_id", String(255), nullable=True),  # the row billing it again (replace)
+    Column("value", String(40), nullable=False),
+    Column("cause", String(64), nullable=False),
+    Column("evidence", Text, nullable=False),  # JSON: Stripe's and the ledger's values when it was decided
+    Column("by", String(255), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Index("ix_reconcile_repairs_row", "row_id"),
+)
+
+reconcile_invoices = Table(
+    "reconcile_invoices",
+    metadata,
+    Column("subscription_id", String(255), nullable=False),
+    Column("price_id", String(255), nullable=False),
+    Column("org_id", String(255), nullable=False),
+    Column("customer_id", String(255), nullable=False),
+    Column("meter", String(100), nullable=True),  # NULL: a price edgebill's catalog does not have
+    Column("period_start", BigInteger, nullable=False),
+    Column("period_end", BigInteger, nullable=False),
+    Column("stripe_quantity", String(40), nullable=False),
+    Column("ledger_value", String(40), nullable=False),
+    Column("pending_value", String(40), nullable=False),
+    Column("label", String(32), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("run_id", BigInteger, nullable=True),
+    Column("checked_ms", BigInteger, nullable=False),
+    PrimaryKeyConstraint("subscription_id", "price_id"),
+    Index("ix_reconcile_invoices_org", "org_id"),
 )
 
 

@@ -46,6 +46,7 @@ from models.billing import (
     MAX_SIGNIFICANT_DIGITS,
     significant_digits,
 )
+from models.catalog import METER_CUSTOMER_KEY, METER_VALUE_KEY
 from models.stripe_window import VALIDATE_MARGIN_SECONDS, stripe_refuses_as_future, stripe_refuses_as_old
 from sinks.base import KeptThreads, Outcome, Status
 
@@ -385,7 +386,7 @@ class StripeMeterSink:
                         "event_name": ev.event_name,
                         "identifier": ev.identifier,
                         "timestamp": ev.timestamp,
-                        "payload": {"stripe_customer_id": ev.customer, "value": ev.value},
+                        "payload": {METER_CUSTOMER_KEY: ev.customer, METER_VALUE_KEY: ev.value},
                     }
                 )
         except Exception as exc:  # every Stripe failure is classified, none escapes

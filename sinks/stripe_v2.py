@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import stripe
 
+from models.catalog import METER_CUSTOMER_KEY, METER_VALUE_KEY
 from sinks.base import KeptThreads, Outcome, Status
 from sinks.stripe import MeterEvent, classify, observed, validate_event
 
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACCEPTED_ASYNC",
+    "ASYNC_REJECTION_NOTE",
     "ERROR_REPORT_CURSOR",
     "ERROR_REPORT_TYPES",
     "MAX_STREAM_EVENTS",
@@ -77,6 +79,8 @@ ERROR_REPORT_TYPES: tuple[str, ...] = (
     "v1.billing.meter.error_report_triggered",
     "v1.billing.meter.no_meter_found",
 )
+#: How ``last_error`` of a row Stripe refused after accepting it begins (then ``(<code>): <message>``).
+ASYNC_REJECTION_NOTE = "rejected by Stripe after 202"
 #: Ledger cursor (``counters`` row): ``created`` of the newest error report read, unix ms.
 ERROR_REPORT_CURSOR = "stripe.v2.error_reports_cursor_ms"
 
@@ -213,7 +217,7 @@ class StripeStreamSink:
             "event_name": ev.event_name,
             "identifier": ev.identifier,
             "timestamp": _iso_seconds(ev.timestamp),
-            "payload": {"stripe_customer_id": ev.customer, "value": ev.value},
+            "payload": {METER_CUSTOMER_KEY: ev.customer, METER_VALUE_KEY: ev.value},
         }
 
     def _post(self, params: MeterEventStreamCreateParams) -> None:
@@ -296,7 +300,7 @@ class AsyncRejection:
 
     @property
     def error(self) -> str:
-        return f"rejected by Stripe after 202 ({self.code}): {self.message} [report {self.event_id}]"
+        return f"{ASYNC_REJECTION_NOTE} ({self.code}): {self.message} [report {self.event_id}]"
 
 
 @dataclass(slots=True)

@@ -22,6 +22,7 @@ from models.topics import (
 )
 from sinks.ledger import CloseConfig
 from sinks.parity import ParityConfig
+from sinks.reconciliation import ReconcileConfig
 
 __all__ = ["KafkaConfig", "Topics", "WebConfig", "WebhookConfig", "WorkerConfig"]
 
@@ -119,6 +120,9 @@ class WorkerConfig:
     send_interval_s: float
     parity_refresh_interval_s: float
     progress_stale_after_ms: int
+    # The scheduled reconciliation with Stripe (leader; never in shadow): its rules' settings and how often.
+    reconcile: ReconcileConfig | None = None
+    reconcile_interval_s: float = 0.0
 
     @property
     def bucket_seconds(self) -> int:

@@ -13,7 +13,12 @@ Exported names (all prefixed ``edgebill_``): ``ticks_ingested_total``, ``ticks_r
 ``ticks_duplicate_total``, ``ticks_zombie_total``, ``scale_events_rejected_total``, ``buckets_closed_total``,
 ``meter_rows{state}``, ``consumer_lag{topic,partition}``, ``parity_drift{org_id}``, ``parity_rows{status}``,
 ``parity_aggregate_drift``, ``parity_bucket_start_seconds``, ``parity_clean_hours``,
-``parity_refresh_age_seconds``, ``ledger_counter{name}`` (every ledger counter),
+``parity_refresh_age_seconds``, ``ledger_counter{name}`` (every ledger counter); the reconciliation with
+Stripe (its last scheduled run, :class:`sinks.reconcile_store.ReconcileSnapshot`): ``reconcile_windows{label}``,
+``reconcile_difference{org_id,meter,label}`` (Stripe minus the ledger, summed over the windows that differ),
+``reconcile_unsettled``, ``reconcile_last_run_seconds``, ``reconcile_run_failed``, ``reconcile_requests``,
+``reconcile_throttled``, ``reconcile_alerts_total``, ``reconcile_alerts_unpublished``,
+``reconcile_invoice_lines{label}``, ``reconcile_repairs_total``;
 ``stripe_request_seconds``, ``stripe_errors_total{kind}``; readiness and ingest health from
 :mod:`streams.health`: ``ready``, ``unready{condition}``, ``ingest_lag``, ``ingest_progress_age_seconds``,
 ``ledger_write_failures_total{kind}``, ``ticks_refused_total``, ``dead_letter_failures_total``,
@@ -23,6 +28,7 @@ Exported names (all prefixed ``edgebill_``): ``ticks_ingested_total``, ``ticks_r
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
+from decimal import Decimal
 from typing import Final
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -31,8 +37,9 @@ from prometheus_client.registry import Collector
 
 from sinks.observe import REGISTRY
 from sinks.parity import MetricsSnapshot
+from sinks.reconcile_store import ReconcileSnapshot
 
-__all__ = ["SnapshotCollector", "render_metrics"]
+__all__ = ["ReconcileCollector", "SnapshotCollector", "render_metrics"]
 
 # ledger counter -> (exported counter name without _total, help)
 _COUNTERS: Final = {
@@ -121,11 +128,100 @@ class SnapshotCollector(Collector):
         yield every
 
 
-def render_metrics(snap: MetricsSnapshot | None, consumed_topics: Collection[str], now_s: float) -> bytes:
+_LABELS: Final = ("ok", "short", "over", "unknown_customer", "meter_misconfigured")
+
+
+class ReconcileCollector(Collector):
+    """The reconciliation with Stripe, from its last scheduled run (a fresh one per scrape)."""
+
+    def __init__(self, snap: ReconcileSnapshot, now_s: float) -> None:
+        self.snap = snap
+        self.now_s = now_s
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snap
+        run = s.last_run or {}
+        windows = GaugeMetricFamily(
+            "edgebill_reconcile_windows",
+            "Windows (org, customer, meter, day) compared with Stripe's summaries in the last run, by label.",
+            labels=["label"],
+        )
+        for label in _LABELS:
+            windows.add_metric([label], s.by_label.get(label, 0))
+        yield windows
+        diff = GaugeMetricFamily(
+            "edgebill_reconcile_difference",
+            "Stripe's value minus the ledger's (meter units) over the windows that differ, per org, meter, label.",
+            labels=["org_id", "meter", "label"],
+        )
+        sums: dict[tuple[str, str, str], Decimal] = {}
+        for d in s.differences:
+            if d["stripe_value"] is None:
+                continue
+            k = (d["org_id"], d["meter"], d["label"])
+            sums[k] = sums.get(k, Decimal(0)) + Decimal(d["stripe_value"]) - Decimal(d["ledger_value"])
+        for (org, meter, label), v in sorted(sums.items()):
+            diff.add_metric([org, meter, label], float(v))
+        yield diff
+        for name, doc, value in (
+            (
+                "edgebill_reconcile_unsettled",
+                "Windows of the last run not compared yet (not closed, sent or settled).",
+                run.get("unsettled"),
+            ),
+            ("edgebill_reconcile_requests", "Stripe requests the last run made.", run.get("requests")),
+            ("edgebill_reconcile_throttled", "Of those, answered 429 (retried after a backoff).", run.get("throttled")),
+            (
+                "edgebill_reconcile_run_failed",
+                "1 when the last run could not read Stripe.",
+                None if not run else int(bool(run.get("error"))),
+            ),
+            (
+                "edgebill_reconcile_alerts_unpublished",
+                "Reconciliation alerts not yet on the alerts topic.",
+                s.alerts_unpublished,
+            ),
+        ):
+            g = GaugeMetricFamily(name, doc)
+            if value is not None:
+                g.add_metric([], float(value))
+            yield g
+        age = GaugeMetricFamily("edgebill_reconcile_last_run_seconds", "Seconds since the last scheduled run ended.")
+        if run.get("finished_ms") is not None:
+            age.add_metric([], max(0.0, self.now_s - run["finished_ms"] / 1000))
+        yield age
+        alerts = CounterMetricFamily(
+            "edgebill_reconcile_alerts", "Reconciliation alerts recorded (a difference in consecutive runs)."
+        )
+        alerts.add_metric([], s.alerts_total)
+        yield alerts
+        repairs = CounterMetricFamily("edgebill_reconcile_repairs", "Rows queued again or billed again by repairs.")
+        repairs.add_metric([], s.repairs)
+        yield repairs
+        lines = GaugeMetricFamily(
+            "edgebill_reconcile_invoice_lines", "Invoice-preview usage lines checked, by label.", labels=["label"]
+        )
+        counts: dict[str, int] = {}
+        for i in s.invoices:
+            counts[i["label"]] = counts.get(i["label"], 0) + 1
+        for label in _LABELS:
+            lines.add_metric([label], counts.get(label, 0))
+        yield lines
+
+
+def render_metrics(
+    snap: MetricsSnapshot | None,
+    consumed_topics: Collection[str],
+    now_s: float,
+    *,
+    reconcile: ReconcileSnapshot | None = None,
+) -> bytes:
     """The Prometheus text exposition: the process registry, then the ledger snapshot (None: the ledger
-    could not be read; the process metrics, readiness included, are still exposed)."""
+    could not be read; the process metrics, readiness included, are still exposed) and the reconciliation's."""
     if snap is None:
         return generate_latest(REGISTRY)
     per_scrape = CollectorRegistry(auto_describe=False)
     per_scrape.register(SnapshotCollector(snap, consumed_topics, now_s))
+    if reconcile is not None:
+        per_scrape.register(ReconcileCollector(reconcile, now_s))
     return generate_latest(REGISTRY) + generate_latest(per_scrape)

@@ -37,6 +37,7 @@ from models.ticks import FUTURE_TOLERANCE_MS, locate_envelope, parse_record
 from models.watermark import watermark
 from sinks.ledger import CloseResult, CutoverView, EffectiveCutover, Ledger, SourcedTick
 from sinks.outbox import OutboxSender, SendReport
+from sinks.reconciliation import Reconciliation
 from sinks.stripe_provisioning import StripeProvisioner
 from streams.config import WorkerConfig
 from streams.health import Health, RateLimitedLog, ledger_write_failures_total, ticks_refused_total
@@ -174,6 +175,7 @@ class Deps:
     clock_ms: Callable[[], int] = field(default=_wall_clock_ms)
     owner: str = field(default_factory=_owner)
     provisioner: StripeProvisioner | None = None  # Stripe writes of the webhook agent (authority edge)
+    reconciliation: Reconciliation | None = None  # Stripe reads of the scheduled reconciliation
     cutover: CutoverView = field(init=False)
 
     def __post_init__(self) -> None:

@@ -12,7 +12,8 @@
                                    ``X-Timestamp`` (unix s, ±300 s) and ``X-Signature`` = hex HMAC-SHA256 over
                                    ``"{ts}.{path+query}"`` with ``EDGEBILL_WEB_INTERNAL_SECRET``. Unsigned, stale
                                    or forged -> 401; bad or empty window -> 400.
-``GET /dashboard``                 the parity dashboard (HTML + ``/dashboard/app.js`` + ``/dashboard/app.css``)
+``GET /dashboard``                 the parity dashboard (HTML + ``/dashboard/app.js`` + ``/dashboard/app.css``), with
+                                   the reconciliation with Stripe next to parity
 ``GET /dashboard/data.json``       what the dashboard draws (``?hours=``, default 48)
 =================================  ==============================================================================
 
@@ -43,10 +44,12 @@ from models.parity import dashboard_token, verify_dashboard_token, verify_reques
 from models.stripe_window import PARITY_QUERY_MAX_SECONDS
 from models.watermark import last_closable_bucket
 from sinks.parity import ParityConfig, ParityRow, ParityStore
+from sinks.reconcile_store import ReconcileStore
 from streams.config import WebConfig
 from streams.metrics_view import render_metrics
 from streams.parity_json import gate_json, number, window_org_json
 from streams.pipeline import Deps, Pipeline
+from streams.reconcile import dashboard_json
 
 __all__ = ["COOKIE", "dashboard_data", "dashboard_html", "dashboard_url", "install_web", "parity_window_json"]
 
@@ -86,8 +89,16 @@ def parity_window_json(store: ParityStore, cfg: ParityConfig, from_s: int, to_s:
     }
 
 
-def dashboard_data(store: ParityStore, cfg: ParityConfig, web: WebConfig, now_ms: int, hours: int) -> dict[str, Any]:
-    """Everything the dashboard draws, for the last ``hours`` hours (blocking: call from a thread)."""
+def dashboard_data(
+    store: ParityStore,
+    cfg: ParityConfig,
+    web: WebConfig,
+    now_ms: int,
+    hours: int,
+    reconcile: ReconcileStore | None = None,
+) -> dict[str, Any]:
+    """Everything the dashboard draws, for the last ``hours`` hours (blocking: call from a thread); with
+    ``reconcile``, the reconciliation panel's data too."""
     size = cfg.bucket_seconds
     current = bucket_start(now_ms, size)
     lo = current - max(1, hours * 3600 // size) * size
@@ -170,6 +181,7 @@ def dashboard_data(store: ParityStore, cfg: ParityConfig, web: WebConfig, now_ms
             {"id": a["id"], "first_bucket": a["first_bucket"], "published": a["published_ms"] is not None}
             for a in store.alerts()[-10:]
         ],
+        "reconcile": None if reconcile is None else dashboard_json(reconcile.snapshot()),
     }
 
 
@@ -189,6 +201,7 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
     web_cfg = config.web
     cfg = config.parity
     store = ParityStore(deps.ledger.engine, bucket_seconds=config.bucket_seconds, clock=deps.clock_ms)
+    recon = ReconcileStore(deps.ledger.engine, clock=deps.clock_ms)
     secret = web_cfg.internal_secret
     tolerance = web_cfg.signature_tolerance_s
     consumed = {pipe.ticks_topic, pipe.policy_topic, pipe.scale_topic}
@@ -251,13 +264,14 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
         def render() -> bytes:
             try:
                 snap = store.metrics(config.close.grace_seconds)
+                rsnap = recon.snapshot()
             except Exception as exc:
                 pipe.limiter.failure(
                     "metrics snapshot", "/metrics: the ledger cannot be read (%s: %s)", type(exc).__name__, exc
                 )
                 return render_metrics(None, consumed, time.time())
             pipe.limiter.recovered("metrics snapshot")
-            return render_metrics(snap, consumed, time.time())
+            return render_metrics(snap, consumed, time.time(), reconcile=rsnap)
 
         body = await asyncio.to_thread(render)
         return web.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -293,7 +307,7 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
                 "open the link printed by `edgebill parity --dashboard-url`\n", status=401, headers=secure()
             )
         hours = 48
-        data = await asyncio.to_thread(dashboard_data, store, cfg, web_cfg, deps.clock_ms(), hours)
+        data = await asyncio.to_thread(dashboard_data, store, cfg, web_cfg, deps.clock_ms(), hours, recon)
         return web.html(dashboard_html(data), headers=secure())
 
     @app.page("/dashboard/data.json")  # type: ignore[untyped-decorator]
@@ -304,7 +318,7 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
             hours = min(24 * 35, max(1, int(request.query.get("hours", "48"))))
         except ValueError:
             return web.json({"error": "hours must be an integer"}, status=400)
-        data = await asyncio.to_thread(dashboard_data, store, cfg, web_cfg, deps.clock_ms(), hours)
+        data = await asyncio.to_thread(dashboard_data, store, cfg, web_cfg, deps.clock_ms(), hours, recon)
         return web.json(data, headers=secure())
 
     @app.page("/dashboard/{name}")  # type: ignore[untyped-decorator]

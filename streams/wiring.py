@@ -14,6 +14,8 @@
 * ``sender`` timer (leader, only when not in shadow): drains the outbox to Stripe.
 * Stripe webhooks: the ``POST /webhooks/stripe`` receiver, the ``webhooks`` agent and its retry timer
   (:mod:`streams.webhooks`).
+* ``reconcile`` timer (leader, never in shadow): the ledger against Stripe's summaries and invoice previews
+  (:mod:`streams.reconcile`).
 * web views (:mod:`streams.web`), liveness apart from readiness (:mod:`streams.health`).
 """
 
@@ -28,6 +30,7 @@ from streams.cell import install_parity
 from streams.health import LEDGER
 from streams.ingest import make_ingest_service
 from streams.pipeline import Deps, Pipeline
+from streams.reconcile import install_reconcile
 from streams.records import RAW_BYTES, DeadLetter, RawRecord, first_line, retry_forever
 from streams.web import install_web
 from streams.webhooks import install_webhooks
@@ -132,5 +135,6 @@ def install(app: Any, deps: Deps) -> Pipeline:
 
     install_parity(app, deps)
     install_webhooks(app, deps)
+    install_reconcile(app, deps)
     install_web(app, deps, pipe)
     return pipe

@@ -11,13 +11,26 @@ import sys
 
 import click
 
-from infra.cli import config, cutover, dlq, ledger, org, parity, replay, stripe_setup, ticks, webhooks, worker
+from infra.cli import (
+    config,
+    cutover,
+    dlq,
+    ledger,
+    org,
+    parity,
+    reconcile,
+    replay,
+    stripe_setup,
+    ticks,
+    webhooks,
+    worker,
+)
 from infra.cli._base import cli
 from models.errors import EdgebillError
 
 __all__ = ["cli", "main"]
 
-_COMMAND_MODULES = (config, cutover, dlq, ledger, org, parity, replay, stripe_setup, ticks, webhooks, worker)
+_COMMAND_MODULES = (config, cutover, dlq, ledger, org, parity, reconcile, replay, stripe_setup, ticks, webhooks, worker)
 
 
 def main() -> None:

@@ -188,11 +188,15 @@ class LedgerQueries(SqlStore):
     ) -> dict[tuple[str, int, str], tuple[int, Decimal]]:
         """Per (org, bucket, meter) of buckets ``[first_bucket, last_bucket]``: the exact units and the sum
         of the values of its meter rows, over every revision and state but ``cancelled`` (a row cancelled at
-        Stripe no longer counts anywhere)."""
+        Stripe no longer counts anywhere). A row a reconciliation repair wrote to bill a lost row again
+        (``repair_of``) is not counted either: the lost row already counts that decision."""
         me = meter_events.c
         out: dict[tuple[str, int, str], tuple[int, Decimal]] = {}
         q = select(me.org_id, me.bucket_start, me.meter, me.units, me.value).where(
-            me.bucket_start >= first_bucket, me.bucket_start <= last_bucket, me.state != RowState.CANCELLED.value
+            me.bucket_start >= first_bucket,
+            me.bucket_start <= last_bucket,
+            me.state != RowState.CANCELLED.value,
+            me.repair_of.is_(None),
         )
         if orgs:
             q = q.where(me.org_id.in_(list(orgs)))

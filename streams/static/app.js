@@ -6,7 +6,9 @@
  * tables scroll inside their own box. Hovering a bucket names its flagged orgs; clicking it lists every
  * org of that bucket and marks its column in the drift table. The aggregate drift axis is scaled to the
  * buckets without their single largest drift when that one is far off (a point off the scale is drawn at
- * the edge, marked, and keeps its value in its tooltip), and buckets without data are gaps in the line. */
+ * the edge, marked, and keeps its value in its tooltip), and buckets without data are gaps in the line.
+ * The reconciliation panel lists the last scheduled run's windows that differ from Stripe, with their likely
+ * causes, and the upcoming invoices' usage lines checked against the ledger (exact decimal strings). */
 (function () {
   "use strict";
   var SVGNS = "http://www.w3.org/2000/svg";
@@ -343,6 +345,75 @@
     table.appendChild(tbody);
   }
 
+  // ---------------------------------------------------------------------- reconciliation with Stripe
+
+  var LABEL_TEXT = { ok: "ok", short: "short", over: "over", unknown_customer: "unknown customer",
+    meter_misconfigured: "meter misconfigured" };
+
+  function day(s) { return new Date(s * 1000).toISOString().slice(0, s % 86400 ? 16 : 10).replace("T", " "); }
+
+  function renderReconcile(data) {
+    var r = data.reconcile, sum = document.getElementById("reconcile-summary");
+    var body = document.querySelector("#reconcile tbody"), inv = document.querySelector("#invoices tbody");
+    clear(sum); clear(body); clear(inv);
+    if (!r || !r.last_run) {
+      sum.className = "recon-summary none";
+      sum.appendChild(el("span", null, "no reconciliation yet (the leader runs it on a schedule once it sends to Stripe)"));
+      body.appendChild(emptyRow(8, "nothing compared yet"));
+      inv.appendChild(emptyRow(7, "no invoice checked yet"));
+      return;
+    }
+    var run = r.last_run, bad = run.error || run.differences > 0 || run.invoice_differences > 0;
+    sum.className = "recon-summary " + (bad ? "bad" : "ok");
+    sum.setAttribute("data-differences", String(run.differences));
+    var labels = Object.keys(r.by_label).map(function (k) { return (LABEL_TEXT[k] || k) + " " + r.by_label[k]; });
+    sum.appendChild(el("span", { "class": "big", id: "reconcile-differences" }, String(run.differences)));
+    sum.appendChild(document.createTextNode(
+      (run.error ? "the last run could not read Stripe: " + run.error :
+        "window(s) differ of " + run.compared + " compared" + (labels.length ? " (" + labels.join(", ") + ")" : "") +
+        (run.unsettled ? " · " + run.unsettled + " not settled yet" : "")) +
+      " · last run " + utc(run.finished_ms) + " · " + run.requests + " Stripe request(s)" +
+      (run.throttled ? ", " + run.throttled + " throttled" : "") +
+      (r.alerts.length ? " · " + r.alerts.length + " alert(s)" : "") +
+      (r.repairs ? " · " + r.repairs + " repair(s)" : "")));
+    if (!r.differences.length) body.appendChild(emptyRow(8, "every compared window matches Stripe"));
+    r.differences.forEach(function (d) {
+      var tr = el("tr", { "class": "recon-row", "data-org": d.org_id, "data-label": d.label });
+      tr.appendChild(el("td", null, day(d.window_start)));
+      tr.appendChild(el("td", null, d.org_id));
+      tr.appendChild(el("td", { title: "customer " + d.customer }, d.meter));
+      tr.appendChild(el("td", null, d.ledger));
+      tr.appendChild(el("td", null, d.stripe === null ? "–" : d.stripe));
+      tr.appendChild(el("td", { "class": "label " + d.label }, LABEL_TEXT[d.label] || d.label));
+      tr.appendChild(el("td", null, d.streak));
+      var causes = el("td", { "class": "cause" });
+      d.causes.forEach(function (c) {
+        causes.appendChild(el("div", { title: c.explains, "data-cause": c.cause },
+          c.cause.replace(/_/g, " ") + (c.value !== "0" ? " " + c.value : "") + (c.rows ? " (" + c.rows + " row" + (c.rows > 1 ? "s" : "") + ")" : "")));
+      });
+      tr.appendChild(causes);
+      body.appendChild(tr);
+    });
+    if (!r.invoices.length) inv.appendChild(emptyRow(7, "no invoice checked yet"));
+    r.invoices.forEach(function (i) {
+      var tr = el("tr", { "class": "invoice-row", "data-org": i.org_id, "data-label": i.label });
+      tr.appendChild(el("td", { title: i.subscription }, i.org_id));
+      tr.appendChild(el("td", { title: i.price }, i.meter || "(" + i.price + ")"));
+      tr.appendChild(el("td", null, utc(i.period_end * 1000)));
+      tr.appendChild(el("td", null, i.stripe));
+      tr.appendChild(el("td", null, i.ledger));
+      tr.appendChild(el("td", null, i.pending));
+      tr.appendChild(el("td", { "class": "label " + i.label, title: i.detail }, LABEL_TEXT[i.label] || i.label));
+      inv.appendChild(tr);
+    });
+  }
+
+  function emptyRow(span, text) {
+    var tr = el("tr");
+    tr.appendChild(el("td", { colspan: span, "class": "empty" }, text));
+    return tr;
+  }
+
   function renderSide(data) {
     var body = document.querySelector("#lag tbody");
     clear(body);
@@ -374,6 +445,7 @@
     renderDetail(data);
     renderWorst(data);
     renderHeatmap(data);
+    renderReconcile(data);
     renderSide(data);
     document.body.setAttribute("data-rendered", String(data.buckets.length));
   }

@@ -1,5 +1,8 @@
 """The parity dashboard in a real browser: Debian's Chromium driven by Playwright (never a downloaded browser).
 
+The reconciliation panel: empty with a shadow worker; with made-up data, the windows that differ with their
+labels and likely causes, the invoice lines, a narrow screen that never scrolls sideways.
+
 With a worker: the page loads behind its signed link, the chart renders with data, hovering a bucket names its
 flagged org, clicking it lists the bucket's orgs, a worst-org row picks its row in the drift table, and at
 420 px wide nothing scrolls sideways. Without a worker (the page served from its own files with made-up data):
@@ -348,6 +351,142 @@ def test_hover_names_many_flagged_orgs_and_counts_the_rest(browser: Any) -> None
     assert "25 of 30 orgs flagged: org_00, org_01" in text and "org_19 and 5 more" in text
     box = tip.bounding_box()
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 420  # stays on the narrow screen
+    page.context.close()
+
+
+def test_reconciliation_panel_with_a_worker_says_nothing_was_compared(drifted: Any, browser: Any) -> None:
+    stack, _fleet, _case, _spec = drifted  # a shadow worker: nothing is sent, so nothing is reconciled
+    page = _page(browser)
+    page.goto(_url(stack))
+    _rendered(page)
+    panel = page.locator("#reconcile-panel")
+    assert panel.is_visible()
+    assert "no reconciliation yet" in page.locator("#reconcile-summary").inner_text()
+    assert page.locator("#reconcile tr.recon-row").count() == 0
+    page.context.close()
+
+
+def _reconcile(differences: int = 2) -> dict[str, Any]:
+    day = 1_781_481_600
+    rows = [
+        {
+            "org_id": "org_short",
+            "customer": "cus_1",
+            "meter": "sandbox_compute_sandbox_overage",
+            "window_start": day,
+            "grouping": "day",
+            "label": "short",
+            "ledger": "1234.567891",
+            "stripe": "1000.25",
+            "streak": 2,
+            "causes": [
+                {
+                    "cause": "missing_at_stripe",
+                    "value": "200",
+                    "rows": 1,
+                    "explains": "sent, but Stripe does not hold it",
+                },
+                {"cause": "rejected_after_send", "value": "34.317891", "rows": 1, "explains": "refused after the send"},
+            ],
+        },
+        {
+            "org_id": "org_meter_" + "x" * 40,
+            "customer": "cus_2",
+            "meter": "sandbox_compute_sandbox_4gb",
+            "window_start": day,
+            "grouping": "day",
+            "label": "meter_misconfigured",
+            "ledger": "3600",
+            "stripe": "3600",
+            "streak": 1,
+            "causes": [{"cause": "meter_misconfigured", "value": "0", "rows": 0, "explains": "the meter is inactive"}],
+        },
+    ][:differences]
+    return {
+        "last_run": {
+            "id": 7,
+            "started_ms": (day + 2 * 86400) * 1000,
+            "finished_ms": (day + 2 * 86400) * 1000 + 4000,
+            "window_lo": day - 5 * 86400,
+            "window_hi": day + 2 * 86400,
+            "grouping": "day",
+            "compared": 12,
+            "differences": len(rows),
+            "unsettled": 3,
+            "requests": 17,
+            "throttled": 1,
+            "invoice_lines": 9,
+            "invoice_differences": 1,
+            "error": None,
+        },
+        "by_label": {"ok": 12 - len(rows), "short": 1, "meter_misconfigured": len(rows) - 1},
+        "differences": rows,
+        "alerts": [
+            {
+                "id": "stripe_reconcile:day:1:m:abc:6",
+                "org_id": "org_short",
+                "meter": "m",
+                "window_start": day,
+                "label": "short",
+                "published": True,
+            }
+        ],
+        "invoices": [
+            {
+                "org_id": "org_short",
+                "subscription": "sub_1",
+                "price": "price_1",
+                "meter": "sandbox_compute_sandbox_overage",
+                "period_start": day - 10 * 86400,
+                "period_end": day + 20 * 86400,
+                "stripe": "1000.25",
+                "ledger": "1234.567891",
+                "pending": "0",
+                "label": "short",
+                "detail": "",
+                "checked_ms": (day + 2 * 86400) * 1000,
+            }
+        ],
+        "repairs": 0,
+    }
+
+
+def test_reconciliation_panel_lists_differences_causes_and_invoices(browser: Any) -> None:
+    data = _data([_bucket(i, 0.01) for i in range(4)])
+    data["reconcile"] = _reconcile()
+    page = _serve(browser, data)
+    summary = page.locator("#reconcile-summary")
+    assert "bad" in (summary.get_attribute("class") or "")
+    assert page.locator("#reconcile-differences").inner_text() == "2"
+    text = summary.inner_text()
+    assert "of 12 compared" in text and "3 not settled yet" in text and "17 Stripe request(s), 1 throttled" in text
+    rows = page.locator("#reconcile tr.recon-row")
+    assert rows.count() == 2
+    short = page.locator('#reconcile tr.recon-row[data-label="short"]')
+    cells = short.locator("td")
+    assert cells.nth(0).inner_text() == "2026-06-15"
+    assert cells.nth(3).inner_text() == "1234.567891" and cells.nth(4).inner_text() == "1000.25"
+    assert cells.nth(5).inner_text() == "short" and cells.nth(6).inner_text() == "2"
+    causes = short.locator("td.cause div")
+    assert causes.nth(0).inner_text() == "missing at stripe 200 (1 row)"
+    assert causes.nth(0).get_attribute("title") == "sent, but Stripe does not hold it"
+    assert page.locator('#reconcile tr.recon-row[data-label="meter_misconfigured"] td.label').inner_text() == (
+        "meter misconfigured"
+    )
+    inv = page.locator("#invoices tr.invoice-row")
+    assert inv.count() == 1 and inv.locator("td.label").inner_text() == "short"
+    page.context.close()
+    # On a narrow screen the panel's tables scroll in their own box; the page never does.
+    page = _serve(browser, data, width=420)
+    _no_sideways_scroll(page)
+    assert page.evaluate("document.querySelector('#reconcile').closest('.scroll').clientWidth") <= 420
+    page.context.close()
+    # A clean run reads clean.
+    data["reconcile"] = _reconcile(differences=0)
+    data["reconcile"]["last_run"]["invoice_differences"] = 0
+    page = _serve(browser, data)
+    assert "ok" in (page.locator("#reconcile-summary").get_attribute("class") or "").split()
+    assert "every compared window matches Stripe" in page.locator("#reconcile").inner_text()
     page.context.close()
 
 

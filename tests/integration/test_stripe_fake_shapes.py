@@ -28,7 +28,12 @@ FREE_FORM = {"metadata", "payload", "previous_attributes"}
 #: Sub-objects whose content is another resource (checked on its own) rather than this one's shape.
 OTHER_RESOURCE = {"event.data.object"}
 #: Keys Stripe documents as present only sometimes, which one example object cannot show.
-SOMETIMES = {"event.data": {"previous_attributes"}}  # on *.updated events
+SOMETIMES = {
+    "event.data": {"previous_attributes"},  # on *.updated events
+    # an invoice line's price, present when ``pricing.type`` is ``price_details`` (every subscription line)
+    "line_item.pricing": {"price_details"},
+    "invoice.lines.data[0].pricing": {"price_details"},
+}
 #: Keys Stripe leaves out of some objects: ``quantity`` of a subscription item on a metered price.
 OMITTED = {"subscription_item": {"quantity"}, "subscription.items.data[0]": {"quantity"}}
 

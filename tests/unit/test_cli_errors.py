@@ -110,6 +110,8 @@ def test_embedded_broker_not_running_names_the_command_that_starts_it(args: list
         pytest.param(["org", "show"], id="org-show"),
         pytest.param(["replay"], id="replay"),
         pytest.param(["worker"], id="worker"),
+        pytest.param(["reconcile"], id="reconcile"),
+        pytest.param(["reconcile", "--invoice"], id="reconcile-invoice"),
     ],
 )
 def test_database_unreachable_is_one_line_and_exit_2(args: list[str], tmp_path: Path) -> None:
@@ -152,6 +154,20 @@ def test_check_config_probe_stripe_alone_is_one_line(tmp_path: Path, ledger_url:
     assert probe["stripe"]["ok"] is False and stripe_base in probe["stripe"]["error"]
 
 
+@pytest.mark.parametrize("args", [["reconcile"], ["reconcile", "--invoice", "--json"]], ids=["windows", "invoice"])
+def test_reconcile_with_stripe_unreachable_is_one_line_and_exit_2(
+    args: list[str], tmp_path: Path, ledger_url: str
+) -> None:
+    stripe_base = f"http://127.0.0.1:{_closed_port()}"
+    p = _run(args, _env(EDGEBILL_STRIPE_API_BASE=stripe_base, EDGEBILL_DATABASE_URL=ledger_url), tmp_path)
+    _one_line_error(p, f"cannot read Stripe at {stripe_base}", "unreachable", "EDGEBILL_STRIPE_API_BASE")
+
+
+def test_reconcile_repair_in_shadow_is_refused(tmp_path: Path, ledger_url: str) -> None:
+    p = _run(["reconcile", "--repair"], _env(EDGEBILL_DATABASE_URL=ledger_url, EDGEBILL_SHADOW="true"), tmp_path)
+    _one_line_error(p, "--repair while the cutover state in force is shadow", "sends nothing in shadow")
+
+
 # ----------------------------------------------------------------------------- read-only, never creating
 
 
@@ -164,6 +180,7 @@ def test_check_config_probe_stripe_alone_is_one_line(tmp_path: Path, ledger_url:
         pytest.param(["parity", "--window", "--json"], id="parity-window"),
         pytest.param(["org", "show"], id="org-show"),
         pytest.param(["replay", "--dry-run"], id="replay-dry-run"),
+        pytest.param(["reconcile", "--json"], id="reconcile"),
     ],
 )
 def test_read_only_commands_never_create_a_ledger(args: list[str], tmp_path: Path) -> None:

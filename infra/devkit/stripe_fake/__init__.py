@@ -10,16 +10,18 @@ Public API: :class:`FakeStripe` (state + operations), :func:`build_app`, :func:`
 :class:`StripeError`.
 
 Stripe endpoints: customers (+ search, balance_transactions), products (+ search), prices (+ search),
-subscriptions, subscription_items, checkout/sessions (+ expire), webhook_endpoints, events,
+subscriptions, subscription_items, invoices/create_preview (+ the preview's lines), checkout/sessions (+ expire),
+webhook_endpoints, events,
 billing/meters (+ deactivate, reactivate, event_summaries), billing/meter_events,
 billing/meter_event_adjustments; v2 billing/meter_event_session, meter_event_stream, meter_events,
 meter_event_adjustments, core/events.
 
-Inspection (not Stripe): ``GET /_fake/meter_events``, ``/_fake/duplicates``, ``/_fake/requests``,
+Inspection (not Stripe): ``GET /_fake/meter_events``, ``/_fake/duplicates``, ``/_fake/receipts``, ``/_fake/requests``,
 ``/_fake/error_reports``, ``/_fake/webhook_deliveries``; ``GET|POST /_fake/faults`` and
 ``/_fake/clock`` (``{"advance": seconds}``); ``POST /_fake/reset``,
-``POST /_fake/checkout_sessions/{id}/complete`` (fires ``checkout.session.completed``, signed, to every
-matching endpoint), ``POST /_fake/events/{id}/resend``.
+``POST /_fake/meter_events/{identifier}/drop`` and ``.../reject`` (an accepted event lost after the 202,
+silently or with an error report), ``POST /_fake/checkout_sessions/{id}/complete`` (fires
+``checkout.session.completed``, signed, to every matching endpoint), ``POST /_fake/events/{id}/resend``.
 
 Webhook delivery retries a non-2xx answer on Stripe's live schedule (exponential, up to three days)
 compressed by a speed factor (``webhook_speed``, default 10,000: about 24 s in all). ``expand[]`` is

@@ -33,6 +33,7 @@ Obj = dict[str, Any]
 
 STREAM_PATH = "/v2/billing/meter_event_stream"
 V1_METER_EVENTS = "/v1/billing/meter_events"
+PREVIEW_PATH = "/v1/invoices/create_preview"
 IDEMPOTENCY_TTL_S = 86400
 
 NO_KEY_MESSAGE = (
@@ -218,6 +219,17 @@ def _live_limits(state: FakeStripe, cfg: FaultConfig, request: web.Request, data
     return slot
 
 
+def _read_limits(state: FakeStripe, cfg: FaultConfig, request: web.Request) -> None:
+    """Enforce the read limit: every GET, and invoice previews (they create nothing)."""
+    if not cfg.read_limits:
+        return
+    if request.method != "GET" and request.path != PREVIEW_PATH:
+        return
+    if not state.window("reads").allow(cfg.reads_per_s):
+        state.faults.note("limit_reads")
+        raise rate_limit_error()
+
+
 @web.middleware
 async def stripe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     state = state_of(request)
@@ -267,6 +279,7 @@ async def _serve(request: web.Request, handler: Handler, state: FakeStripe, requ
                 return replay
             idem_slot = (api_key, idem_key)  # registered as in flight: released in ``finally``
         decision = state.faults.decide(request.method, request.path)
+        _read_limits(state, cfg, request)
         meter_slot = _live_limits(state, cfg, request, data)
         if decision.kind == "429":
             raise rate_limit_error()

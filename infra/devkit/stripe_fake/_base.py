@@ -6,7 +6,7 @@ import copy
 import functools
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -96,6 +96,8 @@ class StateBase:
         self.counters = Counters()
         self.rate_windows: dict[str, RateWindow] = {}
         self.in_flight_meter_calls: set[tuple[str, str]] = set()
+        # (monotonic time, method, route, status) of every Stripe API request served, newest last.
+        self.request_log: deque[tuple[float, str, str, int]] = deque(maxlen=100_000)
 
     # -- time --------------------------------------------------------------------------------------
 
@@ -253,3 +255,10 @@ class StateBase:
     def count_request(self, method: str, route: str, status: int) -> None:
         with self._lock:
             self.counters.requests[(method, route, status)] += 1
+            if not route.startswith("/_fake/"):
+                self.request_log.append((time.monotonic(), method, route, status))
+
+    def request_times(self, method: str | None = None, prefix: str = "") -> list[tuple[float, str, str, int]]:
+        """The API requests served (monotonic time, method, route, status), oldest first, filtered."""
+        with self._lock:
+            return [r for r in self.request_log if (method is None or r[1] == method) and r[2].startswith(prefix)]

@@ -182,6 +182,12 @@ class CatalogMixin(MeterStreamMixin):
                 )
             if meter_id not in self.meters:
                 raise no_such("billing meter", meter_id, param="recurring[meter]", status=400)
+            if self.meters[meter_id]["status"] != "active":
+                raise StripeError(
+                    400,
+                    f"The billing meter {meter_id} is inactive: a deactivated meter cannot be attached to a price.",
+                    param="recurring[meter]",
+                )
         return {
             "interval": interval,
             "interval_count": count,

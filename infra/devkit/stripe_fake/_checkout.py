@@ -6,15 +6,15 @@ from typing import Any
 
 from infra.devkit.stripe_fake._base import locked
 from infra.devkit.stripe_fake._errors import StripeError, no_such
+from infra.devkit.stripe_fake._invoices import InvoicesMixin
 from infra.devkit.stripe_fake._params import Params
-from infra.devkit.stripe_fake._subscriptions import SubscriptionsMixin
 
 __all__ = ["CheckoutMixin"]
 
 Obj = dict[str, Any]
 
 
-class CheckoutMixin(SubscriptionsMixin):
+class CheckoutMixin(InvoicesMixin):
     def _init_state(self) -> None:
         super()._init_state()
         self.checkout_sessions: dict[str, Obj] = {}

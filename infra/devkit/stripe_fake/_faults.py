@@ -34,7 +34,9 @@ class FaultConfig:
     ``slow_seconds`` of latency. A cut-off request is executed (Stripe records it), then the
     connection is dropped without an answer. With ``live_limits`` the live-mode limits apply:
     v1 meter events ``v1_meter_events_per_s`` calls/s and one concurrent call per (customer, meter),
-    the v2 stream ``v2_stream_per_s`` requests/s. ``replay_errors`` stores 5xx answers under the
+    the v2 stream ``v2_stream_per_s`` requests/s. With ``read_limits`` read requests (every GET, and invoice
+    previews) are limited to ``reads_per_s`` a second (Stripe: 25 in test mode, 100 in live mode, 25 on one
+    endpoint), answered 429 beyond. ``replay_errors`` stores 5xx answers under the
     Idempotency-Key (Stripe documents that a key replays its result, "including 500 errors").
     """
 
@@ -50,6 +52,8 @@ class FaultConfig:
     v2_stream_per_s: int = 10_000
     replay_errors: bool = True
     methods: tuple[str, ...] = field(default=("POST",))
+    read_limits: bool = False
+    reads_per_s: int = 25
 
     def __post_init__(self) -> None:
         for name in ("p_429", "p_500", "p_slow", "p_cutoff"):
@@ -60,7 +64,7 @@ class FaultConfig:
             raise ValueError("p_429 + p_500 + p_cutoff must not exceed 1")
         if self.slow_seconds < 0:
             raise ValueError("slow_seconds must be >= 0")
-        if self.v1_meter_events_per_s < 1 or self.v2_stream_per_s < 1:
+        if self.v1_meter_events_per_s < 1 or self.v2_stream_per_s < 1 or self.reads_per_s < 1:
             raise ValueError("rate limits must be >= 1")
 
     @classmethod

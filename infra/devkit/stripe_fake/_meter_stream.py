@@ -28,6 +28,7 @@ class MeterStreamMixin(MetersMixin):
         super()._init_state()
         self.error_reports: list[Obj] = []
         self.sessions: dict[str, Obj] = {}  # authentication_token -> session object
+        self.lost_identifiers: dict[str, str] = {}  # identifier -> "dropped" | "rejected" (test helpers below)
 
     # -- v2: sessions, sync events, the stream ---------------------------------------------------------
 
@@ -189,6 +190,35 @@ class MeterStreamMixin(MetersMixin):
             "type": "v1.billing.meter.no_meter_found" if no_meter else "v1.billing.meter.error_report_triggered",
         }
         self.error_reports.append(report)
+
+    # -- test helpers: an accepted event lost after the 202 ------------------------------------------
+
+    @locked
+    def drop_meter_event(self, identifier: str) -> Obj:
+        """Lose an accepted event without a trace (no error report): its value leaves every summary and invoice,
+        and its identifier is free again (a re-send is accepted as a new event)."""
+        rec = self.meter_events.pop(identifier, None)
+        if rec is None:
+            raise no_such("meter event", identifier)
+        self.lost_identifiers[identifier] = "dropped"
+        return {"identifier": identifier, "outcome": "dropped", "value": str(rec.value), "meter": rec.meter}
+
+    @locked
+    def reject_meter_event(self, identifier: str, code: str | None = None, message: str | None = None) -> Obj:
+        """Refuse an accepted event afterwards, as the stream's asynchronous validation does: it leaves every
+        summary and invoice, and a ``v1.billing.meter.error_report_triggered`` report names it."""
+        rec = self.meter_events.pop(identifier, None)
+        if rec is None:
+            raise no_such("meter event", identifier)
+        self.lost_identifiers[identifier] = "rejected"
+        code = code or "meter_event_customer_not_found"
+        message = message or f"No customer found with ID {rec.customer}."
+        self._report_error(MeterEventInvalid(code, message, None, rec.meter), identifier)
+        return {"identifier": identifier, "outcome": "rejected", "value": str(rec.value), "code": code}
+
+    @locked
+    def lost_identifier_list(self) -> dict[str, str]:
+        return dict(self.lost_identifiers)
 
     @locked
     def list_v2_events(self, data: Obj) -> Obj:

@@ -72,6 +72,8 @@ class MetersMixin(CustomersMixin):
         self.meter_events: dict[str, MeterEventRecord] = {}
         self.duplicate_attempts: list[Obj] = []
         self.adjustments: list[Obj] = []
+        # Every meter event that arrived with an identifier, valid or not: identifier -> the values it carried.
+        self.receipts: dict[str, list[str]] = {}
 
     # -- meters ------------------------------------------------------------------------------------
 
@@ -184,6 +186,8 @@ class MetersMixin(CustomersMixin):
         timestamp: int,
         source: str,
     ) -> MeterEventRecord:
+        if identifier:
+            self.receipts.setdefault(identifier, []).append(str(payload.get("value")))
         meter = self._active_meter_for(event_name)
         if meter is None:
             archived = any(m["event_name"] == event_name for m in self.meters.values())
@@ -466,6 +470,11 @@ class MetersMixin(CustomersMixin):
     def accepted_meter_events(self, *, include_cancelled: bool = True) -> list[Obj]:
         """Every accepted meter event, in arrival order (value as an exact decimal string)."""
         return [r.as_dict() for r in self.meter_events.values() if include_cancelled or r.cancelled_at is None]
+
+    @locked
+    def receipt_list(self) -> dict[str, list[str]]:
+        """Every identifier that arrived, with the value each arrival carried (in order)."""
+        return {k: list(v) for k, v in self.receipts.items()}
 
     @locked
     def duplicate_attempt_list(self) -> list[Obj]:

@@ -61,6 +61,23 @@ async def fake_meter_events(request: web.Request) -> web.StreamResponse:
     return json_response({"data": data, "count": len(data)})
 
 
+async def fake_drop_event(request: web.Request) -> web.StreamResponse:
+    return json_response(state_of(request).drop_meter_event(_id(request)))
+
+
+async def fake_reject_event(request: web.Request) -> web.StreamResponse:
+    data = await _fake_json(request)
+    code, message = data.get("code"), data.get("message")
+    if not isinstance(code, str | None) or not isinstance(message, str | None):
+        raise StripeError(400, "code and message must be strings")
+    return json_response(state_of(request).reject_meter_event(_id(request), code, message))
+
+
+async def fake_receipts(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    return json_response({"data": state.receipt_list(), "lost": state.lost_identifier_list()})
+
+
 async def fake_duplicates(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
     return json_response({"data": state.duplicate_attempt_list(), "conflicting": state.conflicting_identifiers()})
@@ -179,6 +196,8 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/v1/subscriptions/{id}", _op(lambda q: s(q).update_subscription(_id(q), params(q))))
     r.add_delete("/v1/subscriptions/{id}", _op(lambda q: s(q).cancel_subscription(_id(q), params(q))))
     r.add_get("/v1/subscription_items", _op(lambda q: s(q).list_subscription_items(params(q))))
+    r.add_post("/v1/invoices/create_preview", _op(lambda q: s(q).create_invoice_preview(params(q))))
+    r.add_get("/v1/invoices/{id}/lines", _op(lambda q: s(q).list_invoice_lines(_id(q), params(q))))
     r.add_post("/v1/checkout/sessions", _op(lambda q: s(q).create_checkout_session(params(q))))
     r.add_get("/v1/checkout/sessions", _op(lambda q: s(q).list_checkout_sessions(params(q))))
     r.add_get("/v1/checkout/sessions/{id}", _op(lambda q: s(q).retrieve_checkout_session(_id(q))))
@@ -208,6 +227,9 @@ def add_routes(app: web.Application) -> None:
 
     # inspection
     r.add_get("/_fake/meter_events", fake_meter_events)
+    r.add_post("/_fake/meter_events/{id}/drop", fake_drop_event)
+    r.add_post("/_fake/meter_events/{id}/reject", fake_reject_event)
+    r.add_get("/_fake/receipts", fake_receipts)
     r.add_get("/_fake/duplicates", fake_duplicates)
     r.add_get("/_fake/requests", fake_requests)
     r.add_get("/_fake/error_reports", fake_error_reports)

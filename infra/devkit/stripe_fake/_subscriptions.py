@@ -124,7 +124,15 @@ class SubscriptionsMixin(CatalogMixin):
         now = self.now_s()
         ident = self.ids("sub_")
         rec = items[0][0]["recurring"]
-        period_end = add_interval(now, rec["interval"], rec["interval_count"])
+        # ``backdate_start_date``: the subscription starts (and its billing cycle is anchored) in the past; the
+        # current period is the one holding now.
+        backdate = p.integer("backdate_start_date") if p else None
+        if backdate is not None and backdate > now:
+            raise StripeError(400, "backdate_start_date must be in the past.", param="backdate_start_date")
+        start = now if backdate is None else backdate
+        period_start, period_end = start, add_interval(start, rec["interval"], rec["interval_count"])
+        while period_end <= now:
+            period_start, period_end = period_end, add_interval(period_end, rec["interval"], rec["interval_count"])
         sub_items: list[Obj] = [
             {
                 "id": self.ids("si_", 14),
@@ -132,7 +140,7 @@ class SubscriptionsMixin(CatalogMixin):
                 "billing_thresholds": None,
                 "created": now,
                 "current_period_end": period_end,
-                "current_period_start": now,
+                "current_period_start": period_start,
                 "discounts": [],
                 "metadata": item_meta,
                 "plan": self._plan(price),
@@ -153,7 +161,7 @@ class SubscriptionsMixin(CatalogMixin):
             "application": None,
             "application_fee_percent": None,
             "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None},
-            "billing_cycle_anchor": now,
+            "billing_cycle_anchor": start,
             "billing_cycle_anchor_config": None,
             "billing_mode": {"flexible": None, "type": "classic"},
             "billing_schedules": [],
@@ -203,7 +211,7 @@ class SubscriptionsMixin(CatalogMixin):
             "pending_setup_intent": None,
             "pending_update": None,
             "schedule": None,
-            "start_date": now,
+            "start_date": start,
             "status": "active",
             "test_clock": None,
             "transfer_data": None,
@@ -231,6 +239,7 @@ class SubscriptionsMixin(CatalogMixin):
                 "payment_behavior",
                 "proration_behavior",
                 "off_session",
+                "backdate_start_date",
             ),
         )
         customer = p.req_str("customer")

@@ -1,0 +1,159 @@
+"""Repairs of a short window, through the outbox: a row Stripe does not hold is queued again, or billed again by
+a new row. The rules deciding which (:func:`models.reconcile.plan_repair`) are pure; this module writes them.
+
+Two writes, both on ``meter_events`` and both recorded in ``reconcile_repairs`` with their evidence:
+
+* **resend** a ``sent`` row Stripe does not hold: back to ``pending`` with its identifier, value and customer
+  unchanged, so the sender sends exactly the same event again (should Stripe hold it after all, its identifier
+  dedup answers "already exists" and the row is ``sent`` again). The only way a ``sent`` row leaves ``sent``.
+* **replace** a row whose identifier is lost (refused after the send, or held by Stripe without being counted):
+  a new row, the next revision of the same bucket, same meter, value and units, ``pending``, with ``repair_of``
+  naming the lost row. The lost identifier is never sent again. The rounding carry is not touched (the value is
+  the lost row's, already assigned), and readers counting billing decisions skip rows with ``repair_of``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, select, update
+
+from models.billing import RowState, meter_row_id
+from models.reconcile import RepairAction, RepairStep, dec
+from sinks.ledger.store import SqlStore
+from sinks.schema import meter_events, reconcile_repairs
+
+__all__ = ["RESEND_NOTE", "ReconcileRepairs", "RepairDone", "RepairRequest"]
+
+#: ``last_error`` of a row a repair queued again.
+RESEND_NOTE = "queued again by a reconciliation repair: Stripe does not hold it"
+
+
+@dataclass(frozen=True, slots=True)
+class RepairRequest:
+    step: RepairStep
+    customer: str  # the customer the lost row was sent to (a repair never changes it)
+    evidence: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RepairDone:
+    row_id: str
+    action: RepairAction
+    value: Decimal
+    new_row_id: str | None = None
+    skipped: str | None = None  # why nothing was written (the row changed since it was compared)
+
+
+class ReconcileRepairs(SqlStore):
+    def apply_repairs(self, requests: Sequence[RepairRequest], *, by: str) -> list[RepairDone]:
+        """Write the repairs, each only if its row is still as it was compared.
+
+        One transaction, in order: (1) PostgreSQL: the closer's advisory lock, so no close run picks a revision
+        at the same moment (SQLite: the write lock); (2) per request: resend -> the row goes from ``sent`` back
+        to ``pending`` if its value and customer are unchanged; replace -> unless the row already has a
+        replacement, insert the next revision of its bucket with the same value, units, meter and mode,
+        ``repair_of`` = the row; (3) one ``reconcile_repairs`` row per write with its evidence; (4) counters
+        ``reconcile.resent`` / ``reconcile.replaced``. A crash before the commit writes nothing; running the same
+        repair again finds the rows already queued or replaced and skips them, so nothing is billed twice.
+        """
+        now = self._clock()
+        me = meter_events.c
+        done: list[RepairDone] = []
+        resent = replaced = 0
+        with self._w.begin() as conn:
+            self._lock_closer(conn)
+            for req in requests:
+                st = req.step
+                row = conn.execute(select(meter_events).where(me.id == st.row_id)).first()
+                if row is None or Decimal(row.value) != st.value or row.stripe_customer_id != req.customer:
+                    done.append(RepairDone(st.row_id, st.action, st.value, skipped="the row changed since"))
+                    continue
+                if st.action is RepairAction.RESEND:
+                    hit = conn.execute(
+                        update(meter_events)
+                        .where(me.id == st.row_id, me.state == RowState.SENT.value)
+                        .values(state=RowState.PENDING.value, updated_ms=now, last_error=RESEND_NOTE)
+                        .returning(me.id)
+                    ).first()
+                    if hit is None:
+                        done.append(RepairDone(st.row_id, st.action, st.value, skipped=f"the row is {row.state}"))
+                        continue
+                    self._record(conn, req, None, by, now)
+                    done.append(RepairDone(st.row_id, st.action, st.value))
+                    resent += 1
+                    continue
+                new_id = self._replace(conn, row, now)
+                if new_id is None:
+                    done.append(RepairDone(st.row_id, st.action, st.value, skipped="already replaced"))
+                    continue
+                self._record(conn, req, new_id, by, now)
+                done.append(RepairDone(st.row_id, st.action, st.value, new_row_id=new_id))
+                replaced += 1
+            self._bump_counters(conn, {"reconcile.resent": resent, "reconcile.replaced": replaced})
+        return done
+
+    @staticmethod
+    def _replace(conn: Connection, row: Any, now: int) -> str | None:
+        me = meter_events.c
+        if conn.execute(select(me.id).where(me.repair_of == row.id).limit(1)).first() is not None:
+            return None
+        top = conn.execute(
+            select(func.max(me.revision)).where(
+                me.org_id == row.org_id, me.bucket_start == row.bucket_start, me.meter == row.meter
+            )
+        ).scalar_one()
+        revision = int(top or 0) + 1
+        new_id = meter_row_id(row.org_id, row.bucket_start, row.meter, revision)
+        conn.execute(
+            insert(meter_events).values(
+                id=new_id,
+                org_id=row.org_id,
+                bucket_start=row.bucket_start,
+                bucket_end=row.bucket_end,
+                meter=row.meter,
+                revision=revision,
+                billing_mode=row.billing_mode,
+                value=row.value,
+                units=row.units,
+                samples=row.samples,
+                state=RowState.PENDING.value,
+                stripe_customer_id=None,
+                close_id=row.close_id,
+                created_ms=now,
+                updated_ms=now,
+                sent_ms=None,
+                attempts=0,
+                last_error=f"bills again {row.id}, which Stripe does not hold (reconciliation repair)",
+                repair_of=row.id,
+            )
+        )
+        return new_id
+
+    @staticmethod
+    def _record(conn: Connection, req: RepairRequest, new_id: str | None, by: str, now: int) -> None:
+        st = req.step
+        conn.execute(
+            insert(reconcile_repairs).values(
+                row_id=st.row_id,
+                action=st.action.value,
+                new_row_id=new_id,
+                value=dec(st.value),
+                cause=st.cause.value,
+                evidence=json.dumps(req.evidence, sort_keys=True),
+                by=by,
+                created_ms=now,
+            )
+        )
+
+    def repairs(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest repairs, newest first."""
+        with self.engine.connect() as conn:
+            return [
+                dict(r._mapping)
+                for r in conn.execute(select(reconcile_repairs).order_by(reconcile_repairs.c.id.desc()).limit(limit))
+            ]

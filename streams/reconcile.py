@@ -1,0 +1,285 @@
+"""The scheduled reconciliation with Stripe, on the leader (:func:`install_reconcile`).
+
+Every ``EDGEBILL_STRIPE_AUDIT_INTERVAL`` seconds, never in shadow (nothing is sent, so nothing is held), in a
+thread (the Stripe reads are paced and may take a while; never on the event loop), one run at a time:
+
+1. compare every closed, sent and settled UTC day of the lookback with Stripe's meter event summaries
+   (:meth:`sinks.reconciliation.Reconciliation.compare`), and check the upcoming invoice of each pro org whose
+   period ends soon (:meth:`~sinks.reconciliation.Reconciliation.check_invoices`);
+2. keep the results in the ledger (:meth:`sinks.reconcile_store.ReconcileStore.record_run`): the latest result
+   per window and how many runs in a row it has differed; a difference seen in ``EDGEBILL_STRIPE_AUDIT_ALERT_RUNS``
+   consecutive runs (default 2) records an alert, once per episode;
+3. publish the alerts not yet published to the alerts topic (``billing-alerts``, as parity's) and log each
+   once, when first recorded; log every newly seen difference once per process.
+
+``/metrics`` and the dashboard read the stored results (:func:`dashboard_json`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from models.reconcile import DAY, Grouping
+from sinks.reconcile_store import PendingAlert, ReconcileSnapshot, RunRecord
+from sinks.reconciliation import ReconcileReport, Reconciliation
+from streams.health import RateLimitedLog
+from streams.pipeline import Deps
+from streams.records import RAW_BYTES, first_line
+
+__all__ = ["ReconcileRuntime", "dashboard_json", "install_reconcile"]
+
+log = logging.getLogger(__name__)
+
+
+def _day(ts: int) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+
+
+class ReconcileRuntime:
+    """The scheduled run's behaviour, independent of Faust so tests can drive it."""
+
+    def __init__(self, deps: Deps, reconciliation: Reconciliation) -> None:
+        self.deps = deps
+        self.rec = reconciliation
+        self.store = reconciliation.store
+        self.alerts_topic = deps.config.topics.alerts
+        self.last: ReconcileReport | None = None
+        self._lock = asyncio.Lock()
+        self._limiter = RateLimitedLog(log)
+        self._logged: set[tuple[str, str, str, int, str]] = set()
+
+    def run_once(self) -> tuple[ReconcileReport, list[PendingAlert]]:
+        """One scheduled run (blocking: call it from a thread). Returns the report and the alerts to publish."""
+        cfg = self.rec.cfg
+        today = self.deps.clock_ms() // 1000 // DAY * DAY
+        lo, hi = today - (cfg.lookback_days - 1) * DAY, today + DAY
+        self.rec.reader.begin_run()
+        report = self.rec.compare(lo, hi, Grouping.DAY)
+        if report.failure is None:
+            self.rec.check_invoices(report, due_only=True)
+            report.requests = self.rec.reader.requests
+            report.throttled = self.rec.reader.throttled
+            report.finished_ms = self.deps.clock_ms()
+        alerts = self.store.record_run(
+            RunRecord(
+                started_ms=report.started_ms,
+                finished_ms=report.finished_ms,
+                lo=report.lo,
+                hi=report.hi,
+                grouping=report.grouping.value,
+                results=report.results if report.failure is None else (),
+                unsettled=len(report.unsettled),
+                requests=report.requests,
+                throttled=report.throttled,
+                invoices=report.invoices if report.failure is None else (),
+                error=report.failure,
+            ),
+            alert_runs=cfg.alert_runs,
+        )
+        self.last = report
+        self._log(report)
+        return report, alerts
+
+    def _log(self, report: ReconcileReport) -> None:
+        if report.failure is not None:
+            self._limiter.failure(
+                "stripe reconcile",
+                "stripe_reconcile: the run could not read Stripe (%s); it will run again",
+                report.failure,
+                level=logging.ERROR,
+            )
+            return
+        self._limiter.recovered("stripe reconcile")
+        diffs = report.differences
+        log.info(
+            "stripe_reconcile: %d window(s) of %s..%s compared, %d different, %d not settled; %d invoice line(s), "
+            "%d different; %d Stripe request(s) (%d throttled) at <= %.1f/s",
+            len(report.results),
+            _day(report.lo),
+            _day(report.hi - 1),
+            len(diffs),
+            len(report.unsettled),
+            len(report.invoices),
+            len(report.invoice_differences),
+            report.requests,
+            report.throttled,
+            report.reads_per_s,
+        )
+        seen = set()
+        for r in diffs:
+            k = r.key
+            tag = (k.org_id, k.customer, k.meter, k.start, r.label.value)
+            seen.add(tag)
+            if tag in self._logged:
+                continue
+            self._logged.add(tag)
+            log.warning(
+                "stripe_reconcile: %s org=%s meter=%s day=%s customer=%s ledger=%s stripe=%s causes=%s",
+                r.label.value.upper(),
+                k.org_id,
+                k.meter,
+                _day(k.start),
+                k.customer,
+                r.to_wire()["ledger"],
+                r.to_wire()["stripe"],
+                ", ".join(f"{c.cause.value}:{c.to_wire()['value']}" for c in r.causes) or "-",
+            )
+        self._logged &= seen  # a difference that went away is logged again if it comes back
+
+    async def tick(self, publish: Callable[[PendingAlert], Awaitable[None]]) -> None:
+        """One scheduled run, then publish the alerts not yet published (each logged once, when first due)."""
+        if self._lock.locked():
+            return
+        async with self._lock:
+            what = "stripe reconcile run"
+            try:
+                _report, alerts = await asyncio.to_thread(self.run_once)
+            except Exception as exc:
+                self._limiter.failure(
+                    what,
+                    "%s failed (%s: %s); it will run again",
+                    what,
+                    type(exc).__name__,
+                    first_line(exc),
+                    level=logging.ERROR,
+                    exc_info=None if self._limiter.failing(what) else exc,
+                )
+                return
+            self._limiter.recovered(what)
+            done: list[str] = []
+            for alert in alerts:
+                b = alert.body
+                if alert.new:
+                    log.warning(
+                        "stripe_reconcile: ALERT %s %s org=%s meter=%s window=%s runs=%s (published to %s)",
+                        alert.id,
+                        str(b.get("label", "")).upper(),
+                        b.get("org_id"),
+                        b.get("meter"),
+                        (b.get("window") or {}).get("start"),
+                        b.get("runs"),
+                        self.alerts_topic,
+                    )
+                try:
+                    await publish(alert)
+                except Exception:
+                    log.exception("could not publish alert %s; will retry", alert.id)
+                    break
+                done.append(alert.id)
+            if done:
+                try:
+                    await asyncio.to_thread(self.store.mark_published, done)
+                except Exception:
+                    log.exception("could not mark alerts published; they will be published again")
+
+
+def dashboard_json(snap: ReconcileSnapshot) -> dict[str, Any]:
+    """The reconciliation panel's data: the last run, the windows that differ, the alerts, the invoice checks.
+    Values are exact decimal strings."""
+    run = snap.last_run
+    return {
+        "last_run": None
+        if run is None
+        else {
+            k: run[k]
+            for k in (
+                "id",
+                "started_ms",
+                "finished_ms",
+                "window_lo",
+                "window_hi",
+                "grouping",
+                "compared",
+                "differences",
+                "unsettled",
+                "requests",
+                "throttled",
+                "invoice_lines",
+                "invoice_differences",
+                "error",
+            )
+        },
+        "by_label": dict(sorted(snap.by_label.items())),
+        "differences": [
+            {
+                "org_id": d["org_id"],
+                "customer": d["customer_id"],
+                "meter": d["meter"],
+                "window_start": d["window_start"],
+                "grouping": d["grouping"],
+                "label": d["label"],
+                "ledger": d["ledger_value"],
+                "stripe": d["stripe_value"],
+                "streak": d["streak"],
+                "causes": [
+                    {"cause": c["cause"], "value": c["value"], "rows": len(c["rows"]), "explains": c["explains"]}
+                    for c in d["causes"]
+                ],
+            }
+            for d in snap.differences[:50]
+        ],
+        "alerts": [
+            {
+                "id": a["id"],
+                "org_id": a["org_id"],
+                "meter": a["meter"],
+                "window_start": a["window_start"],
+                "label": a["label"],
+                "published": a["published_ms"] is not None,
+            }
+            for a in snap.alerts
+        ],
+        "invoices": [
+            {
+                "org_id": i["org_id"],
+                "subscription": i["subscription_id"],
+                "price": i["price_id"],
+                "meter": i["meter"],
+                "period_start": i["period_start"],
+                "period_end": i["period_end"],
+                "stripe": i["stripe_quantity"],
+                "ledger": i["ledger_value"],
+                "pending": i["pending_value"],
+                "label": i["label"],
+                "detail": i["detail"],
+                "checked_ms": i["checked_ms"],
+            }
+            for i in snap.invoices
+        ],
+        "repairs": snap.repairs,
+    }
+
+
+def install_reconcile(app: Any, deps: Deps) -> ReconcileRuntime | None:
+    """Register the scheduled reconciliation (leader), unless it is off or not configured. Each run first asks
+    the cutover state in force: in shadow nothing is sent, so nothing is held at Stripe and the run is skipped
+    (a cutover armed while the worker runs starts the reconciliation without a restart)."""
+    cfg = deps.config
+    rec = deps.reconciliation
+    if rec is None or cfg.reconcile_interval_s <= 0:
+        return None
+    rt = ReconcileRuntime(deps, rec)
+    alerts = app.topic(rt.alerts_topic, partitions=1, **RAW_BYTES)
+
+    async def publish(alert: PendingAlert) -> None:
+        fut = await alerts.send(
+            key=alert.id.encode(),
+            value=orjson.dumps(alert.body),
+            headers={"edgebill-alert-id": alert.id.encode()},
+        )
+        await fut
+
+    async def run() -> None:
+        live = await asyncio.to_thread(lambda: deps.cutover.live)
+        if not live:
+            return
+        await rt.tick(publish)
+
+    app.timer(cfg.reconcile_interval_s, on_leader=True, name="edgebill.reconcile")(run)
+    return rt
