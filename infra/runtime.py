@@ -189,6 +189,8 @@ def worker_config(settings: Settings) -> WorkerConfig:
         progress_stale_after_ms=int(b.progress_stale_after * 1000),
         reconcile=reconcile_config(settings),
         reconcile_interval_s=settings.stripe.audit_interval,
+        retention_days=b.retention_days,
+        retention_interval_s=b.retention_interval,
     )
 
 

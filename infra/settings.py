@@ -28,6 +28,7 @@ from models.billing import Authority
 from models.cutover import CutoverState, is_explicit_shadow_value, parse_shadow
 from models.cutover import interlock_problems as cutover_interlocks
 from models.errors import ConfigError
+from models.retention import DEFAULT_RETENTION_DAYS, retention_problem
 from models.topics import TOPIC_ALERTS
 
 __all__ = [
@@ -335,6 +336,24 @@ class BillingSettings(BaseSettings):
         ge=0,
         description="clean parity hours (usage on both sides) `edgebill cutover plan` asks for before T",
     )
+    # Retention (models.retention): the per-tick data of a settled bucket goes once it ended this many days
+    # ago; the default is one day past Stripe's 35-day window, beyond which no tick can change a bill.
+    retention_days: int = Field(
+        default=DEFAULT_RETENTION_DAYS,
+        ge=0,
+        description="days a settled bucket keeps its per-tick data (0 = keep every tick; else >= Stripe's 35)",
+    )
+    retention_interval: float = Field(
+        default=600.0, gt=0, description="seconds between retention runs on the leader (each goes on until done)"
+    )
+
+    @field_validator("retention_days")
+    @classmethod
+    def _retention_covers_stripe(cls, v: int) -> int:
+        problem = retention_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @field_validator("shadow", mode="before")
     @classmethod

@@ -123,6 +123,9 @@ class WorkerConfig:
     # The scheduled reconciliation with Stripe (leader; never in shadow): its rules' settings and how often.
     reconcile: ReconcileConfig | None = None
     reconcile_interval_s: float = 0.0
+    # Retention (leader): days a settled bucket keeps its per-tick data (0 = off), and how often it runs.
+    retention_days: int = 0
+    retention_interval_s: float = 600.0
 
     @property
     def bucket_seconds(self) -> int:

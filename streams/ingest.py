@@ -249,7 +249,7 @@ class TickIngestor:
                     records.append(RawRecord(tp.partition, m.offset, m.key, m.value))
                 offsets[tp] = msgs[-1].offset + 1
                 self._first_fetched.setdefault(tp, msgs[0].offset)
-            prepared = prepare_ingest(records, topic, self.pipe.deps.clock_ms())
+            prepared = prepare_ingest(records, topic, self.pipe.deps.clock_ms(), self.pipe.horizon_s)
             per = (len(prepared.ticks) + len(prepared.dead)) / len(records)
             self._ticks_per_message = 0.7 * self._ticks_per_message + 0.3 * max(per, 1.0)
             await self._queue.put((prepared, offsets))
@@ -299,12 +299,14 @@ class TickIngestor:
     async def _write(self, prepared: IngestBatch) -> None:
         """Write one batch: everything but the offset commit, which the caller does only after this returns.
 
-        In order: (1) the parser's dead letters, produced and acknowledged; (2) the ledger transaction
-        (ticks + progress + counters), or, when the database refuses a tick, the batch written in parts
-        around it (:meth:`Pipeline.write_step`); then, only in that case, (3) the refused ticks' dead
-        letters and (4) the batch's progress and counters. A crash anywhere re-delivers the whole batch:
-        dead letters are written again, ticks already written count as duplicates. Raises :class:`Stopped`
-        if the worker stops while a step is being retried; nothing of the batch is acknowledged then.
+        In order: (1) the parser's dead letters (those of ticks before the dedup horizon last seen included),
+        produced and acknowledged; (2) the ledger transaction (ticks + progress + counters), or, when the
+        database refuses a tick, the batch written in parts around it (:meth:`Pipeline.write_step`); (3) the
+        dead letters of ticks the ledger itself found before its dedup horizon (it moved since the last
+        batch), if any; then, only when the batch was written in parts, (4) the refused ticks' dead letters
+        and (5) the batch's progress and counters. A crash anywhere re-delivers the whole batch: dead letters
+        are written again, ticks already written count as duplicates. Raises :class:`Stopped` if the worker
+        stops while a step is being retried; nothing of the batch is acknowledged then.
         """
         if prepared.dead:
             await self._dead_letters(prepared.dead)
@@ -317,6 +319,8 @@ class TickIngestor:
             condition=LEDGER,
             stopping=self._stopping,
         )
+        if plan.too_old:
+            await self._dead_letters(self.pipe.too_old_letters(plan))
         if plan.isolating:
             letters = self.pipe.refused_letters(plan)
             if letters:

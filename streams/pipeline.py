@@ -25,6 +25,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,11 +34,14 @@ from typing import Final, Protocol
 from models.cutover import CONTROL_KEY, CutoverState
 from models.errors import InvalidRecord
 from models.policy import OrgPolicy
+from models.retention import OLDER_THAN_RETENTION, horizon_ms
 from models.ticks import FUTURE_TOLERANCE_MS, locate_envelope, parse_record
 from models.watermark import watermark
 from sinks.ledger import CloseResult, CutoverView, EffectiveCutover, Ledger, SourcedTick
 from sinks.outbox import OutboxSender, SendReport
+from sinks.parity import ParityStore
 from sinks.reconciliation import Reconciliation
+from sinks.retention import CompactResult, Retention
 from sinks.stripe_provisioning import StripeProvisioner
 from streams.config import WorkerConfig
 from streams.health import Health, RateLimitedLog, ledger_write_failures_total, ticks_refused_total
@@ -68,11 +72,17 @@ class IngestBatch:
     topic: str = ""
 
 
-def prepare_ingest(records: Sequence[Record], topic: str, now_ms: int) -> IngestBatch:
-    """Parse a batch of ``usage-ticks`` records: good ticks, dead letters, per-partition progress. Pure."""
+def prepare_ingest(records: Sequence[Record], topic: str, now_ms: int, horizon_s: int = 0) -> IngestBatch:
+    """Parse a batch of ``usage-ticks`` records: good ticks, dead letters, per-partition progress. Pure.
+
+    A tick before the dedup horizon ``horizon_s`` (the one the ledger last reported, :mod:`models.retention`)
+    is dead-lettered as ``older_than_retention`` here; the ledger checks again against its own horizon when
+    it writes (:meth:`sinks.ledger.Ledger.write_ticks`).
+    """
     out = IngestBatch(records=records, topic=topic)
-    rejected = ignored = read = 0
+    rejected = ignored = read = too_old = 0
     max_ts = now_ms + FUTURE_TOLERANCE_MS
+    oldest = horizon_ms(horizon_s)
     ticks_append = out.ticks.append
     progress = out.progress
     for rec in records:
@@ -82,6 +92,13 @@ def prepare_ingest(records: Sequence[Record], topic: str, now_ms: int) -> Ingest
         newest: int | None = None
         if parsed.ticks:
             for tick in parsed.ticks:
+                if tick.ts_ms < oldest:
+                    raw, index = locate_envelope(rec.value, tick.id)
+                    out.dead.append(
+                        dead_letter(rec, topic, OLDER_THAN_RETENTION, raw, index, detail=_too_old(horizon_s))
+                    )
+                    too_old += 1
+                    continue
                 ticks_append(SourcedTick(tick, part, off))
             newest = max(t.ts_ms for t in parsed.ticks)
         for r in parsed.rejected:
@@ -95,7 +112,16 @@ def prepare_ingest(records: Sequence[Record], topic: str, now_ms: int) -> Ingest
             ev = prev[1] if newest is None else (newest if prev[1] is None else max(prev[1], newest))
             progress[part] = (off if off > prev[0] else prev[0], ev)
     out.counts = {"records.read": read, "records.rejected": rejected, "records.ignored_type": ignored}
+    if too_old:
+        out.counts[f"ticks.{OLDER_THAN_RETENTION}"] = too_old
     return out
+
+
+def _too_old(horizon_s: int) -> str:
+    return (
+        f"the tick is before the ledger's dedup horizon (unix s {horizon_s}): retention dropped the ticks of its "
+        "bucket, so it could be a copy of one of them, and Stripe would refuse it as older than 35 days"
+    )
 
 
 # DB-API exception classes (sqlite3, psycopg, and SQLAlchemy's wrappers of them, which have the same names)
@@ -140,6 +166,7 @@ class WritePlan:
     whole: bool = True  # still trying the batch in one transaction
     parts: list[list[SourcedTick]] = field(default_factory=list)  # left to write (a stack) once split
     refused: list[tuple[SourcedTick, str]] = field(default_factory=list)  # ticks the database refused, why
+    too_old: list[SourcedTick] = field(default_factory=list)  # ticks before the ledger's dedup horizon
     written: bool = False  # every tick is written or refused (progress and counters still to record)
 
     @property
@@ -209,29 +236,36 @@ class Pipeline:
         self.partitions: dict[str, int] = {self.ticks_topic: n, self.policy_topic: n, self.scale_topic: n}
         self._close_lock = asyncio.Lock()
         self._send_lock = asyncio.Lock()
+        self._retention_lock = asyncio.Lock()
+        self.last_retention: CompactResult | None = None
         self.last_close: CloseResult | None = None
         self.ingestor: HighwaterSource | None = None  # the running ingest service's consumer, once started
         self.last_send: SendReport | None = None
         self.health = Health()
         self.limiter = RateLimitedLog(log)
         self._applied_seq: int | None = None  # the cutover state entry this worker applies and acknowledged
+        # The ledger's dedup horizon as its last write reported it: prepare_ingest refuses ticks before it.
+        self.horizon_s = 0
         self._acked_at = 0.0
 
     # -- ingest -------------------------------------------------------------------------------
 
-    def write_batch(self, batch: IngestBatch) -> None:
-        """Write a prepared batch to the ledger (ticks + progress + counters in one transaction)."""
+    def write_batch(self, batch: IngestBatch) -> list[SourcedTick]:
+        """Write a prepared batch to the ledger (ticks + progress + counters in one transaction); returns the
+        ticks the ledger refused as before its dedup horizon (to dead-letter before the offsets are committed)."""
         led = self.deps.ledger
         if batch.ticks:
-            led.write_ticks(
+            res = led.write_ticks(
                 self.ticks_topic,
                 batch.ticks,
                 bucket_seconds=self.close_cfg.bucket_seconds,
                 progress=batch.progress,
                 counts=batch.counts,
             )
-        else:
-            led.record_progress(self.ticks_topic, batch.progress, batch.counts)
+            self.horizon_s = max(self.horizon_s, res.horizon_s)
+            return list(res.too_old)
+        led.record_progress(self.ticks_topic, batch.progress, batch.counts)
+        return []
 
     def write_step(self, plan: WritePlan) -> None:
         """Write ``plan``'s ticks, isolating any the database refuses; blocking (run it in a thread).
@@ -250,7 +284,7 @@ class Pipeline:
         """
         if plan.whole:
             try:
-                self.write_batch(plan.batch)
+                too_old = self.write_batch(plan.batch)
             except Exception as exc:
                 if not is_record_error(exc):
                     raise
@@ -265,13 +299,14 @@ class Pipeline:
                 plan.whole = False
                 plan.parts = _halves(ticks)
             else:
+                plan.too_old.extend(too_old)
                 plan.written = True
                 return
         led = self.deps.ledger
         while plan.parts:
             part = plan.parts[-1]
             try:
-                led.write_ticks(self.ticks_topic, part, bucket_seconds=self.close_cfg.bucket_seconds, progress={})
+                res = led.write_ticks(self.ticks_topic, part, bucket_seconds=self.close_cfg.bucket_seconds, progress={})
             except Exception as exc:
                 if not is_record_error(exc):
                     raise
@@ -282,6 +317,8 @@ class Pipeline:
                     plan.parts.extend(_halves(part))
                 continue
             plan.parts.pop()
+            plan.too_old.extend(res.too_old)
+            self.horizon_s = max(self.horizon_s, res.horizon_s)
         plan.written = True
 
     def refused_letters(self, plan: WritePlan) -> list[DeadLetter]:
@@ -295,6 +332,20 @@ class Pipeline:
                 continue
             raw, index = locate_envelope(rec.value, st.tick.id)
             out.append(dead_letter(rec, plan.batch.topic or self.ticks_topic, REFUSED, raw, index, detail=why))
+        return out
+
+    def too_old_letters(self, plan: WritePlan) -> list[DeadLetter]:
+        """Dead letters for the ticks the ledger refused as before its dedup horizon: the envelope's bytes,
+        reason ``older_than_retention`` (what :func:`prepare_ingest` gives the ones it refuses itself)."""
+        by_pos = {(r.partition, r.offset): r for r in plan.batch.records}
+        out: list[DeadLetter] = []
+        for st in plan.too_old:
+            rec = by_pos.get((st.partition, st.offset))
+            if rec is None:  # cannot happen: every tick comes from a record of its batch
+                continue
+            raw, index = locate_envelope(rec.value, st.tick.id)
+            topic = plan.batch.topic or self.ticks_topic
+            out.append(dead_letter(rec, topic, OLDER_THAN_RETENTION, raw, index, detail=_too_old(self.horizon_s)))
         return out
 
     def finish_isolated(self, plan: WritePlan) -> None:
@@ -345,6 +396,37 @@ class Pipeline:
         report = self.deps.sender.run_once()
         self.last_send = report
         return report
+
+    def retention_once(self, stop: threading.Event | None = None) -> CompactResult | None:
+        """One retention run (:meth:`sinks.retention.Retention.compact`) at the clock's now, with the configured
+        days; None when retention is off. The parity edge sums are advanced first, so no sample is dropped
+        before it is summed there. ``stop`` ends the run between two chunks (the next run goes on)."""
+        cfg = self.deps.config
+        if cfg.retention_days <= 0:
+            return None
+        engine = self.deps.ledger.engine
+        size = self.close_cfg.bucket_seconds
+        result = Retention(engine, bucket_seconds=size).compact(
+            self.deps.clock_ms(),
+            cfg.retention_days,
+            parity=ParityStore(engine, bucket_seconds=size, clock=self.deps.clock_ms),
+            stop=None if stop is None else stop.is_set,
+        )
+        self.horizon_s = max(self.horizon_s, result.horizon_s)
+        self.last_retention = result
+        return result
+
+    async def retention_tick(self) -> None:
+        """The leader's retention timer: one run at a time, in a thread; when the worker stops, the run ends
+        after the chunk it is deleting (so stopping never waits for a whole compaction)."""
+        if self._retention_lock.locked():
+            return
+        async with self._retention_lock:
+            stop = threading.Event()
+            try:
+                await self._run_logged("retention run", lambda: self.retention_once(stop))
+            finally:
+                stop.set()
 
     async def close_tick(self) -> None:
         if self._close_lock.locked():

@@ -12,6 +12,8 @@
   cutover state (logged once, acknowledged in the ledger).
 * ``closer`` timer (leader): computes the watermark and closes buckets.
 * ``sender`` timer (leader, only when not in shadow): drains the outbox to Stripe.
+* ``retention`` timer (leader, unless ``EDGEBILL_RETENTION_DAYS`` is 0): drops the per-tick data of retired
+  buckets and moves the dedup horizon (:mod:`sinks.retention`).
 * Stripe webhooks: the ``POST /webhooks/stripe`` receiver, the ``webhooks`` agent and its retry timer
   (:mod:`streams.webhooks`).
 * ``reconcile`` timer (leader, never in shadow): the ledger against Stripe's summaries and invoice previews
@@ -132,6 +134,8 @@ def install(app: Any, deps: Deps) -> Pipeline:
     app.timer(0.5, name="edgebill.progress")(report_progress)
     app.timer(cfg.close_interval_s, on_leader=True, name="edgebill.closer")(pipe.close_tick)
     app.timer(cfg.send_interval_s, on_leader=True, name="edgebill.sender")(pipe.send_tick)
+    if cfg.retention_days > 0:
+        app.timer(cfg.retention_interval_s, on_leader=True, name="edgebill.retention")(pipe.retention_tick)
 
     install_parity(app, deps)
     install_webhooks(app, deps)

@@ -16,9 +16,10 @@ from sqlalchemy import Connection, select
 from models.billing import bucket_start
 from models.errors import LedgerError
 from models.policy import OrgPolicy
+from models.retention import NO_HORIZON_MS, OLDER_THAN_RETENTION, horizon_ms
 from models.ticks import Tick
 from models.watermark import PartitionState
-from sinks.ledger.store import SqlStore, read_partition_states
+from sinks.ledger.store import SqlStore, read_dedup_horizon, read_partition_states
 from sinks.schema import counters, org_policies, partition_progress
 
 __all__ = ["IngestResult", "LedgerIngest", "SourcedTick"]
@@ -34,8 +35,14 @@ class SourcedTick(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class IngestResult:
+    """What one :meth:`LedgerIngest.write_ticks` did: ``inserted`` new samples, ``duplicates`` ticks whose id
+    was already stored (or repeated in the batch), ``too_old`` the ticks refused because they lie before the
+    dedup horizon (in batch order, every occurrence), and that horizon as read in the transaction."""
+
     inserted: int
     duplicates: int
+    too_old: tuple[SourcedTick, ...] = ()
+    horizon_s: int = 0
 
 
 _SAMPLE_COLUMNS: Final = (
@@ -101,33 +108,60 @@ class LedgerIngest(SqlStore):
     ) -> IngestResult:
         """Insert ticks (ignoring ids already present) and advance partition progress, atomically.
 
-        One transaction, in this order: (1) INSERT samples ON CONFLICT(id) DO NOTHING; (2) upsert
-        ``partition_progress`` (offset and newest event time, monotonic); (3) bump counters; commit.
-        A crash before the commit writes nothing: the records are redelivered (their offsets were not
+        One transaction, in this order: (1) read the dedup horizon (:mod:`models.retention`; on PostgreSQL
+        under a shared advisory lock that retention takes exclusively to move it) and set aside the ticks
+        before it, which are not written (``too_old``: their ids may have been dropped, so they could be
+        copies of ticks already counted); (2) INSERT the other samples ON CONFLICT(id) DO NOTHING;
+        (3) upsert ``partition_progress`` (offset and newest event time, monotonic); (4) bump counters;
+        commit. A crash before the commit writes nothing: the records are redelivered (their offsets were not
         committed to Kafka, which happens only after this returns) and inserted then. A crash after
         the commit but before the Kafka offset commit redelivers them too: their ids already exist,
         so they count as duplicates, not twice. The dedup and the aggregate input are the same row,
-        so there is no window in which one is written without the other.
+        so there is no window in which one is written without the other. The caller dead-letters the
+        ``too_old`` ticks before it commits the offsets (a crash in between refuses them again).
         """
-        # The same id twice inside one batch: keep the first (the insert would ignore it anyway).
-        unique: dict[str, tuple[Any, ...]] = {}
         bs = bucket_start  # a local name: one global lookup per batch, not per tick
-        for t, partition, offset in ticks:
-            tid = t.id
-            if tid not in unique:
-                # Concatenation, not (*t, ...): 4x cheaper per tick on this hot path. _SAMPLE_COLUMNS order.
-                unique[tid] = t + (bs(t.ts_ms, bucket_seconds), partition, offset)  # noqa: RUF005
+
+        def samples(oldest: int) -> tuple[dict[str, tuple[Any, ...]], list[SourcedTick], int]:
+            """(unique sample rows at or after ``oldest``, the ticks before it, the earliest timestamp)."""
+            # The same id twice inside one batch: keep the first (the insert would ignore it anyway).
+            unique: dict[str, tuple[Any, ...]] = {}
+            refused: list[SourcedTick] = []
+            earliest = 2**63
+            for st in ticks:
+                t = st[0]
+                ts = t.ts_ms
+                if ts < oldest:
+                    refused.append(st)
+                    continue
+                if ts < earliest:
+                    earliest = ts
+                tid = t.id
+                if tid not in unique:
+                    # Concatenation, not (*t, ...): 4x cheaper per tick on this hot path. _SAMPLE_COLUMNS order.
+                    unique[tid] = t + (bs(ts, bucket_seconds), st[1], st[2])  # noqa: RUF005
+            return unique, refused, earliest
+
+        # Built before the write lock is taken, as if nothing were before the horizon (the caller has already
+        # refused the ticks before the horizon it last saw); built again only if the horizon says otherwise.
+        unique, too_old, earliest = samples(NO_HORIZON_MS)
         inserted = 0
         with self._w.begin() as conn:
+            horizon = read_dedup_horizon(conn, shared_lock=True)
+            if earliest < horizon_ms(horizon):
+                unique, too_old, _ = samples(horizon_ms(horizon))
             if unique:
                 inserted = self._insert_samples(conn, list(unique.values()))
             self._upsert_progress(conn, topic, progress)
-            dup = len(ticks) - inserted
+            dup = len(ticks) - len(too_old) - inserted
             all_counts = dict(counts or {})
             all_counts["ticks.ingested"] = all_counts.get("ticks.ingested", 0) + inserted
             all_counts["ticks.duplicate"] = all_counts.get("ticks.duplicate", 0) + dup
+            if too_old:
+                key = f"ticks.{OLDER_THAN_RETENTION}"
+                all_counts[key] = all_counts.get(key, 0) + len(too_old)
             self._bump_counters(conn, all_counts)
-        return IngestResult(inserted=inserted, duplicates=len(ticks) - inserted)
+        return IngestResult(inserted=inserted, duplicates=dup, too_old=tuple(too_old), horizon_s=horizon)
 
     def _insert_samples(self, conn: Connection, rows: list[tuple[Any, ...]]) -> int:
         """Insert sample tuples, skipping ids already present; returns how many were new.

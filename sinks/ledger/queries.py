@@ -15,7 +15,7 @@ from models.policy import OrgPolicy
 from models.ticks import Tick
 from models.zombie import Interval
 from sinks.ledger.closer import close_position, not_aggregated
-from sinks.ledger.store import SqlStore, policy_from_row
+from sinks.ledger.store import SqlStore, policy_from_row, read_dedup_horizon
 from sinks.schema import cell_intervals, counters, meter_events, org_policies, unbilled_usage, usage_samples
 
 __all__ = ["LedgerQueries"]
@@ -62,7 +62,7 @@ class LedgerQueries(SqlStore):
             return int(fresh) + int(conn.execute(older).scalar_one())
 
     def sample_totals(self) -> dict[str, tuple[int, int]]:
-        """org -> (samples, MB-s) over every sample in the ledger."""
+        """org -> (samples, MB-s) over every sample the ledger holds (retention drops those of retired buckets)."""
         us = usage_samples.c
         with self.engine.connect() as conn:
             return {
@@ -98,6 +98,12 @@ class LedgerQueries(SqlStore):
         """Whether the ledger's tables exist, checked without migrating (a read-only caller must not take
         the write lock that migrating takes)."""
         return bool(inspect(self.engine).has_table(usage_samples.name))
+
+    def dedup_horizon(self) -> int:
+        """The dedup horizon (unix s; 0 = none): retention dropped the samples of buckets before it, and ingest
+        refuses every tick before it (:mod:`models.retention`). A replay compares ticks from it on."""
+        with self.engine.connect() as conn:
+            return read_dedup_horizon(conn)
 
     def stored_bucket_seconds(self) -> int | None:
         """The bucket size the ledger was started with (:meth:`check_bucket_seconds`); None before that."""

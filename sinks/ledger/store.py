@@ -15,13 +15,31 @@ from models.policy import OrgPolicy
 from models.watermark import PartitionState
 from sinks.schema import counters, partition_progress
 
-__all__ = ["ADVISORY_LOCK_CLOSER", "Clock", "SqlStore", "policy_from_row", "read_partition_states", "wall_clock_ms"]
+__all__ = [
+    "ADVISORY_LOCK_CLOSER",
+    "ADVISORY_LOCK_RETENTION",
+    "DEDUP_HORIZON",
+    "Clock",
+    "SqlStore",
+    "policy_from_row",
+    "read_dedup_horizon",
+    "read_partition_states",
+    "wall_clock_ms",
+]
 
 Clock = Callable[[], int]  # unix milliseconds
 
 #: Transaction-scoped PostgreSQL advisory lock taken by the closer, and by every write that changes a
 #: bucket's decision or its rows (a rollback, a release), so none of them interleaves with a close run.
 ADVISORY_LOCK_CLOSER = 0x6564676562696C  # "edgebil"
+
+#: PostgreSQL advisory lock over the dedup horizon: every ingest transaction holds it shared while it reads the
+#: horizon and inserts; retention takes it exclusively to move the horizon, so once that commits no
+#: transaction that read the old horizon is still writing.
+ADVISORY_LOCK_RETENTION = 0x6564677265746E  # "edgretn"
+
+#: ``counters`` row holding the dedup horizon (unix s; absent = 0, nothing dropped): see models.retention.
+DEDUP_HORIZON = "retention.horizon_s"
 
 
 def wall_clock_ms() -> int:
@@ -43,6 +61,29 @@ def policy_from_row(r: Any) -> OrgPolicy:
             "effective_at": m["effective_ms"] / 1000,
         }
     )
+
+
+def read_dedup_horizon(conn: Connection, *, shared_lock: bool = False) -> int:
+    """The dedup horizon (unix s, 0 = none): ticks before it are refused (:mod:`models.retention`).
+
+    ``shared_lock`` (inside a write transaction that will insert samples): on PostgreSQL, first take
+    :data:`ADVISORY_LOCK_RETENTION` shared until commit, so that the horizon cannot move while this
+    transaction writes below it. Read through the driver: this runs once per ingest batch.
+    """
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    cur = dbapi.cursor()
+    try:
+        if conn.dialect.name == "postgresql":
+            if shared_lock:
+                cur.execute("SELECT pg_advisory_xact_lock_shared(%s)", (ADVISORY_LOCK_RETENTION,))
+            cur.execute("SELECT value FROM counters WHERE name = %s", (DEDUP_HORIZON,))
+        else:
+            cur.execute("SELECT value FROM counters WHERE name = ?", (DEDUP_HORIZON,))
+        row = cur.fetchone()
+    finally:
+        cur.close()
+    return int(row[0]) if row else 0
 
 
 def read_partition_states(conn: Connection) -> list[PartitionState]:
