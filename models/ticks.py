@@ -304,6 +304,15 @@ def _parse_envelope(env: Any, max_ts_ms: int | None, may_hold_nul: bool) -> Tick
     return Tick(tick_id, org_id, sandbox, worker, cell, memory, cpus, interval, ts_ms)
 
 
+def _element_bytes(env: Any, raw: bytes) -> bytes:
+    """An array element's bytes to dead-letter: re-serialized, or the whole record ``raw`` when the element is
+    nested deeper than orjson writes (it reads 1024 levels, writes 254), so that parsing never raises."""
+    try:
+        return orjson.dumps(env)
+    except TypeError:  # orjson.JSONEncodeError: "Recursion limit reached"
+        return raw
+
+
 def parse_record(raw: bytes | None, *, max_ts_ms: int | None = None) -> ParsedRecord:
     """Parse one Kafka record value. Never raises on bad input.
 
@@ -312,7 +321,8 @@ def parse_record(raw: bytes | None, *, max_ts_ms: int | None = None) -> ParsedRe
 
     A whole-record failure (not JSON, not an object or array, empty array) rejects the record with
     its original bytes. Inside an array each element stands alone: good elements are kept, bad
-    ones are rejected individually (their bytes re-serialized, with their index).
+    ones are rejected individually (their bytes re-serialized, with their index; the whole record's bytes for
+    an element nested deeper than orjson writes back).
     """
     out = ParsedRecord()
     if raw is None or not raw:
@@ -335,7 +345,7 @@ def parse_record(raw: bytes | None, *, max_ts_ms: int | None = None) -> ParsedRe
             elif result is None:
                 out.ignored += 1
             else:
-                out.rejected.append(Rejected(result, orjson.dumps(env), i))
+                out.rejected.append(Rejected(result, _element_bytes(env, raw), i))
         return out
     result = _parse_envelope(doc, max_ts_ms, nul)
     if isinstance(result, Tick):
@@ -361,5 +371,5 @@ def locate_envelope(raw: bytes | None, tick_id: str) -> tuple[bytes, int | None]
     if isinstance(doc, list):
         for i, env in enumerate(doc):
             if isinstance(env, dict) and env.get("id") == tick_id:
-                return orjson.dumps(env), i
+                return _element_bytes(env, data), i
     return data, None
