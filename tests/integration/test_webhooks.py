@@ -310,8 +310,9 @@ def test_a_crash_between_creating_the_subscription_and_recording_it(hooked: Any)
     # checkout is re-applied after the restart: then the history holds pro from the subscription's time
     # and is extended back to the checkout's (two pro records, the same bill), never anything but pro.
     h.stack.wait(
-        lambda: {p[0] for p in h.policies(org)} == {"pro"}
-        and min(p[1] for p in h.policies(org)) == completed["created"],
+        lambda: (
+            {p[0] for p in h.policies(org)} == {"pro"} and min(p[1] for p in h.policies(org)) == completed["created"]
+        ),
         60,
         "the pro policy from the checkout's time",
     )
