@@ -46,8 +46,8 @@ fmt: $(STAMP) ## Format and auto-fix with ruff
 
 check: lint typecheck test ## Everything CI runs: lint, typecheck, tests
 
-bench: $(STAMP) ## Performance benchmark (JSON lines, ratios against the raw limit)
-	$(BIN)/edgebill bench
+bench: $(STAMP) ## Performance benchmark, three runs and their medians (JSON lines, ratios against the raw limit)
+	$(BIN)/edgebill bench --runs 3
 
 lock: ## Regenerate requirements.lock (hashes) from pyproject.toml
 	$(BIN)/pip install --quiet pip-tools==7.6.2

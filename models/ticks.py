@@ -5,19 +5,25 @@ raises on bad input: it returns :class:`ParsedRecord` with the good ticks, the r
 (each with a short machine-readable reason and the exact bytes to dead-letter) and how many
 envelopes of another ``type`` were ignored.
 
-Two implementations of the same contract live here:
+The contract has these implementations:
 
 * :class:`UsageTickEnvelope` — the frozen pydantic wire model (producers, the simulator, docs);
-* :func:`parse_record` — the hot path used by the ingest agent: ``orjson`` plus hand-written checks
-  (about 20x faster than pydantic per tick). A property test keeps the two in agreement.
+* :func:`validate_record` — ``orjson`` plus hand-written checks (about 20x faster than pydantic per tick),
+  the reference for every input: it names the reason of each rejection and keeps the bytes to dead-letter;
+* :func:`parse_record` — the one entry point (ingest, replay, ``edgebill ticks``): a ``msgspec`` fast path
+  that decodes and validates a record of well-formed ticks in C, and hands every record it is not sure
+  about to :func:`validate_record`, so that its result is the validator's on every input.
+
+Property tests keep the wire model and the validator in agreement, and the fast path and the validator.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, NamedTuple
+from typing import Annotated, Any, Final, NamedTuple
 
+import msgspec
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -42,6 +48,7 @@ __all__ = [
     "no_nul",
     "parse_record",
     "parse_timestamp_ms",
+    "validate_record",
 ]
 
 TICK_TYPE: Final = "usage_tick"
@@ -201,7 +208,9 @@ def parse_timestamp_ms(value: object) -> int | None:
         return None
     if dt.tzinfo is None or not (1970 <= dt.year <= 9999):
         return None
-    return (dt - _EPOCH) // _ONE_MS
+    # == (dt - _EPOCH) // _ONE_MS, exactly (0 <= microseconds < 10**6), and a quarter cheaper on the hot path.
+    td = dt - _EPOCH
+    return (td.days * 86_400 + td.seconds) * 1000 + td.microseconds // 1000
 
 
 def _nonneg_int(payload: dict[str, Any], key: str, limit: int) -> int | str:
@@ -304,15 +313,27 @@ def _parse_envelope(env: Any, max_ts_ms: int | None, may_hold_nul: bool) -> Tick
     return Tick(tick_id, org_id, sandbox, worker, cell, memory, cpus, interval, ts_ms)
 
 
-def parse_record(raw: bytes | None, *, max_ts_ms: int | None = None) -> ParsedRecord:
-    """Parse one Kafka record value. Never raises on bad input.
+def _element_bytes(env: Any, raw: bytes) -> bytes:
+    """An array element's bytes to dead-letter: re-serialized, or the whole record ``raw`` when the element is
+    nested deeper than orjson writes (it reads 1024 levels, writes 254), so that parsing never raises."""
+    try:
+        return orjson.dumps(env)
+    except TypeError:  # orjson.JSONEncodeError: "Recursion limit reached"
+        return raw
+
+
+def validate_record(raw: bytes | None, *, max_ts_ms: int | None = None) -> ParsedRecord:
+    """Parse one Kafka record value with ``orjson`` and the checks above. Never raises on bad input.
+
+    The fallback of :func:`parse_record` and the reference it is tested against; call that one.
 
     ``max_ts_ms``: ticks stamped later than this are rejected (``timestamp_in_future``): a producer
     clock far ahead would otherwise hold a bucket open for its whole skew.
 
     A whole-record failure (not JSON, not an object or array, empty array) rejects the record with
     its original bytes. Inside an array each element stands alone: good elements are kept, bad
-    ones are rejected individually (their bytes re-serialized, with their index).
+    ones are rejected individually (their bytes re-serialized, with their index; the whole record's bytes for
+    an element nested deeper than orjson writes back).
     """
     out = ParsedRecord()
     if raw is None or not raw:
@@ -335,7 +356,7 @@ def parse_record(raw: bytes | None, *, max_ts_ms: int | None = None) -> ParsedRe
             elif result is None:
                 out.ignored += 1
             else:
-                out.rejected.append(Rejected(result, orjson.dumps(env), i))
+                out.rejected.append(Rejected(result, _element_bytes(env, raw), i))
         return out
     result = _parse_envelope(doc, max_ts_ms, nul)
     if isinstance(result, Tick):
@@ -345,6 +366,99 @@ def parse_record(raw: bytes | None, *, max_ts_ms: int | None = None) -> ParsedRe
     else:
         out.rejected.append(Rejected(result, raw))
     return out
+
+
+# ---- The fast path: msgspec decodes and validates a record of well-formed ticks in one C pass.
+# It only ever answers "these ticks (and this many ignored envelopes)"; anything else, and anything it is not
+# sure the validator would read the same way, goes to validate_record. What keeps the two identical:
+# - every field is typed as a scalar and unknown fields are refused (forbid_unknown_fields), so msgspec never
+#   skips a value unread: nesting, big or non-finite numbers and odd strings elsewhere in an envelope cannot
+#   be read differently by the two decoders (an envelope with fields beyond the wire model is validated);
+# - both decoders refuse malformed JSON, invalid UTF-8, lone surrogates, raw control characters, NaN and
+#   Infinity, and take the last of duplicate keys;
+# - integers are plain JSON integers within the ledger's limits (a float, a bool or anything out of range is
+#   refused here and given its reason by the validator), strings are limited in characters as len() counts;
+# - a record holding a ``\u0000`` escape (the only way to a NUL character) goes to the validator whole;
+# - the timestamp goes through parse_timestamp_ms, the same function the validator calls.
+_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
+_OptionalId = Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)] | None
+_Interval = Annotated[int, msgspec.Meta(ge=0, le=MAX_INTERVAL_S)] | None
+_Memory = Annotated[int, msgspec.Meta(ge=0, le=MAX_MEMORY_MB)] | None
+_Cpus = Annotated[int, msgspec.Meta(ge=0, le=MAX_CPUS)] | None
+_Cents = Annotated[int, msgspec.Meta(ge=-INT64_MAX - 1, le=INT64_MAX)] | None
+
+
+class _FastPayload(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    sandbox_id: _OptionalId = None
+    cost_cents: _Cents = None  # not billed; bounded only so that orjson reads it as the same number
+    interval_s: _Interval = None
+    memory_mb: _Memory = None
+    cpu_count: _Cpus = None
+
+
+class _FastEnvelope(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    id: _Id
+    org_id: _Id
+    timestamp: str
+    type: str = TICK_TYPE
+    sandbox_id: _OptionalId = None
+    plan: str | None = None
+    worker_id: _OptionalId = None
+    cell_id: _OptionalId = None
+    payload: _FastPayload | None = None
+
+
+_fast_decode: Final = msgspec.json.Decoder(_FastEnvelope | list[_FastEnvelope]).decode
+_EMPTY_PAYLOAD: Final = _FastPayload()
+
+
+def _parse_fast(raw: bytes, max_ts_ms: int | None) -> ParsedRecord | None:
+    """The record's ticks when every envelope is a well-formed tick (or of another type); None when unsure."""
+    if b"\\u0000" in raw:
+        return None
+    try:
+        doc = _fast_decode(raw)
+    except Exception:  # DecodeError, ValidationError, UnicodeDecodeError: the validator gives the reason
+        return None
+    envs = doc if type(doc) is list else (doc,)
+    if not envs:
+        return None
+    out = ParsedRecord()
+    add = out.ticks.append
+    parse_ts = parse_timestamp_ms
+    new, tick = tuple.__new__, Tick  # Tick's own __new__ is a Python function: a third of the loop's time
+    empty = _EMPTY_PAYLOAD
+    limit = MAX_TS_MS if max_ts_ms is None else max_ts_ms  # parse_timestamp_ms never returns more than MAX_TS_MS
+    for e in envs:
+        if e.type != TICK_TYPE:
+            out.ignored += 1
+            continue
+        ts_ms = parse_ts(e.timestamp)
+        if ts_ms is None or ts_ms > limit:
+            return None
+        p = e.payload or empty
+        sandbox = e.sandbox_id or p.sandbox_id or ""
+        worker, cell = e.worker_id or "", e.cell_id or ""
+        add(
+            new(
+                tick,
+                (e.id, e.org_id, sandbox, worker, cell, p.memory_mb or 0, p.cpu_count or 0, p.interval_s or 0, ts_ms),
+            )
+        )
+    return out
+
+
+def parse_record(raw: bytes | None, *, max_ts_ms: int | None = None) -> ParsedRecord:
+    """Parse one Kafka record value: the good ticks, the rejected parts, the ignored count. Never raises.
+
+    The result is exactly :func:`validate_record`'s (see there for ``max_ts_ms`` and the rejections): the
+    msgspec fast path answers for a record of well-formed ticks, the validator for every other record.
+    """
+    if raw:
+        fast = _parse_fast(raw, max_ts_ms)
+        if fast is not None:
+            return fast
+    return validate_record(raw, max_ts_ms=max_ts_ms)
 
 
 def locate_envelope(raw: bytes | None, tick_id: str) -> tuple[bytes, int | None]:
@@ -361,5 +475,5 @@ def locate_envelope(raw: bytes | None, tick_id: str) -> tuple[bytes, int | None]
     if isinstance(doc, list):
         for i, env in enumerate(doc):
             if isinstance(env, dict) and env.get("id") == tick_id:
-                return orjson.dumps(env), i
+                return _element_bytes(env, data), i
     return data, None

@@ -278,13 +278,21 @@ def demo(
 @cli.command()
 @click.option("--only", default=None, help="Comma-separated benchmark names (the raw limit always runs first).")
 @click.option("--quick", is_flag=True, help="Smaller inputs (a smoke run, not a measurement).")
-def bench(only: str | None, quick: bool) -> None:
+@click.option(
+    "--runs",
+    type=click.IntRange(1, 9),
+    default=1,
+    show_default=True,
+    help="Run every selected benchmark this many times (each on a fresh broker, the raw limit measured again), "
+    "then print the median of the runs per metric.",
+)
+def bench(only: str | None, quick: bool, runs: int) -> None:
     """Performance benchmark on a fresh embedded broker: JSON lines with ratios to the raw limit."""
     from infra.devkit.bench import run_benchmarks
 
     names = [n.strip() for n in only.split(",") if n.strip()] if only else None
     try:
-        sys.exit(run_benchmarks(names, quick, click.echo))
+        sys.exit(run_benchmarks(names, quick, click.echo, runs=runs))
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models.ticks import Tick, UsageTickEnvelope, parse_record, parse_timestamp_ms
+from models.ticks import Tick, UsageTickEnvelope, locate_envelope, parse_record, parse_timestamp_ms
 
 
 def env(**over: object) -> dict[str, object]:
@@ -163,3 +163,16 @@ def test_fast_timestamp_path_agrees_with_datetime(ms: int, with_millis: bool) ->
 )
 def test_fast_timestamp_path_rejects_what_datetime_rejects(text: str) -> None:
     assert parse_timestamp_ms(text) is None
+
+
+@pytest.mark.parametrize("depth", [254, 255, 1022])
+def test_an_element_nested_deeper_than_orjson_writes_is_rejected_without_raising(depth: int) -> None:
+    """orjson reads 1024 levels but writes 254: such an element is dead-lettered with the whole record."""
+    deep = b"[" * depth + b"]" * depth
+    raw = b"[" + orjson.dumps(env(id="a")) + b"," + deep + b"]"
+    out = parse_record(raw)
+    assert [t.id for t in out.ticks] == ["a"]
+    assert [(r.reason, r.index) for r in out.rejected] == [("not_an_envelope", 1)]
+    assert out.rejected[0].raw == (deep if depth < 255 else raw)
+    tick = orjson.dumps(env(id="b"))[:-1] + b',"extra":' + deep + b"}"
+    assert locate_envelope(b"[" + tick + b"]", "b")[1] == 0

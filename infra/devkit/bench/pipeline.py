@@ -1,7 +1,10 @@
-"""Pipeline benchmarks: end-to-end ingest -> closed buckets, worker start, bucket-close latency.
+"""Pipeline benchmarks: end-to-end ingest -> closed buckets, worker start, bucket-close latency, the ledger's
+bytes per tick.
 
 Each run uses its own topic prefix, consumer group and SQLite ledger, and a real ``edgebill worker``
 process, exactly as deployed (shadow mode: nothing is sent to Stripe, the closer still writes rows).
+Beside each end-to-end rate: the CPU the worker processes spent per tick over the same interval (read from
+``/proc/<pid>/stat``), and on PostgreSQL also the CPU of the database backends serving them.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from infra.devkit.bench import BenchContext, Metric, raw_consume_rate, register, tick_messages
+from infra.devkit.bench import BenchContext, Metric, register, tick_messages
+from infra.devkit.bench.cpu import CpuWindow, pg_backend_pids
 from infra.devkit.stack import WorkerStack
 from infra.kafka_admin import ensure_topics
 from infra.kafka_io import publish
@@ -63,11 +68,45 @@ class _Run(WorkerStack):
         self.publish("org-policy", pols)
 
 
-def _e2e(
-    ctx: BenchContext, per_message: int, n: int, *, workers: int = 1, db_url: str | None = None
-) -> tuple[float, float]:
-    """(ticks/s from first record read to every sample closed, seconds)."""
-    run = _Run(ctx, f"e2e{per_message}", db_url=db_url)
+@dataclass(frozen=True)
+class E2E:
+    """One end-to-end run: ``n`` ticks from the first record read to every sample closed."""
+
+    n: int
+    seconds: float
+    worker_cpu_s: float | None  # every worker process, over the same interval
+    db_cpu_s: float | None = None  # PostgreSQL backends serving the workers (None on SQLite: in the worker)
+    extra: dict[str, Any] = field(default_factory=dict)  # what ``inspect`` returned
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.seconds
+
+    @property
+    def cpu_us_per_tick(self) -> float | None:
+        return None if self.worker_cpu_s is None else self.worker_cpu_s * 1e6 / self.n
+
+    @property
+    def db_cpu_us_per_tick(self) -> float | None:
+        return None if self.db_cpu_s is None else self.db_cpu_s * 1e6 / self.n
+
+
+def run_e2e(
+    ctx: BenchContext,
+    per_message: int,
+    n: int,
+    *,
+    workers: int = 1,
+    db_url: str | None = None,
+    worker_db_url: str | None = None,
+    db_pids: Callable[[], list[int]] | None = None,
+    inspect: Callable[[_Run], dict[str, Any]] | None = None,
+) -> E2E:
+    """Time ``n`` ticks from the first record read to every sample closed, with the workers' CPU over that
+    interval. ``worker_db_url``: the URL the workers get (default ``db_url``); ``db_pids``: the database
+    backends to clock as well; ``inspect``: called with the stopped run before its ledger is dropped."""
+    env = {} if worker_db_url is None else {"EDGEBILL_DATABASE_URL": worker_db_url}
+    run = _Run(ctx, f"e2e{per_message}", db_url=db_url, **env)
     try:
         run.policies()
         # A backlog, then the workers (started together, so they join the group in one generation): the
@@ -75,14 +114,28 @@ def _e2e(
         run.publish("usage-ticks", tick_messages(n, per_message))
         for _ in range(workers):
             run.start_worker()
+        worker_cpu = CpuWindow(lambda: [w.pid for w in run.alive()])
+        db_cpu = CpuWindow(db_pids) if db_pids is not None else None
         t0 = run.wait(lambda: run.ledger.counters().get("records.read", 0) > 0, 60, "the first record read", step=0.02)
+        worker_cpu.start()
+        if db_cpu is not None:
+            db_cpu.start()
         t1 = run.wait(
             lambda: run.ledger.counters().get("ticks.ingested", 0) >= n and run.ledger.open_samples() == 0,
             600,
             f"{n} ticks ingested and every sample closed",
             step=0.05,
         )
-        return n / (t1 - t0), t1 - t0
+        w_s = worker_cpu.stop()
+        d_s = db_cpu.stop() if db_cpu is not None else None
+        if db_cpu is not None and db_cpu.lost:
+            log.warning("%d database backend(s) ended during the run: their CPU is not counted", db_cpu.lost)
+        extra: dict[str, Any] = {}
+        if inspect is not None:
+            for w in run.workers:
+                run.stop(w)
+            extra = inspect(run)
+        return E2E(n, t1 - t0, w_s, d_s, extra)
     finally:
         run.close()
 
@@ -95,63 +148,90 @@ def _owned(run: _Run) -> list[Any]:
 
 @register("pipeline")
 def bench_pipeline(ctx: BenchContext) -> Iterator[Metric]:
-    """End-to-end ingest -> closed buckets, single-tick and batched messages; ratio to the raw limit."""
-    n_single = ctx.scale(100_000, 20_000)
-    rate, secs = _e2e(ctx, 1, n_single)
-    raw = ctx.raw.get("single") or raw_consume_rate(ctx, 1, n_single)[0]
-    yield Metric("e2e_single_ticks_per_s", rate, "ticks/s", rate / raw, {"ticks": n_single, "seconds": round(secs, 2)})
-    n_batched = ctx.scale(1_000_000, 100_000)
-    rate, secs = _e2e(ctx, 100, n_batched)
-    raw = ctx.raw.get("batched") or raw_consume_rate(ctx, 100, n_batched)[0]
-    yield Metric(
-        "e2e_batched_ticks_per_s",
-        rate,
-        "ticks/s",
-        rate / raw,
-        {"ticks": n_batched, "per_message": 100, "seconds": round(secs, 2)},
-    )
+    """End-to-end ingest -> closed buckets, single-tick and batched messages; ratio to the raw limit, in wall
+    time and in CPU per tick."""
+    for kind, per_message, n in (
+        ("single", 1, ctx.scale(100_000, 20_000)),
+        ("batched", 100, ctx.scale(1_000_000, 100_000)),
+    ):
+        r = run_e2e(ctx, per_message, n)
+        raw = ctx.raw_limit(kind, n)
+        extra: dict[str, Any] = {"ticks": n, "seconds": round(r.seconds, 2)}
+        if per_message > 1:
+            extra["per_message"] = per_message
+        cpu = r.cpu_us_per_tick
+        yield Metric(f"e2e_{kind}_ticks_per_s", r.rate, "ticks/s", r.rate / raw.rate, extra, cpu, raw.cpu_ratio(cpu))
 
 
 @register("scaleout")
 def bench_scaleout(ctx: BenchContext) -> Iterator[Metric]:
-    """One worker vs two in one group, 4 partitions, PostgreSQL ledger: the speed-up (skipped without PG)."""
-    base = _pg_base_url()
+    """One worker vs two in one group, 4 partitions, PostgreSQL ledger (skipped without PostgreSQL).
+
+    Two workers on two shared cores cannot show twice the rate, so scale-out is judged in CPU: the CPU seconds
+    per million ticks of two workers against one (``scaleout_cpu_2_vs_1_workers_*``, goal <= 1.15); the
+    database backends' CPU is reported beside it (and their sum with the workers', ``with_db``).
+    """
+    base = pg_base_url()
     if base is None:
         yield Metric("scaleout_skipped", 0, "n/a", None, {"reason": "PostgreSQL not reachable on 127.0.0.1:5432"})
         return
-    n = ctx.scale(200_000, 40_000)
-    nb = ctx.scale(1_000_000, 100_000)
-    rates: dict[tuple[int, int], float] = {}
-    for per_message, count in ((1, n), (100, nb)):
+    counts = {"single": ctx.scale(200_000, 40_000), "batched": ctx.scale(1_000_000, 100_000)}
+    results: dict[tuple[str, int], E2E] = {}
+    for kind, per_message in (("single", 1), ("batched", 100)):
         for workers in (1, 2):
-            url, drop = _pg_schema(base)
-            try:
-                rates[(per_message, workers)], _ = _e2e(ctx, per_message, count, workers=workers, db_url=url)
-            finally:
-                drop()
-    raw_single = ctx.raw.get("single") or raw_consume_rate(ctx, 1, n)[0]
-    raw_batched = ctx.raw.get("batched") or raw_consume_rate(ctx, 100, nb)[0]
-    for (per_message, workers), rate in sorted(rates.items()):
-        kind = "single" if per_message == 1 else "batched"
-        raw = raw_single if per_message == 1 else raw_batched
+            with PgSchema(base) as pg:
+                results[(kind, workers)] = run_e2e(
+                    ctx,
+                    per_message,
+                    counts[kind],
+                    workers=workers,
+                    db_url=pg.url,
+                    worker_db_url=pg.worker_url,
+                    db_pids=pg.backend_pids,
+                )
+    for (kind, workers), r in results.items():  # single-tick messages first, one worker before two
+        raw = ctx.raw_limit(kind, counts[kind])
+        cpu = r.cpu_us_per_tick
+        extra: dict[str, Any] = {"ticks": r.n, "per_message": 1 if kind == "single" else 100}
+        extra["worker_cpu_s_per_million_ticks"] = _round(cpu)
+        extra["db_cpu_s_per_million_ticks"] = _round(r.db_cpu_us_per_tick)
         yield Metric(
             f"e2e_pg_{workers}_worker{'s' if workers > 1 else ''}_{kind}_ticks_per_s",
-            rate,
+            r.rate,
             "ticks/s",
-            rate / raw,
-            {"ticks": n if per_message == 1 else nb, "per_message": per_message},
+            r.rate / raw.rate,
+            extra,
+            cpu,
+            raw.cpu_ratio(cpu),
         )
-    for kind, per_message in (("single", 1), ("batched", 100)):
-        yield Metric(
-            f"scaleout_speedup_2_workers_{kind}",
-            rates[(per_message, 2)] / rates[(per_message, 1)],
-            "x",
-            None,
-            {"cores": os.cpu_count()},
-        )
+    for kind in ("single", "batched"):
+        one, two = results[(kind, 1)], results[(kind, 2)]
+        yield Metric(f"scaleout_speedup_2_workers_{kind}", two.rate / one.rate, "x", None, {"cores": os.cpu_count()})
+        if one.cpu_us_per_tick and two.cpu_us_per_tick:
+            with_db = None
+            if one.db_cpu_us_per_tick is not None and two.db_cpu_us_per_tick is not None:
+                with_db = (two.cpu_us_per_tick + two.db_cpu_us_per_tick) / (
+                    one.cpu_us_per_tick + one.db_cpu_us_per_tick
+                )
+            yield Metric(
+                f"scaleout_cpu_2_vs_1_workers_{kind}",
+                two.cpu_us_per_tick / one.cpu_us_per_tick,
+                "x",
+                None,
+                {
+                    "what": "worker CPU s per million ticks, two workers / one (goal <= 1.15)",
+                    "cpu_s_per_million_ticks_1_worker": _round(one.cpu_us_per_tick),
+                    "cpu_s_per_million_ticks_2_workers": _round(two.cpu_us_per_tick),
+                    "with_db": _round(with_db, 4),
+                },
+            )
 
 
-def _pg_base_url() -> str | None:
+def _round(x: float | None, digits: int = 3) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def pg_base_url() -> str | None:
     import sqlalchemy
 
     url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -165,20 +245,45 @@ def _pg_base_url() -> str | None:
     return url
 
 
-def _pg_schema(base: str) -> tuple[str, Callable[[], None]]:
-    import sqlalchemy
+class PgSchema:
+    """A fresh PostgreSQL schema for one run, dropped on exit: ``url`` for the harness, ``worker_url`` (the
+    same with an application name of its own) for the workers, so that :meth:`backend_pids` finds the
+    server processes serving the workers and nothing else."""
 
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine(base)
-    with admin.begin() as c:
-        c.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    def __init__(self, base: str) -> None:
+        import sqlalchemy
 
-    def drop() -> None:
-        with admin.begin() as c:
-            c.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+        self.schema = f"bench_{uuid.uuid4().hex[:10]}"
+        self.url = f"{base}?options=-csearch_path%3D{self.schema}"
+        self.application_name = f"eb-{self.schema}"
+        self.worker_url = f"{self.url}&application_name={self.application_name}"
+        self._admin = sqlalchemy.create_engine(base)
 
-    return f"{base}?options=-csearch_path%3D{schema}", drop
+    def __enter__(self) -> PgSchema:
+        with self._admin.begin() as c:
+            c.exec_driver_sql(f"CREATE SCHEMA {self.schema}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._admin.begin() as c:
+            c.exec_driver_sql(f"DROP SCHEMA {self.schema} CASCADE")
+        self._admin.dispose()
+
+    def _query(self, sql: str, params: dict[str, str]) -> list[int]:
+        with self._admin.connect() as c:
+            return [int(row[0]) for row in c.exec_driver_sql(sql, params)]
+
+    def backend_pids(self) -> list[int]:
+        return pg_backend_pids(self._query, self.application_name)
+
+    def relation_bytes(self) -> dict[str, int]:
+        """Table -> ``pg_total_relation_size`` (heap, indexes, TOAST) of every table in the schema."""
+        sql = (
+            "SELECT c.relname, pg_total_relation_size(c.oid) FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE n.nspname = %(schema)s AND c.relkind IN ('r', 'p')"
+        )
+        with self._admin.connect() as c:
+            return {str(r[0]): int(r[1]) for r in c.exec_driver_sql(sql, {"schema": self.schema})}
 
 
 def _vm_hwm_mb(pid: int) -> float:
@@ -292,4 +397,4 @@ def bench_latency(ctx: BenchContext) -> Iterator[Metric]:
         run.close()
 
 
-__all__: list[str] = []
+__all__ = ["E2E", "PgSchema", "pg_base_url", "run_e2e"]

@@ -9,8 +9,9 @@ parse, dedup, price, read the ledger's ids and rows, compare — each run in a f
 command runs (start-up and imports not timed). Each run is checked: the missing ticks are exactly the
 hold-out, every differing (org, bucket, meter) differs by exactly their units, nothing is extra, and the
 duplicates are counted (``"exact": true``). The rate is ticks read / wall seconds, median of the runs, with
-the CPU seconds each run used (its worker processes included); ``ratio_to_raw`` is against the raw aiokafka
-+ orjson limit of the same shape measured in the same ``edgebill bench`` run.
+the CPU seconds each run used (its worker processes included; ``cpu_us_per_tick`` from their median);
+``ratio_to_raw`` and ``cpu_ratio_to_raw`` are against the raw aiokafka + orjson limit of the same shape
+measured in the same ``edgebill bench`` run.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from infra.devkit.bench import BenchContext, Metric, raw_consume_rate, register, tick_messages
+from infra.devkit.bench import BenchContext, Metric, register, tick_messages
 from infra.kafka_admin import ensure_topics
 from infra.kafka_io import publish
 from infra.replay import ReplaySpec, run_replay
@@ -127,12 +128,13 @@ def _run(ctx: BenchContext, shape: str, per_message: int, n: int, repeats: int) 
     finally:
         db.unlink(missing_ok=True)
     rate = statistics.median(rates)
-    raw = ctx.raw.get(shape) or raw_consume_rate(ctx, per_message, n)[0]
+    raw = ctx.raw_limit(shape, n)
+    cpu_us = statistics.median(cpu) * 1e6 / (n + dup_ticks)
     return Metric(
         f"replay_dry_run_{shape}_ticks_per_s",
         rate,
         "ticks/s",
-        rate / raw,
+        rate / raw.rate,
         {
             "ticks": n + dup_ticks,
             "per_message": per_message,
@@ -144,6 +146,8 @@ def _run(ctx: BenchContext, shape: str, per_message: int, n: int, repeats: int) 
             "missing": len(holdout),
             "exact": exact,
         },
+        cpu_us,
+        raw.cpu_ratio(cpu_us),
     )
 
 

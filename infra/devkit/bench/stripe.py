@@ -134,8 +134,9 @@ class LocalStripeProcess:
 # -- the raw limit ------------------------------------------------------------------------------------
 
 
-def raw_stream_rate(server: LocalStripeProcess, n_events: int, *, concurrency: int = 8) -> float:
-    """Events/s of bare HTTP POSTs of 100-event v2 stream payloads (encoded beforehand) to ``server``."""
+def raw_stream_rate(server: LocalStripeProcess, n_events: int, *, concurrency: int = 8) -> tuple[float, float]:
+    """(events/s, this process's CPU µs per event) of bare HTTP POSTs of 100-event v2 stream payloads (encoded
+    beforehand) to ``server``."""
     server.reset()
     server.set_faults(CLEAN)
     http = make_http_session(4)
@@ -166,7 +167,7 @@ def raw_stream_rate(server: LocalStripeProcess, n_events: int, *, concurrency: i
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     url = f"{server.base}/v2/billing/meter_event_stream"
 
-    async def post_all() -> float:
+    async def post_all() -> tuple[float, float]:
         queue = list(reversed(bodies))
         async with aiohttp.ClientSession() as session:
 
@@ -178,12 +179,13 @@ def raw_stream_rate(server: LocalStripeProcess, n_events: int, *, concurrency: i
                         if resp.status != 202:
                             raise RuntimeError(f"raw stream POST answered {resp.status}")
 
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(concurrency)))
-            return time.perf_counter() - t0
+            return time.perf_counter() - t0, time.process_time() - c0
 
-    seconds = asyncio.run(post_all())
-    return len(bodies) * 100 / seconds
+    seconds, cpu = asyncio.run(post_all())
+    events = len(bodies) * 100
+    return events / seconds, cpu * 1e6 / events
 
 
 # -- ledgers ------------------------------------------------------------------------------------------
@@ -253,6 +255,7 @@ class RunResult:
     exact: bool
     problems: list[str]
     injected: dict[str, int]
+    cpu_s: float  # this process's CPU while it drained: the sender (the local Stripe runs apart)
 
     @property
     def rate(self) -> float:
@@ -287,12 +290,12 @@ def run_sender(server: LocalStripeProcess, tpl: Template, mode: Mode, faults: Fa
         st = StripeSettings(api_base=server.base, api_key=SecretStr(API_KEY), mode=mode)
         sender = build_sender(st, led, session=http)
         server.set_faults(faults)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         while led.state_counts().get("pending"):
             sender.run_once()
             if time.perf_counter() - t0 > RUN_LIMIT_S:
                 raise RuntimeError(f"{mode}: rows still pending after {RUN_LIMIT_S:.0f} s: {led.state_counts()}")
-        seconds = time.perf_counter() - t0
+        seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
         injected = server.injected()
         server.set_faults(CLEAN)
         problems: list[str] = []
@@ -312,7 +315,7 @@ def run_sender(server: LocalStripeProcess, tpl: Template, mode: Mode, faults: Fa
             problems.append(f"{len(conflicting)} identifier(s) reached Stripe with two values")
         for p in problems[:10]:
             log.error("stripe bench %s: %s", mode, p)
-        return RunResult(tpl.rows, seconds, not problems, problems, injected)
+        return RunResult(tpl.rows, seconds, not problems, problems, injected, cpu_s)
     finally:
         if sender is not None:
             sender.close()
@@ -326,14 +329,18 @@ def bench_stripe(ctx: BenchContext) -> Iterator[Metric]:
     v2_tpl = build_template(ctx.workdir / "stripe-v2-template.db", *((200, 100) if not ctx.quick else (40, 50)))
     v1_tpl = build_template(ctx.workdir / "stripe-v1-template.db", *((100, 40) if not ctx.quick else (20, 25)))
     with LocalStripeProcess(ctx.workdir) as server:
-        raw = raw_stream_rate(server, ctx.scale(50_000, 10_000))
+        raw, raw_cpu = raw_stream_rate(server, ctx.scale(50_000, 10_000))
         ctx.raw["stripe_stream"] = raw
         yield Metric(
             "stripe_raw_stream_http_events_per_s",
             raw,
             "events/s",
             1.0,
-            {"what": "bare aiohttp POSTs of 100-event v2 stream bodies, 8 in flight, same server"},
+            {
+                "what": "bare aiohttp POSTs of 100-event v2 stream bodies, 8 in flight, same server",
+                "cpu_us_per_event": round(raw_cpu, 3),
+            },
+            cpu_ratio_to_raw=1.0,
         )
         runs: list[tuple[str, Mode, FaultConfig, Template]] = [
             ("stripe_v2_events_per_s", "v2", CLEAN, v2_tpl),
@@ -343,6 +350,7 @@ def bench_stripe(ctx: BenchContext) -> Iterator[Metric]:
         ]
         for name, mode, faults, tpl in runs:
             result = run_sender(server, tpl, mode, faults, ctx.workdir)
+            cpu_us = result.cpu_s * 1e6 / result.events
             yield Metric(
                 name,
                 result.rate,
@@ -353,6 +361,8 @@ def bench_stripe(ctx: BenchContext) -> Iterator[Metric]:
                     "seconds": round(result.seconds, 3),
                     "exact": result.exact,
                     "faults_injected": result.injected,
+                    "cpu_us_per_event": round(cpu_us, 3),
                     **({"problems": result.problems[:5]} if result.problems else {}),
                 },
+                cpu_ratio_to_raw=raw_cpu / cpu_us if cpu_us else None,
             )
