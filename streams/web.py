@@ -11,7 +11,8 @@
                                    raw samples and cell intervals. Signed as the cell side's callers sign:
                                    ``X-Timestamp`` (unix s, ±300 s) and ``X-Signature`` = hex HMAC-SHA256 over
                                    ``"{ts}.{path+query}"`` with ``EDGEBILL_WEB_INTERNAL_SECRET``. Unsigned, stale
-                                   or forged -> 401; bad or empty window -> 400.
+                                   or forged -> 401; bad or empty window, or one that starts before the
+                                   ledger's dedup horizon (retention dropped those samples) -> 400.
 ``GET /dashboard``                 the parity dashboard (HTML + ``/dashboard/app.js`` + ``/dashboard/app.css``), with
                                    the reconciliation with Stripe next to parity
 ``GET /dashboard/data.json``       what the dashboard draws (``?hours=``, default 48)
@@ -290,6 +291,17 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
             return web.json({"error": "to must be after from"}, status=400)
         if to_s - from_s > MAX_WINDOW_SECONDS:
             return web.json({"error": f"window longer than {MAX_WINDOW_SECONDS} s"}, status=400)
+        horizon = await asyncio.to_thread(deps.ledger.dedup_horizon)
+        if from_s < horizon:
+            # The edge side is summed from the samples, and retention dropped those before the horizon.
+            return web.json(
+                {
+                    "error": f"from is before the ledger's dedup horizon {horizon}: retention dropped the samples "
+                    "before it (the parity table keeps those hours: edgebill parity)",
+                    "dedup_horizon": horizon,
+                },
+                status=400,
+            )
         body = await asyncio.to_thread(parity_window_json, store, cfg, from_s, to_s, deps.clock_ms())
         return web.json(body)
 

@@ -135,8 +135,8 @@ def replay(
                 if not refused or force:
                     refused = []
                     res = apply_missing(led, result, force=True, now_ms=now_ms)
-                    applied = {"offered": res.offered, "inserted": res.inserted}
-                    applied["already_present"] = res.offered - res.inserted
+                    applied = {"offered": res.offered, "inserted": res.inserted, "too_old": res.too_old}
+                    applied["already_present"] = res.offered - res.inserted - res.too_old
                     fixed = apply_repairs(led, result, cancel=_canceller(s), now_ms=now_ms)
                     repaired = fixed.to_wire()
                     handled = {(k.org_id, k.bucket_start, k.meter) for k in repairable(result)}
@@ -170,6 +170,11 @@ def replay(
                 f"({applied['already_present']} were present by then); the closer turns them into rows "
                 "(corrections …:r{n} for closed buckets) and the sender ships them"
             )
+            if applied["too_old"]:
+                click.echo(
+                    f"refused by the ledger: {applied['too_old']} tick(s) before its dedup horizon (retention "
+                    "moved it since the replay read it)"
+                )
         if repaired is not None:
             for line in _render_repairs(repaired):
                 click.echo(line)

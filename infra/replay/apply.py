@@ -25,6 +25,7 @@ class ApplyResult:
     offered: int  # missing ticks written through write_ticks
     inserted: int  # new samples (the rest were present by then: e.g. the worker ingested them meanwhile)
     chunks: int
+    too_old: int = 0  # refused: before the ledger's dedup horizon (it moved since the replay read it)
 
 
 def apply_problems(result: ReplayResult, *, now_ms: int | None = None) -> list[str]:
@@ -68,8 +69,9 @@ def apply_missing(
     Refuses (:class:`ReplayRefused`) when :func:`apply_problems` finds any, unless ``force``.
     Side effects, per chunk of :data:`APPLY_CHUNK` ticks in (partition, offset) order, each one
     transaction of :meth:`Ledger.write_ticks` with no partition progress: (1) INSERT the samples
-    ``ON CONFLICT (id) DO NOTHING`` (a tick the worker ingested meanwhile is absorbed); (2) bump the
-    counters ``ticks.ingested`` / ``ticks.duplicate`` and ``replay.ticks_offered``; commit. Nothing else is
+    ``ON CONFLICT (id) DO NOTHING`` (a tick the worker ingested meanwhile is absorbed; a tick before the
+    ledger's dedup horizon, which retention may have moved since the replay, is refused and counted);
+    (2) bump the counters ``ticks.ingested`` / ``ticks.duplicate`` and ``replay.ticks_offered``; commit. Nothing else is
     touched: no existing sample or meter row, no partition progress, no Kafka offset, no Stripe call.
     The worker's closer then claims the new samples and writes their rows (corrections ``…:r{n}`` for
     buckets already closed). A crash between chunks leaves the earlier chunks applied; replaying again
@@ -82,7 +84,7 @@ def apply_missing(
         log.warning("applying despite (--force): %s", p)
     ticks = result.missing
     size = result.report.bucket_seconds
-    inserted = chunks = 0
+    inserted = chunks = too_old = 0
     for i in range(0, len(ticks), APPLY_CHUNK):
         chunk = ticks[i : i + APPLY_CHUNK]
         res = ledger.write_ticks(
@@ -93,11 +95,13 @@ def apply_missing(
             counts={"replay.ticks_offered": len(chunk)},
         )
         inserted += res.inserted
+        too_old += len(res.too_old)
         chunks += 1
     log.info(
-        "replay applied %d missing tick(s): %d inserted, %d already present",
+        "replay applied %d missing tick(s): %d inserted, %d already present, %d before the dedup horizon",
         len(ticks),
         inserted,
-        len(ticks) - inserted,
+        len(ticks) - inserted - too_old,
+        too_old,
     )
-    return ApplyResult(offered=len(ticks), inserted=inserted, chunks=chunks)
+    return ApplyResult(offered=len(ticks), inserted=inserted, chunks=chunks, too_old=too_old)

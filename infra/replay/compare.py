@@ -39,8 +39,11 @@ def _id_scope(lo: int, hi: int, counts: ScanCounts, size: int) -> tuple[int | No
     return first, last
 
 
-def _compared_buckets(spec: ReplaySpec, counts: ScanCounts, size: int) -> tuple[int, int] | None:
-    """[first, last] bucket starts lying wholly inside the window (open sides: the ticks' own span)."""
+def _compared_buckets(
+    spec: ReplaySpec, counts: ScanCounts, size: int, floor: int | None = None
+) -> tuple[int, int] | None:
+    """[first, last] bucket starts lying wholly inside the window (open sides: the ticks' own span), none
+    before ``floor`` (the ledger's dedup horizon: retention dropped the ticks before it)."""
     first: int | None = None
     last: int | None = None
     if spec.since_ms is not None:
@@ -58,6 +61,8 @@ def _compared_buckets(spec: ReplaySpec, counts: ScanCounts, size: int) -> tuple[
             first = bucket_start(counts.min_ts, size)
         if last is None:
             last = bucket_start(counts.max_ts, size)
+    if floor is not None and first is not None:
+        first = max(first, floor)
     if first is None or last is None or first > last:
         return None
     return first, last

@@ -67,6 +67,12 @@ def render_table(report: ReplayReport, limit: int = 50) -> list[str]:
         out.append(
             f"tick window: [{'-' if lo is None else _iso(lo // 1000)}, {'-' if hi is None else _iso(hi // 1000)})"
         )
+    if report.clipped:
+        out.append(
+            f"the range reaches past the ledger's dedup horizon {_iso(report.horizon_s)}: retention dropped the "
+            "ticks before it, so ticks and buckets are compared from the horizon on (earlier ticks count as "
+            "outside the window)"
+        )
     if report.compared_buckets:
         a, b = report.compared_buckets
         out.append(f"buckets compared: {_iso(a)} .. {_iso(b)} (bucket starts, inclusive)")

@@ -140,6 +140,8 @@ class ReplayReport:
     seconds: float
     now_ms: int
     labels: dict[str, int] = field(default_factory=dict)  # label -> (org, bucket, meter) keys
+    horizon_s: int = 0  # the ledger's dedup horizon (0: none): nothing before it is compared
+    clipped: bool = False  # the range asked for reached past the horizon: compared from the horizon on
 
     @property
     def differing_keys(self) -> list[KeyDiff]:
@@ -162,6 +164,8 @@ class ReplayReport:
                 for r in self.ranges
             ],
             "window": {"since_ms": lo, "until_ms": hi},
+            "dedup_horizon_s": self.horizon_s or None,
+            "clipped_to_horizon": self.clipped,
             "compared_buckets": list(self.compared_buckets) if self.compared_buckets else None,
             "counts": self.counts,
             "labels": self.labels,

@@ -20,6 +20,7 @@ from infra.replay.plan import NO_HIGH, NO_LOW, PartitionRange, ReplaySpec, _slic
 from infra.replay.price import Aggregates, load_pricer
 from infra.replay.report import LABELS, ReplayReport, ReplayResult
 from infra.replay.scan import ScanCounts, _Job, _Scanner
+from models.retention import horizon_ms
 from models.ticks import Tick
 from sinks.ledger import Ledger, SourcedTick
 
@@ -52,6 +53,12 @@ def run_replay(
     _check_bucket_seconds(ledger, bucket_seconds)
     ranges, complete = asyncio.run(plan_ranges(bootstrap, spec))
     lo, hi = spec.window_ms(bucket_seconds)
+    # Retention dropped the ledger's ticks before its dedup horizon: compare from the horizon on, and say so.
+    horizon = ledger.dedup_horizon()
+    clipped = horizon > 0 and lo < horizon_ms(horizon)
+    if clipped:
+        lo = horizon_ms(horizon)
+        log.info("replay: the range reaches past the ledger's dedup horizon; ticks are compared from it on")
     pricer = load_pricer(ledger, bucket_seconds, hi)
     total = sum(r.size for r in ranges)
     n_jobs = min(MAX_JOBS, max(1, jobs if jobs is not None else (os.cpu_count() or 1)))
@@ -90,7 +97,7 @@ def run_replay(
             progress(total, total)
         del scanners  # every tick but the missing ones is freed here, before the collector runs again
         t_diff = time.perf_counter()
-        compared = _compared_buckets(spec, sd.counts, bucket_seconds) if complete else None
+        compared = _compared_buckets(spec, sd.counts, bucket_seconds, horizon or None) if complete else None
         keys, n_compared, org_meters, unbilled = _compare(ledger, pricer, sd.derived, sd.missed, compared, spec.orgs)
     finally:
         if gc_was_enabled:
@@ -141,6 +148,8 @@ def run_replay(
         seconds=seconds,
         now_ms=now_ms,
         labels=labels,
+        horizon_s=horizon,
+        clipped=clipped,
     )
     return ReplayResult(report, [SourcedTick(t, p, o) for t, p, o in sd.missing_ticks])
 
