@@ -12,11 +12,11 @@ import pytest
 
 from infra.devkit.bench import Metric, RawLimit, run_benchmarks, summarize
 from infra.devkit.bench.cpu import CpuWindow, proc_cpu_seconds, stat_cpu_seconds
-from infra.devkit.bench.ledger_bytes import sqlite_bytes
+from infra.devkit.bench.ledger_bytes import sqlite_bytes, sqlite_bytes_and_retention
 from infra.devkit.bench.pipeline import PgSchema
 from infra.devkit.stack import WorkerStack
 from models.ticks import Tick
-from sinks.ledger import SourcedTick
+from sinks.ledger import CloseConfig, SourcedTick
 
 CLK = os.sysconf("SC_CLK_TCK")
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
@@ -109,6 +109,22 @@ def test_sqlite_bytes_measures_the_ledger_file_and_wal_and_each_table(tmp_path: 
     tables = sizes["tables"]
     assert tables["usage_samples"] > 5000 * 20  # a row per tick
     assert sum(tables.values()) == sizes["db_bytes"]  # dbstat accounts for every page of the file
+
+
+def test_ledger_bytes_retires_every_tick_and_measures_what_is_left(tmp_path: Path) -> None:
+    with WorkerStack(bootstrap="127.0.0.1:9", database_url=f"sqlite:///{tmp_path / 'l.db'}", logdir=tmp_path) as st:
+        ts = (int(time.time()) // 3600 - 3) * 3600 * 1000
+        ticks = [
+            SourcedTick(Tick(f"t{i}", "org", "sb", "w", "c", 1024, 2, 20, ts + i * 1400), 0, i) for i in range(5000)
+        ]
+        st.ledger.write_ticks("usage-ticks", ticks, bucket_seconds=3600, progress={0: (5000, None)})
+        st.ledger.close(int(time.time() * 1000), CloseConfig(3600, 600, shadow=True, bill_from=0))
+        sizes = sqlite_bytes_and_retention(st)
+    ret = sizes["retention"]
+    assert (ret["samples_deleted"], ret["buckets"], ret["held"]) == (5000, 2, {})
+    assert ret["samples_bytes_before"] > 5000 * 20 and ret["samples_bytes_after"] <= 0.05 * ret["samples_bytes_before"]
+    assert ret["file_bytes_after"] == sizes["db_bytes"]  # the file keeps its size: its pages are reused
+    assert ret["in_use_bytes_after"] <= sizes["db_bytes"] - 0.95 * ret["samples_bytes_before"]
 
 
 def test_pg_schema_finds_the_backends_of_its_workers_and_sizes_its_tables(pg_base_url: str) -> None:
