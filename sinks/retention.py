@@ -148,11 +148,13 @@ class Retention(SqlStore):
         with self.engine.connect() as conn:
             return read_dedup_horizon(conn)
 
-    def plan(self, now_ms: int, days: int) -> RetentionPlan:
+    def plan(self, now_ms: int, days: int, *, estimate_bytes: bool = False) -> RetentionPlan:
         """Which buckets a compaction at ``now_ms`` would retire, and why the others past the period stay.
 
         Read-only (no lock): it counts the samples of every bucket that ended at least ``days`` ago and still
         holds samples, through the bucket index. :meth:`compact` checks each bucket again under the lock.
+        ``estimate_bytes``: also measure the samples table for :attr:`RetentionPlan.frees_bytes` (on SQLite
+        that reads every page of the table and its indexes: for reports, not for every run).
         """
         cutoff = retire_before_s(now_ms, days)
         size = self.bucket_seconds
@@ -161,7 +163,7 @@ class Retention(SqlStore):
             return plan
         us = usage_samples.c
         with self.engine.connect() as conn:
-            held = [
+            old = [
                 (int(r.b), int(r.n), int(r.top))
                 for r in conn.execute(
                     select(us.bucket_start.label("b"), func.count().label("n"), func.max(us.seq).label("top"))
@@ -169,11 +171,12 @@ class Retention(SqlStore):
                     .group_by(us.bucket_start)
                 )
             ]
-            if not held:
+            if not old:
                 return plan
-            verdicts = self._verdicts(conn, {b: top for b, _, top in held})
-            plan.samples_bytes_per_row = self._samples_bytes_per_row(conn)
-        for b, n, _ in held:
+            verdicts = self._verdicts(conn, {b: top for b, _, top in old})
+            if estimate_bytes:
+                plan.samples_bytes_per_row = self._samples_bytes_per_row(conn)
+        for b, n, _ in old:
             why = verdicts[b]
             if why is None:
                 plan.retire[b] = n
@@ -245,8 +248,13 @@ class Retention(SqlStore):
                 )
             }
             pages: dict[str, int] = {}
+            btrees = [n for n, t in owner.items() if t in wanted]
+            marks = ", ".join("?" * len(btrees))
             try:
-                for name, size in conn.exec_driver_sql("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name"):
+                for name, size in conn.exec_driver_sql(
+                    f"SELECT name, SUM(pgsize) FROM dbstat WHERE name IN ({marks}) GROUP BY name",  # noqa: S608
+                    tuple(btrees),
+                ):
                     table = owner.get(str(name), str(name))
                     pages[table] = pages.get(table, 0) + int(size)
             except DBAPIError as exc:  # an SQLite built without the dbstat table: rows only

@@ -111,7 +111,7 @@ def _summary(s: Settings, led: Ledger, *, as_json: bool) -> None:
     ret = _retention(s, led)
     sizes = ret.sizes()
     days = s.billing.retention_days
-    plan = ret.plan(_now_ms(), days)
+    plan = ret.plan(_now_ms(), days, estimate_bytes=True)
     if as_json:
         out = {
             "rows_by_state": states,
@@ -181,7 +181,7 @@ def _compact(s: Settings, led: Ledger, *, as_json: bool, dry_run: bool, days: in
         raise click.UsageError("retention is off (EDGEBILL_RETENTION_DAYS=0): pass --days N (at least 35) to run it")
     ret = _retention(s, led)
     if dry_run:
-        plan = ret.plan(_now_ms(), keep)
+        plan = ret.plan(_now_ms(), keep, estimate_bytes=True)
         if as_json:
             click.echo(json.dumps({"dry_run": True, **plan.to_wire()}, indent=2))
         else:
