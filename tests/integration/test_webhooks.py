@@ -138,9 +138,10 @@ def test_a_setup_checkout_makes_the_org_pro_from_then_and_deletion_free_from_the
     h.start()
     org = "org_pro"
     customer = h.customer(org)
-    # Stripe's clock three hours back: the checkout completes at now-3h, the deletion at now-2h, so the ticks
-    # around both moments are in buckets that close right away.
-    h.state.advance_clock(-3 * H)
+    # Stripe's clock four hours back: the checkout completes at now-4h, the deletion at now-3h, so the ticks
+    # around both moments (up to an hour after the deletion) are in buckets that closed at least an hour ago,
+    # whatever the minute of the hour the test runs at (a bucket closes 10 minutes after its end).
+    h.state.advance_clock(-4 * H)
     session = h.setup_checkout(org, customer)
     completed = h.event_of("checkout.session.completed", session)
     t_pro = int(completed["created"])
@@ -160,7 +161,7 @@ def test_a_setup_checkout_makes_the_org_pro_from_then_and_deletion_free_from_the
     h.wait_outcome(deleted["id"], "applied")
     h.stack.wait(lambda: ("free", t_free, customer, None) in h.policies(org), 60, "the free policy")
     assert [p[0] for p in h.policies(org)] == ["pro", "free"]
-    h.state.advance_clock(2 * H)  # Stripe's clock back to now: meter events are checked against it
+    h.state.advance_clock(3 * H)  # Stripe's clock back to now: meter events are checked against it
 
     # One tick a minute, 2 GiB for 60 s (120 GB-s), from an hour before the checkout to an hour after deletion.
     ticks = [
