@@ -23,7 +23,6 @@ import json
 import logging
 import random
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ import stripe
 from models.invoice_check import InvoiceLine
 from models.reconcile import Grouping, MeterConfig
 from sinks.base import Backoff, Status
-from sinks.stripe import classify, observed
+from sinks.stripe import RateLimiter, classify, observed
 from sinks.stripe_v2 import ERROR_REPORT_TYPES
 
 __all__ = [
@@ -103,9 +102,10 @@ class ErrorReportIds:
     held: set[str] = field(default_factory=set)
 
 
-class Pacer:
-    """At most ``per_s`` requests a second across threads, one slot every ``1/per_s`` s; :meth:`slow_down`
-    halves the pace (down to an eighth of the configured one) until :meth:`reset`."""
+class Pacer(RateLimiter):
+    """At most ``per_s`` requests a second across threads, one slot every ``1/per_s`` s (the sender's
+    :class:`~sinks.stripe.RateLimiter`); :meth:`slow_down` halves the pace (down to an eighth of the
+    configured one) until :meth:`reset`."""
 
     def __init__(
         self,
@@ -116,12 +116,9 @@ class Pacer:
     ) -> None:
         if per_s <= 0:
             raise ValueError("per_s must be > 0")
+        super().__init__(per_s, clock=clock, sleep=sleep)
         self._base = per_s
         self._per_s = per_s
-        self._clock = clock
-        self._sleep = sleep
-        self._lock = threading.Lock()
-        self._next = 0.0
 
     @property
     def per_s(self) -> float:
@@ -130,18 +127,12 @@ class Pacer:
     def reset(self) -> None:
         with self._lock:
             self._per_s = self._base
+            self._interval = 1.0 / self._per_s
 
     def slow_down(self) -> None:
         with self._lock:
             self._per_s = max(self._base / 8, self._per_s / 2)
-
-    def acquire(self) -> None:
-        with self._lock:
-            now = self._clock()
-            slot = max(now, self._next)
-            self._next = slot + 1.0 / self._per_s
-        if slot > now:
-            self._sleep(slot - now)
+            self._interval = 1.0 / self._per_s
 
 
 def _iso(ts: float) -> str:
