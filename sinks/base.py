@@ -24,9 +24,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["Backoff", "KeptThreads", "Outcome", "RetryingSink", "Sink", "Status"]
+__all__ = ["Backoff", "KeptThreads", "Outcome", "PendingAlert", "RetryingSink", "Sink", "Status"]
 
 log = logging.getLogger(__name__)
 
@@ -152,3 +152,13 @@ class KeptThreads:
             pool, self._pool, self._closed = self._pool, None, True
         if pool is not None:
             pool.shutdown(wait=True)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingAlert:
+    """An alert recorded in the ledger and not yet published (parity and the reconciliation with Stripe both
+    raise them; the worker publishes them to the alerts topic and then marks them published)."""
+
+    id: str
+    body: dict[str, Any]
+    new: bool  # recorded by this run (log it once); False: an earlier alert whose publication is retried

@@ -21,6 +21,7 @@ from sqlalchemy import and_, func, select
 from models.billing import RowState
 from models.invoice_check import InvoiceLineResult
 from models.reconcile import WindowResult, alert_id, dec
+from sinks.base import PendingAlert
 from sinks.ledger.closer import not_aggregated
 from sinks.reconcile_repair import ReconcileRepairs
 from sinks.schema import (
@@ -87,13 +88,6 @@ class RunRecord:
     throttled: int = 0
     invoices: Sequence[InvoiceLineResult] = ()
     error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class PendingAlert:
-    id: str
-    body: dict[str, Any]
-    new: bool  # recorded by this run (log it); False: an earlier alert not yet published
 
 
 @dataclass(slots=True)

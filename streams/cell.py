@@ -14,11 +14,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
-
-import orjson
 
 from models.parity import ScaleEvent, parse_scale_event
 from models.ticks import FUTURE_TOLERANCE_MS
@@ -26,7 +24,18 @@ from models.watermark import last_closable_bucket
 from sinks.parity import ParityStore, PendingAlert, RefreshResult, RefreshState, SourcedScaleEvent
 from streams.health import RateLimitedLog
 from streams.pipeline import Deps
-from streams.records import RAW_BYTES, DeadLetter, RawRecord, Record, dead_letter, first_line, retry_forever
+from streams.records import (
+    RAW_BYTES,
+    DeadLetter,
+    Publish,
+    RawRecord,
+    Record,
+    alert_publisher,
+    dead_letter,
+    publish_alerts,
+    retry_forever,
+    run_logged,
+)
 
 __all__ = ["ParityRuntime", "ScaleBatch", "install_parity", "prepare_scale"]
 
@@ -118,48 +127,24 @@ class ParityRuntime:
                 r.drift * 100,
             )
 
-    async def refresh_tick(self, publish: Callable[[PendingAlert], Awaitable[None]]) -> None:
+    async def refresh_tick(self, publish: Publish) -> None:
         """One refresher run, then publish the due alerts (each logged once, when first due)."""
         if self._lock.locked():
             return
         async with self._lock:
-            what = "parity refresh"
-            try:
-                result = await asyncio.to_thread(self.refresh_once)
-            except Exception as exc:
-                self._limiter.failure(
-                    what,
-                    "%s failed (%s: %s); it will run again",
-                    what,
-                    type(exc).__name__,
-                    first_line(exc),
-                    level=logging.ERROR,
-                    exc_info=None if self._limiter.failing(what) else exc,
-                )
-                return
-            self._limiter.recovered(what)
-            done: list[str] = []
-            for alert in result.alerts:
-                b = alert.body
-                if alert.new:
-                    log.warning(
-                        "usage_parity: ALERT %s buckets=%s orgs=%s (published to %s)",
-                        alert.id,
-                        [v["bucket_start"] for v in b.get("buckets", [])],
-                        sorted({o for v in b.get("buckets", []) for o in v.get("orgs", [])}),
-                        self.alerts_topic,
-                    )
-                try:
-                    await publish(alert)
-                except Exception:
-                    log.exception("could not publish alert %s; will retry", alert.id)
-                    break
-                done.append(alert.id)
-            if done:
-                try:
-                    await asyncio.to_thread(self.store.mark_published, done)
-                except Exception:
-                    log.exception("could not mark alerts published; they will be published again")
+            result = await run_logged(self._limiter, "parity refresh", self.refresh_once)
+            if result is not None:
+                await publish_alerts(result.alerts, publish, self.store.mark_published, self._announce)
+
+    def _announce(self, alert: PendingAlert) -> None:
+        b = alert.body
+        log.warning(
+            "usage_parity: ALERT %s buckets=%s orgs=%s (published to %s)",
+            alert.id,
+            [v["bucket_start"] for v in b.get("buckets", [])],
+            sorted({o for v in b.get("buckets", []) for o in v.get("orgs", [])}),
+            self.alerts_topic,
+        )
 
 
 def install_parity(app: Any, deps: Deps) -> ParityRuntime:
@@ -194,13 +179,7 @@ def install_parity(app: Any, deps: Deps) -> ParityRuntime:
 
     app.agent(scale, name="edgebill.cell")(cell_agent)
 
-    async def publish(alert: PendingAlert) -> None:
-        fut = await alerts.send(
-            key=alert.id.encode(),
-            value=orjson.dumps(alert.body),
-            headers={"edgebill-alert-id": alert.id.encode()},
-        )
-        await fut
+    publish = alert_publisher(alerts)
 
     async def refresh() -> None:
         await rt.refresh_tick(publish)

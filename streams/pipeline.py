@@ -45,7 +45,7 @@ from sinks.retention import CompactResult, Retention
 from sinks.stripe_provisioning import StripeProvisioner
 from streams.config import WorkerConfig
 from streams.health import Health, RateLimitedLog, ledger_write_failures_total, ticks_refused_total
-from streams.records import DeadLetter, Record, dead_letter, first_line
+from streams.records import DeadLetter, Record, dead_letter, first_line, run_logged
 
 __all__ = [
     "Deps",
@@ -442,20 +442,7 @@ class Pipeline:
 
     async def _run_logged(self, what: str, fn: Callable[[], object]) -> None:
         """Run ``fn`` in a thread; a failure is logged (once per interval while it repeats), not raised."""
-        try:
-            await asyncio.to_thread(fn)
-        except Exception as exc:
-            self.limiter.failure(
-                what,
-                "%s failed (%s: %s); it will run again",
-                what,
-                type(exc).__name__,
-                first_line(exc),
-                level=logging.ERROR,
-                exc_info=None if self.limiter.failing(what) else exc,
-            )
-        else:
-            self.limiter.recovered(what)
+        await run_logged(self.limiter, what, fn)
 
     # -- the cutover --------------------------------------------------------------------------
 

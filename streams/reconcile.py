@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
-
-import orjson
 
 from models.reconcile import DAY, Grouping
 from sinks.reconcile_store import PendingAlert, ReconcileSnapshot, RunRecord
 from sinks.reconciliation import ReconcileReport, Reconciliation
 from streams.health import RateLimitedLog
 from streams.pipeline import Deps
-from streams.records import RAW_BYTES, first_line
+from streams.records import RAW_BYTES, Publish, alert_publisher, publish_alerts, run_logged
 
 __all__ = ["ReconcileRuntime", "dashboard_json", "install_reconcile"]
 
@@ -132,51 +129,28 @@ class ReconcileRuntime:
             )
         self._logged &= seen  # a difference that went away is logged again if it comes back
 
-    async def tick(self, publish: Callable[[PendingAlert], Awaitable[None]]) -> None:
+    async def tick(self, publish: Publish) -> None:
         """One scheduled run, then publish the alerts not yet published (each logged once, when first due)."""
         if self._lock.locked():
             return
         async with self._lock:
-            what = "stripe reconcile run"
-            try:
-                _report, alerts = await asyncio.to_thread(self.run_once)
-            except Exception as exc:
-                self._limiter.failure(
-                    what,
-                    "%s failed (%s: %s); it will run again",
-                    what,
-                    type(exc).__name__,
-                    first_line(exc),
-                    level=logging.ERROR,
-                    exc_info=None if self._limiter.failing(what) else exc,
-                )
-                return
-            self._limiter.recovered(what)
-            done: list[str] = []
-            for alert in alerts:
-                b = alert.body
-                if alert.new:
-                    log.warning(
-                        "stripe_reconcile: ALERT %s %s org=%s meter=%s window=%s runs=%s (published to %s)",
-                        alert.id,
-                        str(b.get("label", "")).upper(),
-                        b.get("org_id"),
-                        b.get("meter"),
-                        (b.get("window") or {}).get("start"),
-                        b.get("runs"),
-                        self.alerts_topic,
-                    )
-                try:
-                    await publish(alert)
-                except Exception:
-                    log.exception("could not publish alert %s; will retry", alert.id)
-                    break
-                done.append(alert.id)
-            if done:
-                try:
-                    await asyncio.to_thread(self.store.mark_published, done)
-                except Exception:
-                    log.exception("could not mark alerts published; they will be published again")
+            done = await run_logged(self._limiter, "stripe reconcile run", self.run_once)
+            if done is not None:
+                _report, alerts = done
+                await publish_alerts(alerts, publish, self.store.mark_published, self._announce)
+
+    def _announce(self, alert: PendingAlert) -> None:
+        b = alert.body
+        log.warning(
+            "stripe_reconcile: ALERT %s %s org=%s meter=%s window=%s runs=%s (published to %s)",
+            alert.id,
+            str(b.get("label", "")).upper(),
+            b.get("org_id"),
+            b.get("meter"),
+            (b.get("window") or {}).get("start"),
+            b.get("runs"),
+            self.alerts_topic,
+        )
 
 
 def dashboard_json(snap: ReconcileSnapshot) -> dict[str, Any]:
@@ -267,13 +241,7 @@ def install_reconcile(app: Any, deps: Deps) -> ReconcileRuntime | None:
     rt = ReconcileRuntime(deps, rec)
     alerts = app.topic(rt.alerts_topic, partitions=1, **RAW_BYTES)
 
-    async def publish(alert: PendingAlert) -> None:
-        fut = await alerts.send(
-            key=alert.id.encode(),
-            value=orjson.dumps(alert.body),
-            headers={"edgebill-alert-id": alert.id.encode()},
-        )
-        await fut
+    publish = alert_publisher(alerts)
 
     async def run() -> None:
         live = await asyncio.to_thread(lambda: deps.cutover.live)

@@ -23,10 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
+import orjson
+
+from sinks.base import PendingAlert
 from streams.health import Health, RateLimitedLog, dead_letters_truncated_total
 
 __all__ = [
@@ -34,13 +37,17 @@ __all__ = [
     "DEAD_LETTER_MAX_BYTES",
     "RAW_BYTES",
     "DeadLetter",
+    "Publish",
     "RawRecord",
     "Record",
     "Stopped",
+    "alert_publisher",
     "bound_dead_letter",
     "dead_letter",
     "first_line",
+    "publish_alerts",
     "retry_forever",
+    "run_logged",
     "sleep_unless",
 ]
 
@@ -192,3 +199,75 @@ async def sleep_unless(stopping: asyncio.Event | None, seconds: float) -> None:
         return
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stopping.wait(), timeout=seconds)
+
+
+_T = TypeVar("_T")
+
+
+async def run_logged(limiter: RateLimitedLog, what: str, fn: Callable[[], _T]) -> _T | None:
+    """Run one periodic job (a close, a send, a refresh) in a thread; returns its result, or None when it
+    failed. A failure is logged, not raised: the timer runs the job again. While it repeats it is logged
+    once per interval with a count, with the traceback the first time only."""
+    try:
+        result = await asyncio.to_thread(fn)
+    except Exception as exc:
+        limiter.failure(
+            what,
+            "%s failed (%s: %s); it will run again",
+            what,
+            type(exc).__name__,
+            first_line(exc),
+            level=logging.ERROR,
+            exc_info=None if limiter.failing(what) else exc,
+        )
+        return None
+    limiter.recovered(what)
+    return result
+
+
+Publish = Callable[[PendingAlert], Awaitable[None]]
+
+
+def alert_publisher(topic: Any) -> Publish:
+    """Publishes an alert to ``topic`` (a Faust topic of raw bytes): key and header ``edgebill-alert-id`` are
+    the alert's id, the value its JSON body; returns once the broker has acknowledged it."""
+
+    async def publish(alert: PendingAlert) -> None:
+        fut = await topic.send(
+            key=alert.id.encode(),
+            value=orjson.dumps(alert.body),
+            headers={"edgebill-alert-id": alert.id.encode()},
+        )
+        await fut
+
+    return publish
+
+
+async def publish_alerts(
+    alerts: Sequence[PendingAlert],
+    publish: Publish,
+    mark_published: Callable[[list[str]], object],
+    announce: Callable[[PendingAlert], None],
+) -> None:
+    """Publish the due alerts in order, then mark the published ones in the ledger.
+
+    Order of side effects: ``announce`` (a log line) for each alert recorded by this run, then its publication;
+    after the loop, one ``mark_published`` (in a thread) for those the broker acknowledged. A publication that
+    fails stops the loop (the rest wait for the next run, in order). A crash, or a failed mark, after a
+    publication publishes that alert again on the next run: alerts are delivered at least once, keyed by id.
+    """
+    done: list[str] = []
+    for alert in alerts:
+        if alert.new:
+            announce(alert)
+        try:
+            await publish(alert)
+        except Exception:
+            log.exception("could not publish alert %s; will retry", alert.id)
+            break
+        done.append(alert.id)
+    if done:
+        try:
+            await asyncio.to_thread(mark_published, done)
+        except Exception:
+            log.exception("could not mark alerts published; they will be published again")

@@ -26,6 +26,7 @@ from models.parity import (
 )
 from models.policy import PolicyHistory
 from models.watermark import last_closable_bucket, watermark
+from sinks.base import PendingAlert
 from sinks.parity.base import ParityConfig
 from sinks.parity.measure import Measuring
 from sinks.schema import close_runs, parity_alerts, parity_dirty, usage_parity, usage_samples
@@ -33,13 +34,6 @@ from sinks.schema import close_runs, parity_alerts, parity_dirty, usage_parity, 
 __all__ = ["PendingAlert", "RefreshResult", "RefreshState", "Refresher"]
 
 _MAX_SPAN_BUCKETS: Final = 48  # buckets recomputed per transaction
-
-
-@dataclass(frozen=True, slots=True)
-class PendingAlert:
-    id: str
-    body: dict[str, Any]
-    new: bool  # first time seen (log it); False = a retry of an unpublished alert
 
 
 @dataclass(slots=True)
