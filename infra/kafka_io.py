@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -68,27 +69,42 @@ class ReadRecord:
     timestamp_ms: int | None = None
 
 
+def _group_less_consumer(bootstrap: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest", group_id=None
+    )
+
+
+async def _assign_from_beginning(consumer: AIOKafkaConsumer, topic: str) -> list[Any]:
+    """Assign every partition of ``topic`` to ``consumer`` at its first offset; [] when the topic does not exist."""
+    from aiokafka import TopicPartition
+
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        await consumer.topics()
+        parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        return []
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(*tps)
+    return tps
+
+
+def _read_record(partition: int, r: Any) -> ReadRecord:
+    return ReadRecord(partition, r.offset, r.key, r.value, {k: bytes(v) for k, v in (r.headers or ())}, r.timestamp)
+
+
 async def read_topic(
     bootstrap: str, topic: str, *, idle_timeout: float = 1.0, max_wait: float = 10.0
 ) -> list[ReadRecord]:
     """Every record of ``topic`` from the beginning (no group), stopping after ``idle_timeout`` of silence."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest", group_id=None
-    )
+    consumer = _group_less_consumer(bootstrap)
     await consumer.start()
     out: list[ReadRecord] = []
     try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer.topics()
-            parts = consumer.partitions_for_topic(topic) or set()
-        from aiokafka import TopicPartition
-
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        if not tps:
+        if not await _assign_from_beginning(consumer, topic):
             return out
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max_wait
         idle_since = loop.time()
@@ -98,16 +114,7 @@ async def read_topic(
             for tp, recs in batch.items():
                 for r in recs:
                     got = True
-                    out.append(
-                        ReadRecord(
-                            tp.partition,
-                            r.offset,
-                            r.key,
-                            r.value,
-                            {k: bytes(v) for k, v in (r.headers or ())},
-                            r.timestamp,
-                        )
-                    )
+                    out.append(_read_record(tp.partition, r))
             if got:
                 idle_since = loop.time()
             elif loop.time() - idle_since >= idle_timeout:
@@ -139,39 +146,19 @@ async def read_to_end(bootstrap: str, topic: str, *, max_wait: float = 60.0) -> 
     short), so the read stops as soon as it has caught up instead of waiting for silence. ``complete`` is
     False when ``max_wait`` s passed first (the records read so far are returned).
     """
-    from aiokafka import TopicPartition
-
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest", group_id=None
-    )
+    consumer = _group_less_consumer(bootstrap)
     await consumer.start()
     out: list[ReadRecord] = []
     try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer.topics()
-            parts = consumer.partitions_for_topic(topic)
-        if not parts:
+        tps = await _assign_from_beginning(consumer, topic)
+        if not tps:
             return TopicRead(out, exists=False, complete=True)
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max_wait
         while loop.time() < deadline:
             batch = await consumer.getmany(timeout_ms=200)
             for tp, recs in batch.items():
-                out.extend(
-                    ReadRecord(
-                        tp.partition,
-                        r.offset,
-                        r.key,
-                        r.value,
-                        {k: bytes(v) for k, v in (r.headers or ())},
-                        r.timestamp,
-                    )
-                    for r in recs
-                )
+                out.extend(_read_record(tp.partition, r) for r in recs)
             done = True
             for tp in tps:
                 hw = consumer.highwater(tp)
