@@ -19,9 +19,9 @@ from typing import Final
 from models.stripe_window import STRIPE_MAX_AGE_SECONDS, STRIPE_MAX_FUTURE_SECONDS
 
 __all__ = [
-    "LEGACY_TIER_METERS",
     "ID_SCHEME",
     "ID_SCHEMES",
+    "LEGACY_TIER_METERS",
     "MAX_IDENTIFIER_LENGTH",
     "MAX_SIGNIFICANT_DIGITS",
     "ORG_HASH_HEX",

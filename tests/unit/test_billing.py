@@ -156,7 +156,7 @@ def test_the_schemes_differ_only_for_org_ids_holding_the_mark(org: str, meter: s
 # Adversarial org ids: the characters the identifier is built from (the separator, the mark, hex digits,
 # "r" and digits), any unicode (lone surrogates included), up to 255 characters, and ids derived from
 # one another: prefixes, another org's short form (with every prefix length), an id with a tail glued on.
-_ALPHABET = st.sampled_from(list(":~r0123456789abcdef_-") + ["é", "~", "\u200b", "\ud800", "𝔬"])
+_ALPHABET = st.sampled_from([*":~r0123456789abcdef_-", "é", "~", "\u200b", "\ud800", "𝔬"])
 _ORG = st.one_of(
     st.text(_ALPHABET, min_size=1, max_size=255),
     st.text(st.characters(codec=None), min_size=1, max_size=255),
