@@ -80,9 +80,10 @@ class WebLimits:
     within this long of opening or of its last answer, else it is closed (a slow or silent client).
     ``body_timeout_s``: a body a route reads must arrive within this long of its head (else 408).
     ``body_bytes``: the largest body per path (a body declared larger, or any body on another path: 413).
-    ``max_connections``: open connections; a new one beyond it closes the longest-idle connection, or is
-    answered 503 when every connection has a request in progress. ``metrics_per_org``: ``/metrics`` series
-    per org (their ids and differences); off, ``/metrics`` names no org and its series are bounded.
+    ``max_connections``: open connections; a new one beyond it closes the longest-idle connections back
+    below it, or is answered 503 when every connection has a request in progress. ``metrics_per_org``:
+    ``/metrics`` series per org (their ids and differences); off, ``/metrics`` names no org and its series
+    are bounded.
     """
 
     max_line_bytes: int = 8190

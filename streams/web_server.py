@@ -14,9 +14,11 @@ What one client may cost (:class:`streams.config.WebLimits`, from ``EDGEBILL_WEB
   ``EDGEBILL_STRIPE_WEBHOOK_MAX_BODY``; every other page takes none), or any body on a page that takes none:
   413 and the connection is closed. What a client sends after an answer is discarded for at most
   :data:`LINGER_S` seconds, then the connection is closed.
-* **Connections.** At most ``max_connections`` open at once. One more closes the connection idle the
-  longest (no request in progress: a keep-alive or a slow client) to make room, or, when every connection
-  has a request in progress, is answered 503 (``Retry-After: 1``) and closed. Counted in
+* **Connections.** At most ``max_connections`` open at once. One more closes idle connections (no request
+  in progress: a keep-alive, silent or slow client), the longest idle first, back below the cap, or, when
+  every connection has a request in progress, is answered 503 (``Retry-After: 1``) and closed. Connections
+  accepted in one burst count before they are open; when only those are idle they are let in, and the next
+  connection closes the extra ones. A request counts as in progress while its page computes the answer. Counted in
   ``edgebill_web_connections_evicted_total`` and ``edgebill_web_connections_refused_total``; logged at most
   once a minute with a count.
 
