@@ -12,7 +12,7 @@ from typing import Any
 
 import stripe
 
-from models.billing import LEGACY_TIER_METERS, UNIFIED_METER, short_org
+from models.billing import LEGACY_TIER_METERS, UNIFIED_METER, org_token
 from models.catalog import (
     CATALOG,
     CATALOG_METERS,
@@ -70,10 +70,11 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 
 def _customer_key(org: str) -> str:
-    """``customer-create-{org}``, with a long org id in its stable short form (an org id may have 255
-    characters, the key may not have more)."""
-    key = f"customer-create-{org}"
-    return key if len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH else f"customer-create-{short_org(org)}"
+    """``customer-create-{org}``, one key per org: the org part is :func:`org_token` (a long org id, or one
+    holding ``~``, in its stable short form; an org id may have 255 characters, the key may not have more),
+    so an org whose id is another org's short form never replays that org's customer."""
+    prefix = "customer-create-"
+    return prefix + org_token(org, MAX_IDEMPOTENCY_KEY_LENGTH - len(prefix))
 
 
 def ensure_customers(client: stripe.StripeClient, emails: dict[str, str]) -> dict[str, str]:

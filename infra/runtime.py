@@ -30,8 +30,9 @@ from sinks.stripe import StripeMeterSink, make_client, make_http_session
 from sinks.stripe_provisioning import StripeProvisioner
 from sinks.stripe_reconcile import StripeReader
 from sinks.stripe_v2 import ErrorReportReconciler, StripeStreamSink
-from streams.config import KafkaConfig, Topics, WebConfig, WebhookConfig, WorkerConfig
+from streams.config import KafkaConfig, Topics, WebConfig, WebhookConfig, WebLimits, WorkerConfig
 from streams.pipeline import Deps
+from streams.webhooks import WEBHOOK_PATH
 
 __all__ = [
     "CONTROL_TOPIC_CONFIG",
@@ -106,6 +107,16 @@ def web_config(settings: Settings) -> WebConfig:
         dashboard_token_ttl_s=p.dashboard_token_ttl,
         parity_tolerance=p.tolerance,
         gate_hours=settings.billing.cutover_clean_hours,
+        limits=WebLimits(
+            max_line_bytes=w.max_line,
+            max_field_bytes=w.max_header,
+            max_headers=w.max_headers,
+            idle_timeout_s=w.idle_timeout,
+            body_timeout_s=w.body_timeout,
+            body_bytes=((WEBHOOK_PATH, settings.stripe.webhook_max_body),),
+            max_connections=w.max_connections,
+            metrics_per_org=w.metrics_per_org,
+        ),
     )
 
 
@@ -115,6 +126,7 @@ def webhook_config(settings: Settings) -> WebhookConfig:
         secret=st.webhook_secret.get_secret_value(),
         tolerance_s=st.webhook_tolerance,
         max_body_bytes=st.webhook_max_body,
+        body_timeout_s=settings.web.body_timeout,
         append_timeout_s=st.webhook_append_timeout,
         retry_interval_s=st.webhook_retry_interval,
     )

@@ -376,6 +376,24 @@ class WebSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=6066, ge=1, le=65535)
     internal_secret: SecretStr = SecretStr(DEFAULT_INTERNAL_SECRET)
+    max_line: int = Field(default=8190, ge=256, le=65536, description="bytes of a request line (longer: 400)")
+    max_header: int = Field(
+        default=8190, ge=256, le=65536, description="bytes of one header name or value (longer: 400)"
+    )
+    max_headers: int = Field(default=64, ge=8, le=1024, description="headers per request (more: 400)")
+    idle_timeout: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        description="seconds a connection has to send a complete request head after opening or its last answer",
+    )
+    body_timeout: float = Field(default=10.0, gt=0, le=600, description="seconds a body a page reads has to arrive")
+    max_connections: int = Field(
+        default=256, ge=8, le=65536, description="open connections (beyond: the longest-idle one is closed, or 503)"
+    )
+    metrics_per_org: bool = Field(
+        default=False, description="/metrics series per org (org ids and differences); off: none names an org"
+    )
 
 
 class ParitySettings(BaseSettings):

@@ -9,6 +9,7 @@ to the exact running total rounded once, so rounding never loses or invents mone
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from enum import StrEnum
@@ -18,6 +19,8 @@ from typing import Final
 from models.stripe_window import STRIPE_MAX_AGE_SECONDS, STRIPE_MAX_FUTURE_SECONDS
 
 __all__ = [
+    "ID_SCHEME",
+    "ID_SCHEMES",
     "LEGACY_TIER_METERS",
     "MAX_IDENTIFIER_LENGTH",
     "MAX_SIGNIFICANT_DIGITS",
@@ -43,6 +46,7 @@ __all__ = [
     "meter_amounts",
     "meter_row_id",
     "meter_unit_divisor",
+    "org_token",
     "round_value",
     "short_org",
     "significant_digits",
@@ -157,33 +161,68 @@ ORG_PREFIX_CHARS: Final = 24
 #: Hex digits of sha256(org id) in the short form: 96 bits, so two org ids colliding is not a practical risk.
 ORG_HASH_HEX: Final = 24
 ORG_HASH_MARK: Final = "~"
+#: The identifier scheme every new row takes. Scheme 1 wrote an org id holding ``~`` in its plain form, so an
+#: org whose id *is* another org's short form shared that org's identifiers; scheme 2 gives every org id that
+#: holds ``~`` the short form, so the plain and the short forms can no longer meet. Both write the same
+#: identifier for every other org id. A written row's identifier is stored in the ledger and never computed
+#: again, so the scheme only ever decides the identifiers of rows not written yet, corrections included.
+ID_SCHEME: Final = 2
+ID_SCHEMES: Final = (1, 2)
+_METER_NAME: Final = re.compile(r"(?!r[0-9]+\Z)[^:]+\Z")
 
 
 def short_org(org_id: str, prefix_chars: int = ORG_PREFIX_CHARS) -> str:
     """The stable short form of an org id inside an identifier: its first ``prefix_chars`` characters (for
-    a human reading Stripe's dashboard), ``~``, and 24 hex digits of sha256 of the whole id."""
-    digest = hashlib.sha256(org_id.encode()).hexdigest()[:ORG_HASH_HEX]
+    a human reading Stripe's dashboard), ``~``, and 24 hex digits of sha256 of the whole id (UTF-8)."""
+    digest = hashlib.sha256(org_id.encode("utf-8", "surrogatepass")).hexdigest()[:ORG_HASH_HEX]
     return f"{org_id[:prefix_chars]}{ORG_HASH_MARK}{digest}"
 
 
-def meter_row_id(org_id: str, start: int, meter: str, revision: int = 0) -> str:
+def org_token(org_id: str, max_chars: int, *, scheme: int = ID_SCHEME) -> str:
+    """The org's part of a key of at most ``max_chars`` characters, one per org id: the id itself when it
+    fits and holds no ``~``, else :func:`short_org` (its readable prefix shortened further if need be).
+
+    Injective (up to a 96-bit sha256 prefix collision): a plain token holds no ``~``, a short one ends in
+    ``~`` and 24 hex digits of its org's hash. ``scheme=1`` computes what scheme 1 wrote (the plain id
+    whenever it fits) for rows written before scheme 2; never use it for a new row.
+    Raises ValueError when not even the hash fits.
+    """
+    if scheme not in ID_SCHEMES:
+        raise ValueError(f"unknown identifier scheme {scheme!r}")
+    if len(org_id) <= max_chars and (scheme == 1 or ORG_HASH_MARK not in org_id):
+        return org_id
+    room = max_chars - len(ORG_HASH_MARK) - ORG_HASH_HEX
+    if room < 0:
+        raise ValueError(f"no org token of at most {max_chars} characters")
+    return short_org(org_id, min(ORG_PREFIX_CHARS, room))
+
+
+def meter_row_id(org_id: str, start: int, meter: str, revision: int = 0, *, scheme: int = ID_SCHEME) -> str:
     """Outbox id and Stripe ``identifier``: ``{org}:{bucket_start}:{meter}`` or ``…:r{n}`` for corrections.
 
-    Never longer than :data:`MAX_IDENTIFIER_LENGTH` (Stripe refuses longer identifiers for good, so an org
-    with a long id would never be billed): when the plain form would be longer, the org part becomes
-    :func:`short_org` (shortening its readable prefix further only if even that does not fit). A pure
-    function of its arguments, so the same row gets the same identifier in every process and after every
-    restart; identifiers that fit keep the plain form; still unique per (org, bucket, meter, revision).
-    Raises ValueError when not even the hash fits (a meter name of about 50 characters or more).
+    One identifier per (org, bucket, meter, revision), for every org id (up to a 96-bit sha256 prefix
+    collision): the tail ``:{start}:{meter}[:r{n}]`` is read back from the right (a meter name holds no
+    ``:`` and is never ``r`` + digits), and the org part is :func:`org_token`. So the org part is the plain
+    org id when the whole fits in :data:`MAX_IDENTIFIER_LENGTH` characters (Stripe refuses longer
+    identifiers for good) and the id holds no ``~``; otherwise :func:`short_org`. A pure function of its
+    arguments: the same row gets the same identifier in every process and after every restart.
+
+    Every new row takes the current :data:`ID_SCHEME`, a correction ``r{n}`` of a bucket whose first row
+    was written under scheme 1 included (its own identifier is new; Stripe and the ledger relate a bucket's
+    rows by their columns, never by the text of their identifiers; keeping scheme 1 for it would keep the
+    collision scheme 2 ends). A re-send sends the stored identifier, never a recomputed one.
+    Raises ValueError for a negative revision, a meter name that could not be read back, or when not even
+    the hash fits (a meter name of about 50 characters or more).
     """
+    if revision < 0:
+        raise ValueError(f"revision must be >= 0, not {revision}")
+    if not _METER_NAME.match(meter):
+        raise ValueError(f"meter name {meter!r} holds ':' or reads as a revision: no unique identifier")
     tail = f":{start}:{meter}" if revision == 0 else f":{start}:{meter}:r{revision}"
-    plain = org_id + tail
-    if len(plain) <= MAX_IDENTIFIER_LENGTH:
-        return plain
-    room = MAX_IDENTIFIER_LENGTH - len(tail) - len(ORG_HASH_MARK) - ORG_HASH_HEX
-    if room < 0:
+    room = MAX_IDENTIFIER_LENGTH - len(tail)
+    if room < len(ORG_HASH_MARK) + ORG_HASH_HEX:
         raise ValueError(f"no identifier of at most {MAX_IDENTIFIER_LENGTH} characters for meter {meter!r}")
-    return short_org(org_id, min(ORG_PREFIX_CHARS, room)) + tail
+    return org_token(org_id, room, scheme=scheme) + tail
 
 
 def significant_digits(value: Decimal) -> int:

@@ -11,11 +11,25 @@ from typing import Any
 
 import faust
 
-from streams.config import KafkaConfig, WebConfig
+from streams.config import KafkaConfig, WebConfig, WebLimits
 
-__all__ = ["app", "configure", "faust_options"]
+__all__ = ["EdgebillApp", "app", "configure", "faust_options"]
 
-app = faust.App("edgebill", autodiscover=False)
+
+class EdgebillApp(faust.App):
+    """The Faust app, serving its pages through :class:`streams.web_server.LimitedWeb` (Faust's aiohttp
+    driver with the limits of ``web_limits``). Faust picks its web driver by URL only, so the one
+    override is the method that makes it."""
+
+    web_limits: WebLimits = WebLimits()
+
+    def _new_web(self) -> Any:
+        from streams.web_server import LimitedWeb
+
+        return LimitedWeb(self)
+
+
+app = EdgebillApp("edgebill", autodiscover=False)
 
 
 def faust_options(k: KafkaConfig, web: WebConfig) -> dict[str, Any]:
@@ -35,6 +49,15 @@ def faust_options(k: KafkaConfig, web: WebConfig) -> dict[str, Any]:
         "processing_guarantee": "at_least_once",
         "store": "memory://",
         "web_enabled": True,
+        # Faust's own pages describing the cluster (partition routes, tables, stats) are not served: an
+        # unauthenticated caller reads only what streams.web documents.
+        "web_router_enabled": False,
+        "web_tables_enabled": False,
+        "web_stats_enabled": False,
+        "web_graph_enabled": False,
+        "web_metrics_enabled": False,
+        # A backstop for a page that would read a whole body; each path's own limit is in web.limits.
+        "web_application_options": {"client_max_size": max([1024, *(n for _, n in web.limits.body_bytes)])},
         "web_bind": web.host,
         "web_host": web.host,
         "web_port": web.port,
@@ -48,6 +71,7 @@ def faust_options(k: KafkaConfig, web: WebConfig) -> dict[str, Any]:
 def configure(k: KafkaConfig, web: WebConfig) -> faust.App:
     """Give the global app its configuration. Call once, before :func:`streams.wiring.install`."""
     app.config_from_object(faust_options(k, web), force=True)
+    app.web_limits = web.limits
     # The app id is Faust's consumer group id; it comes from our settings, not from the constructor.
     app.conf.id = k.group_id
     return app

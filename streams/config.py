@@ -24,7 +24,7 @@ from sinks.ledger import CloseConfig
 from sinks.parity import ParityConfig
 from sinks.reconciliation import ReconcileConfig
 
-__all__ = ["KafkaConfig", "Topics", "WebConfig", "WebhookConfig", "WorkerConfig"]
+__all__ = ["KafkaConfig", "Topics", "WebConfig", "WebLimits", "WebhookConfig", "WorkerConfig"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +72,35 @@ class KafkaConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebLimits:
+    """What one client may cost the worker's HTTP server (:mod:`streams.web_server` enforces them).
+
+    ``max_line_bytes``: the request line; ``max_field_bytes``: one header's name or value; ``max_headers``:
+    headers per request (each over: 400). ``idle_timeout_s``: a connection must send a complete request head
+    within this long of opening or of its last answer, else it is closed (a slow or silent client).
+    ``body_timeout_s``: a body a route reads must arrive within this long of its head (else 408).
+    ``body_bytes``: the largest body per path (a body declared larger, or any body on another path: 413).
+    ``max_connections``: open connections; a new one beyond it closes the longest-idle connections back
+    below it, or is answered 503 when every connection has a request in progress. ``metrics_per_org``:
+    ``/metrics`` series per org (their ids and differences); off, ``/metrics`` names no org and its series
+    are bounded.
+    """
+
+    max_line_bytes: int = 8190
+    max_field_bytes: int = 8190
+    max_headers: int = 64
+    idle_timeout_s: float = 15.0
+    body_timeout_s: float = 10.0
+    body_bytes: tuple[tuple[str, int], ...] = ()
+    max_connections: int = 256
+    metrics_per_org: bool = False
+
+    def body_limit(self, path: str) -> int:
+        """The largest body a request to ``path`` may carry (0: none)."""
+        return dict(self.body_bytes).get(path, 0)
+
+
+@dataclass(frozen=True, slots=True)
 class WebConfig:
     """The worker's web server and what its pages need."""
 
@@ -82,6 +111,7 @@ class WebConfig:
     dashboard_token_ttl_s: int
     parity_tolerance: Decimal
     gate_hours: Decimal  # clean parity hours the cutover asks for (the gate shown on the dashboard)
+    limits: WebLimits = field(default_factory=WebLimits)
 
     @property
     def base_url(self) -> str:
@@ -93,7 +123,8 @@ class WebhookConfig:
     """The Stripe webhook receiver and agent.
 
     ``secret``: the endpoint's signing secret (``whsec_…``); ``tolerance_s``: how old a signature may be;
-    ``max_body_bytes``: larger bodies are refused unread; ``append_timeout_s``: how long the receiver waits for
+    ``max_body_bytes``: larger bodies are refused unread; ``body_timeout_s``: the body must arrive within this
+    long (else 408: a slow client holds no receiver); ``append_timeout_s``: how long the receiver waits for
     the topic to acknowledge an event before answering 503; ``retry_interval_s``: how often events not yet
     applied (a transient failure, a crash) are tried again.
     """
@@ -101,6 +132,7 @@ class WebhookConfig:
     secret: str = field(repr=False)
     tolerance_s: int = 300
     max_body_bytes: int = 256 * 1024
+    body_timeout_s: float = 10.0
     append_timeout_s: float = 10.0
     retry_interval_s: float = 5.0
 

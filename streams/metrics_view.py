@@ -11,18 +11,25 @@ Two kinds of metrics:
 
 Exported names (all prefixed ``edgebill_``): ``ticks_ingested_total``, ``ticks_rejected_total``,
 ``ticks_duplicate_total``, ``ticks_zombie_total``, ``scale_events_rejected_total``, ``buckets_closed_total``,
-``meter_rows{state}``, ``consumer_lag{topic,partition}``, ``parity_drift{org_id}``, ``parity_rows{status}``,
+``meter_rows{state}``, ``consumer_lag{topic,partition}``, ``parity_worst_drift``, ``parity_rows{status}``,
 ``parity_aggregate_drift``, ``parity_bucket_start_seconds``, ``parity_clean_hours``,
 ``parity_refresh_age_seconds``, ``ledger_counter{name}`` (every ledger counter); the reconciliation with
 Stripe (its last scheduled run, :class:`sinks.reconcile_store.ReconcileSnapshot`): ``reconcile_windows{label}``,
-``reconcile_difference{org_id,meter,label}`` (Stripe minus the ledger, summed over the windows that differ),
-``reconcile_unsettled``, ``reconcile_last_run_seconds``, ``reconcile_run_failed``, ``reconcile_requests``,
-``reconcile_throttled``, ``reconcile_alerts_total``, ``reconcile_alerts_unpublished``,
-``reconcile_invoice_lines{label}``, ``reconcile_repairs_total``;
+``reconcile_differing_orgs{label}``, ``reconcile_unsettled``, ``reconcile_last_run_seconds``,
+``reconcile_run_failed``, ``reconcile_requests``, ``reconcile_throttled``, ``reconcile_alerts_total``,
+``reconcile_alerts_unpublished``, ``reconcile_invoice_lines{label}``, ``reconcile_repairs_total``;
 ``stripe_request_seconds``, ``stripe_errors_total{kind}``; readiness and ingest health from
 :mod:`streams.health`: ``ready``, ``unready{condition}``, ``ingest_lag``, ``ingest_progress_age_seconds``,
 ``ledger_write_failures_total{kind}``, ``ticks_refused_total``, ``dead_letter_failures_total``,
-``dead_letters_truncated_total``, ``ingest_fetch_errors_total``.
+``dead_letters_truncated_total``, ``ingest_fetch_errors_total``; the web server's
+``web_connections``, ``web_connections_evicted_total``, ``web_connections_refused_total``.
+
+**What an unauthenticated scraper reads.** No org id, customer id or amount (usage or money), and a bounded
+number of series: labels are states, reasons, conditions, labels, topics and partitions, meter names and
+ledger counter names (whose reasons include ``provider_<name>`` per billing provider in use), never one per
+org. Only with ``per_org`` (``EDGEBILL_WEB_METRICS_PER_ORG=true``, for a scraper trusted with them) come
+the series per org: ``parity_drift{org_id}`` and ``reconcile_difference{org_id,meter,label}`` (Stripe minus
+the ledger in meter units, summed over the windows that differ).
 """
 
 from __future__ import annotations
@@ -58,10 +65,13 @@ _ALIASES: Final = {"ticks.zombie": ("ticks.zombie", "unbilled.zombie")}
 class SnapshotCollector(Collector):
     """Turns one :class:`MetricsSnapshot` into metric families (a fresh one per scrape)."""
 
-    def __init__(self, snap: MetricsSnapshot, consumed_topics: Collection[str], now_s: float) -> None:
+    def __init__(
+        self, snap: MetricsSnapshot, consumed_topics: Collection[str], now_s: float, *, per_org: bool = False
+    ) -> None:
         self.snap = snap
         self.topics = consumed_topics
         self.now_s = now_s
+        self.per_org = per_org
 
     def collect(self) -> Iterator[Metric]:
         s = self.snap
@@ -93,6 +103,9 @@ class SnapshotCollector(Collector):
         by_status = GaugeMetricFamily(
             "edgebill_parity_rows", "Parity rows of the newest settled bucket, by status.", labels=["status"]
         )
+        worst = GaugeMetricFamily(
+            "edgebill_parity_worst_drift", "Largest |drift| among the pro orgs of the newest settled bucket."
+        )
         counts: dict[str, int] = {"ok": 0, "drift": 0, "edge_only": 0, "cell_only": 0}
         edge = cell = 0
         for r in s.parity_rows:
@@ -100,9 +113,13 @@ class SnapshotCollector(Collector):
             counts[r.status.value] = counts.get(r.status.value, 0) + 1
             edge += r.edge_mb_s * 1000
             cell += r.cell_mb_ms
+        if s.parity_rows:
+            worst.add_metric([], max(abs(float(r.drift)) for r in s.parity_rows))
         for status, n in sorted(counts.items()):
             by_status.add_metric([status], n)
-        yield drift
+        if self.per_org:
+            yield drift
+        yield worst
         yield by_status
         agg = GaugeMetricFamily("edgebill_parity_aggregate_drift", "Aggregate drift of the newest settled bucket.")
         if s.parity_rows:
@@ -134,9 +151,10 @@ _LABELS: Final = ("ok", "short", "over", "unknown_customer", "meter_misconfigure
 class ReconcileCollector(Collector):
     """The reconciliation with Stripe, from its last scheduled run (a fresh one per scrape)."""
 
-    def __init__(self, snap: ReconcileSnapshot, now_s: float) -> None:
+    def __init__(self, snap: ReconcileSnapshot, now_s: float, *, per_org: bool = False) -> None:
         self.snap = snap
         self.now_s = now_s
+        self.per_org = per_org
 
     def collect(self) -> Iterator[Metric]:
         s = self.snap
@@ -162,7 +180,19 @@ class ReconcileCollector(Collector):
             sums[k] = sums.get(k, Decimal(0)) + Decimal(d["stripe_value"]) - Decimal(d["ledger_value"])
         for (org, meter, label), v in sorted(sums.items()):
             diff.add_metric([org, meter, label], float(v))
-        yield diff
+        if self.per_org:
+            yield diff
+        differing = GaugeMetricFamily(
+            "edgebill_reconcile_differing_orgs",
+            "Orgs with a window that differs from Stripe in the last run, by label.",
+            labels=["label"],
+        )
+        orgs: dict[str, set[str]] = {label: set() for label in _LABELS if label != "ok"}
+        for d in s.differences:
+            orgs.setdefault(d["label"], set()).add(d["org_id"])
+        for label in sorted(orgs):
+            differing.add_metric([label], len(orgs[label]))
+        yield differing
         for name, doc, value in (
             (
                 "edgebill_reconcile_unsettled",
@@ -215,13 +245,15 @@ def render_metrics(
     now_s: float,
     *,
     reconcile: ReconcileSnapshot | None = None,
+    per_org: bool = False,
 ) -> bytes:
     """The Prometheus text exposition: the process registry, then the ledger snapshot (None: the ledger
-    could not be read; the process metrics, readiness included, are still exposed) and the reconciliation's."""
+    could not be read; the process metrics, readiness included, are still exposed) and the reconciliation's.
+    ``per_org``: the series per org too (see the module docstring)."""
     if snap is None:
         return generate_latest(REGISTRY)
     per_scrape = CollectorRegistry(auto_describe=False)
-    per_scrape.register(SnapshotCollector(snap, consumed_topics, now_s))
+    per_scrape.register(SnapshotCollector(snap, consumed_topics, now_s, per_org=per_org))
     if reconcile is not None:
-        per_scrape.register(ReconcileCollector(reconcile, now_s))
+        per_scrape.register(ReconcileCollector(reconcile, now_s, per_org=per_org))
     return generate_latest(REGISTRY) + generate_latest(per_scrape)

@@ -3,9 +3,13 @@
 =================================  ==============================================================================
 ``GET /healthz``                   liveness: 200 while the process answers, whatever else is wrong; flags: the
                                    cutover state in force as last read (and its source) (open)
-``GET /readyz``                    readiness: 200 when ready, 503 with the conditions that hold (open; see
-                                   :mod:`streams.health`)
-``GET /metrics``                   Prometheus text format (open, like any scrape target on loopback); the
+``GET /readyz``                    readiness: 200 when ready, 503 with the conditions that hold and since
+                                   when (open; see :mod:`streams.health`); each condition's detail (an
+                                   error's first line, which may name hosts or users) only for a request
+                                   signed as ``/internal/*`` requests are, else in the log
+``GET /metrics``                   Prometheus text format (open, like any scrape target on loopback): no org
+                                   id, customer id or amount and bounded series unless
+                                   ``EDGEBILL_WEB_METRICS_PER_ORG`` (see :mod:`streams.metrics_view`); the
                                    process metrics still render when the ledger cannot be read
 ``GET /internal/usage-parity``     ``?from=&to=`` (unix s): parity per pro org over the window, live from the
                                    raw samples and cell intervals. Signed as the cell side's callers sign:
@@ -256,6 +260,9 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
     async def readyz(web: Any, request: Any) -> Any:
         body = health.report()
         body["owner"] = deps.owner
+        if signed(request) is not None:  # unauthenticated: the conditions, not their error texts
+            for held in body["conditions"].values():
+                held.pop("detail", None)
         return web.json(body, status=200 if body["ready"] else 503)
 
     @app.page("/metrics")  # type: ignore[untyped-decorator]
@@ -272,7 +279,7 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
                 )
                 return render_metrics(None, consumed, time.time())
             pipe.limiter.recovered("metrics snapshot")
-            return render_metrics(snap, consumed, time.time(), reconcile=rsnap)
+            return render_metrics(snap, consumed, time.time(), reconcile=rsnap, per_org=web_cfg.limits.metrics_per_org)
 
         body = await asyncio.to_thread(render)
         return web.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})

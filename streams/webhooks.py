@@ -1,12 +1,12 @@
 """Stripe webhooks in the worker: the receiver page, the webhook agent and its retry timer.
 
 * ``POST /webhooks/stripe`` (:func:`receive_webhook`): reads the raw body (at most ``max_body_bytes``, else
-  413), checks the ``Stripe-Signature`` header with the official SDK's verifier on those exact bytes (any
-  ``v1`` signature, ``tolerance_s`` seconds; missing, stale or forged -> 400, as Stripe's libraries do), checks
-  that the body is a Stripe event (else 400), appends it unchanged to ``stripe-webhook-events`` keyed by its
-  object's id and waits for the broker's acknowledgement; only then 200. Anything not acknowledged in time
-  answers 503, so Stripe delivers it again (a duplicate on the topic is harmless: events are applied once by
-  id). Nothing logged carries the signature, the secret or the body.
+  413; within ``body_timeout_s``, else 408), checks the ``Stripe-Signature`` header with the official SDK's
+  verifier on those exact bytes (any ``v1`` signature, ``tolerance_s`` seconds; missing, stale or forged ->
+  400, as Stripe's libraries do), checks that the body is a Stripe event (else 400), appends it unchanged to
+  ``stripe-webhook-events`` keyed by its object's id and waits for the broker's acknowledgement; only then
+  200. Anything not acknowledged in time answers 503, so Stripe delivers it again (a duplicate on the topic
+  is harmless: events are applied once by id). Nothing logged carries the signature, the secret or the body.
 * the ``webhooks`` agent (``stripe-webhook-events``): stores each batch in the ledger's inbox before its
   records are acknowledged (:meth:`WebhookStore.receive`), then applies each event (:meth:`WebhookRuntime.apply`)
   and publishes the plan records it decided on ``org-policy``.
@@ -109,7 +109,12 @@ async def _read_body(request: Any, limit: int) -> bytes | None:
 async def receive_webhook(request: Any, cfg: WebhookConfig, append: Append) -> Answer:
     """Handle one ``POST /webhooks/stripe`` (an aiohttp request); see the module docstring for the answers."""
     remote = getattr(request, "remote", None)
-    body = await _read_body(request, cfg.max_body_bytes)
+    try:
+        async with asyncio.timeout(cfg.body_timeout_s):
+            body = await _read_body(request, cfg.max_body_bytes)
+    except TimeoutError:
+        log.warning("refused a Stripe webhook from %s: body not received within %g s", remote, cfg.body_timeout_s)
+        return Answer(408, {"error": f"body not received within {cfg.body_timeout_s:g} s"})
     if body is None:
         log.warning("refused a Stripe webhook from %s: body larger than %d bytes", remote, cfg.max_body_bytes)
         return Answer(413, {"error": f"body larger than {cfg.max_body_bytes} bytes"})

@@ -6,11 +6,17 @@ invalid settings for ``check-config``); 2 the command could not run (a broker, d
 be reached, no ledger, invalid settings, a usage error). A "cannot run" error is one line naming the setting
 and the fix, never a traceback.
 
-Commands print for humans (or ``--json``); logs and the "which ledger" line go to stderr.
+Commands print for humans (or ``--json``); logs and the "which ledger" line go to stderr. With ``--json``, an
+error that ends a command (every :class:`click.ClickException`: "cannot run", invalid settings, a usage error)
+also prints one JSON object on stdout, ``{"error", "exit_code", "hint", "command"}`` (``problems`` for invalid
+settings), so a script always reads JSON; the stderr line and the exit code stay the same. Every command and
+group of :data:`cli` is an :class:`EdgebillCommand` / :class:`EdgebillGroup`, which do this in one place: a
+command raises its errors and never prints them itself.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterator
@@ -29,13 +35,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CannotRun",
+    "EdgebillCommand",
+    "EdgebillGroup",
     "InvalidSettings",
     "broker_errors",
     "broker_unreachable",
     "cli",
+    "error_fields",
+    "error_object",
     "iso",
     "ledger_label",
     "ledger_unreachable",
+    "mark_reported",
     "open_ledger",
     "parse_time",
     "require_broker",
@@ -59,13 +70,112 @@ class CannotRun(click.ClickException):
 
     def __init__(self, what: str, fix: str, detail: str | BaseException | None = None) -> None:
         why = _first_line(detail) if detail is not None else ""
-        super().__init__(f"{what}{f' ({why})' if why else ''}: {fix}")
+        self.error = f"{what}{f' ({why})' if why else ''}"
+        self.fix = fix
+        super().__init__(f"{self.error}: {fix}")
+
+
+#: The hint of every "invalid settings" error.
+CHECK_CONFIG_HINT = "`edgebill check-config` shows every effective value"
 
 
 class InvalidSettings(click.ClickException):
     """The settings are invalid: every problem listed, exit 2 (the command could not run)."""
 
     exit_code = 2
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+# ------------------------------------------------------------------------------- errors as JSON (--json)
+
+_REPORTED = "_edgebill_json_reported"
+
+
+def mark_reported(exc: click.ClickException) -> click.ClickException:
+    """Mark ``exc`` as already in the command's JSON output (it printed its report, with ``error`` and
+    ``exit_code``, before raising): no second JSON object is printed for it."""
+    setattr(exc, _REPORTED, True)
+    return exc
+
+
+def _command_name(ctx: click.Context) -> str:
+    names: list[str] = []
+    c: click.Context | None = ctx
+    while c is not None and c.parent is not None:
+        names.append(c.info_name or "")
+        c = c.parent
+    return " ".join(["edgebill", *reversed(names)])
+
+
+def error_object(exc: click.ClickException, ctx: click.Context) -> dict[str, Any]:
+    """The JSON object of an error that ends a command: what failed, the exit code, the fix."""
+    command = _command_name(ctx)
+    out: dict[str, Any] = {"error": exc.format_message(), "exit_code": exc.exit_code, "hint": None}
+    if isinstance(exc, CannotRun):
+        out["error"], out["hint"] = exc.error, exc.fix
+    elif isinstance(exc, InvalidSettings):
+        out["error"], out["hint"], out["problems"] = "invalid configuration", CHECK_CONFIG_HINT, exc.problems
+    elif isinstance(exc, click.UsageError):
+        out["hint"] = f"`{command} --help` lists its options"
+    out["command"] = command
+    return out
+
+
+def error_fields(error: str, exit_code: int, hint: str | None) -> dict[str, Any]:
+    """The keys of :func:`error_object`, for a command that puts its error into its own JSON report (then
+    raises the error through :func:`mark_reported`, or exits with ``exit_code``)."""
+    return {"error": error, "exit_code": exit_code, "hint": hint, "command": _command_name(click.get_current_context())}
+
+
+def _report_as_json(exc: click.ClickException, ctx: click.Context) -> None:
+    if getattr(exc, _REPORTED, False):
+        return
+    mark_reported(exc)
+    click.echo(json.dumps(error_object(exc, ctx), indent=2, default=str))
+
+
+def _wants_json(cmd: click.Command, args: list[str]) -> bool:
+    """``--json`` among the arguments (before a ``--``) of a command that has that flag."""
+    if not any("--json" in p.opts for p in cmd.params if isinstance(p, click.Option)):
+        return False
+    head = args[: args.index("--")] if "--" in args else args
+    return "--json" in head
+
+
+class _JsonErrors(click.Command):
+    """With ``--json``, an error that ends the command also prints :func:`error_object` on stdout; the
+    exception then goes on unchanged (click prints its line on stderr and exits with its code)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        wants = _wants_json(self, args)  # the options are not parsed yet: a bad value fails right here
+        try:
+            return super().parse_args(ctx, args)
+        except click.ClickException as exc:
+            if wants:
+                _report_as_json(exc, ctx)
+            raise
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            if ctx.params.get("as_json"):
+                _report_as_json(exc, ctx)
+            raise
+
+
+class EdgebillCommand(_JsonErrors, click.Command):
+    """Every ``edgebill`` command: its errors reach a script as JSON too (see :class:`_JsonErrors`)."""
+
+
+class EdgebillGroup(_JsonErrors, click.Group):
+    """Every ``edgebill`` group: its commands are :class:`EdgebillCommand`, its groups of this class."""
+
+    command_class = EdgebillCommand
+    group_class = type
 
 
 def _first_line(detail: str | BaseException) -> str:
@@ -96,7 +206,7 @@ def settings_for_cli() -> Settings:
     try:
         return load_settings()
     except ConfigError as exc:
-        raise InvalidSettings(f"{exc}\n(`edgebill check-config` shows every effective value)") from exc
+        raise InvalidSettings(f"{exc}\n({CHECK_CONFIG_HINT})", exc.problems) from exc
 
 
 def parse_time(value: str) -> int:
@@ -119,7 +229,7 @@ def iso(unix_s: float | None) -> str:
     return datetime.fromtimestamp(unix_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=EdgebillGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def cli(verbose: bool) -> None:
     """edgebill: usage ticks on Kafka -> exact GB-second buckets -> idempotent Stripe meter events.

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import click
 
-from infra.cli._base import CannotRun, cli, ledger_label
+from infra.cli._base import CannotRun, cli, error_fields, ledger_label
 from infra.settings import Settings
 from models.errors import ConfigError
 
@@ -34,6 +34,9 @@ def check_config(as_json: bool, probe: bool) -> None:
     try:
         s = load_settings()
     except ConfigError as exc:
+        if as_json:
+            bad = {**error_fields("invalid configuration", 1, None), "problems": exc.problems}
+            click.echo(json.dumps(bad, indent=2))
         click.echo(str(exc), err=True)
         sys.exit(1)
     desc = s.describe()
@@ -42,6 +45,11 @@ def check_config(as_json: bool, probe: bool) -> None:
     if as_json:
         if probe:
             desc["probe"] = {name: {"ok": err is None, "error": err} for name, err in probes.items()}
+            if any(err is not None for err in probes.values()):
+                unreachable = ", ".join(name for name, err in probes.items() if err is not None)
+                desc.update(
+                    error_fields(f"cannot reach: {unreachable}", 2, "each probe's error names the setting and the fix")
+                )
         click.echo(json.dumps(desc, indent=2, default=str))
     else:
         for area, values in desc.items():

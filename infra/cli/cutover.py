@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from infra.cli._base import cli, ledger_for_writing, open_ledger, parse_time, settings_for_cli
+from infra.cli._base import cli, error_fields, ledger_for_writing, open_ledger, parse_time, settings_for_cli
 from models.errors import CutoverRefused
 
 
@@ -95,13 +95,17 @@ def _actor(ctx: click.Context, by: str | None, reason: str) -> Any:
     return Actor(by=by or _default_by(), reason=reason or "", command=_command_text(ctx))
 
 
+_REFUSED_HINT = "nothing changed; `edgebill cutover status` shows the state in force"
+
+
 def _run(fn: Any, as_json: bool, render: Any) -> None:
     """Run an operation: refused -> exit 2 with every reason; unpublished or failed cancellations -> 1."""
     try:
         out = fn()
     except CutoverRefused as exc:
         if as_json:
-            click.echo(json.dumps({"refused": exc.problems}, indent=2))
+            error = {**error_fields("refused", 2, _REFUSED_HINT), "refused": exc.problems}
+            click.echo(json.dumps(error, indent=2))
         for p in exc.problems:
             click.echo(f"refused: {p}", err=True)
         sys.exit(2)

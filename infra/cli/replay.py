@@ -9,7 +9,17 @@ from typing import Any
 
 import click
 
-from infra.cli._base import broker_errors, cli, ledger_label, open_ledger, parse_time, require_broker, settings_for_cli
+from infra.cli._base import (
+    broker_errors,
+    cli,
+    error_fields,
+    ledger_label,
+    mark_reported,
+    open_ledger,
+    parse_time,
+    require_broker,
+    settings_for_cli,
+)
 from models.errors import EdgebillError
 
 
@@ -17,6 +27,10 @@ class _ReplayFailed(click.ClickException):
     """--apply refused, or the replay failed midway: exit 2 (1 means: it ran and found differences)."""
 
     exit_code = 2
+
+
+_NOTHING_APPLIED = "nothing applied"
+_FORCE_HINT = "--force to apply anyway"
 
 
 def _partition_offsets(values: tuple[str, ...], flag: str) -> dict[int | None, int]:
@@ -160,6 +174,8 @@ def replay(
             out["applied"] = applied
             out["repaired"] = repaired
             out["refused"] = refused
+            if refused:
+                out.update(error_fields(_NOTHING_APPLIED, _ReplayFailed.exit_code, _FORCE_HINT))
         click.echo(json.dumps(out, indent=2))
     else:
         for line in render_table(report, limit or len(report.keys) + len(report.missing_ids) + 1):
@@ -181,7 +197,8 @@ def replay(
     if refused:
         for r in refused:
             click.echo(f"refused: {r}", err=True)
-        raise _ReplayFailed("nothing applied (--force to apply anyway)")
+        failed = _ReplayFailed(f"{_NOTHING_APPLIED} ({_FORCE_HINT})")
+        raise mark_reported(failed) if as_json else failed  # the report above says it
     if applied is not None:  # what remains after applying: differences neither the ticks nor the repairs cover
         sys.exit(1 if remaining else 0)
     sys.exit(0 if report.clean else 1)

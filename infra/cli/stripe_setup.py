@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from infra.cli._base import CannotRun, cli, ledger_unreachable, settings_for_cli
+from infra.cli._base import CannotRun, cli, error_fields, ledger_unreachable, mark_reported, settings_for_cli
 
 
 @cli.group("stripe")
@@ -75,8 +75,19 @@ def stripe_setup(dry_run: bool, webhook_url: str | None, no_webhook: bool, as_js
             raise ledger_unreachable(s, exc) from exc
         finally:
             engine.dispose()
+    failure: click.ClickException | None = None
+    if rep.problems:
+        failure = click.ClickException(
+            "the catalog is not published (billing_prices unchanged):\n" + "\n".join(f"  - {p}" for p in rep.problems)
+        )
+    elif not rep.complete and not dry_run:
+        failure = click.ClickException("the catalog is incomplete; billing_prices unchanged")
     if as_json:
-        click.echo(json.dumps({**rep.to_json(), "billing_prices_changed": changed}, indent=2))
+        out = {**rep.to_json(), "billing_prices_changed": changed}
+        if failure is not None:  # the error is this report's, not a second JSON object
+            out.update(error_fields(failure.format_message().splitlines()[0], failure.exit_code, None))
+            mark_reported(failure)
+        click.echo(json.dumps(out, indent=2))
     else:
         verb = "would create" if dry_run else "created"
         click.echo(f"Stripe at {s.stripe.base}: {len(rep.found)} found, {len(rep.created)} {verb}")
@@ -92,9 +103,5 @@ def stripe_setup(dry_run: bool, webhook_url: str | None, no_webhook: bool, as_js
             )
     for w in rep.warnings:
         click.echo(f"warning: {w}", err=True)
-    if rep.problems:
-        raise click.ClickException(
-            "the catalog is not published (billing_prices unchanged):\n" + "\n".join(f"  - {p}" for p in rep.problems)
-        )
-    if not rep.complete and not dry_run:
-        raise click.ClickException("the catalog is incomplete; billing_prices unchanged")
+    if failure is not None:
+        raise failure

@@ -18,15 +18,20 @@ import pytest
 from infra.devkit.broker import EmbeddedBroker, free_port
 from infra.kafka_admin import ensure_topics
 from infra.kafka_io import publish_sync
+from models.parity import sign_request
 
 pytestmark = pytest.mark.integration
 
 TS = "2026-09-21T12:00:00Z"
 
 
-def get(port: int, path: str) -> tuple[int, bytes]:
+SECRET = "health-test-internal-secret"
+
+
+def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as r:
+        with urllib.request.urlopen(req, timeout=3) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         body = e.read()
@@ -34,9 +39,11 @@ def get(port: int, path: str) -> tuple[int, bytes]:
         return e.code, body
 
 
-def readyz(port: int) -> tuple[int, dict[str, Any]]:
+def readyz(port: int, *, signed: bool = False) -> tuple[int, dict[str, Any]]:
+    ts = int(time.time())
+    headers = {"X-Timestamp": str(ts), "X-Signature": sign_request(SECRET.encode(), ts, "/readyz")} if signed else {}
     try:
-        status, body = get(port, "/readyz")
+        status, body = get(port, "/readyz", headers)
     except OSError:
         return 0, {}
     return status, orjson.loads(body)
@@ -63,7 +70,7 @@ def ledger_locked(engine: Any) -> Iterator[None]:
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_readiness_follows_a_stall_and_sigterm_stops_a_stuck_worker_within_10s(make_stack: Any, database: str) -> None:
-    stack = make_stack(database=database)
+    stack = make_stack(database=database, EDGEBILL_WEB_INTERNAL_SECRET=SECRET)
     worker = stack.start_worker()
     port = stack.web_port
     topic = stack.topic("usage-ticks")
@@ -79,6 +86,10 @@ def test_readiness_follows_a_stall_and_sigterm_stops_a_stuck_worker_within_10s(m
         assert time.monotonic() - t0 <= 30
         status, body = readyz(port)
         assert status == 503 and body["ready"] is False and body["ingest_lag"] > 0
+        # an unauthenticated caller reads the condition and since when; its detail only signed
+        assert set(body["conditions"]["ingest_stalled"]) == {"for_s"}
+        status, signed = readyz(port, signed=True)
+        assert status == 503 and "record(s) waiting" in signed["conditions"]["ingest_stalled"]["detail"]
         assert get(port, "/healthz")[0] == 200  # liveness apart: nothing to restart
         metrics = get(port, "/metrics")[1].decode()
         assert 'edgebill_unready{condition="ingest_stalled"} 1.0' in metrics

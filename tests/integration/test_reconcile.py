@@ -86,6 +86,7 @@ def test_reconcile_finds_dropped_refused_and_misconfigured_then_repairs(make_sta
         EDGEBILL_STRIPE_AUDIT_SETTLE="1",
         EDGEBILL_STRIPE_AUDIT_LOOKBACK_DAYS="3",
         EDGEBILL_STRIPE_AUDIT_READS_PER_S="25",
+        EDGEBILL_WEB_METRICS_PER_ORG="true",  # the difference per org on /metrics below
     )
     meters = ensure_meters(stack.client)
     cust = ensure_customers(stack.client, {"org_a": "a@x.test", "org_b": "b@x.test"})

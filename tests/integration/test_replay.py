@@ -436,5 +436,8 @@ def test_cli_dry_run_exit_codes_json_and_apply(
     assert res.exit_code == 2, res.output
     out = json.loads(res.stdout)
     assert out["applied"] is None and "bill twice" in out["refused"][0] and out["missing_ids"] == ["u:1:0"]
+    # the report is the one JSON object, and it carries the error (no second object after it)
+    assert (out["error"], out["exit_code"], out["command"]) == ("nothing applied", 2, "edgebill replay")
+    assert "--force" in out["hint"]
     assert "refused:" in res.stderr and "nothing applied" in res.stderr
     assert runner.invoke(cli, ["replay", "--to-offset", "x:y"], env=env).exit_code == 2

@@ -120,6 +120,12 @@ def test_setup_refuses_a_partial_catalog(env: dict[str, str]) -> None:
     assert result.exit_code == 1
     assert "not published" in result.output and "sandbox_overage_v1" in result.output
     assert store(env).catalog_rows() == before
+    result = CliRunner().invoke(cli, ["stripe", "setup", "--no-webhook", "--json"], env=env)
+    assert result.exit_code == 1
+    out = json.loads(result.stdout)  # the report, carrying the error: one JSON object
+    assert out["exit_code"] == 1 and "not published" in out["error"]
+    assert any("sandbox_overage_v1" in p for p in out["problems"])
+    assert store(env).catalog_rows() == before
 
 
 def test_webhooks_lists_outcomes_reapplies_and_shows_the_shadow_log(env: dict[str, str]) -> None:

@@ -10,8 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from models.billing import (
+    ID_SCHEME,
     LEGACY_TIER_METERS,
     MAX_IDENTIFIER_LENGTH,
+    ORG_HASH_MARK,
     UNIFIED_METER,
     BillingMode,
     bucket_start,
@@ -20,7 +22,9 @@ from models.billing import (
     gb_seconds,
     meter_amounts,
     meter_row_id,
+    org_token,
     round_value,
+    short_org,
     significant_digits,
 )
 
@@ -77,7 +81,7 @@ def test_no_identifier_exceeds_100_characters_and_each_is_a_pure_function(
     assert got == meter_row_id(org, start, meter, revision)  # stable: every process, every restart
     tail = f":{start}:{meter}" + (f":r{revision}" if revision else "")
     assert got.endswith(tail)
-    if len(org) + len(tail) <= MAX_IDENTIFIER_LENGTH:
+    if len(org) + len(tail) <= MAX_IDENTIFIER_LENGTH and ORG_HASH_MARK not in org:
         assert got == org + tail  # identifiers that fit keep their plain form
 
 
@@ -94,6 +98,107 @@ def test_long_org_ids_get_a_short_form_unique_per_org_bucket_meter_and_revision(
     assert all(len(i) <= MAX_IDENTIFIER_LENGTH for i in ids)
     assert meter_row_id(a, EXAMPLE_HOUR, UNIFIED_METER).startswith(a[:24] + "~")
     assert meter_row_id(a, EXAMPLE_HOUR, UNIFIED_METER) != meter_row_id(b, EXAMPLE_HOUR, UNIFIED_METER)
+
+
+METERS = [UNIFIED_METER, *LEGACY_TIER_METERS.values()]
+
+
+def test_an_org_whose_id_is_another_orgs_short_form_gets_its_own_identifiers() -> None:
+    v = "org_" + "v" * 120
+    twin = short_org(v)  # 49 characters: its plain identifier would fit
+    for meter in METERS:
+        for rev in (0, 1, 7):
+            assert meter_row_id(v, EXAMPLE_HOUR, meter, rev) != meter_row_id(twin, EXAMPLE_HOUR, meter, rev)
+    assert meter_row_id(v, EXAMPLE_HOUR, UNIFIED_METER) != meter_row_id(short_org(v), EXAMPLE_HOUR, UNIFIED_METER)
+    # what scheme 1 wrote: the very pair collided
+    assert meter_row_id(v, EXAMPLE_HOUR, UNIFIED_METER, scheme=1) == meter_row_id(
+        twin, EXAMPLE_HOUR, UNIFIED_METER, scheme=1
+    )
+
+
+@pytest.mark.parametrize(
+    ("org", "meter", "revision", "written"),
+    [
+        ("org_7", UNIFIED_METER, 0, "org_7:1717200000:sandbox_compute_sandbox_overage"),
+        ("org_7", "sandbox_compute_sandbox_64gb", 3, "org_7:1717200000:sandbox_compute_sandbox_64gb:r3"),
+        ("Ünïcødé-org", UNIFIED_METER, 0, "Ünïcødé-org:1717200000:sandbox_compute_sandbox_overage"),
+        ("o" * 53, UNIFIED_METER, 0, "o" * 53 + ":1717200000:sandbox_compute_sandbox_overage"),
+        (
+            ("org-" + "0123456789abcdef" * 16)[:255],
+            UNIFIED_METER,
+            0,
+            "org-0123456789abcdef0123~56246641fd1cf1b8de2bc669:1717200000:sandbox_compute_sandbox_overage",
+        ),
+        (
+            ("org-" + "0123456789abcdef" * 16)[:255],
+            "sandbox_compute_sandbox_64gb",
+            3,
+            "org-0123456789abcdef0123~56246641fd1cf1b8de2bc669:1717200000:sandbox_compute_sandbox_64gb:r3",
+        ),
+    ],
+)
+def test_an_org_id_without_the_mark_keeps_the_identifiers_scheme_1_wrote(
+    org: str, meter: str, revision: int, written: str
+) -> None:
+    # the identifiers the release before scheme 2 computed (pinned): only org ids holding "~" change
+    assert meter_row_id(org, 1717200000, meter, revision) == written
+    assert meter_row_id(org, 1717200000, meter, revision, scheme=1) == written
+
+
+@given(st.text(min_size=1, max_size=255), st.sampled_from(METERS), st.integers(0, 99))
+def test_the_schemes_differ_only_for_org_ids_holding_the_mark(org: str, meter: str, revision: int) -> None:
+    new = meter_row_id(org, EXAMPLE_HOUR, meter, revision)
+    old = meter_row_id(org, EXAMPLE_HOUR, meter, revision, scheme=1)
+    assert (new == old) or ORG_HASH_MARK in org
+    assert ID_SCHEME == 2
+
+
+# Adversarial org ids: the characters the identifier is built from (the separator, the mark, hex digits,
+# "r" and digits), any unicode (lone surrogates included), up to 255 characters, and ids derived from
+# one another: prefixes, another org's short form (with every prefix length), an id with a tail glued on.
+_ALPHABET = st.sampled_from([*":~r0123456789abcdef_-", "é", "~", "\u200b", "\ud800", "𝔬"])
+_ORG = st.one_of(
+    st.text(_ALPHABET, min_size=1, max_size=255),
+    st.text(st.characters(codec=None), min_size=1, max_size=255),
+    st.text(_ALPHABET, min_size=200, max_size=255),
+)
+
+
+@st.composite
+def _adversarial_orgs(draw: st.DrawFn) -> list[str]:
+    base = draw(st.lists(_ORG, min_size=1, max_size=5))
+    out = set(base)
+    for org in base:
+        out.add(short_org(org))
+        out.add(short_org(org, draw(st.integers(0, 30))))
+        out.add(org_token(org, draw(st.integers(25, 100))))
+        out.add(org[: draw(st.integers(1, len(org)))])
+        out.add(f"{org}:{EXAMPLE_HOUR}:{UNIFIED_METER}")
+        out.add(f"{org}:{EXAMPLE_HOUR}")
+        out.add((org + ORG_HASH_MARK + org)[:255])
+    return sorted(o for o in out if o and len(o) <= 255)
+
+
+@given(_adversarial_orgs(), st.lists(st.sampled_from(METERS), min_size=1, max_size=3, unique=True))
+def test_no_two_distinct_rows_share_an_identifier(orgs: list[str], meters: list[str]) -> None:
+    buckets = (EXAMPLE_HOUR, EXAMPLE_HOUR + 3600, 0, -3600)
+    revisions = (0, 1, 2, 10, 12)
+    seen: dict[str, tuple[str, int, str, int]] = {}
+    for org in orgs:
+        for b in buckets:
+            for meter in meters:
+                for rev in revisions:
+                    got = meter_row_id(org, b, meter, rev)
+                    assert len(got) <= MAX_IDENTIFIER_LENGTH
+                    assert seen.setdefault(got, (org, b, meter, rev)) == (org, b, meter, rev), got
+
+
+@pytest.mark.parametrize("meter", ["a:b", "r1", "r12", ""])
+def test_a_meter_name_that_could_not_be_read_back_is_refused(meter: str) -> None:
+    with pytest.raises(ValueError):
+        meter_row_id("org_7", EXAMPLE_HOUR, meter)
+    with pytest.raises(ValueError):
+        meter_row_id("org_7", EXAMPLE_HOUR, UNIFIED_METER, -1)
 
 
 @pytest.mark.parametrize(

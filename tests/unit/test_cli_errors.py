@@ -149,7 +149,9 @@ def test_check_config_probe_stripe_alone_is_one_line(tmp_path: Path, ledger_url:
     env = _env(EDGEBILL_STRIPE_API_BASE=stripe_base, EDGEBILL_DATABASE_URL=ledger_url)
     p = _run(["check-config", "--probe", "--json"], env, tmp_path)
     assert p.returncode == 2
-    probe = json.loads(p.stdout)["probe"]
+    out = json.loads(p.stdout)
+    probe = out["probe"]
+    assert out["exit_code"] == 2 and out["error"].startswith("cannot reach: ") and "stripe" in out["error"]
     assert probe["database"] == {"ok": True, "error": None}
     assert probe["stripe"]["ok"] is False and stripe_base in probe["stripe"]["error"]
 
@@ -228,3 +230,122 @@ def test_invalid_settings_stop_any_command_with_exit_2(tmp_path: Path) -> None:
     assert p.returncode == 2
     assert "EDGEBILL_KAFKA_BOOTSTRAP" in p.stderr and "check-config" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+# --------------------------------------------------------------- --json: a script reads one JSON object
+
+
+def _json_error(p: subprocess.CompletedProcess[str], *needles: str) -> dict[str, object]:
+    """The same stderr line and exit 2 as without --json, plus exactly one JSON object on stdout saying it."""
+    line = _one_line_error(p, *needles)
+    obj = json.loads(p.stdout)  # one object and nothing else: trailing data would not parse
+    assert isinstance(obj, dict), p.stdout
+    assert obj["exit_code"] == 2 == p.returncode
+    assert isinstance(obj["error"], str) and isinstance(obj["hint"], str) and obj["hint"]
+    assert line == f"Error: {obj['error']}: {obj['hint']}"  # the stderr line, in two parts
+    for needle in needles:
+        assert needle in f"{obj['error']}: {obj['hint']}"
+    return obj
+
+
+_DB_DOWN = "cannot open the ledger at postgresql+psycopg://edgebill@127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("args", "failure", "needles"),
+    [
+        pytest.param(["ledger", "--json"], "no-ledger", ["no ledger at", "EDGEBILL_DATABASE_URL"], id="ledger"),
+        pytest.param(["ledger", "--summary", "--json"], "db", [_DB_DOWN], id="ledger-summary"),
+        pytest.param(["parity", "--json"], "db", [_DB_DOWN], id="parity"),
+        pytest.param(["replay", "--json"], "broker", ["cannot reach a Kafka broker"], id="replay"),
+        pytest.param(["replay", "--apply", "--json"], "broker", ["cannot reach a Kafka broker"], id="replay-apply"),
+        pytest.param(
+            ["reconcile", "--json"], "stripe", ["cannot read Stripe at", "EDGEBILL_STRIPE_API_BASE"], id="reconcile"
+        ),
+        pytest.param(["reconcile", "--repair", "--json"], "shadow", ["--repair while"], id="reconcile-repair-shadow"),
+        pytest.param(["cutover", "status", "--json"], "db", [_DB_DOWN], id="cutover-status"),
+        pytest.param(["cutover", "arm", "--json"], "db", [_DB_DOWN], id="cutover-arm"),
+        pytest.param(["dlq", "--json"], "broker", ["cannot reach a Kafka broker"], id="dlq"),
+        pytest.param(["org", "show", "--json"], "db", [_DB_DOWN], id="org-show"),
+        pytest.param(["webhooks", "--json"], "db", [_DB_DOWN], id="webhooks"),
+        pytest.param(["stripe", "setup", "--json"], "stripe", ["cannot reach Stripe at"], id="stripe-setup"),
+    ],
+)
+def test_with_json_a_command_that_cannot_run_prints_one_json_error_object(
+    args: list[str], failure: str, needles: list[str], tmp_path: Path, ledger_url: str
+) -> None:
+    closed = _closed_port()
+    env = {
+        "no-ledger": _env(),
+        "db": _env(EDGEBILL_DATABASE_URL=f"postgresql+psycopg://edgebill@127.0.0.1:{closed}/ledger"),
+        "broker": _env(EDGEBILL_KAFKA_BOOTSTRAP=f"127.0.0.1:{closed}", EDGEBILL_DATABASE_URL=ledger_url),
+        "stripe": _env(EDGEBILL_STRIPE_API_BASE=f"http://127.0.0.1:{closed}", EDGEBILL_DATABASE_URL=ledger_url),
+        "shadow": _env(EDGEBILL_DATABASE_URL=ledger_url, EDGEBILL_SHADOW="true"),
+    }[failure]
+    obj = _json_error(_run(args, env, tmp_path), *needles)
+    assert obj["command"] == "edgebill " + " ".join(a for a in args if not a.startswith("-"))
+
+
+def test_with_json_invalid_settings_and_usage_errors_are_json_too(tmp_path: Path, ledger_url: str) -> None:
+    p = _run(["cutover", "status", "--json"], _env(EDGEBILL_KAFKA_BOOTSTRAP="127.0.0.1:notaport"), tmp_path)
+    assert p.returncode == 2 and "EDGEBILL_KAFKA_BOOTSTRAP" in p.stderr  # the stderr lines as without --json
+    obj = json.loads(p.stdout)
+    assert obj["error"] == "invalid configuration" and obj["exit_code"] == 2 and "check-config" in obj["hint"]
+    assert len(obj["problems"]) == 1 and obj["problems"][0].startswith("EDGEBILL_KAFKA_BOOTSTRAP:")
+
+    p = _run(["ledger", "--json", "--state", "bogus"], _env(EDGEBILL_DATABASE_URL=ledger_url), tmp_path)
+    assert p.returncode == 2 and "Invalid value for '--state'" in p.stderr
+    obj = json.loads(p.stdout)
+    assert obj["exit_code"] == 2 and "'bogus' is not one of" in obj["error"] and "edgebill ledger --help" in obj["hint"]
+
+    p = _run(["check-config", "--json"], _env(EDGEBILL_KAFKA_BOOTSTRAP="127.0.0.1:notaport"), tmp_path)
+    assert p.returncode == 1  # check-config's finding, not "cannot run"
+    obj = json.loads(p.stdout)
+    assert obj["exit_code"] == 1 and obj["problems"][0].startswith("EDGEBILL_KAFKA_BOOTSTRAP:")
+
+    # without --json stdout stays empty
+    p = _run(["cutover", "status"], _env(EDGEBILL_KAFKA_BOOTSTRAP="127.0.0.1:notaport"), tmp_path)
+    assert p.returncode == 2 and p.stdout == ""
+
+
+def _json_commands() -> list[list[str]]:
+    """Every command and group of the production command line that has --json, with its required values."""
+    import click
+
+    from infra.cli import cli
+
+    found: list[list[str]] = []
+
+    def walk(cmd: click.Command, path: list[str]) -> None:
+        if any("--json" in p.opts for p in cmd.params if isinstance(p, click.Option)):
+            args = list(path)
+            for p in cmd.params:
+                if p.required:
+                    args += [p.opts[0], "1"] if isinstance(p, click.Option) else ["x"]
+            found.append([*args, "--json"])
+        if isinstance(cmd, click.Group):
+            for name, sub in sorted(cmd.commands.items()):
+                walk(sub, [*path, name])
+
+    walk(cli, [])
+    return found
+
+
+def test_every_command_with_json_says_invalid_settings_as_json(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from infra.cli import cli
+
+    commands = _json_commands()
+    names = {" ".join(a for a in c if not a.startswith("-") and a != "1") for c in commands}
+    assert {"ledger", "parity", "replay", "reconcile", "cutover status", "webhooks", "check-config"} <= names
+    monkeypatch.chdir(tmp_path)
+    env: dict[str, str | None] = {k: None for k in child_env({}) if k.startswith("EDGEBILL_")}
+    env["EDGEBILL_KAFKA_BOOTSTRAP"] = "127.0.0.1:notaport"
+    for args in commands:
+        res = CliRunner().invoke(cli, args, env=env)
+        assert res.exit_code in (1, 2), (args, res.output)
+        obj = json.loads(res.stdout)
+        assert obj["exit_code"] == res.exit_code and obj["error"] == "invalid configuration", (args, res.stdout)
+        assert obj["problems"][0].startswith("EDGEBILL_KAFKA_BOOTSTRAP:"), args
+    assert not (tmp_path / "var").exists()

@@ -14,6 +14,7 @@ from models.parity import ParityStatus
 from models.watermark import PartitionState
 from sinks.observe import stripe_errors_total, stripe_request_seconds
 from sinks.parity import GateStatus, MetricsSnapshot, ParityRow
+from sinks.reconcile_store import ReconcileSnapshot
 from streams.cell import prepare_scale
 from streams.metrics_view import render_metrics
 from streams.records import RawRecord
@@ -95,7 +96,10 @@ def test_metrics_render_ledger_figures_and_process_metrics() -> None:
     assert value[("edgebill_meter_rows", "edgebill_meter_rows", (("state", "sent"),))] == 7
     lag = {k[2]: v for k, v in value.items() if k[0] == "edgebill_consumer_lag"}
     assert lag == {(("partition", "0"), ("topic", "usage-ticks")): 20}  # 120 - (99 + 1); unknown/other omitted
-    assert value[("edgebill_parity_drift", "edgebill_parity_drift", (("org_id", "o1"),))] == pytest.approx(0.111111)
+    assert value[("edgebill_parity_worst_drift", "edgebill_parity_worst_drift", ())] == pytest.approx(0.111111)
+    assert "edgebill_parity_drift" not in fams and "o1" not in text  # no series per org unless configured
+    per_org = render_metrics(_snapshot(), {"usage-ticks"}, NOW / 1000, per_org=True).decode()
+    assert 'edgebill_parity_drift{org_id="o1"} 0.111111' in per_org
     assert value[("edgebill_parity_rows", "edgebill_parity_rows", (("status", "drift"),))] == 1
     assert value[("edgebill_parity_clean_hours", "edgebill_parity_clean_hours", ())] == 3
     assert value[("edgebill_parity_refresh_age_seconds", "edgebill_parity_refresh_age_seconds", ())] == 2
@@ -118,3 +122,37 @@ def test_parity_settings_defaults_and_errors(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(ConfigError) as e:
         load_settings()
     assert {p.split(":")[0] for p in e.value.problems} == {"EDGEBILL_PARITY_TOLERANCE", "EDGEBILL_PARITY_ALERTS_TOPIC"}
+
+
+def test_metrics_name_no_org_customer_or_amount_unless_configured() -> None:
+    """What an unauthenticated scraper reads: counts by label, never an org id, a customer id or a value."""
+    diffs = [
+        {"org_id": f"org_secret_{i}", "customer": f"cus_secret_{i}", "meter": "sandbox_compute_sandbox_overage"}
+        | {"label": "short" if i % 2 else "over", "stripe_value": "1234.5", "ledger_value": "1000.25"}
+        for i in range(50)
+    ]
+    rec = ReconcileSnapshot(
+        last_run={"finished_ms": NOW - 1000, "unsettled": 0, "requests": 3, "throttled": 0},
+        by_label={"ok": 5, "short": 25, "over": 25},
+        differences=diffs,
+        invoices=[{"org_id": "org_secret_0", "label": "ok", "stripe": "99.5"}],
+    )
+    text = render_metrics(_snapshot(), {"usage-ticks"}, NOW / 1000, reconcile=rec).decode()
+    assert "secret" not in text and "o1" not in text
+    assert "1234.5" not in text and "234.25" not in text  # no value, no difference
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    differing = {s.labels["label"]: s.value for s in fams["edgebill_reconcile_differing_orgs"].samples}
+    assert differing == {"short": 25, "over": 25, "unknown_customer": 0, "meter_misconfigured": 0}
+    # bounded: the number of series does not grow with the orgs
+    series = sum(len(f.samples) for f in fams.values())
+    more = ReconcileSnapshot(
+        last_run=rec.last_run,
+        by_label=rec.by_label,
+        differences=diffs * 10 + [dict(d, org_id="x" + d["org_id"]) for d in diffs],
+    )
+    text_more = render_metrics(_snapshot(), {"usage-ticks"}, NOW / 1000, reconcile=more).decode()
+    assert sum(len(f.samples) for f in text_string_to_metric_families(text_more)) == series
+
+    per_org = render_metrics(_snapshot(), {"usage-ticks"}, NOW / 1000, reconcile=rec, per_org=True).decode()
+    labels = 'label="short",meter="sandbox_compute_sandbox_overage",org_id="org_secret_1"'
+    assert f"edgebill_reconcile_difference{{{labels}}} 234.25" in per_org
