@@ -32,9 +32,10 @@ from models.cutover import (
     rolled_back_state,
 )
 from models.errors import BrokerError, CutoverRefused
+from models.stripe_window import CANCEL_MARGIN_SECONDS, cancellable
 from sinks.ledger import Ledger, LogEntry
 from sinks.parity import ParityStore
-from sinks.stripe import CANCEL_WINDOW_SECONDS, Cancellation
+from sinks.stripe import Cancellation
 
 __all__ = [
     "CANCEL_MARGIN_SECONDS",
@@ -50,9 +51,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: A sent row is offered for cancellation only while Stripe's 24 h window has at least this much left
-#: (our ``sent_ms`` is a little after Stripe received it).
-CANCEL_MARGIN_SECONDS: Final = 15 * 60
 #: A worker whose last acknowledgement is older than this is shown as gone.
 ACK_STALE_SECONDS: Final = 120
 #: Buckets shown on each side of T (and of R) in the seam report.
@@ -207,7 +205,7 @@ def _seam(ops: CutoverOps, at: int, until: int | None) -> dict[str, Any]:
 
 def _sent_row(r: dict[str, Any], now_ms: int) -> dict[str, Any]:
     sent = r.get("sent_ms") or 0
-    cancellable = now_ms - sent < (CANCEL_WINDOW_SECONDS - CANCEL_MARGIN_SECONDS) * 1000
+    can_cancel = cancellable(sent, now_ms)
     return {
         "id": r["id"],
         "org_id": r["org_id"],
@@ -215,7 +213,7 @@ def _sent_row(r: dict[str, Any], now_ms: int) -> dict[str, Any]:
         "meter": r["meter"],
         "value": r["value"],
         "sent": _iso(sent // 1000) if sent else None,
-        "cancellable": cancellable,
+        "cancellable": can_cancel,
     }
 
 

@@ -164,8 +164,9 @@ def test_reconcile_with_stripe_unreachable_is_one_line_and_exit_2(
 
 
 def test_reconcile_repair_in_shadow_is_refused(tmp_path: Path, ledger_url: str) -> None:
-    p = _run(["reconcile", "--repair"], _env(EDGEBILL_DATABASE_URL=ledger_url, EDGEBILL_SHADOW="true"), tmp_path)
-    _one_line_error(p, "--repair while the cutover state in force is shadow", "sends nothing in shadow")
+    env = _env(EDGEBILL_DATABASE_URL=ledger_url, EDGEBILL_SHADOW="true")
+    p = _run(["reconcile", "--repair", "--apply"], env, tmp_path)
+    _one_line_error(p, "--repair --apply while the cutover state in force is shadow", "sends nothing in shadow")
 
 
 # ----------------------------------------------------------------------------- read-only, never creating
