@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,7 +34,7 @@ from models.cutover import (
 )
 from models.errors import BrokerError, CutoverRefused
 from models.stripe_window import CANCEL_MARGIN_SECONDS, cancellable
-from sinks.ledger import Ledger, LogEntry
+from sinks.ledger import BOOTSTRAP_SOURCE, Ledger, LogEntry
 from sinks.parity import ParityStore
 from sinks.stripe import Cancellation
 
@@ -47,6 +48,7 @@ __all__ = [
     "release",
     "rollback",
     "status",
+    "status_without_ledger",
 ]
 
 log = logging.getLogger(__name__)
@@ -166,6 +168,22 @@ def status(ops: CutoverOps, *, log_limit: int = 50) -> dict[str, Any]:
     out["log"] = [_entry_wire(e) for e in led.cutover_log(limit=log_limit)]
     out["unpublished"] = [e.change_id for e in led.unpublished_states()]
     return out
+
+
+def status_without_ledger(bootstrap: CutoverState, bucket_seconds: int, ledger_url: str, why: str) -> dict[str, Any]:
+    """``cutover status`` before any ledger exists: the bootstrap state (from the settings) is the one in
+    force, since no change can have been recorded; ``ledger`` is None and ``ledger_url`` says where it will be.
+    Reads nothing and creates nothing."""
+    return {
+        "now": _iso(int(time.time())),
+        "ledger": None,
+        "ledger_url": ledger_url,
+        "note": f"no ledger exists yet ({why}); the first worker or cutover command creates it there. Until then "
+        "the bootstrap state from the settings is in force",
+        "state": {**_state_wire(bootstrap), "source": BOOTSTRAP_SOURCE, "seq": 0},
+        "environment": {**_state_wire(bootstrap), "in_force": True},
+        "interlocks": interlock_problems(bootstrap, bucket_seconds),
+    }
 
 
 def _entry_wire(e: LogEntry) -> dict[str, Any]:

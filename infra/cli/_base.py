@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CannotRun",
     "InvalidSettings",
+    "NoLedger",
     "broker_errors",
     "broker_unreachable",
     "cli",
@@ -60,6 +61,11 @@ class CannotRun(click.ClickException):
     def __init__(self, what: str, fix: str, detail: str | BaseException | None = None) -> None:
         why = _first_line(detail) if detail is not None else ""
         super().__init__(f"{what}{f' ({why})' if why else ''}: {fix}")
+
+
+class NoLedger(CannotRun):
+    """No ledger exists yet where the settings point (no SQLite file, or a database without edgebill's tables):
+    a command that can say something without one catches it."""
 
 
 class InvalidSettings(click.ClickException):
@@ -209,7 +215,8 @@ def open_ledger(s: Settings, *, quiet: bool = False) -> Ledger:
 
     Read-only commands use this (it runs no migration, so it neither creates a database file nor takes the
     lock a running worker's migrations use). Prints ``ledger: <url>`` to stderr unless ``quiet``. No ledger,
-    a database that cannot be reached, or a schema at another revision: exit 2 in one line.
+    a database that cannot be reached, or a schema at another revision: exit 2 in one line (no ledger:
+    :class:`NoLedger`).
     """
     from urllib.parse import quote
 
@@ -226,7 +233,7 @@ def open_ledger(s: Settings, *, quiet: bool = False) -> Ledger:
     kwargs: dict[str, Any] = {}
     if u.get_backend_name() == "sqlite":
         if not u.database or u.database == ":memory:" or not Path(u.database).is_file():
-            raise CannotRun(f"no ledger at {label}", _db_fix(s))
+            raise NoLedger(f"no ledger at {label}", _db_fix(s))
         # Looked at read-only first: opening a SQLite file for use writes to it (the journal mode).
         probe = create_engine(f"sqlite:///file:{quote(Path(u.database).resolve().as_posix())}?mode=ro&uri=true")
     else:
@@ -240,7 +247,7 @@ def open_ledger(s: Settings, *, quiet: bool = False) -> Ledger:
         probe.dispose()
     head = head_revision()
     if current is None:
-        raise CannotRun(f"no ledger at {label} (the database has no edgebill tables)", _db_fix(s))
+        raise NoLedger(f"no ledger at {label} (the database has no edgebill tables)", _db_fix(s))
     if current != head:
         raise CannotRun(
             f"the ledger at {label} is at schema revision {current}, this edgebill expects {head}",
