@@ -128,6 +128,7 @@ def reconcile(
                 report = rec.compare_recent(orgs=only)
                 if report.failure is None:
                     rec.check_invoices(report, orgs=only, due_only=True)
+                    report.requests, report.throttled = rec.reader.requests, rec.reader.throttled
             else:
                 report = rec.compare(lo, hi, grouping_for(lo, hi), orgs=only)
             if report.failure is None and report.requests == 0:
