@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,9 +33,10 @@ from models.cutover import (
     rolled_back_state,
 )
 from models.errors import BrokerError, CutoverRefused
-from sinks.ledger import Ledger, LogEntry
+from models.stripe_window import CANCEL_MARGIN_SECONDS, cancellable
+from sinks.ledger import BOOTSTRAP_SOURCE, Ledger, LogEntry
 from sinks.parity import ParityStore
-from sinks.stripe import CANCEL_WINDOW_SECONDS, Cancellation
+from sinks.stripe import Cancellation
 
 __all__ = [
     "CANCEL_MARGIN_SECONDS",
@@ -46,13 +48,11 @@ __all__ = [
     "release",
     "rollback",
     "status",
+    "status_without_ledger",
 ]
 
 log = logging.getLogger(__name__)
 
-#: A sent row is offered for cancellation only while Stripe's 24 h window has at least this much left
-#: (our ``sent_ms`` is a little after Stripe received it).
-CANCEL_MARGIN_SECONDS: Final = 15 * 60
 #: A worker whose last acknowledgement is older than this is shown as gone.
 ACK_STALE_SECONDS: Final = 120
 #: Buckets shown on each side of T (and of R) in the seam report.
@@ -170,6 +170,22 @@ def status(ops: CutoverOps, *, log_limit: int = 50) -> dict[str, Any]:
     return out
 
 
+def status_without_ledger(bootstrap: CutoverState, bucket_seconds: int, ledger_url: str, why: str) -> dict[str, Any]:
+    """``cutover status`` before any ledger exists: the bootstrap state (from the settings) is the one in
+    force, since no change can have been recorded; ``ledger`` is None and ``ledger_url`` says where it will be.
+    Reads nothing and creates nothing."""
+    return {
+        "now": _iso(int(time.time())),
+        "ledger": None,
+        "ledger_url": ledger_url,
+        "note": f"no ledger exists yet ({why}); the first worker or cutover command creates it there. Until then "
+        "the bootstrap state from the settings is in force",
+        "state": {**_state_wire(bootstrap), "source": BOOTSTRAP_SOURCE, "seq": 0},
+        "environment": {**_state_wire(bootstrap), "in_force": True},
+        "interlocks": interlock_problems(bootstrap, bucket_seconds),
+    }
+
+
 def _entry_wire(e: LogEntry) -> dict[str, Any]:
     w = e.to_wire()
     w["changed"] = _iso(e.changed_ms // 1000)
@@ -207,7 +223,7 @@ def _seam(ops: CutoverOps, at: int, until: int | None) -> dict[str, Any]:
 
 def _sent_row(r: dict[str, Any], now_ms: int) -> dict[str, Any]:
     sent = r.get("sent_ms") or 0
-    cancellable = now_ms - sent < (CANCEL_WINDOW_SECONDS - CANCEL_MARGIN_SECONDS) * 1000
+    can_cancel = cancellable(sent, now_ms)
     return {
         "id": r["id"],
         "org_id": r["org_id"],
@@ -215,7 +231,7 @@ def _sent_row(r: dict[str, Any], now_ms: int) -> dict[str, Any]:
         "meter": r["meter"],
         "value": r["value"],
         "sent": _iso(sent // 1000) if sent else None,
-        "cancellable": cancellable,
+        "cancellable": can_cancel,
     }
 
 

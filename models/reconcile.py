@@ -30,7 +30,8 @@ again *under its own identifier* with its own value (Stripe's identifier dedup a
 it after all). A row whose identifier is known to be lost (refused after the send, cancelled, or re-sent
 once already and still not counted) is billed again by a new row, the next revision of its bucket, with
 the same value: an identifier Stripe refused or cancelled is never sent again. Rows out of Stripe's window
-cannot be repaired; an ``over`` window is never repaired (it is reported for the over-billing path).
+cannot be repaired. What Stripe holds *beyond* what edgebill sent, per hour (:attr:`WindowResult.excess`), is
+the other repair's (:mod:`models.reconcile_over`): a window can need both, in different hours.
 
 Values are exact decimals (the ledger's value strings, Stripe's numbers parsed as decimals); never floats.
 """
@@ -145,15 +146,21 @@ def window_ready(
     open_samples: bool,
     pending_rows: bool,
     newest_sent_s: int | None,
+    bucket_seconds: int = 0,
 ) -> str | None:
     """Why the window cannot be compared yet (None: it can).
 
     A window is compared once it is closed and sent: its last bucket is past the closing grace and holds no
     sample still to aggregate, none of its rows waits to be sent, and its newest send is at least
     ``settle_s`` old (Stripe aggregates meter events asynchronously: its summaries lag the sends).
+
+    A row's timestamp is its bucket end, so the last bucket of a window is the last one *ending* inside it
+    (for hourly buckets and an hour window ``[14:00, 15:00)``: the bucket ``[13:00, 14:00)``): the window is
+    closed ``grace_s`` after that bucket's end. ``bucket_seconds`` 0: at the window's end.
     """
     end = start_s + grouping.seconds
-    if end + grace_s > now_s:
+    last_end = (end - 1) // bucket_seconds * bucket_seconds if bucket_seconds else end
+    if max(last_end, start_s) + grace_s > now_s:
         return "not closed yet"
     if open_samples:
         return "samples not aggregated yet"
@@ -232,6 +239,7 @@ class RowKind(StrEnum):
     PENDING = "pending"  # not sent yet (a new row, or one a repair queued again)
     REPLACED = "replaced"  # lost, and billed again by a repair's new row
     NOT_SENT = "not_sent"  # never meant to be at Stripe (expired, refused before the send, no customer, ...)
+    CREDIT = "credit"  # takes back what Stripe held beyond what edgebill sent: with that excess, it adds to 0
 
     @property
     def expected(self) -> bool:
@@ -287,7 +295,7 @@ _CAUSE_TEXT: Final = {
     Cause.OUTSIDE_WINDOW: "its timestamp is outside Stripe's 35-day window: Stripe refuses it",
     Cause.UNEXPLAINED: "the rows Stripe does not hold cannot be told apart",
     Cause.STRIPE_HOLDS_MORE: "Stripe holds more than edgebill sent (another sender, a re-send after Stripe's "
-    "identifier window, or rows lost from the ledger): for the over-billing path, never repaired here",
+    "identifier window, or rows lost from the ledger): `edgebill reconcile --repair` takes it back",
     Cause.METER: "the meter is not the one edgebill sends to",
     Cause.CUSTOMER: "Stripe has no such customer (deleted, or of another account or mode)",
 }
@@ -337,6 +345,7 @@ class WindowResult:
     rows: tuple[RowFact, ...] = ()
     lost: Decimal = _ZERO  # of ``ledger``: rows refused after the send (not held by Stripe by its own account)
     hours: tuple[tuple[int, Decimal, Decimal], ...] = ()  # (hour, ledger, stripe) of the hours that differ
+    excess: tuple[tuple[int, Decimal], ...] = ()  # (hour, value) Stripe holds beyond what edgebill sent, per hour
 
     @property
     def difference(self) -> Decimal | None:
@@ -358,6 +367,7 @@ class WindowResult:
             "lost": dec(self.lost),
             "causes": [c.to_wire() for c in self.causes],
             "hours": [{"start": h, "ledger": dec(a), "stripe": dec(b)} for h, a, b in self.hours],
+            "excess": [{"hour": h, "value": dec(v)} for h, v in self.excess],
             "rows": len(self.rows),
         }
 
@@ -421,9 +431,10 @@ def compare_window(
     else:
         label = Label.SHORT if stripe < ledger else Label.OVER
     differing: list[tuple[int, Decimal, Decimal]] = []
+    excess: list[tuple[int, Decimal]] = []
     if stripe is not None and stripe != ledger:
-        causes.extend(_attribute(key, expected, stripe - ledger, hours, differing))
-    return WindowResult(key, ledger, stripe, label, tuple(causes), tuple(rows), lost, tuple(differing))
+        causes.extend(_attribute(key, expected, stripe - ledger, hours, differing, excess))
+    return WindowResult(key, ledger, stripe, label, tuple(causes), tuple(rows), lost, tuple(differing), tuple(excess))
 
 
 def _attribute(
@@ -432,6 +443,7 @@ def _attribute(
     diff: Decimal,
     hours: Mapping[int, Decimal] | None,
     differing: list[tuple[int, Decimal, Decimal]],
+    excess: list[tuple[int, Decimal]],
 ) -> list[CauseNote]:
     """Causes for ``diff`` = Stripe − ledger over the window's expected rows."""
     notes: list[CauseNote] = []
@@ -460,6 +472,7 @@ def _attribute(
             gap = ours - theirs - _sum(r for r in rs if r.id in explained_ids)
             if gap < 0:
                 over -= gap
+                excess.append((h, -gap))
                 continue
             if gap == 0:
                 continue
@@ -540,14 +553,14 @@ class RepairStep:
 def plan_repair(result: WindowResult, now_s: int) -> tuple[list[RepairStep], list[str]]:
     """What a repair does for one compared window, and what it refuses (with the reason).
 
-    Only a ``short`` window is repaired, row by row from its causes. Rows outside Stripe's window cannot be
-    sent any more (under any identifier); rows that cannot be told apart are not guessed at.
+    The rows Stripe lacks are repaired row by row from the window's causes (a ``short`` window, or the short
+    hours of an ``over`` one). Rows outside Stripe's window cannot be sent any more (under any identifier);
+    rows that cannot be told apart are not guessed at. What Stripe holds beyond what edgebill sent is planned
+    by :func:`models.reconcile_over.plan_over_repair`.
     """
     label = result.label
     if label is Label.OK:
         return [], []
-    if label is Label.OVER:
-        return [], ["Stripe holds more than edgebill sent: not repaired here (the over-billing path: replay --apply)"]
     if label is Label.METER_MISCONFIGURED:
         return [], ["the meter is misconfigured at Stripe: fix it first (nothing sent now would be billed)"]
     if label is Label.UNKNOWN_CUSTOMER:

@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "CANCEL_MARGIN_SECONDS",
+    "CANCEL_WINDOW_SECONDS",
     "CLOSE_MARGIN_SECONDS",
     "PARITY_MARGIN_SECONDS",
     "PARITY_QUERY_MAX_SECONDS",
@@ -21,6 +23,7 @@ __all__ = [
     "STRIPE_MAX_AGE_SECONDS",
     "STRIPE_MAX_FUTURE_SECONDS",
     "VALIDATE_MARGIN_SECONDS",
+    "cancellable",
     "expired_at_close",
     "expired_at_send",
     "oldest_accepted_ms",
@@ -51,6 +54,17 @@ PARITY_MARGIN_SECONDS: Final = 0
 # The parity endpoint answers windows at most this long: all that Stripe can still bill, and no more (a
 # longer window costs a scan of samples whose usage can no longer change a bill).
 PARITY_QUERY_MAX_SECONDS: Final = STRIPE_MAX_AGE_SECONDS
+
+# Stripe cancels a meter event (a meter-event adjustment) only within 24 h of having received it. A command
+# cancels one only while that window has at least the margin left: the ledger's ``sent_ms`` is a little
+# after Stripe received the event, and the adjustment itself takes a request.
+CANCEL_WINDOW_SECONDS: Final = 24 * 3600
+CANCEL_MARGIN_SECONDS: Final = 15 * 60
+
+
+def cancellable(sent_ms: int, now_ms: int) -> bool:
+    """Can an event the ledger sent at ``sent_ms`` still be cancelled at Stripe at ``now_ms`` (with the margin)?"""
+    return now_ms - sent_ms < (CANCEL_WINDOW_SECONDS - CANCEL_MARGIN_SECONDS) * 1000
 
 
 def oldest_accepted_s(now_s: int, margin_s: int) -> int:

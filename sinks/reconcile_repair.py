@@ -10,6 +10,15 @@ Two writes, both on ``meter_events`` and both recorded in ``reconcile_repairs`` 
   a new row, the next revision of the same bucket, same meter, value and units, ``pending``, with ``repair_of``
   naming the lost row. The lost identifier is never sent again. The rounding carry is not touched (the value is
   the lost row's, already assigned), and readers counting billing decisions skip rows with ``repair_of``.
+
+And two for what Stripe holds *beyond* what edgebill sent (:mod:`models.reconcile_over`), each once per key
+(``reconcile_repairs.repair_key``, unique):
+
+* **credit**: a new row of the negative excess, ``pending``, 0 units (it bills no usage: the excess was never
+  the ledger's), ``repair_of`` = ``stripe_excess:`` + the key. Outside the rounding carry for the same reason;
+  readers counting billing decisions skip it (``repair_of``).
+* **cancel_replace**, after Stripe confirmed the cancellation of a row it held with another value: the row is
+  billed again under a new identifier, exactly as *replace* above.
 """
 
 from __future__ import annotations
@@ -22,12 +31,14 @@ from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, update
 
-from models.billing import RowState, meter_row_id
-from models.reconcile import RepairAction, RepairStep, dec
+from models.billing import LEGACY_TIER_METERS, BillingMode, RowState, format_value, meter_row_id
+from models.cutover import Decision
+from models.reconcile import Cause, RepairAction, RepairStep, dec
+from models.reconcile_over import CREDIT_PREFIX, OverAction, OverStep
 from sinks.ledger.store import SqlStore
-from sinks.schema import meter_events, reconcile_repairs
+from sinks.schema import closed_buckets, meter_events, reconcile_repairs
 
-__all__ = ["RESEND_NOTE", "ReconcileRepairs", "RepairDone", "RepairRequest"]
+__all__ = ["RESEND_NOTE", "OverDone", "OverWrite", "ReconcileRepairs", "RepairDone", "RepairRequest"]
 
 #: ``last_error`` of a row a repair queued again.
 RESEND_NOTE = "queued again by a reconciliation repair: Stripe does not hold it"
@@ -49,8 +60,26 @@ class RepairDone:
     skipped: str | None = None  # why nothing was written (the row changed since it was compared)
 
 
+@dataclass(frozen=True, slots=True)
+class OverWrite:
+    """One planned over-billing repair to record (for ``cancel_replace``: after Stripe confirmed the cancel)."""
+
+    step: OverStep
+    evidence: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class OverDone:
+    step: OverStep
+    row_id: str | None = None  # the row written (the credit, or the replacement)
+    skipped: str | None = None  # why nothing was written (done already, the row changed since, ...)
+
+
+_TIER_METERS = frozenset(LEGACY_TIER_METERS.values())
+
+
 class ReconcileRepairs(SqlStore):
-    def apply_repairs(self, requests: Sequence[RepairRequest], *, by: str) -> list[RepairDone]:
+    def apply_repairs(self, requests: Sequence[RepairRequest], *, by: str, reason: str = "") -> list[RepairDone]:
         """Write the repairs, each only if its row is still as it was compared.
 
         One transaction, in order: (1) PostgreSQL: the closer's advisory lock, so no close run picks a revision
@@ -83,7 +112,7 @@ class ReconcileRepairs(SqlStore):
                     if hit is None:
                         done.append(RepairDone(st.row_id, st.action, st.value, skipped=f"the row is {row.state}"))
                         continue
-                    self._record(conn, req, None, by, now)
+                    self._record(conn, req, None, by, reason, now)
                     done.append(RepairDone(st.row_id, st.action, st.value))
                     resent += 1
                     continue
@@ -91,11 +120,124 @@ class ReconcileRepairs(SqlStore):
                 if new_id is None:
                     done.append(RepairDone(st.row_id, st.action, st.value, skipped="already replaced"))
                     continue
-                self._record(conn, req, new_id, by, now)
+                self._record(conn, req, new_id, by, reason, now)
                 done.append(RepairDone(st.row_id, st.action, st.value, new_row_id=new_id))
                 replaced += 1
             self._bump_counters(conn, {"reconcile.resent": resent, "reconcile.replaced": replaced})
         return done
+
+    def apply_over_repairs(self, writes: Sequence[OverWrite], *, by: str, reason: str) -> list[OverDone]:
+        """Record the over-billing repairs, each in its own transaction, each once per key.
+
+        Per write, one transaction, in order: (1) the closer's lock (PostgreSQL; SQLite: the write lock); (2) a
+        ``reconcile_repairs`` row with the write's key already there: skipped, nothing written; (3) credit: the
+        bucket must be decided ``billed`` (the edge sends its rows), then the credit row (next revision, pending,
+        0 units, the negative excess); cancel_replace: the row must still be ``sent`` with its value, then its
+        replacement (as :meth:`apply_repairs`) and a note on the row that Stripe cancelled it; (4) the
+        ``reconcile_repairs`` row with the key, ``by`` and ``reason``; (5) counter ``reconcile.credits`` or
+        ``reconcile.cancelled``; commit. A crash before a commit writes nothing of that write (the next run plans
+        it again: for cancel_replace the row then reads as cancelled at Stripe, and the short repair bills it
+        again); after it, the key is recorded and a second run writes nothing, so nothing is corrected twice.
+        """
+        out: list[OverDone] = []
+        me = meter_events.c
+        rr = reconcile_repairs.c
+        for w in writes:
+            st = w.step
+            now = self._clock()
+            with self._w.begin() as conn:
+                self._lock_closer(conn)
+                prior = conn.execute(select(rr.row_id, rr.new_row_id).where(rr.repair_key == st.key)).first()
+                if prior is not None:
+                    out.append(OverDone(st, prior.new_row_id or prior.row_id, skipped="done already"))
+                    continue
+                if st.action is OverAction.CREDIT:
+                    decision = conn.execute(
+                        select(closed_buckets.c.decision).where(closed_buckets.c.bucket_start == st.bucket_start)
+                    ).scalar_one_or_none()
+                    if decision != Decision.BILLED.value:
+                        out.append(
+                            OverDone(st, skipped=f"the bucket is {decision or 'not closed'}: the edge does not bill it")
+                        )
+                        continue
+                    row_id = self._credit(conn, st, now)
+                    written: str | None = None
+                    target = row_id
+                    counter = "reconcile.credits"
+                else:
+                    row = conn.execute(select(meter_events).where(me.id == st.row_id)).first()
+                    if row is None or row.state != RowState.SENT.value or Decimal(row.value) != st.value:
+                        out.append(OverDone(st, skipped="the row changed since it was compared"))
+                        continue
+                    written = self._replace(conn, row, now)
+                    if written is None:
+                        out.append(OverDone(st, skipped="already billed again"))
+                        continue
+                    conn.execute(
+                        update(meter_events)
+                        .where(me.id == row.id)
+                        .values(
+                            updated_ms=now,
+                            last_error=f"cancelled at Stripe by a reconciliation repair (Stripe held this identifier "
+                            f"beyond the ledger's value); billed again as {written}",
+                        )
+                    )
+                    target, row_id = str(st.row_id), written
+                    counter = "reconcile.cancelled"
+                conn.execute(
+                    insert(reconcile_repairs).values(
+                        row_id=target,
+                        action=st.action.value,
+                        new_row_id=written,
+                        value=dec(st.value),
+                        cause=Cause.STRIPE_HOLDS_MORE.value,
+                        evidence=json.dumps(w.evidence, sort_keys=True),
+                        by=by,
+                        reason=reason,
+                        repair_key=st.key,
+                        created_ms=now,
+                    )
+                )
+                self._bump_counters(conn, {counter: 1})
+            out.append(OverDone(st, row_id))
+        return out
+
+    @staticmethod
+    def _credit(conn: Connection, st: OverStep, now: int) -> str:
+        me = meter_events.c
+        top = conn.execute(
+            select(func.max(me.revision)).where(
+                me.org_id == st.org_id, me.bucket_start == st.bucket_start, me.meter == st.meter
+            )
+        ).scalar_one()
+        revision = 0 if top is None else int(top) + 1
+        row_id = meter_row_id(st.org_id, st.bucket_start, st.meter, revision)
+        mode = BillingMode.LEGACY if st.meter in _TIER_METERS else BillingMode.UNIFIED
+        conn.execute(
+            insert(meter_events).values(
+                id=row_id,
+                org_id=st.org_id,
+                bucket_start=st.bucket_start,
+                bucket_end=st.bucket_end,
+                meter=st.meter,
+                revision=revision,
+                billing_mode=mode.value,
+                value=format_value(st.value),
+                units=0,
+                samples=0,
+                state=RowState.PENDING.value,
+                stripe_customer_id=None,
+                close_id=0,
+                created_ms=now,
+                updated_ms=now,
+                sent_ms=None,
+                attempts=0,
+                last_error=f"takes back {dec(st.excess)} Stripe held beyond what edgebill sent in this hour "
+                "(reconciliation repair)",
+                repair_of=CREDIT_PREFIX + st.key,
+            )
+        )
+        return row_id
 
     @staticmethod
     def _replace(conn: Connection, row: Any, now: int) -> str | None:
@@ -135,7 +277,7 @@ class ReconcileRepairs(SqlStore):
         return new_id
 
     @staticmethod
-    def _record(conn: Connection, req: RepairRequest, new_id: str | None, by: str, now: int) -> None:
+    def _record(conn: Connection, req: RepairRequest, new_id: str | None, by: str, reason: str, now: int) -> None:
         st = req.step
         conn.execute(
             insert(reconcile_repairs).values(
@@ -146,6 +288,7 @@ class ReconcileRepairs(SqlStore):
                 cause=st.cause.value,
                 evidence=json.dumps(req.evidence, sort_keys=True),
                 by=by,
+                reason=reason,
                 created_ms=now,
             )
         )

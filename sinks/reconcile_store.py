@@ -102,6 +102,8 @@ class ReconcileSnapshot:
     alerts_unpublished: int = 0
     invoices: list[dict[str, Any]] = field(default_factory=list)
     repairs: int = 0
+    newest_compared: int | None = None  # end (unix s) of the newest window ever compared
+    recent_repairs: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ReconcileStore(ReconcileRepairs):
@@ -240,10 +242,11 @@ class ReconcileStore(ReconcileRepairs):
         last run before this one that could read Stripe, else 1; 0 when ok) and ``first_run`` (the run this
         difference was first seen in), upsert the result; (3) per window whose streak reaches ``alert_runs``,
         insert its alert unless one with the same key (window, first run) exists; (4) upsert the invoice lines
-        checked; commit. Then (5) read the alerts not yet published. The caller publishes them, then
-        :meth:`mark_published`: a crash in between publishes an alert again (same key) later. A crash before the
-        commit records nothing: the next run starts the streaks from the run before, as if this one had not
-        happened.
+        checked, with their streaks the same way (a settled line that differs, same period) and an alert per
+        line whose streak reaches ``alert_runs``; commit. Then (5) read the alerts not yet published. The
+        caller publishes them, then :meth:`mark_published`: a crash in between publishes an alert again (same
+        key) later. A crash before the commit records nothing: the next run starts the streaks from the run
+        before, as if this one had not happened.
         """
         rr = reconcile_results.c
         ra = reconcile_alerts.c
@@ -343,7 +346,11 @@ class ReconcileStore(ReconcileRepairs):
                     if got:
                         fresh.add(aid)
             for line in run.invoices:
-                self._upsert_invoice(conn, line, run_id, run.finished_ms)
+                inv_alert = self._upsert_invoice(
+                    conn, line, run_id, run.finished_ms, prev_run=prev_run, alert_runs=alert_runs
+                )
+                if inv_alert is not None:
+                    fresh.add(inv_alert)
             self._bump_counters(conn, {"reconcile.runs": 1, "reconcile.alerts": len(fresh)})
         return self.pending_alerts(fresh)
 
@@ -353,7 +360,43 @@ class ReconcileStore(ReconcileRepairs):
             for line in lines:
                 self._upsert_invoice(conn, line, None, now_ms)
 
-    def _upsert_invoice(self, conn: Any, line: InvoiceLineResult, run_id: int | None, now_ms: int) -> None:
+    def _upsert_invoice(
+        self,
+        conn: Any,
+        line: InvoiceLineResult,
+        run_id: int | None,
+        now_ms: int,
+        *,
+        prev_run: int | None = None,
+        alert_runs: int = 0,
+    ) -> str | None:
+        """Upsert one checked line. In a scheduled run (``alert_runs`` > 0) also its streak: consecutive runs it
+        differed in (settled), for the same period; at ``alert_runs`` one alert per episode (returned when new).
+        Lines checked outside a scheduled run keep their streak."""
+        ri = reconcile_invoices.c
+        streaks: dict[str, Any] = {}
+        alert: str | None = None
+        if alert_runs:
+            prev = conn.execute(
+                select(ri.streak, ri.first_run, ri.run_id, ri.period_end).where(
+                    ri.subscription_id == line.subscription, ri.price_id == line.price_id
+                )
+            ).first()
+            if not line.difference:
+                streak, first = 0, None
+            elif (
+                prev is not None
+                and int(prev.streak) > 0
+                and prev.run_id == prev_run
+                and prev_run is not None
+                and int(prev.period_end) == line.period_end
+            ):
+                streak, first = int(prev.streak) + 1, prev.first_run or run_id
+            else:
+                streak, first = 1, run_id
+            streaks = {"streak": streak, "first_run": first}
+            if streak >= alert_runs and first is not None and run_id is not None:
+                alert = self._invoice_alert(conn, line, streak, int(first), run_id, now_ms)
         values = {
             "org_id": line.org_id,
             "customer_id": line.customer,
@@ -367,11 +410,52 @@ class ReconcileStore(ReconcileRepairs):
             "detail": line.detail,
             "run_id": run_id,
             "checked_ms": now_ms,
+            **streaks,
         }
         stmt = self._insert(reconcile_invoices).values(
             subscription_id=line.subscription, price_id=line.price_id, **values
         )
         conn.execute(stmt.on_conflict_do_update(index_elements=["subscription_id", "price_id"], set_=values))
+        return alert
+
+    def _invoice_alert(
+        self, conn: Any, line: InvoiceLineResult, streak: int, first_run: int, run_id: int, now_ms: int
+    ) -> str | None:
+        """Record the alert of an upcoming invoice's line that differs (once per episode); its id when new."""
+        aid = f"stripe_reconcile_invoice:{line.subscription}:{line.price_id}:{line.period_end}:{first_run}"
+        wire = line.to_wire()
+        body = {
+            "type": "stripe_reconcile_invoice",
+            "id": aid,
+            "severity": "critical",
+            **{k: wire[k] for k in ("org_id", "subscription", "customer", "price", "meter", "period", "label")},
+            "stripe": wire["stripe"],
+            "ledger": wire["ledger"],
+            "difference": wire["difference"],
+            "detail": wire["detail"],
+            "runs": streak,
+            "first_run": first_run,
+            "fired_run": run_id,
+            "created_ms": now_ms,
+        }
+        got = conn.execute(
+            self._insert(reconcile_alerts)
+            .values(
+                id=aid,
+                org_id=line.org_id,
+                meter=(line.meter or line.price_id)[:100],
+                window_start=line.period_start,
+                label=line.label.value,
+                first_run=first_run,
+                fired_run=run_id,
+                created_ms=now_ms,
+                published_ms=None,
+                body=orjson.dumps(body).decode(),
+            )
+            .on_conflict_do_nothing(index_elements=["id"])
+            .returning(reconcile_alerts.c.id)
+        ).all()
+        return aid if got else None
 
     @staticmethod
     def _alert_body(
@@ -455,6 +539,42 @@ class ReconcileStore(ReconcileRepairs):
                 for r in conn.execute(select(reconcile_invoices).order_by(ri.org_id, ri.subscription_id, ri.price_id))
             ]
 
+    def newest_compared(self) -> int | None:
+        """The end (unix s) of the newest window any run compared with Stripe (None: none ever was)."""
+        rr = reconcile_results.c
+        with self.engine.connect() as conn:
+            got = [
+                (int(start) + (86_400 if grouping == "day" else 3_600))
+                for grouping, start in conn.execute(
+                    select(rr.grouping, func.max(rr.window_start)).group_by(rr.grouping)
+                )
+                if start is not None
+            ]
+        return max(got, default=None)
+
+    def recent_repairs(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The latest repairs (newest first), with the operator's reason and the hour of an over-billing one."""
+        out = []
+        for r in self.repairs(limit):
+            ev = json.loads(r["evidence"] or "{}")
+            out.append(
+                {
+                    "id": r["id"],
+                    "row": r["row_id"],
+                    "action": r["action"],
+                    "new_row": r["new_row_id"],
+                    "value": r["value"],
+                    "cause": r["cause"],
+                    "hour": ev.get("hour"),
+                    "window": ev.get("window"),
+                    "excess": ev.get("excess"),
+                    "by": r["by"],
+                    "reason": r["reason"] or "",
+                    "created_ms": r["created_ms"],
+                }
+            )
+        return out
+
     def snapshot(self) -> ReconcileSnapshot:
         """Everything ``/metrics`` and the dashboard show, read at once."""
         snap = ReconcileSnapshot(last_run=self.last_run())
@@ -473,4 +593,6 @@ class ReconcileStore(ReconcileRepairs):
             )
             snap.repairs = int(conn.execute(select(func.count()).select_from(reconcile_repairs)).scalar_one())
         snap.invoices = self.invoices()
+        snap.newest_compared = self.newest_compared()
+        snap.recent_repairs = self.recent_repairs(10)
         return snap

@@ -120,6 +120,8 @@ meter_events = Table(
     Column("last_error", Text, nullable=True),
     # Set on a row a reconciliation repair wrote to bill again a row Stripe lost (refused after the send, or
     # cancelled): the lost row's id. The pair is one billing decision: readers that count decisions count one.
+    # On a credit row (taking back what Stripe held beyond what edgebill sent): ``stripe_excess:`` + its
+    # repair key; it bills no usage (0 units) and counts as no decision either.
     Column("repair_of", String(255), nullable=True),
     Index("ix_meter_events_state", "state", "bucket_start"),
     Index("ix_meter_events_key", "org_id", "bucket_start", "meter"),
@@ -503,7 +505,11 @@ reconcile_repairs = Table(
     Column("evidence", Text, nullable=False),  # JSON: Stripe's and the ledger's values when it was decided
     Column("by", String(255), nullable=False),
     Column("created_ms", BigInteger, nullable=False),
+    Column("reason", Text, nullable=True),  # the operator's --reason
+    # An over-billing repair's idempotency key (models.reconcile_over.over_key): one write per key, ever.
+    Column("repair_key", String(100), nullable=True),
     Index("ix_reconcile_repairs_row", "row_id"),
+    Index("ux_reconcile_repairs_key", "repair_key", unique=True),
 )
 
 reconcile_invoices = Table(
@@ -523,6 +529,9 @@ reconcile_invoices = Table(
     Column("detail", Text, nullable=False),
     Column("run_id", BigInteger, nullable=True),
     Column("checked_ms", BigInteger, nullable=False),
+    # Scheduled runs in a row this line differed (settled) in, and the run it was first seen in (alerts).
+    Column("streak", Integer, nullable=False, server_default="0"),
+    Column("first_run", BigInteger, nullable=True),
     PrimaryKeyConstraint("subscription_id", "price_id"),
     Index("ix_reconcile_invoices_org", "org_id"),
 )

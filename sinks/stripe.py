@@ -47,7 +47,12 @@ from models.billing import (
     significant_digits,
 )
 from models.catalog import METER_CUSTOMER_KEY, METER_VALUE_KEY
-from models.stripe_window import VALIDATE_MARGIN_SECONDS, stripe_refuses_as_future, stripe_refuses_as_old
+from models.stripe_window import (
+    CANCEL_WINDOW_SECONDS,
+    VALIDATE_MARGIN_SECONDS,
+    stripe_refuses_as_future,
+    stripe_refuses_as_old,
+)
 from sinks.base import KeptThreads, Outcome, Status
 
 __all__ = [
@@ -421,10 +426,6 @@ class StripeMeterSink:
     def close(self) -> None:
         """Stop the worker threads (waiting for calls in flight). Idempotent."""
         self._threads.close()
-
-
-#: Stripe cancels a meter event (a meter-event adjustment) only within 24 h of having received it.
-CANCEL_WINDOW_SECONDS = 24 * 3600
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,8 @@ Exported names (all prefixed ``edgebill_``): ``ticks_ingested_total``, ``ticks_r
 ``parity_aggregate_drift``, ``parity_bucket_start_seconds``, ``parity_clean_hours``,
 ``parity_refresh_age_seconds``, ``ledger_counter{name}`` (every ledger counter); the reconciliation with
 Stripe (its last scheduled run, :class:`sinks.reconcile_store.ReconcileSnapshot`): ``reconcile_windows{label}``,
-``reconcile_differing_orgs{label}``, ``reconcile_unsettled``, ``reconcile_last_run_seconds``,
+``reconcile_differing_orgs{label}`` (``reconcile_difference{org_id,meter,label}`` with per-org metrics on),
+``reconcile_unsettled``, ``reconcile_last_run_seconds``, ``reconcile_newest_compared_timestamp_seconds``,
 ``reconcile_run_failed``, ``reconcile_requests``, ``reconcile_throttled``, ``reconcile_alerts_total``,
 ``reconcile_alerts_unpublished``, ``reconcile_invoice_lines{label}``, ``reconcile_repairs_total``;
 ``stripe_request_seconds``, ``stripe_errors_total{kind}``; readiness and ingest health from
@@ -161,7 +162,7 @@ class ReconcileCollector(Collector):
         run = s.last_run or {}
         windows = GaugeMetricFamily(
             "edgebill_reconcile_windows",
-            "Windows (org, customer, meter, day) compared with Stripe's summaries in the last run, by label.",
+            "Windows (org, customer, meter, day or hour) compared with Stripe's summaries in the last run, by label.",
             labels=["label"],
         )
         for label in _LABELS:
@@ -216,6 +217,14 @@ class ReconcileCollector(Collector):
             if value is not None:
                 g.add_metric([], float(value))
             yield g
+        newest = GaugeMetricFamily(
+            "edgebill_reconcile_newest_compared_timestamp_seconds",
+            "End (unix s) of the newest window any run compared with Stripe: a stale value is a reconciliation "
+            "that compares nothing.",
+        )
+        if s.newest_compared is not None:
+            newest.add_metric([], float(s.newest_compared))
+        yield newest
         age = GaugeMetricFamily("edgebill_reconcile_last_run_seconds", "Seconds since the last scheduled run ended.")
         if run.get("finished_ms") is not None:
             age.add_metric([], max(0.0, self.now_s - run["finished_ms"] / 1000))

@@ -3,12 +3,15 @@
 Every ``EDGEBILL_STRIPE_AUDIT_INTERVAL`` seconds, never in shadow (nothing is sent, so nothing is held), in a
 thread (the Stripe reads are paced and may take a while; never on the event loop), one run at a time:
 
-1. compare every closed, sent and settled UTC day of the lookback with Stripe's meter event summaries
-   (:meth:`sinks.reconciliation.Reconciliation.compare`), and check the upcoming invoice of each pro org whose
-   period ends soon (:meth:`~sinks.reconciliation.Reconciliation.check_invoices`);
+1. compare the lookback with Stripe's meter event summaries as soon as each hour is settled: whole UTC days
+   where they are complete, hours elsewhere, today's included
+   (:meth:`sinks.reconciliation.Reconciliation.compare_recent`), and check the upcoming invoice of each pro org
+   whose period ends within ``EDGEBILL_STRIPE_AUDIT_INVOICE_AHEAD_HOURS``
+   (:meth:`~sinks.reconciliation.Reconciliation.check_invoices`), so a difference alerts before Stripe
+   finalizes the invoice;
 2. keep the results in the ledger (:meth:`sinks.reconcile_store.ReconcileStore.record_run`): the latest result
-   per window and how many runs in a row it has differed; a difference seen in ``EDGEBILL_STRIPE_AUDIT_ALERT_RUNS``
-   consecutive runs (default 2) records an alert, once per episode;
+   per window (and invoice line) and how many runs in a row it has differed; a difference seen in
+   ``EDGEBILL_STRIPE_AUDIT_ALERT_RUNS`` consecutive runs (default 2) records an alert, once per episode;
 3. publish the alerts not yet published to the alerts topic (``billing-alerts``, as parity's) and log each
    once, when first recorded; log every newly seen difference once per process.
 
@@ -22,7 +25,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from models.reconcile import DAY, Grouping
+from models.reconcile import Grouping
 from sinks.reconcile_store import PendingAlert, ReconcileSnapshot, RunRecord
 from sinks.reconciliation import ReconcileReport, Reconciliation
 from streams.health import RateLimitedLog
@@ -36,6 +39,11 @@ log = logging.getLogger(__name__)
 
 def _day(ts: int) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+
+
+def _window(ts: int, grouping: Grouping) -> str:
+    fmt = "%Y-%m-%d" if grouping is Grouping.DAY else "%Y-%m-%dT%H:00Z"
+    return datetime.fromtimestamp(ts, UTC).strftime(fmt)
 
 
 class ReconcileRuntime:
@@ -54,10 +62,9 @@ class ReconcileRuntime:
     def run_once(self) -> tuple[ReconcileReport, list[PendingAlert]]:
         """One scheduled run (blocking: call it from a thread). Returns the report and the alerts to publish."""
         cfg = self.rec.cfg
-        today = self.deps.clock_ms() // 1000 // DAY * DAY
-        lo, hi = today - (cfg.lookback_days - 1) * DAY, today + DAY
         self.rec.reader.begin_run()
-        report = self.rec.compare(lo, hi, Grouping.DAY)
+        report = self.rec.compare_recent()
+        report.explain()
         if report.failure is None:
             self.rec.check_invoices(report, due_only=True)
             report.requests = self.rec.reader.requests
@@ -69,7 +76,7 @@ class ReconcileRuntime:
                 finished_ms=report.finished_ms,
                 lo=report.lo,
                 hi=report.hi,
-                grouping=report.grouping.value,
+                grouping=report.grouping_name,
                 results=report.results if report.failure is None else (),
                 unsettled=len(report.unsettled),
                 requests=report.requests,
@@ -93,6 +100,15 @@ class ReconcileRuntime:
             )
             return
         self._limiter.recovered("stripe reconcile")
+        if report.why is not None:
+            self._limiter.failure(
+                "stripe reconcile nothing compared",
+                "stripe_reconcile: nothing compared with Stripe: %s",
+                report.why,
+                level=logging.WARNING,
+            )
+        else:
+            self._limiter.recovered("stripe reconcile nothing compared")
         diffs = report.differences
         log.info(
             "stripe_reconcile: %d window(s) of %s..%s compared, %d different, %d not settled; %d invoice line(s), "
@@ -117,11 +133,11 @@ class ReconcileRuntime:
                 continue
             self._logged.add(tag)
             log.warning(
-                "stripe_reconcile: %s org=%s meter=%s day=%s customer=%s ledger=%s stripe=%s causes=%s",
+                "stripe_reconcile: %s org=%s meter=%s window=%s customer=%s ledger=%s stripe=%s causes=%s",
                 r.label.value.upper(),
                 k.org_id,
                 k.meter,
-                _day(k.start),
+                _window(k.start, k.grouping),
                 k.customer,
                 r.to_wire()["ledger"],
                 r.to_wire()["stripe"],
@@ -179,6 +195,7 @@ def dashboard_json(snap: ReconcileSnapshot) -> dict[str, Any]:
                 "error",
             )
         },
+        "newest_compared": snap.newest_compared,
         "by_label": dict(sorted(snap.by_label.items())),
         "differences": [
             {
@@ -227,6 +244,7 @@ def dashboard_json(snap: ReconcileSnapshot) -> dict[str, Any]:
             for i in snap.invoices
         ],
         "repairs": snap.repairs,
+        "recent_repairs": snap.recent_repairs,
     }
 
 

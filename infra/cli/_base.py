@@ -3,8 +3,9 @@
 
 Exit codes, for every command: 0 done; 1 the command ran and found something wrong (differences, bad lines,
 invalid settings for ``check-config``); 2 the command could not run (a broker, database or Stripe that cannot
-be reached, no ledger, invalid settings, a usage error). A "cannot run" error is one line naming the setting
-and the fix, never a traceback.
+be reached, no ledger, invalid settings, a usage error); ``reconcile`` alone has a fourth, 3: it ran and compared
+nothing (never to be read as clean). A "cannot run" error is one line naming the setting and the fix, never a
+traceback.
 
 Commands print for humans (or ``--json``); logs and the "which ledger" line go to stderr. With ``--json``, an
 error that ends a command (every :class:`click.ClickException`: "cannot run", invalid settings, a usage error)
@@ -38,6 +39,7 @@ __all__ = [
     "EdgebillCommand",
     "EdgebillGroup",
     "InvalidSettings",
+    "NoLedger",
     "broker_errors",
     "broker_unreachable",
     "cli",
@@ -77,6 +79,11 @@ class CannotRun(click.ClickException):
 
 #: The hint of every "invalid settings" error.
 CHECK_CONFIG_HINT = "`edgebill check-config` shows every effective value"
+
+
+class NoLedger(CannotRun):
+    """No ledger exists yet where the settings point (no SQLite file, or a database without edgebill's tables):
+    a command that can say something without one catches it."""
 
 
 class InvalidSettings(click.ClickException):
@@ -235,7 +242,8 @@ def cli(verbose: bool) -> None:
     """edgebill: usage ticks on Kafka -> exact GB-second buckets -> idempotent Stripe meter events.
 
     Settings come from EDGEBILL_* environment variables (`edgebill check-config` shows them all).
-    Exit codes: 0 done, 1 the command found a problem, 2 the command could not run.
+    Exit codes: 0 done, 1 the command found a problem, 2 the command could not run (`reconcile`: 3 it compared
+    nothing, which is never clean).
     """
     _setup_logging(verbose)
 
@@ -319,7 +327,8 @@ def open_ledger(s: Settings, *, quiet: bool = False) -> Ledger:
 
     Read-only commands use this (it runs no migration, so it neither creates a database file nor takes the
     lock a running worker's migrations use). Prints ``ledger: <url>`` to stderr unless ``quiet``. No ledger,
-    a database that cannot be reached, or a schema at another revision: exit 2 in one line.
+    a database that cannot be reached, or a schema at another revision: exit 2 in one line (no ledger:
+    :class:`NoLedger`).
     """
     from urllib.parse import quote
 
@@ -336,7 +345,7 @@ def open_ledger(s: Settings, *, quiet: bool = False) -> Ledger:
     kwargs: dict[str, Any] = {}
     if u.get_backend_name() == "sqlite":
         if not u.database or u.database == ":memory:" or not Path(u.database).is_file():
-            raise CannotRun(f"no ledger at {label}", _db_fix(s))
+            raise NoLedger(f"no ledger at {label}", _db_fix(s))
         # Looked at read-only first: opening a SQLite file for use writes to it (the journal mode).
         probe = create_engine(f"sqlite:///file:{quote(Path(u.database).resolve().as_posix())}?mode=ro&uri=true")
     else:
@@ -350,7 +359,7 @@ def open_ledger(s: Settings, *, quiet: bool = False) -> Ledger:
         probe.dispose()
     head = head_revision()
     if current is None:
-        raise CannotRun(f"no ledger at {label} (the database has no edgebill tables)", _db_fix(s))
+        raise NoLedger(f"no ledger at {label} (the database has no edgebill tables)", _db_fix(s))
     if current != head:
         raise CannotRun(
             f"the ledger at {label} is at schema revision {current}, this edgebill expects {head}",

@@ -17,7 +17,16 @@ from typing import Any
 
 import click
 
-from infra.cli._base import cli, error_fields, ledger_for_writing, open_ledger, parse_time, settings_for_cli
+from infra.cli._base import (
+    NoLedger,
+    cli,
+    error_fields,
+    ledger_for_writing,
+    ledger_label,
+    open_ledger,
+    parse_time,
+    settings_for_cli,
+)
 from models.errors import CutoverRefused
 
 
@@ -142,11 +151,27 @@ def cutover() -> None:
 @click.option("--limit", type=int, default=50, show_default=True, help="Audit entries shown (newest).")
 def status_cmd(as_json: bool, limit: int) -> None:
     """The state in force and its source, the parity gate, pending and shadow rows, the seam report, the
-    audit log and the workers' acknowledgements."""
-    from infra.cutover import status
+    audit log and the workers' acknowledgements. Before any ledger exists: the bootstrap state from the
+    settings (which is then in force) and where the ledger will be; nothing is created."""
+    from infra.cutover import status, status_without_ledger
+    from infra.settings import bootstrap_cutover
 
     s = settings_for_cli()
-    led = open_ledger(s, quiet=as_json)
+    try:
+        led = open_ledger(s, quiet=as_json)
+    except NoLedger as exc:
+        st = status_without_ledger(
+            bootstrap_cutover(s.billing),
+            s.billing.bucket_seconds,
+            ledger_label(s.db.resolved_url),
+            "the database has no edgebill tables" if "edgebill tables" in exc.message else "no database file",
+        )
+        if as_json:
+            click.echo(json.dumps(st, indent=2))
+        else:
+            for line in render_status_without_ledger(st):
+                click.echo(line)
+        return
     try:
         _run(lambda: status(_ops(s, led), log_limit=limit), as_json, render_status)
     finally:
@@ -284,6 +309,18 @@ def _render_change(out: dict[str, Any]) -> list[str]:
         lines.append(f"  cancel failed: {err['id']}: {err['error']}")
     if out.get("published"):
         lines.append(f"published {len(out['published'])} change(s) on billing-control")
+    return lines
+
+
+def render_status_without_ledger(st: dict[str, Any]) -> list[str]:
+    """``cutover status`` before any ledger exists."""
+    s = st["state"]
+    lines = [
+        f"state in force (from the {s['source']}): shadow={s['shadow']} bill_from={s['bill_from']} "
+        f"({s['bill_from_iso'] or '-'}) bill_until={s['bill_until']} authority={s['authority']}  live={s['live']}",
+        f"ledger: {st['ledger_url']}: {st['note']}",
+    ]
+    lines.extend(f"  INTERLOCK: {p}" for p in st["interlocks"])
     return lines
 
 

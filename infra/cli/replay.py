@@ -89,6 +89,10 @@ def replay(
     (org, meter). --apply writes the missing ticks (the closer turns them into correction rows), and repairs
     under- and over-billing with correction rows: an over-billing still inside Stripe's 24 h window is
     cancelled at Stripe and resent with its corrected value, an older one gets a negative correction.
+
+    Replay mends differences between the topic and the ledger. Differences between the ledger and Stripe
+    (Stripe lost rows, or holds more than the ledger sent) are `edgebill reconcile --repair`'s.
+
     Exit 0 when there is no difference (or --apply accounted for every one), 1 when there is, 2 when the
     replay could not run (broker or ledger unreachable: one line on stderr) or --apply refused.
     """

@@ -29,17 +29,14 @@ from typing import Any, Final
 from infra.replay.report import OVER, UNDER, KeyDiff, ReplayResult, _iso
 from models.billing import LEGACY_TIER_METERS, BillingMode, RowState, bucket_end
 from models.cutover import Decision
-from models.stripe_window import expired_at_close
+from models.stripe_window import CANCEL_MARGIN_SECONDS, cancellable, expired_at_close
 from sinks.ledger import Correction, Ledger
-from sinks.stripe import CANCEL_WINDOW_SECONDS, Cancellation
+from sinks.stripe import Cancellation
 
 __all__ = ["CANCEL_MARGIN_SECONDS", "RepairResult", "apply_repairs", "repair_problems", "repairable"]
 
 log = logging.getLogger(__name__)
 
-#: A sent row is cancelled only while Stripe's 24 h window has at least this much left (``sent_ms`` is a
-#: little after Stripe received it).
-CANCEL_MARGIN_SECONDS: Final = 15 * 60
 _TIER_METERS: Final = frozenset(LEGACY_TIER_METERS.values())
 
 
@@ -148,11 +145,10 @@ def _cancel_recent(
     out: RepairResult,
 ) -> int:
     """Cancel the key's rows Stripe received less than 24 h ago; record them; return their units."""
-    window_ms = (CANCEL_WINDOW_SECONDS - CANCEL_MARGIN_SECONDS) * 1000
     recent = [
         r
         for r in ledger.key_rows(k.org_id, k.bucket_start, k.meter)
-        if r["state"] == RowState.SENT.value and r["sent_ms"] is not None and now_ms - r["sent_ms"] < window_ms
+        if r["state"] == RowState.SENT.value and r["sent_ms"] is not None and cancellable(r["sent_ms"], now_ms)
     ]
     if not recent or cancel is None:
         return 0

@@ -361,22 +361,31 @@
       sum.appendChild(el("span", null, "no reconciliation yet (the leader runs it on a schedule once it sends to Stripe)"));
       body.appendChild(emptyRow(8, "nothing compared yet"));
       inv.appendChild(emptyRow(7, "no invoice checked yet"));
+      var none = document.querySelector("#repairs tbody");
+      clear(none);
+      none.appendChild(emptyRow(6, "no repair yet"));
       return;
     }
     var run = r.last_run, bad = run.error || run.differences > 0 || run.invoice_differences > 0;
     sum.className = "recon-summary " + (bad ? "bad" : "ok");
     sum.setAttribute("data-differences", String(run.differences));
     var labels = Object.keys(r.by_label).map(function (k) { return (LABEL_TEXT[k] || k) + " " + r.by_label[k]; });
+    var nothing = !run.error && !run.compared;
+    if (nothing) sum.className = "recon-summary bad";
     sum.appendChild(el("span", { "class": "big", id: "reconcile-differences" }, String(run.differences)));
     sum.appendChild(document.createTextNode(
       (run.error ? "the last run could not read Stripe: " + run.error :
+        nothing ? "window(s) differ: the last run compared NOTHING" +
+          (run.unsettled ? " (" + run.unsettled + " window(s) not settled yet)" : " (nothing sent in the lookback)") :
         "window(s) differ of " + run.compared + " compared" + (labels.length ? " (" + labels.join(", ") + ")" : "") +
         (run.unsettled ? " · " + run.unsettled + " not settled yet" : "")) +
       " · last run " + utc(run.finished_ms) + " · " + run.requests + " Stripe request(s)" +
       (run.throttled ? ", " + run.throttled + " throttled" : "") +
       (r.alerts.length ? " · " + r.alerts.length + " alert(s)" : "") +
       (r.repairs ? " · " + r.repairs + " repair(s)" : "")));
-    if (!r.differences.length) body.appendChild(emptyRow(8, "every compared window matches Stripe"));
+    sum.appendChild(el("span", { id: "reconcile-newest", "class": "newest" },
+      " · newest window compared: " + (r.newest_compared ? utc(r.newest_compared * 1000) : "none yet")));
+    if (!r.differences.length) body.appendChild(emptyRow(8, nothing ? "nothing compared" : "every compared window matches Stripe"));
     r.differences.forEach(function (d) {
       var tr = el("tr", { "class": "recon-row", "data-org": d.org_id, "data-label": d.label });
       tr.appendChild(el("td", null, day(d.window_start)));
@@ -393,6 +402,19 @@
       });
       tr.appendChild(causes);
       body.appendChild(tr);
+    });
+    var rep = document.querySelector("#repairs tbody");
+    clear(rep);
+    if (!r.recent_repairs || !r.recent_repairs.length) rep.appendChild(emptyRow(6, "no repair yet"));
+    (r.recent_repairs || []).forEach(function (p) {
+      var tr = el("tr", { "class": "repair-row", "data-action": p.action });
+      tr.appendChild(el("td", null, utc(p.created_ms)));
+      tr.appendChild(el("td", null, p.action.replace(/_/g, " ")));
+      tr.appendChild(el("td", { title: p.new_row || "" }, p.row));
+      tr.appendChild(el("td", null, p.hour !== null && p.hour !== undefined ? day(p.hour) : "–"));
+      tr.appendChild(el("td", null, p.value));
+      tr.appendChild(el("td", { title: p.reason }, p.by + (p.reason ? ": " + p.reason : "")));
+      rep.appendChild(tr);
     });
     if (!r.invoices.length) inv.appendChild(emptyRow(7, "no invoice checked yet"));
     r.invoices.forEach(function (i) {

@@ -226,3 +226,35 @@ def test_release_bills_a_gap_and_is_recorded(env: dict[str, str]) -> None:
     assert run("release", "--bucket", str(t), "--reason", "again").exit_code == 0  # already recorded: no-op
     assert {r["state"] for r in led.rows()} == {"pending"} and UNIFIED_METER in led.rows()[0]["id"]
     led.dispose()
+
+
+def test_status_without_a_ledger_shows_the_bootstrap_state_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator preparing a cutover before any worker ran: the state in force is the settings' one."""
+    db = tmp_path / "not-yet" / "ledger.db"
+    monkeypatch.setenv("EDGEBILL_DATABASE_URL", f"sqlite:///{db}")
+    monkeypatch.setenv("EDGEBILL_SHADOW", "false")
+    monkeypatch.setenv("EDGEBILL_BILL_FROM", str(CUR - 24 * H))
+    monkeypatch.setenv("EDGEBILL_PRO_BILLING_AUTHORITY", "edge")
+    res = run("status", "--json")
+    assert res.exit_code == 0, res.output
+    st = js(res)
+    assert st["ledger"] is None and st["ledger_url"] == f"sqlite:///{db.resolve().as_posix()}"
+    assert (st["state"]["source"], st["state"]["seq"], st["environment"]["in_force"]) == ("environment", 0, True)
+    assert (st["state"]["shadow"], st["state"]["bill_from"], st["state"]["authority"]) == (False, CUR - 24 * H, "edge")
+    assert st["state"]["live"] is True and "no ledger exists yet" in st["note"]
+    human = run("status")
+    assert human.exit_code == 0 and "state in force (from the environment): shadow=False" in human.stdout
+    assert "no ledger exists yet" in human.stdout
+    assert not db.parent.exists()  # nothing created
+    # An empty database file is no ledger either, and stays empty.
+    db.parent.mkdir()
+    db.touch()
+    res = run("status", "--json")
+    assert res.exit_code == 0 and js(res)["ledger"] is None and "no edgebill tables" in js(res)["note"]
+    assert db.stat().st_size == 0
+    # The other read-only commands keep refusing without a ledger (exit 2), and create none.
+    db.unlink()
+    other = CliRunner().invoke(cli, ["ledger", "--json"], catch_exceptions=False)
+    assert other.exit_code == 2 and not db.exists()

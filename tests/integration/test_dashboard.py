@@ -447,7 +447,24 @@ def _reconcile(differences: int = 2) -> dict[str, Any]:
                 "checked_ms": (day + 2 * 86400) * 1000,
             }
         ],
-        "repairs": 0,
+        "repairs": 1,
+        "newest_compared": day + 86400 + 14 * 3600,
+        "recent_repairs": [
+            {
+                "id": 1,
+                "row": "org_over:1781557200:sandbox_compute_sandbox_overage:r1",
+                "action": "credit",
+                "new_row": None,
+                "value": "-7.5",
+                "cause": "stripe_holds_more",
+                "hour": day + 86400 + 13 * 3600,
+                "window": None,
+                "excess": "7.5",
+                "by": "ops@host",
+                "reason": "another sender billed it",
+                "created_ms": (day + 2 * 86400) * 1000,
+            }
+        ],
     }
 
 
@@ -475,6 +492,11 @@ def test_reconciliation_panel_lists_differences_causes_and_invoices(browser: Any
     )
     inv = page.locator("#invoices tr.invoice-row")
     assert inv.count() == 1 and inv.locator("td.label").inner_text() == "short"
+    # The newest window compared, so a stale reconciliation is visible; the repairs, with who and why.
+    assert page.locator("#reconcile-newest").inner_text().endswith("2026-06-16T14:00:00Z")
+    credit = page.locator('#repairs tr.repair-row[data-action="credit"] td')
+    assert credit.nth(1).inner_text() == "credit" and credit.nth(3).inner_text() == "2026-06-16 13:00"
+    assert credit.nth(4).inner_text() == "-7.5" and credit.nth(5).inner_text() == "ops@host: another sender billed it"
     page.context.close()
     # On a narrow screen the panel's tables scroll in their own box; the page never does.
     page = _serve(browser, data, width=420)
@@ -487,6 +509,13 @@ def test_reconciliation_panel_lists_differences_causes_and_invoices(browser: Any
     page = _serve(browser, data)
     assert "ok" in (page.locator("#reconcile-summary").get_attribute("class") or "").split()
     assert "every compared window matches Stripe" in page.locator("#reconcile").inner_text()
+    page.context.close()
+    # A run that compared nothing never reads clean.
+    data["reconcile"]["last_run"]["compared"] = 0
+    page = _serve(browser, data)
+    summary = page.locator("#reconcile-summary")
+    assert "bad" in (summary.get_attribute("class") or "").split()
+    assert "compared NOTHING" in summary.inner_text() and "3 window(s) not settled yet" in summary.inner_text()
     page.context.close()
 
 

@@ -181,7 +181,11 @@ def test_reconcile_finds_dropped_refused_and_misconfigured_then_repairs(make_sta
 
     # The operator reactivates the meter, then repairs: the day is clean again.
     stack.client.v1.billing.meters.reactivate(meters[G4])
-    code, out, err = _cli(stack, "--from", str(day), "--to", str(day + DAY), "--repair")
+    code, out, err = _cli(stack, "--from", str(day), "--to", str(day + DAY), "--repair")  # a dry run
+    assert code == 1 and "dry run, nothing written" in out and "2 row(s) Stripe lacks" in out, (out, err)
+    assert f"{dropped['id']}: queue again under its own identifier" in out
+    assert stack.ledger.state_counts() == {"sent": 8, "rejected": 1}
+    code, out, err = _cli(stack, "--from", str(day), "--to", str(day + DAY), "--repair", "--apply", "--reason", "t")
     assert code == 1 and "2 row(s) queued in the outbox" in out, (out, err)
     assert f"{dropped['id']}: queued again under its own identifier" in out
     assert f"{refused['id']}: lost at Stripe; billed again as {refused['id']}:r1" in out

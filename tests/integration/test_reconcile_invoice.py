@@ -29,7 +29,7 @@ from sinks.base import RetryingSink
 from sinks.catalog_store import CatalogStore
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
 from sinks.outbox import OutboxSender
-from sinks.reconcile_store import ReconcileStore
+from sinks.reconcile_store import ReconcileStore, RunRecord
 from sinks.reconciliation import ReconcileConfig, ReconcileReport, Reconciliation
 from sinks.schema import make_engine, migrate
 from sinks.stripe import StripeMeterSink, make_client
@@ -157,3 +157,26 @@ def test_invoice_preview_matches_the_ledger_for_every_catalog_price_then_reports
         ReconcileStore(ledger.engine).record_invoices(report.invoices, NOW * 1000)
         stored = {i["meter"]: i["label"] for i in ReconcileStore(ledger.engine).invoices()}
         assert stored[UNIFIED_METER] == "over" and sum(1 for v in stored.values() if v == "ok") == len(CATALOG) - 1
+        # In the last hours of the period the scheduled run checks it on every run: a line that differs in two
+        # runs in a row alerts once, before Stripe finalizes the invoice.
+        store = ReconcileStore(ledger.engine)
+        first = store.record_run(
+            RunRecord(NOW * 1000, NOW * 1000, D, D + DAY, "mixed", invoices=report.invoices), alert_runs=2
+        )
+        assert [a for a in first if a.body["type"] == "stripe_reconcile_invoice"] == []
+        second = store.record_run(
+            RunRecord(NOW * 1000 + 1, NOW * 1000 + 1, D, D + DAY, "mixed", invoices=report.invoices), alert_runs=2
+        )
+        (alert,) = [a for a in second if a.body["type"] == "stripe_reconcile_invoice"]
+        assert (alert.body["meter"], alert.body["label"], alert.body["difference"], alert.body["runs"]) == (
+            UNIFIED_METER,
+            "over",
+            "7.5",
+            2,
+        )
+        assert alert.body["subscription"] == sub.id and alert.new
+        third = store.record_run(
+            RunRecord(NOW * 1000 + 2, NOW * 1000 + 2, D, D + DAY, "mixed", invoices=report.invoices), alert_runs=2
+        )
+        assert [a.id for a in third if a.body["type"] == "stripe_reconcile_invoice"] == [alert.id]  # not a new one
+        assert not [a for a in third if a.new]

@@ -166,8 +166,9 @@ def test_reconcile_with_stripe_unreachable_is_one_line_and_exit_2(
 
 
 def test_reconcile_repair_in_shadow_is_refused(tmp_path: Path, ledger_url: str) -> None:
-    p = _run(["reconcile", "--repair"], _env(EDGEBILL_DATABASE_URL=ledger_url, EDGEBILL_SHADOW="true"), tmp_path)
-    _one_line_error(p, "--repair while the cutover state in force is shadow", "sends nothing in shadow")
+    env = _env(EDGEBILL_DATABASE_URL=ledger_url, EDGEBILL_SHADOW="true")
+    p = _run(["reconcile", "--repair", "--apply"], env, tmp_path)
+    _one_line_error(p, "--repair --apply while the cutover state in force is shadow", "sends nothing in shadow")
 
 
 # ----------------------------------------------------------------------------- read-only, never creating
@@ -262,7 +263,12 @@ _DB_DOWN = "cannot open the ledger at postgresql+psycopg://edgebill@127.0.0.1"
         pytest.param(
             ["reconcile", "--json"], "stripe", ["cannot read Stripe at", "EDGEBILL_STRIPE_API_BASE"], id="reconcile"
         ),
-        pytest.param(["reconcile", "--repair", "--json"], "shadow", ["--repair while"], id="reconcile-repair-shadow"),
+        pytest.param(
+            ["reconcile", "--repair", "--apply", "--json"],
+            "shadow",
+            ["--repair --apply while"],
+            id="reconcile-repair-shadow",
+        ),
         pytest.param(["cutover", "status", "--json"], "db", [_DB_DOWN], id="cutover-status"),
         pytest.param(["cutover", "arm", "--json"], "db", [_DB_DOWN], id="cutover-arm"),
         pytest.param(["dlq", "--json"], "broker", ["cannot reach a Kafka broker"], id="dlq"),

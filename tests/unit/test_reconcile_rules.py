@@ -29,6 +29,7 @@ from models.reconcile import (
     window_of,
     window_ready,
 )
+from models.reconcile_over import CREDIT_PREFIX, OverAction, credit_of, over_key, plan_over_repair
 from models.stripe_window import STRIPE_MAX_AGE_SECONDS
 
 D = 1_781_481_600  # 2026-06-15T00:00:00Z
@@ -109,6 +110,19 @@ def test_a_window_is_compared_only_closed_sent_and_settled() -> None:
         )
         == "rows waiting to be sent"
     )
+
+
+def test_an_hour_closes_with_its_last_bucket_not_an_hour_later() -> None:
+    """The hour [14:00, 15:00) holds the bucket [13:00, 14:00): it is closed the grace after 14:00."""
+    common = {"settle_s": 0, "open_samples": False, "pending_rows": False, "newest_sent_s": None}
+    h = D + 14 * HOUR
+    assert window_ready(h, Grouping.HOUR, now_s=h + 599, grace_s=600, bucket_seconds=HOUR, **common) == "not closed yet"  # type: ignore[arg-type]
+    assert window_ready(h, Grouping.HOUR, now_s=h + 600, grace_s=600, bucket_seconds=HOUR, **common) is None  # type: ignore[arg-type]
+    # 15-minute buckets: the last one ending in the hour ends at 14:45.
+    assert window_ready(h, Grouping.HOUR, now_s=h + 2700 + 599, grace_s=600, bucket_seconds=900, **common)  # type: ignore[arg-type]
+    assert window_ready(h, Grouping.HOUR, now_s=h + 2700 + 600, grace_s=600, bucket_seconds=900, **common) is None  # type: ignore[arg-type]
+    # A day: its last bucket ends at 23:00.
+    assert window_ready(D, Grouping.DAY, now_s=D + 23 * HOUR + 600, grace_s=600, bucket_seconds=HOUR, **common) is None  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------- meters
@@ -202,12 +216,89 @@ def test_rows_that_cannot_be_told_apart_are_unexplained_and_not_guessed() -> Non
     assert [c.cause for c in res.causes] == [Cause.UNEXPLAINED]
 
 
-def test_over_is_reported_for_the_over_billing_path_never_repaired() -> None:
-    res = compare_window(KEY, [_row(0, "5", hour=1)], Decimal("7.5"), hours={D + HOUR: Decimal("7.5")})
-    assert res.label is Label.OVER and res.difference == Decimal("2.5")
-    assert [(c.cause, c.value) for c in res.causes] == [(Cause.STRIPE_HOLDS_MORE, Decimal("2.5"))]
+def test_over_is_taken_back_per_hour_by_a_credit_in_that_hour() -> None:
+    # A day window: one hour is short (a row missing), another holds 2.5 more than edgebill sent.
+    rows = [_row(0, "5", hour=1), _row(1, "3", hour=4)]
+    res = compare_window(KEY, rows, Decimal("7.5"), hours={D + HOUR: Decimal("7.5")})
+    assert res.label is Label.SHORT and res.difference == Decimal("-0.5")
+    assert res.excess == ((D + HOUR, Decimal("2.5")),)
+    assert [(c.cause, c.value) for c in res.causes] == [
+        (Cause.MISSING, Decimal(3)),
+        (Cause.STRIPE_HOLDS_MORE, Decimal("2.5")),
+    ]
     steps, refused = plan_repair(res, NOW)
-    assert steps == [] and "over-billing path" in refused[0]
+    assert [(s.row_id, s.action) for s in steps] == [("r1", RepairAction.RESEND)] and refused == []
+    over, refused_over = plan_over_repair(res, NOW, HOUR)
+    assert refused_over == []
+    (credit,) = over
+    assert (credit.action, credit.hour, credit.excess, credit.value) == (
+        OverAction.CREDIT,
+        D + HOUR,
+        Decimal("2.5"),
+        Decimal("-2.5"),
+    )
+    assert (credit.bucket_start, credit.bucket_end) == (D, D + HOUR)  # inside the hour, on its row's bucket
+    assert credit.key == over_key(KEY.org_id, KEY.meter, D + HOUR, Decimal("2.5"), OverAction.CREDIT)
+    assert len(credit.key) <= 100
+
+
+def test_over_in_an_hour_without_edgebill_rows_is_credited_on_the_hour_s_last_bucket() -> None:
+    res = compare_window(
+        KEY, [_row(0, "5", hour=1)], Decimal(12), hours={D + HOUR: Decimal(5), D + 9 * HOUR: Decimal(7)}
+    )
+    (credit,) = plan_over_repair(res, NOW, 900)[0]
+    assert (credit.hour, credit.bucket_end, credit.bucket_start) == (
+        D + 9 * HOUR,
+        D + 9 * HOUR + 2700,
+        D + 9 * HOUR + 1800,
+    )
+
+
+def test_an_own_identifier_stripe_holds_is_cancelled_and_billed_again_within_24_hours() -> None:
+    sent_ms = (NOW - 3600) * 1000
+    held = _row(0, "5", hour=1, held=True, sent_ms=sent_ms)
+    res = compare_window(KEY, [held], Decimal(8), hours={D + HOUR: Decimal(8)})
+    (step,) = plan_over_repair(res, NOW, HOUR)[0]
+    assert (step.action, step.row_id, step.value, step.excess) == (
+        OverAction.CANCEL_REPLACE,
+        "r0",
+        Decimal(5),
+        Decimal(3),
+    )
+    # Past Stripe's 24 h (with the margin), or with two candidates: a credit.
+    late = _row(0, "5", hour=1, held=True, sent_ms=(NOW - 24 * 3600 + 600) * 1000)
+    res = compare_window(KEY, [late], Decimal(8), hours={D + HOUR: Decimal(8)})
+    assert [s.action for s in plan_over_repair(res, NOW, HOUR)[0]] == [OverAction.CREDIT]
+    two = [held, _row(1, "1", hour=1, held=True, sent_ms=sent_ms)]
+    res = compare_window(KEY, two, Decimal(9), hours={D + HOUR: Decimal(9)})
+    assert [s.action for s in plan_over_repair(res, NOW, HOUR)[0]] == [OverAction.CREDIT]
+
+
+def test_over_past_stripes_window_is_refused_for_a_credit_note() -> None:
+    res = compare_window(KEY, [_row(0, "5", hour=1)], Decimal(6), hours={D + HOUR: Decimal(6)})
+    steps, refused = plan_over_repair(res, D + HOUR + STRIPE_MAX_AGE_SECONDS, HOUR)
+    assert steps == [] and refused[0][0] == D + HOUR and "credit note" in refused[0][1]
+
+
+def test_a_credit_row_and_the_excess_it_takes_back_add_up_to_nothing() -> None:
+    rows = [_row(0, "5", hour=1), _row(1, "-2.5", kind=RowKind.CREDIT, hour=1, repair_of=CREDIT_PREFIX + "k")]
+    res = compare_window(KEY, rows, Decimal(5), hours={D + HOUR: Decimal(5)})  # Stripe: 5 + 2.5 - 2.5
+    assert res.label is Label.OK and res.ledger == Decimal(5)
+    assert credit_of(CREDIT_PREFIX + "k") == "k" and credit_of("r0") is None and credit_of(None) is None
+
+
+def test_over_keys_are_one_per_org_meter_hour_difference_and_action() -> None:
+    k = over_key("o", "m", D, Decimal("2.50"), OverAction.CREDIT)
+    assert k == over_key("o", "m", D, Decimal("2.5"), OverAction.CREDIT)
+    others = {
+        over_key("o2", "m", D, Decimal("2.5"), OverAction.CREDIT),
+        over_key("o", "m2", D, Decimal("2.5"), OverAction.CREDIT),
+        over_key("o", "m", D + HOUR, Decimal("2.5"), OverAction.CREDIT),
+        over_key("o", "m", D, Decimal("2.6"), OverAction.CREDIT),
+        over_key("o", "m", D, Decimal("2.5"), OverAction.CANCEL_REPLACE),
+    }
+    assert k not in others and len(others) == 5
+    assert len(over_key("o" * 255, "m" * 100, D, Decimal("123456789.123456"), OverAction.CANCEL_REPLACE)) <= 100
 
 
 def test_meter_and_customer_labels_come_first() -> None:

@@ -189,9 +189,9 @@ def _fingerprint(method: str, path: str, data: Obj) -> bytes:
     return hashlib.sha256(canon).digest()
 
 
-def _error_response(exc: StripeError, request_id: str) -> web.Response:
+def _error_response(exc: StripeError, request_id: str, *, v2: bool = False) -> web.Response:
     headers = {"Request-Id": request_id, "Stripe-Version": API_VERSION, **exc.headers}
-    return json_response(exc.body(), exc.status, headers)
+    return json_response(exc.body(v2=v2), exc.status, headers)
 
 
 def _live_limits(state: FakeStripe, cfg: FaultConfig, request: web.Request, data: Obj) -> tuple[str, str] | None:
@@ -238,7 +238,7 @@ async def stripe_middleware(request: web.Request, handler: Handler) -> web.Strea
         try:
             resp = await handler(request)
         except StripeError as exc:
-            resp = json_response(exc.body(), exc.status)
+            resp = json_response(exc.body(), exc.status)  # the inspection API's own errors
         state.count_request(request.method, route, resp.status)
         return resp
     request_id = state.ids("req_", 14)
@@ -258,6 +258,7 @@ async def _serve(request: web.Request, handler: Handler, state: FakeStripe, requ
                 "Please see https://stripe.com/docs or we can help at https://support.stripe.com/.",
             ),
             request_id,
+            v2=v2,
         )
     idem_slot: tuple[str, str] | None = None
     meter_slot: tuple[str, str] | None = None
@@ -301,12 +302,13 @@ async def _serve(request: web.Request, handler: Handler, state: FakeStripe, requ
                 transport.abort()
         return resp
     except StripeError as exc:
-        return _error_response(exc, request_id)
+        return _error_response(exc, request_id, v2=v2)
     except Exception:
         log.exception("local Stripe server: unexpected error on %s %s", request.method, request.path)
         return _error_response(
             StripeError(500, "An unknown error occurred while processing your request.", type_="api_error"),
             request_id,
+            v2=v2,
         )
     finally:
         state.release_slots(meter_slot, idem_slot)
@@ -324,11 +326,12 @@ async def _execute(
                 headers={"Stripe-Should-Retry": "false"},
             ),
             request_id,
+            v2=request.path.startswith("/v2/"),
         )
     try:
         resp = await handler(request)
     except StripeError as exc:
-        return _error_response(exc, request_id)
+        return _error_response(exc, request_id, v2=request.path.startswith("/v2/"))
     resp.headers["Request-Id"] = request_id
     resp.headers["Stripe-Version"] = request.headers.get("Stripe-Version", API_VERSION)
     idem_key = request.headers.get("Idempotency-Key")

@@ -1,7 +1,8 @@
 """Stripe's error envelope, as a Python exception the handlers raise.
 
 v1 and v2 share the envelope ``{"error": {"type", "code", "message", "param", "doc_url"}}``;
-absent fields are left out, as Stripe leaves them out.
+absent fields are left out, as Stripe leaves them out. Stripe's v2 schema (``v2.error``) has no ``param``:
+a v2 answer leaves it out.
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ class StripeError(Exception):
         self.headers = dict(headers or {})
         self.extra = dict(extra or {})
 
-    def body(self) -> dict[str, Any]:
+    def body(self, *, v2: bool = False) -> dict[str, Any]:
         err: dict[str, Any] = {}
         if self.code is not None:
             err["code"] = self.code
             err["doc_url"] = DOC_BASE + self.code.replace("_", "-")
         err["message"] = self.message
-        if self.param is not None:
+        if self.param is not None and not v2:
             err["param"] = self.param
         err["type"] = self.type
         err.update(self.extra)

@@ -163,7 +163,6 @@ class MeterStreamMixin(MetersMixin):
         report: Obj = {
             "id": self.ids("evt_test_" if not self.ctx().livemode else "evt_", 40),
             "object": "v2.core.event",
-            "context": None,
             "created": iso(now),
             "data": {
                 "developer_message_summary": "There is 1 invalid event",
@@ -181,14 +180,16 @@ class MeterStreamMixin(MetersMixin):
                 "validation_start": iso(now),
             },
             "livemode": self.ctx().livemode,
-            "reason": None,
-            "related_object": (
-                {}
-                if exc.meter is None
-                else {"id": exc.meter, "type": "billing.meter", "url": f"/v1/billing/meters/{exc.meter}"}
-            ),
             "type": "v1.billing.meter.no_meter_found" if no_meter else "v1.billing.meter.error_report_triggered",
         }
+        # Stripe's schema: ``context`` and ``reason`` are left out when they do not apply (an asynchronous
+        # validation has neither), and ``related_object`` (id, type, url) names the meter when there is one.
+        if exc.meter is not None:
+            report["related_object"] = {
+                "id": exc.meter,
+                "type": "billing.meter",
+                "url": f"/v1/billing/meters/{exc.meter}",
+            }
         self.error_reports.append(report)
 
     # -- test helpers: an accepted event lost after the 202 ------------------------------------------
@@ -266,7 +267,7 @@ class MeterStreamMixin(MetersMixin):
         rows = [
             r
             for r in reversed(self.error_reports)
-            if (object_id is None or r["related_object"].get("id") == object_id)
+            if (object_id is None or (r.get("related_object") or {}).get("id") == object_id)
             and (not types or r["type"] in types)
             and in_window(r["created"])
         ]
