@@ -24,6 +24,7 @@ __all__ = [
     "EdgebillError",
     "InvalidRecord",
     "LedgerError",
+    "TickRefused",
 ]
 
 
@@ -49,6 +50,12 @@ class InvalidRecord(EdgebillError):
 
 class LedgerError(EdgebillError):
     """The SQL ledger refused an operation."""
+
+
+class TickRefused(LedgerError):
+    """The ledger refused to store a tick because of its data (a value no column it reaches could hold).
+
+    A record error: the write path isolates the ticks it is about and dead-letters them."""
 
 
 class BrokerError(EdgebillError):

@@ -19,6 +19,7 @@ Property tests keep the wire model and the validator in agreement, and the fast 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final, NamedTuple
@@ -41,6 +42,7 @@ __all__ = [
     "TICK_TYPE",
     "ParsedRecord",
     "Rejected",
+    "SourcedTick",
     "Tick",
     "TickPayload",
     "UsageTickEnvelope",
@@ -48,15 +50,17 @@ __all__ = [
     "no_nul",
     "parse_record",
     "parse_timestamp_ms",
+    "tick_fingerprint",
     "validate_record",
 ]
 
 TICK_TYPE: Final = "usage_tick"
 
 # ---- What the ledger can store, so that every database accepts and refuses the same ticks.
-# A tick the parser accepts must fit its ``usage_samples`` row on SQLite (which stores nearly anything)
-# and on PostgreSQL (which refuses a string longer than its varchar(n) and any NUL character, and an
-# integer beyond its column type). A test checks these limits against the schema's column types.
+# A tick the parser accepts must fit every column its fields reach once aggregated (org ids in meter rows,
+# sandbox and worker ids beside the cell side's intervals) on SQLite (which stores nearly anything) and on
+# PostgreSQL (which refuses a string longer than its varchar(n) and any NUL character, and an integer beyond
+# its column type), and the stored batch's integers. A test checks these limits against the schema.
 INT32_MAX: Final = 2**31 - 1  # an SQL integer column
 INT64_MAX: Final = 2**63 - 1  # an SQL bigint column
 MAX_ID_LENGTH: Final = 255  # characters (not bytes): every string column of a tick is varchar(255)
@@ -106,6 +110,14 @@ class Tick(NamedTuple):
     def mb_seconds(self) -> int:
         """Exact usage in MB-seconds (GB-s = this / 1024)."""
         return self.memory_mb * self.interval_s
+
+
+class SourcedTick(NamedTuple):
+    """A tick and where it was read (one per tick on the ingest hot path: a NamedTuple, cheap to build)."""
+
+    tick: Tick
+    partition: int
+    offset: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,3 +489,9 @@ def locate_envelope(raw: bytes | None, tick_id: str) -> tuple[bytes, int | None]
             if isinstance(env, dict) and env.get("id") == tick_id:
                 return _element_bytes(env, data), i
     return data, None
+
+
+def tick_fingerprint(tick: Tick) -> str:
+    """A short, stable digest of a tick's payload (every field but its id): two copies of one id with
+    different fingerprints are a conflicting duplicate. 16 hex characters (blake2b, 8 bytes)."""
+    return hashlib.blake2b(orjson.dumps(tick[1:]), digest_size=8).hexdigest()

@@ -10,8 +10,8 @@ before ``t + slack``. Unknown ownership is allowed: no interval of S known by th
 worker id (an older producer).
 
 The rule is decided in event time, from the ticks' and intervals' own timestamps, so a replay decides it
-as the closer did whenever it runs. The closer evaluates it in SQL for speed (``zombie_expr`` in
-``sinks.ledger.closer``), built from the constants here; one table of cases checks that both forms agree.
+as the closer did whenever it runs: the closer and replay both decide it through :func:`is_zombie`
+(by way of :class:`models.usage.Pricer`).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from sinks.schema import (
     reconcile_repairs,
     reconcile_results,
     reconcile_runs,
-    usage_samples,
+    tick_batches,
 )
 
 __all__ = ["PendingAlert", "ReconcileSnapshot", "ReconcileStore", "RunRecord", "StoredRow", "Subscription"]
@@ -170,8 +170,8 @@ class ReconcileStore(ReconcileRepairs):
         return out
 
     def open_sample_buckets(self, first_bucket: int, last_bucket: int) -> set[int]:
-        """Buckets in ``[first, last]`` holding samples not aggregated into meter rows yet."""
-        us = usage_samples.c
+        """Buckets in ``[first, last]`` holding ticks not aggregated into meter rows yet."""
+        us = tick_batches.c
         with self.engine.connect() as conn:
             return {
                 int(b)

@@ -28,7 +28,7 @@ from models.retention import UNSETTLED_STATES, retire_before_s
 from models.zombie import MAX_ZOMBIE_SLACK_MS
 from sinks.ledger.store import ADVISORY_LOCK_RETENTION, DEDUP_HORIZON, SqlStore, read_dedup_horizon
 from sinks.parity import EDGE_UPTO, ParityStore
-from sinks.schema import cell_intervals, closed_buckets, counters, metadata, meter_events, parity_state, usage_samples
+from sinks.schema import cell_intervals, closed_buckets, counters, metadata, meter_events, parity_state, tick_batches
 
 __all__ = ["CHUNK_ROWS", "CompactResult", "Retention", "RetentionPlan", "TableSize"]
 
@@ -161,14 +161,14 @@ class Retention(SqlStore):
         plan = RetentionPlan(now_ms, days, size, cutoff, self.horizon())
         if days <= 0:
             return plan
-        us = usage_samples.c
+        tb = tick_batches.c
         with self.engine.connect() as conn:
             old = [
                 (int(r.b), int(r.n), int(r.top))
                 for r in conn.execute(
-                    select(us.bucket_start.label("b"), func.count().label("n"), func.max(us.seq).label("top"))
-                    .where(us.bucket_start <= cutoff - size)
-                    .group_by(us.bucket_start)
+                    select(tb.bucket_start.label("b"), func.sum(tb.ticks).label("n"), func.max(tb.seq).label("top"))
+                    .where(tb.bucket_start <= cutoff - size)
+                    .group_by(tb.bucket_start)
                 )
             ]
             if not old:
@@ -223,8 +223,10 @@ class Retention(SqlStore):
         return out
 
     def _samples_bytes_per_row(self, conn: Connection) -> float:
-        size = next((t for t in self._sizes(conn, [usage_samples.name]) if t.name == usage_samples.name), None)
-        return size.bytes / size.rows if size and size.rows else 0.0
+        """Bytes of the tick table (with its index) per stored tick."""
+        size = next((t for t in self._sizes(conn, [tick_batches.name]) if t.name == tick_batches.name), None)
+        ticks = conn.execute(select(func.coalesce(func.sum(tick_batches.c.ticks), 0))).scalar_one()
+        return size.bytes / int(ticks) if size and ticks else 0.0
 
     def sizes(self) -> list[TableSize]:
         """Rows and bytes (with indexes) of every ledger table, largest first.
@@ -296,8 +298,9 @@ class Retention(SqlStore):
              planned bucket again (closed, highest ``seq`` at or below its cursor and below the parity edge
              cursor, no unsettled row), move the dedup horizon to the end of the newest bucket that passed
              (never backwards), commit. From then on no tick of those buckets can be written again;
-          3. per bucket, delete its samples ``chunk_rows`` at a time, each chunk one transaction with its
-             counters (``retention.samples_deleted``, ``retention.buckets_dropped``), pausing between chunks;
+          3. per bucket, delete its tick batches (whole ones, about ``chunk_rows`` ticks at a time), each
+             chunk one transaction with its counters (``retention.samples_deleted``,
+             ``retention.buckets_dropped``), pausing between chunks;
           4. delete the cell intervals that ended before every kept and every future sample could need them
              (ended more than the largest zombie slack before the older of the horizon and the oldest bucket
              still holding samples; the earliest interval of each sandbox stays: it says the sandbox had
@@ -342,12 +345,12 @@ class Retention(SqlStore):
 
     def _move_horizon(self, plan: RetentionPlan, result: CompactResult) -> dict[int, int]:
         """Step 2 of :meth:`compact`: the buckets that still pass, each with its highest ``seq``."""
-        us = usage_samples.c
+        tb = tick_batches.c
         with self._w.begin() as conn:
             self._lock_horizon(conn)
             tops: dict[int, int] = {}
             for b in sorted(plan.retire):
-                top = conn.execute(select(func.max(us.seq)).where(us.bucket_start == b)).scalar_one_or_none()
+                top = conn.execute(select(func.max(tb.seq)).where(tb.bucket_start == b)).scalar_one_or_none()
                 if top is not None:
                     tops[b] = int(top)
             verdicts = self._verdicts(conn, tops)
@@ -362,16 +365,25 @@ class Retention(SqlStore):
 
     def _drop_bucket(self, b: int, cap: int, result: CompactResult, stop: Callable[[], bool] | None) -> bool:
         """Step 3 of :meth:`compact` for one bucket; False if stopped before it was done."""
-        us = usage_samples.c
-        s = usage_samples.alias("s")
-        chunk = select(s.c.seq).where(s.c.bucket_start == b, s.c.seq <= cap).order_by(s.c.seq).limit(self.chunk_rows)
+        tb = tick_batches.c
+        chunk = select(tb.seq, tb.ticks).where(tb.bucket_start == b, tb.seq <= cap).order_by(tb.seq)
         while True:
             if stop is not None and stop():
                 return False
             t = time.perf_counter()
             with self._w.begin() as conn:
-                n = conn.execute(usage_samples.delete().where(us.seq.in_(chunk))).rowcount
-                done = n < self.chunk_rows
+                # Whole batches, up to about chunk_rows ticks a transaction (at least one batch).
+                seqs: list[int] = []
+                n = 0
+                for seq, ticks in conn.execute(chunk.limit(self.chunk_rows)):
+                    if seqs and n + int(ticks) > self.chunk_rows:
+                        break
+                    seqs.append(int(seq))
+                    n += int(ticks)
+                if seqs:
+                    conn.execute(tick_batches.delete().where(tb.seq.in_(seqs)))
+                left = conn.execute(select(func.count()).select_from(chunk.subquery())).scalar_one()
+                done = not left
                 self._bump_counters(
                     conn, {"retention.samples_deleted": n, "retention.buckets_dropped": 1 if done else 0}
                 )
@@ -385,7 +397,7 @@ class Retention(SqlStore):
     def _drop_intervals(self, result: CompactResult, stop: Callable[[], bool] | None) -> bool:
         """Step 4 of :meth:`compact`; False if stopped before it was done."""
         ci = cell_intervals.c
-        us = usage_samples.c
+        tb = tick_batches.c
         while True:
             if stop is not None and stop():
                 return False
@@ -395,7 +407,7 @@ class Retention(SqlStore):
                 horizon = read_dedup_horizon(conn)
                 if not horizon:
                     return True
-                oldest = conn.execute(select(func.min(us.bucket_start))).scalar_one_or_none()
+                oldest = conn.execute(select(func.min(tb.bucket_start))).scalar_one_or_none()
                 keep_from = (horizon if oldest is None else min(horizon, int(oldest))) * 1000
                 a, b = cell_intervals.alias("a"), cell_intervals.alias("b")
                 first = select(func.min(b.c.started_ms)).where(b.c.sandbox_id == a.c.sandbox_id).scalar_subquery()
@@ -424,7 +436,7 @@ class Retention(SqlStore):
         if self._dialect != "postgresql":
             return
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.exec_driver_sql(f"VACUUM (ANALYZE) {usage_samples.name}, {cell_intervals.name}")
+            conn.exec_driver_sql(f"VACUUM (ANALYZE) {tick_batches.name}, {cell_intervals.name}")
 
     def _pause(self, took: float) -> None:
         if self.pause_ratio > 0:

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Engine,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     String,
@@ -60,9 +61,9 @@ __all__ = [
     "reconcile_results",
     "reconcile_runs",
     "stripe_subscriptions",
+    "tick_batches",
     "unbilled_usage",
     "usage_parity",
-    "usage_samples",
     "webhook_events",
     "webhook_policy_outbox",
     "webhook_receipts",
@@ -72,29 +73,19 @@ log = logging.getLogger(__name__)
 
 metadata = MetaData()
 
-usage_samples = Table(
-    "usage_samples",
+tick_batches = Table(
+    "tick_batches",
     metadata,
-    # Insertion order. The closer aggregates "rows of bucket B with seq above B's cursor" (see
-    # closed_buckets.seq) instead of marking every row it claims: writing a tick costs one row and three
-    # index entries, two of them appends, and closing rewrites nothing.
+    # Insertion order: the closer aggregates "batches of bucket B with seq above B's cursor"
+    # (closed_buckets.seq) and the parity edge sums "batches above its cursor"; nothing is ever rewritten.
+    # AUTOINCREMENT on SQLite: a seq is never handed out twice, even after the newest batch was deleted.
     Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-    Column("id", String(255), nullable=False),  # envelope id: the dedup key
-    Column("org_id", String(255), nullable=False),
-    Column("sandbox_id", String(255), nullable=False),
-    Column("worker_id", String(255), nullable=False),
-    Column("cell_id", String(255), nullable=False),
-    Column("memory_mb", BigInteger, nullable=False),
-    Column("cpu_count", Integer, nullable=False),
-    Column("interval_s", Integer, nullable=False),
-    Column("ts_ms", BigInteger, nullable=False),
     Column("bucket_start", BigInteger, nullable=False),
-    Column("src_partition", Integer, nullable=False),
-    Column("src_offset", BigInteger, nullable=False),
-    UniqueConstraint("id", name="uq_usage_samples_id"),
-    # The only secondary index besides the id: closing reads "bucket B above its cursor", parity and
-    # replay read buckets; a time-ordered stream appends to it.
-    Index("ix_usage_samples_bucket_seq", "bucket_start", "seq"),
+    Column("ticks", Integer, nullable=False),  # how many ticks the batch holds (each id once in its bucket)
+    Column("data", LargeBinary, nullable=False),  # sinks.ledger.batches' format
+    # The only secondary index: closing, dedup, replay and retention read a bucket's batches by seq.
+    Index("ix_tick_batches_bucket_seq", "bucket_start", "seq"),
+    sqlite_autoincrement=True,
 )
 
 meter_events = Table(

@@ -303,9 +303,10 @@ class TickIngestor:
         produced and acknowledged; (2) the ledger transaction (ticks + progress + counters), or, when the
         database refuses a tick, the batch written in parts around it (:meth:`Pipeline.write_step`); (3) the
         dead letters of ticks the ledger itself found before its dedup horizon (it moved since the last
-        batch), if any; then, only when the batch was written in parts, (4) the refused ticks' dead letters
-        and (5) the batch's progress and counters. A crash anywhere re-delivers the whole batch: dead letters
-        are written again, ticks already written count as duplicates. Raises :class:`Stopped` if the worker
+        batch), if any, and those of conflicting duplicates (an id stored already with another payload);
+        then, only when the batch was written in parts, (4) the refused ticks' dead letters and (5) the
+        batch's progress and counters. A crash anywhere re-delivers the whole batch: dead letters are written
+        again, ticks already written count as duplicates. Raises :class:`Stopped` if the worker
         stops while a step is being retried; nothing of the batch is acknowledged then.
         """
         if prepared.dead:
@@ -321,6 +322,8 @@ class TickIngestor:
         )
         if plan.too_old:
             await self._dead_letters(self.pipe.too_old_letters(plan))
+        if plan.conflicts:
+            await self._dead_letters(self.pipe.conflict_letters(plan))
         if plan.isolating:
             letters = self.pipe.refused_letters(plan)
             if letters:

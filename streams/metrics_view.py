@@ -53,7 +53,11 @@ __all__ = ["ReconcileCollector", "SnapshotCollector", "render_metrics"]
 _COUNTERS: Final = {
     "ticks.ingested": ("edgebill_ticks_ingested", "Usage ticks written to the ledger (first time seen)."),
     "records.rejected": ("edgebill_ticks_rejected", "Usage-tick records or array elements dead-lettered."),
-    "ticks.duplicate": ("edgebill_ticks_duplicate", "Usage ticks seen again (dedup by tick id)."),
+    "ticks.duplicate": ("edgebill_ticks_duplicate", "Usage ticks seen again (dedup by bucket and tick id)."),
+    "ticks.conflicting_duplicate": (
+        "edgebill_conflicting_duplicate_ticks",
+        "Usage ticks whose id was stored already with another payload (the first copy counts; dead-lettered).",
+    ),
     "ticks.zombie": ("edgebill_ticks_zombie", "Usage ticks from a worker that did not own the sandbox (not billed)."),
     "scale.rejected": ("edgebill_scale_events_rejected", "sandbox-scale-events records dead-lettered."),
 }

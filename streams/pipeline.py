@@ -37,7 +37,15 @@ from models.policy import OrgPolicy
 from models.retention import OLDER_THAN_RETENTION, horizon_ms
 from models.ticks import FUTURE_TOLERANCE_MS, locate_envelope, parse_record
 from models.watermark import watermark
-from sinks.ledger import CloseResult, CutoverView, EffectiveCutover, Ledger, SourcedTick
+from sinks.ledger import (
+    CONFLICTING_DUPLICATE,
+    CloseResult,
+    Conflict,
+    CutoverView,
+    EffectiveCutover,
+    Ledger,
+    SourcedTick,
+)
 from sinks.outbox import OutboxSender, SendReport
 from sinks.parity import ParityStore
 from sinks.reconciliation import Reconciliation
@@ -126,7 +134,7 @@ def _too_old(horizon_s: int) -> str:
 
 # DB-API exception classes (sqlite3, psycopg, and SQLAlchemy's wrappers of them, which have the same names)
 # that say "this data cannot be stored", as opposed to "the database cannot be used now".
-_RECORD_ERRORS: frozenset[str] = frozenset({"DataError", "IntegrityError"})
+_RECORD_ERRORS: frozenset[str] = frozenset({"DataError", "IntegrityError", "TickRefused"})
 
 
 def is_record_error(exc: BaseException) -> bool:
@@ -134,7 +142,8 @@ def is_record_error(exc: BaseException) -> bool:
     than the database (down, locked, full, misconfigured: retry, never dead-letter).
 
     Record errors: the DB-API's ``DataError`` and ``IntegrityError`` (a value too long, out of range, a NUL,
-    a constraint), raised raw by the driver or wrapped by SQLAlchemy, and the driver's own refusal to encode
+    a constraint), raised raw by the driver or wrapped by SQLAlchemy, the ledger's own
+    :class:`models.errors.TickRefused`, and the driver's own refusal to encode
     a value (``UnicodeError``, ``OverflowError``). Everything else, ``OperationalError`` and
     ``InterfaceError`` (connection lost, database locked, disk full) and any unknown error included, is not.
     """
@@ -167,6 +176,7 @@ class WritePlan:
     parts: list[list[SourcedTick]] = field(default_factory=list)  # left to write (a stack) once split
     refused: list[tuple[SourcedTick, str]] = field(default_factory=list)  # ticks the database refused, why
     too_old: list[SourcedTick] = field(default_factory=list)  # ticks before the ledger's dedup horizon
+    conflicts: list[Conflict] = field(default_factory=list)  # ids stored already with another payload
     written: bool = False  # every tick is written or refused (progress and counters still to record)
 
     @property
@@ -250,9 +260,10 @@ class Pipeline:
 
     # -- ingest -------------------------------------------------------------------------------
 
-    def write_batch(self, batch: IngestBatch) -> list[SourcedTick]:
+    def write_batch(self, batch: IngestBatch) -> tuple[list[SourcedTick], list[Conflict]]:
         """Write a prepared batch to the ledger (ticks + progress + counters in one transaction); returns the
-        ticks the ledger refused as before its dedup horizon (to dead-letter before the offsets are committed)."""
+        ticks the ledger refused as before its dedup horizon and the conflicting duplicates (both to
+        dead-letter before the offsets are committed)."""
         led = self.deps.ledger
         if batch.ticks:
             res = led.write_ticks(
@@ -263,9 +274,9 @@ class Pipeline:
                 counts=batch.counts,
             )
             self.horizon_s = max(self.horizon_s, res.horizon_s)
-            return list(res.too_old)
+            return list(res.too_old), list(res.conflicts)
         led.record_progress(self.ticks_topic, batch.progress, batch.counts)
-        return []
+        return [], []
 
     def write_step(self, plan: WritePlan) -> None:
         """Write ``plan``'s ticks, isolating any the database refuses; blocking (run it in a thread).
@@ -284,7 +295,7 @@ class Pipeline:
         """
         if plan.whole:
             try:
-                too_old = self.write_batch(plan.batch)
+                too_old, conflicts = self.write_batch(plan.batch)
             except Exception as exc:
                 if not is_record_error(exc):
                     raise
@@ -300,6 +311,7 @@ class Pipeline:
                 plan.parts = _halves(ticks)
             else:
                 plan.too_old.extend(too_old)
+                plan.conflicts.extend(conflicts)
                 plan.written = True
                 return
         led = self.deps.ledger
@@ -318,6 +330,7 @@ class Pipeline:
                 continue
             plan.parts.pop()
             plan.too_old.extend(res.too_old)
+            plan.conflicts.extend(res.conflicts)
             self.horizon_s = max(self.horizon_s, res.horizon_s)
         plan.written = True
 
@@ -348,6 +361,32 @@ class Pipeline:
             out.append(dead_letter(rec, topic, OLDER_THAN_RETENTION, raw, index, detail=_too_old(self.horizon_s)))
         return out
 
+    def conflict_letters(self, plan: WritePlan) -> list[DeadLetter]:
+        """Dead letters for the ticks refused as conflicting duplicates (their id is stored already, with
+        another payload; the stored copy counts): the envelope's bytes, reason ``conflicting_duplicate``,
+        both payload fingerprints and where the kept copy was read from."""
+        by_pos = {(r.partition, r.offset): r for r in plan.batch.records}
+        topic = plan.batch.topic or self.ticks_topic
+        out: list[DeadLetter] = []
+        for c in plan.conflicts:
+            rec = by_pos.get((c.tick.partition, c.tick.offset))
+            if rec is None:  # cannot happen: every tick comes from a record of its batch
+                continue
+            mine, kept = c.fingerprints
+            raw, index = locate_envelope(rec.value, c.tick.tick.id)
+            kept_at = f"{topic}/{c.kept.partition}/{c.kept.offset}"
+            why = f"id {c.tick.tick.id!r} is stored with payload {kept} (read at {kept_at}); this copy has {mine}"
+            d = dead_letter(rec, topic, CONFLICTING_DUPLICATE, raw, index, detail=why)
+            d.headers.update(
+                {
+                    "edgebill-fingerprint": mine.encode(),
+                    "edgebill-kept-fingerprint": kept.encode(),
+                    "edgebill-kept-source": kept_at.encode(),
+                }
+            )
+            out.append(d)
+        return out
+
     def finish_isolated(self, plan: WritePlan) -> None:
         """Record the progress and counters of a batch written by isolation (its refused ticks count as
         rejected); blocking. Only after the refused ticks are dead-lettered."""
@@ -373,7 +412,9 @@ class Pipeline:
     # -- closing and sending ------------------------------------------------------------------
 
     def close_once(self) -> CloseResult | None:
-        """One closer run: watermark from partition progress, then :meth:`Ledger.close`."""
+        """One closer run: watermark from partition progress, then :meth:`Ledger.close` (also without a
+        watermark: closed buckets that gained ticks are closed again whatever the watermark). None when there
+        is no watermark and nothing was closed again."""
         now = self.deps.clock_ms()
         wm = watermark(
             self.deps.ledger.partition_states(),
@@ -382,9 +423,9 @@ class Pipeline:
             self.deps.config.progress_stale_after_ms,
             event_time_topics=frozenset({self.ticks_topic}),
         )
-        if wm is None:
-            return None
         result = self.deps.ledger.close(wm, self.close_cfg)
+        if wm is None and result.close_id is None:
+            return None  # no watermark, and no closed bucket had gained ticks
         self.last_close = result
         return result
 

@@ -1,5 +1,5 @@
-"""The zombie rule's one table of cases, run through its Python form (``models.zombie.is_zombie``, which
-replay uses) and its SQL form (``sinks.ledger.closer.zombie_expr``, which the closer uses).
+"""The zombie rule's one table of cases, run through the rule (``models.zombie.is_zombie``) and through the
+closer, which applies it by way of ``models.usage.Pricer`` as replay does.
 
 ``MIGRATION``: sb1 is owned by w-a for 20 minutes, migrates to w-b, which stops it at :40; sb2 runs on
 w-a. ``EDGES``: the slack boundaries to the millisecond, for several tick intervals. Each case is

@@ -112,9 +112,11 @@ def _summary(s: Settings, led: Ledger, *, as_json: bool) -> None:
     sizes = ret.sizes()
     days = s.billing.retention_days
     plan = ret.plan(_now_ms(), days, estimate_bytes=True)
+    stored, open_ticks = led.stored_ticks(), led.open_samples()
     if as_json:
         out = {
             "rows_by_state": states,
+            "ticks": {"stored": stored, "not_aggregated": open_ticks},
             "counters": counters,
             "unbilled": unbilled,
             "tables": [_size_wire(t) for t in sizes],
@@ -123,6 +125,7 @@ def _summary(s: Settings, led: Ledger, *, as_json: bool) -> None:
         click.echo(json.dumps(out, indent=2, default=str))
         return
     click.echo("rows by state: " + (", ".join(f"{k}={v}" for k, v in sorted(states.items())) or "none"))
+    click.echo(f"ticks stored: {stored:,} in tick batches ({open_ticks:,} not aggregated into meter rows yet)")
     click.echo("counters:")
     for name, value in sorted(counters.items()):
         click.echo(f"  {name:<40} {value:>14,}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from infra.replay.plan import NO_HIGH, NO_LOW, PartitionRange, ReplayError
-from infra.replay.price import Aggregates, Pricer, _Groups
+from infra.replay.price import Aggregates, Groups, Pricer
 from models.ticks import FUTURE_TOLERANCE_MS, Tick, parse_record
 
 __all__ = ["STALL_SECONDS", "ScanCounts"]
@@ -85,7 +85,7 @@ class _Scanner:
         self.orgs = orgs
         self.counter = counter
         self.on_progress: Any = None
-        self.groups = _Groups()
+        self.groups = Groups()
         self.bootstrap = bootstrap
         self.topic = topic
         self.slices = list(slices)
@@ -199,7 +199,7 @@ class _Scanner:
 
     def price(self) -> None:
         self.derived = self.pricer.finish(self.groups)
-        self.groups = _Groups()
+        self.groups = Groups()
 
     def finish(self, drop: set[str], missing: set[str]) -> _Part:
         """The ticks given up (``drop``: an earlier slice holds them) priced, and the missing ones."""

@@ -1,8 +1,9 @@
-"""The closer: turns samples into meter rows once the watermark allows, and late samples into corrections.
+"""The closer: turns ticks into meter rows once the watermark allows, and late ticks into corrections.
 
-Pricing, the zombie rule, the row states and the rounding carry are the rules of ``models`` (``pricing``,
-``zombie``, ``stripe_window``, ``billing``); this module applies them to the samples in one transaction.
-The zombie rule is evaluated here in SQL, for speed, from the same constants (:func:`zombie_expr`).
+Pricing, the zombie rule, the row states and the rounding carry are the rules of ``models`` (``usage``,
+``pricing``, ``zombie``, ``stripe_window``, ``billing``); this module applies them to the stored tick
+batches in one transaction. A bucket that is closed already and gains ticks (late data, a replay's
+backfill) is closed again by the next run, whatever the watermark says then.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, and_, case, func, insert, literal, select, text, update
+from sqlalchemy import Connection, func, insert, select, text, update
 
 from models.billing import (
     Authority,
@@ -22,16 +23,18 @@ from models.billing import (
     bucket_end,
     carry_rounded_delta,
     format_value,
-    mb_seconds,
     meter_row_id,
     meter_unit_divisor,
     round_value,
 )
 from models.cutover import CutoverState, Decision, decide
-from models.policy import OrgPolicy, PolicyHistory
-from models.pricing import ZOMBIE, Priced, Unbilled, price_usage, row_placement
+from models.policy import OrgPolicy
+from models.pricing import row_placement
+from models.ticks import Tick
+from models.usage import Pricer
 from models.watermark import last_closable_bucket
-from models.zombie import ZOMBIE_SLACK_MS
+from models.zombie import Interval
+from sinks.ledger.batches import decode_rows
 from sinks.ledger.cutover import read_effective_state
 from sinks.ledger.store import SqlStore, policy_from_row
 from sinks.schema import (
@@ -41,11 +44,11 @@ from sinks.schema import (
     meter_events,
     meter_totals,
     org_policies,
+    tick_batches,
     unbilled_usage,
-    usage_samples,
 )
 
-__all__ = ["CloseConfig", "CloseResult", "LedgerCloser", "close_position", "not_aggregated", "zombie_expr"]
+__all__ = ["CloseConfig", "CloseResult", "LedgerCloser", "close_position", "not_aggregated"]
 
 log = logging.getLogger(__name__)
 
@@ -79,98 +82,66 @@ class CloseResult:
 
 
 def not_aggregated() -> Any:
-    """SQL condition: the sample is not yet in any meter row (its bucket's cursor is below its ``seq``)."""
+    """SQL condition: the batch is not yet in any meter row (its bucket's cursor is below its ``seq``)."""
     cb = closed_buckets.c
-    us = usage_samples.c
-    cursor = select(cb.seq).where(cb.bucket_start == us.bucket_start).scalar_subquery()
-    return us.seq > func.coalesce(cursor, 0)
+    tb = tick_batches.c
+    cursor = select(cb.seq).where(cb.bucket_start == tb.bucket_start).scalar_subquery()
+    return tb.seq > func.coalesce(cursor, 0)
 
 
 def close_position(conn: Connection) -> tuple[int, int | None]:
-    """(upto_seq, last_bucket) of the last close run: every sample at or below it, in a bucket at or
-    before it, is aggregated."""
+    """(upto_seq, last_bucket) of the last close run: every batch at or below it, in a bucket at or
+    before it or closed already, is aggregated."""
     row = conn.execute(
         select(close_runs.c.upto_seq, close_runs.c.last_bucket).order_by(close_runs.c.id.desc()).limit(1)
     ).first()
     return (int(row.upto_seq), row.last_bucket) if row else (0, None)
 
 
-def zombie_expr() -> Any:
-    """1 when a sample is a zombie tick, else 0: :func:`models.zombie.is_zombie` as SQL over
-    ``usage_samples`` and ``cell_intervals``, from the same constants. Used inside the close claim.
-
-    Term by term: the sandbox is known to have started by t (some interval of it starts at or before
-    ``t + slack``), the tick has a worker id, and no interval of the sandbox owned by that worker has
-    ``started - slack <= t <= ended + slack`` (an open interval has no end).
-    """
-    us = usage_samples.c
-    ci = cell_intervals.c
-    slack = us.interval_s * 1000 + ZOMBIE_SLACK_MS  # models.zombie.zombie_slack_ms
-    known = select(literal(1)).where(ci.sandbox_id == us.sandbox_id, ci.started_ms <= us.ts_ms + slack).exists()
-    owned = (
-        select(literal(1))
-        .where(
-            ci.sandbox_id == us.sandbox_id,
-            ci.worker_id == us.worker_id,
-            ci.started_ms - slack <= us.ts_ms,
-            (ci.ended_ms.is_(None)) | (us.ts_ms <= ci.ended_ms + slack),
-        )
-        .exists()
-    )
-    return case((and_(us.worker_id != "", known, ~owned), 1), else_=0)
-
-
-def _book(
-    price: Priced | Unbilled,
-    org: str,
-    bstart: int,
-    n: int,
-    mbs: int,
-    billable: dict[tuple[str, int, str], list[Any]],
-    unbilled: dict[tuple[str, int, str], list[int]],
-) -> None:
-    """Add ``n`` samples priced as ``price`` to the close run's billable or unbilled aggregates."""
-    if isinstance(price, Priced):
-        slot = billable.setdefault((org, bstart, price.meter), [0, 0, price.mode])
-        slot[0] += price.units
-        slot[1] += n
-        return
-    u = unbilled[(org, bstart, price.reason)]
-    u[0] += int(n)
-    u[1] += int(mbs)
-
-
 class LedgerCloser(SqlStore):
     """The closer side of the :class:`sinks.ledger.Ledger`."""
 
-    def _policy_histories(self, conn: Connection, orgs: Iterable[str]) -> dict[str, PolicyHistory]:
-        wanted = set(orgs)
+    def _policies(self, conn: Connection, orgs: Iterable[str]) -> dict[str, list[OrgPolicy]]:
         found: dict[str, list[OrgPolicy]] = defaultdict(list)
-        chunk: list[str] = []
-        ordered = sorted(wanted)
+        ordered = sorted(set(orgs))
         for i in range(0, len(ordered), 500):
             chunk = ordered[i : i + 500]
             for r in conn.execute(select(org_policies).where(org_policies.c.org_id.in_(chunk))):
                 found[r.org_id].append(policy_from_row(r))
-        return {org: PolicyHistory(pols) for org, pols in found.items()}
+        return dict(found)
 
-    def close(self, watermark_ms: int, cfg: CloseConfig) -> CloseResult:
-        """Close every bucket the watermark allows, and turn late samples into corrections.
+    def _intervals(self, conn: Connection, sandboxes: Iterable[str]) -> list[Interval]:
+        """The ownership intervals of ``sandboxes`` (all the zombie rule needs to decide their ticks)."""
+        ci = cell_intervals.c
+        ordered = sorted(set(sandboxes))
+        out: list[Interval] = []
+        for i in range(0, len(ordered), 500):
+            q = select(ci.sandbox_id, ci.worker_id, ci.started_ms, ci.ended_ms).where(
+                ci.sandbox_id.in_(ordered[i : i + 500])
+            )
+            out.extend((r[0], r[1], int(r[2]), None if r[3] is None else int(r[3])) for r in conn.execute(q))
+        return out
 
-        Samples are never rewritten: a bucket's cursor (``closed_buckets.seq``) says up to which insertion
-        ``seq`` its samples are aggregated, and the last close run (``upto_seq``, ``last_bucket``) says that
-        every sample with ``seq <= upto_seq`` in a bucket ``<= last_bucket`` is. One transaction, in order:
+    def close(self, watermark_ms: int | None, cfg: CloseConfig) -> CloseResult:
+        """Close every bucket the watermark allows, re-close closed buckets that gained ticks, and turn those
+        late ticks into corrections.
+
+        Batches are never rewritten: a bucket's cursor (``closed_buckets.seq``) says up to which insertion
+        ``seq`` its batches are aggregated, and the last close run (``upto_seq``, ``last_bucket``) says that
+        every batch with ``seq <= upto_seq`` in a bucket ``<= last_bucket`` (or closed already) is. One
+        transaction, in order:
           1. take the closer lock and stop ingest for the moment (SQLite: BEGIN IMMEDIATE, the only writer;
-             PostgreSQL: an advisory lock, then ``LOCK TABLE usage_samples IN SHARE MODE``, which waits for
-             in-flight ingest transactions, so no sample below the ``seq`` read next can still appear);
-          2. read ``S = max(seq)``; the buckets to work on: those ``<= last closable`` holding samples
-             with ``seq`` above the previous run's ``upto_seq``, and those newly closable;
+             PostgreSQL: an advisory lock, then ``LOCK TABLE tick_batches IN SHARE MODE``, which waits for
+             in-flight ingest transactions, so no batch below the ``seq`` read next can still appear);
+          2. read ``S = max(seq)``; the buckets to work on: those ``<= last closable`` holding batches above
+             the previous run's ``upto_seq``, those newly closable, and every bucket closed already that
+             holds a batch above the previous ``upto_seq`` (whatever the watermark: a closed bucket that gains
+             ticks is closed again on the rules that closed it);
           3. insert the ``close_runs`` row (``upto_seq = S``, ``last_bucket``) -> ``close_id``; read each
              bucket's stored decision, and decide the buckets closing for the first time from the cutover
              state in force (the ledger's newest, else ``cfg.bootstrap``), read here, inside the transaction;
-          4. per bucket, aggregate exactly its samples with ``cursor < seq <= S`` per (org, memory size), set
-             zombie ticks aside (:func:`zombie_expr`), price the rest with the policy in effect at each
-             tick's time (buckets with a policy change are priced per tick);
+          4. per bucket, decode exactly its batches with ``cursor < seq <= S`` and price their ticks with
+             :class:`models.usage.Pricer` (zombie ticks set aside, the policy in effect at each tick's time);
           5. per (org, bucket, meter): the next revision (0, or r{n} when the bucket already has rows),
              the value through the rounding carry in ``meter_totals``, the state from the bucket's one
              decision (:func:`models.pricing.row_placement`: skipped_before_bill_from / skipped_rolled_back /
@@ -179,26 +150,26 @@ class LedgerCloser(SqlStore):
           6. move each bucket's cursor to ``S`` and store the decisions made in 3 (a stored one is kept);
              counters; commit.
         A crash anywhere before the commit changes nothing: the next run does the same work again. After
-        the commit every sample up to ``S`` of those buckets is in exactly one row set — aggregated once,
+        the commit every tick up to ``S`` of those buckets is in exactly one row set — aggregated once,
         never skipped — and rows are never rewritten, so an identifier can never reach Stripe with two values.
         """
         result = CloseResult()
-        last = last_closable_bucket(watermark_ms, cfg.bucket_seconds, cfg.grace_seconds)
+        last = (
+            None if watermark_ms is None else last_closable_bucket(watermark_ms, cfg.bucket_seconds, cfg.grace_seconds)
+        )
         result.last_bucket = last
-        if last is None:
-            return result
         with self.engine.connect() as probe:
-            if not self._close_work(probe, last):
+            if not self._close_buckets(probe, last):
                 return result
         now = self._clock()
         with self._w.begin() as conn:
             self._lock_closer(conn)
             if self._dialect == "postgresql":
-                conn.execute(text("LOCK TABLE usage_samples IN SHARE MODE"))
-            self._close_in_tx(conn, now, watermark_ms, last, cfg, result)
+                conn.execute(text("LOCK TABLE tick_batches IN SHARE MODE"))
+            self._close_in_tx(conn, now, watermark_ms or 0, last, cfg, result)
         if result.rows or result.samples:
             log.info(
-                "close run %s: buckets<=%s aggregated %d samples -> %d rows (%d corrections); unbilled %s",
+                "close run %s: buckets<=%s aggregated %d ticks -> %d rows (%d corrections); unbilled %s",
                 result.close_id,
                 last,
                 result.samples,
@@ -208,30 +179,33 @@ class LedgerCloser(SqlStore):
             )
         return result
 
-    def _close_buckets(self, conn: Connection, last: int, upto: int | None = None) -> list[int]:
-        """Buckets ``<= last`` with samples not yet aggregated (below ``upto`` when given)."""
-        us = usage_samples.c
+    def _close_buckets(self, conn: Connection, last: int | None, upto: int | None = None) -> list[int]:
+        """Buckets to close: ``<= last`` with batches not yet aggregated, and closed buckets with batches
+        above the last run's ``upto_seq`` (below ``upto`` when given)."""
+        tb = tick_batches.c
+        cb = closed_buckets.c
         done_seq, done_bucket = close_position(conn)
-        fresh = select(us.bucket_start).where(us.seq > done_seq, us.bucket_start <= last)
+        fresh = select(tb.bucket_start).where(tb.seq > done_seq)
         if upto is not None:
-            fresh = fresh.where(us.seq <= upto)
+            fresh = fresh.where(tb.seq <= upto)
+        closed = select(cb.bucket_start).where(cb.bucket_start == tb.bucket_start).exists()
+        fresh = fresh.where(closed if last is None else (tb.bucket_start <= last) | closed)
         found = {int(b) for b in conn.execute(fresh.distinct()).scalars()}
-        newly = select(us.bucket_start).where(us.bucket_start <= last, us.seq <= done_seq)
-        if done_bucket is not None:
-            newly = newly.where(us.bucket_start > done_bucket)
-        found.update(int(b) for b in conn.execute(newly.distinct()).scalars())
+        if last is not None:
+            newly = select(tb.bucket_start).where(tb.bucket_start <= last, tb.seq <= done_seq)
+            if done_bucket is not None:
+                newly = newly.where(tb.bucket_start > done_bucket)
+            found.update(int(b) for b in conn.execute(newly.distinct()).scalars())
         return sorted(found)
 
-    def _close_work(self, conn: Connection, last: int) -> bool:
-        return bool(self._close_buckets(conn, last))
-
     def _close_in_tx(
-        self, conn: Connection, now: int, watermark_ms: int, last: int, cfg: CloseConfig, result: CloseResult
+        self, conn: Connection, now: int, watermark_ms: int, last: int | None, cfg: CloseConfig, result: CloseResult
     ) -> None:
-        us = usage_samples.c
-        top = conn.execute(select(func.max(us.seq))).scalar_one_or_none() or 0
+        tb = tick_batches.c
+        top = conn.execute(select(func.max(tb.seq))).scalar_one_or_none() or 0
         buckets = self._close_buckets(conn, last, upto=top)
         done_seq, done_bucket = close_position(conn)
+        reach = [b for b in (last, done_bucket) if b is not None]
         cid = conn.execute(
             insert(close_runs)
             .values(
@@ -240,7 +214,7 @@ class LedgerCloser(SqlStore):
                 samples=0,
                 rows=0,
                 upto_seq=max(top, done_seq),
-                last_bucket=last if done_bucket is None else max(last, done_bucket),
+                last_bucket=max(reach) if reach else None,
             )
             .returning(close_runs.c.id)
         ).scalar_one()
@@ -261,68 +235,32 @@ class LedgerCloser(SqlStore):
         for b in buckets:
             if b not in decisions:
                 decisions[b] = result.decided[b] = decide(state, b)
-
-        def pending(b: int) -> Any:
-            return and_(us.bucket_start == b, us.seq > cursors.get(b, 0), us.seq <= top)
-
-        zombie = zombie_expr().label("zombie")
-        groups: list[Any] = []
+        ticks: list[Tick] = []
         for b in buckets:
-            groups.extend(
-                conn.execute(
-                    select(
-                        us.org_id,
-                        us.bucket_start,
-                        us.memory_mb,
-                        zombie,
-                        func.count().label("n"),
-                        func.sum(us.interval_s).label("secs"),
-                        func.sum(us.memory_mb * us.interval_s).label("mbs"),
-                    )
-                    .where(pending(b))
-                    .group_by(us.org_id, us.bucket_start, us.memory_mb, zombie)
-                ).all()
+            rows = conn.execute(
+                select(tb.seq, tb.bucket_start, tb.data)
+                .where(tb.bucket_start == b, tb.seq > cursors.get(b, 0), tb.seq <= top)
+                .order_by(tb.seq)
             )
-        claimed: int = sum((int(g.n) for g in groups), 0)
-        result.samples = claimed
-        histories = self._policy_histories(conn, {g.org_id for g in groups})
-        size = cfg.bucket_seconds
-        # (org, bucket, meter) -> [units, samples, mode];  (org, bucket, reason) -> [samples, mb_s]
-        billable: dict[tuple[str, int, str], list[Any]] = {}
-        unbilled: dict[tuple[str, int, str], list[int]] = defaultdict(lambda: [0, 0])
-        split: set[tuple[str, int]] = set()
-        for g in groups:
-            if g.zombie:
-                u = unbilled[(g.org_id, g.bucket_start, ZOMBIE)]
-                u[0] += int(g.n)
-                u[1] += int(g.mbs or 0)
-                continue
-            hist = histories.get(g.org_id)
-            if hist is not None and hist.change_points(g.bucket_start * 1000, (g.bucket_start + size) * 1000):
-                split.add((g.org_id, g.bucket_start))
-                continue
-            pol = hist.as_of(g.bucket_start * 1000) if hist else None
-            price = price_usage(pol, int(g.memory_mb), int(g.secs), int(g.mbs))
-            _book(price, g.org_id, g.bucket_start, g.n, g.mbs, billable, unbilled)
-        for org, bstart in sorted(split):
-            hist = histories[org]
-            for r in conn.execute(
-                select(us.ts_ms, us.memory_mb, us.interval_s).where(
-                    pending(bstart), us.org_id == org, zombie_expr() == 0
-                )
-            ):
-                mbs = mb_seconds(r.memory_mb, r.interval_s)
-                price = price_usage(hist.as_of(r.ts_ms), int(r.memory_mb), int(r.interval_s), mbs)
-                _book(price, org, bstart, 1, mbs, billable, unbilled)
+            for batch in decode_rows(rows):
+                ticks.extend(batch.ticks)
+        result.samples = len(ticks)
+        pricer = Pricer(
+            self._policies(conn, {t.org_id for t in ticks}),
+            self._intervals(conn, {t.sandbox_id for t in ticks if t.worker_id}),
+            cfg.bucket_seconds,
+        )
+        priced = pricer.price(ticks)
         self._write_rows(
             conn,
             cid,
             now,
-            [(org, b, m, u, n, mode) for (org, b, m), (u, n, mode) in sorted(billable.items())],
+            [(org, b, m, u, n, priced.modes[(org, b, m)]) for (org, b, m), (u, n) in sorted(priced.billable.items())],
             cfg,
             decisions,
             result,
         )
+        unbilled = priced.unbilled
         if unbilled:
             stmt = self._insert(unbilled_usage)
             conn.execute(
@@ -335,7 +273,7 @@ class LedgerCloser(SqlStore):
                 ),
                 [
                     {"org_id": o, "bucket_start": b, "reason": reason, "samples": v[0], "mb_seconds": v[1]}
-                    for (o, b, reason), v in unbilled.items()
+                    for (o, b, reason), v in sorted(unbilled.items())
                 ],
             )
             for (_, _, reason), v in unbilled.items():
@@ -356,12 +294,12 @@ class LedgerCloser(SqlStore):
                 for b in buckets
             ],
         )
-        conn.execute(update(close_runs).where(close_runs.c.id == cid).values(samples=claimed, rows=result.rows))
+        conn.execute(update(close_runs).where(close_runs.c.id == cid).values(samples=result.samples, rows=result.rows))
         self._bump_counters(
             conn,
             {
                 "close.runs": 1,
-                "close.samples": claimed,
+                "close.samples": result.samples,
                 "close.rows": result.rows,
                 "close.corrections": result.corrections,
                 **{f"unbilled.{k}": v for k, v in result.unbilled.items()},

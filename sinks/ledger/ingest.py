@@ -1,85 +1,118 @@
-"""Ledger ingest: usage samples (dedup by tick id), org policy history, partition progress.
+"""Ledger ingest: tick batches (dedup by bucket and tick id), org policy history, partition progress.
 
-The worker's hot path. Samples are only ever inserted, never updated (the closer's cursors say which are
-aggregated; see :mod:`sinks.ledger.closer`).
+The worker's hot path. A transaction writes the new ticks of each bucket as one compressed batch
+(:mod:`sinks.ledger.batches`); batches are only ever inserted, never updated (the closer's cursors say which
+are aggregated; see :mod:`sinks.ledger.closer`). Dedup is exact and needs no index row per tick
+(:mod:`sinks.ledger.dedup`).
 """
 
 from __future__ import annotations
 
-import sqlite3
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Engine, select
 
 from models.billing import bucket_start
-from models.errors import LedgerError
+from models.errors import LedgerError, TickRefused
 from models.policy import OrgPolicy
 from models.retention import NO_HORIZON_MS, OLDER_THAN_RETENTION, horizon_ms
-from models.ticks import Tick
+from models.ticks import INT_LIMITS, STRING_LIMITS, SourcedTick, Tick, tick_fingerprint
 from models.watermark import PartitionState
-from sinks.ledger.store import SqlStore, read_dedup_horizon, read_partition_states
+from sinks.ledger.batches import decode_batch, encode_batch
+from sinks.ledger.dedup import DEFAULT_MAX_IDS, DedupIndex
+from sinks.ledger.store import Clock, SqlStore, read_dedup_horizon, read_partition_states, wall_clock_ms
 from sinks.schema import counters, org_policies, partition_progress
 
-__all__ = ["IngestResult", "LedgerIngest", "SourcedTick"]
+__all__ = [
+    "ADVISORY_LOCK_INGEST",
+    "CONFLICTING_DUPLICATE",
+    "Conflict",
+    "IngestResult",
+    "LedgerIngest",
+    "SourcedTick",
+    "unstorable",
+]
+
+#: Reason and counter suffix of a tick whose id its bucket already holds with another payload.
+CONFLICTING_DUPLICATE: Final = "conflicting_duplicate"
+
+#: Transaction-scoped PostgreSQL advisory lock held by every ingest transaction, so that dedup sees every batch
+#: committed before it (on SQLite the write transaction itself is exclusive).
+ADVISORY_LOCK_INGEST: Final = 0x656467696E6773  # "edgings"
+
+_KEPT_CACHE: Final = 16  # decoded batches kept to compare the kept copies of duplicates against
 
 
-class SourcedTick(NamedTuple):
-    """A tick and where it was read (one per tick on the ingest hot path: a NamedTuple, cheap to build)."""
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A tick refused as a duplicate although its payload differs from the copy stored first (which counts)."""
 
-    tick: Tick
-    partition: int
-    offset: int
+    tick: SourcedTick
+    kept: SourcedTick
+
+    @property
+    def fingerprints(self) -> tuple[str, str]:
+        """(the refused copy's, the kept copy's) payload fingerprints."""
+        return tick_fingerprint(self.tick.tick), tick_fingerprint(self.kept.tick)
 
 
 @dataclass(frozen=True, slots=True)
 class IngestResult:
-    """What one :meth:`LedgerIngest.write_ticks` did: ``inserted`` new samples, ``duplicates`` ticks whose id
-    was already stored (or repeated in the batch), ``too_old`` the ticks refused because they lie before the
-    dedup horizon (in batch order, every occurrence), and that horizon as read in the transaction."""
+    """What one :meth:`LedgerIngest.write_ticks` did: ``inserted`` new ticks, ``duplicates`` ticks whose id
+    their bucket already held with the same payload (or repeated in the batch), ``conflicts`` the ones whose
+    bucket held the id with another payload (not counted; the caller dead-letters them), ``too_old`` the ticks
+    refused because they lie before the dedup horizon (in batch order, every occurrence), and that horizon as
+    read in the transaction."""
 
     inserted: int
     duplicates: int
     too_old: tuple[SourcedTick, ...] = ()
     horizon_s: int = 0
+    conflicts: tuple[Conflict, ...] = ()
 
 
-_SAMPLE_COLUMNS: Final = (
-    "id, org_id, sandbox_id, worker_id, cell_id, memory_mb, cpu_count, interval_s, ts_ms, bucket_start, "
-    "src_partition, src_offset"
-)
-_SAMPLE_WIDTH: Final = 12
-# A sample row is the tick's fields in order, then bucket start, partition and offset: write_ticks builds it
-# by extending the tick tuple, so the tick's fields must stay the first columns, in this order.
-if ", ".join(Tick._fields) + ", bucket_start, src_partition, src_offset" != _SAMPLE_COLUMNS:
-    raise RuntimeError("models.ticks.Tick fields no longer match the usage_samples columns written in order")
+_STRING_AT: Final = tuple((Tick._fields.index(name), name, limit) for name, limit in STRING_LIMITS.items())
+_INT_AT: Final = tuple((Tick._fields.index(name), name, limit) for name, limit in INT_LIMITS.items())
 
 
-def _sqlite_insert_rows(dbapi: Any, cur: Any, rows: Sequence[tuple[Any, ...]]) -> int:
-    """``INSERT OR IGNORE`` sample tuples into SQLite, up to 1,000 rows per statement; returns rows inserted.
-
-    Why not ``executemany``: pysqlite releases the GIL around every row's ``sqlite3_step`` and must take it
-    back before binding the next row. While the event loop is parsing the next batch (it holds the GIL
-    for milliseconds at a time), each of those re-acquisitions waits for the interpreter's switch
-    interval, so a batch written one row per step crawls (measured: 5.9 µs/row alone, hundreds of µs/row
-    next to a busy thread). One statement per 1,000 rows binds in one go and releases the GIL once for
-    the whole step: 3.1 µs/row alone, and it stays in the same range next to the parser.
-    """
-    per = max(1, min(1000, dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _SAMPLE_WIDTH))
-    one = "(" + ", ".join("?" * _SAMPLE_WIDTH) + ")"
-    inserted = 0
-    for i in range(0, len(rows), per):
-        chunk = rows[i : i + per]
-        values = ", ".join([one] * len(chunk))
-        sql = f"INSERT OR IGNORE INTO usage_samples ({_SAMPLE_COLUMNS}) VALUES {values}"  # noqa: S608 - constants
-        cur.execute(sql, [v for row in chunk for v in row])
-        inserted += int(cur.rowcount)
-    return inserted
+def unstorable(ticks: Sequence[SourcedTick]) -> dict[str, str]:
+    """Tick id -> why the ledger refuses it: a string longer than its limit or holding a NUL, an integer out
+    of its range (the parser refuses the same; this guards every other writer). A whole-batch test first,
+    one pass over each column in C; only a batch that fails it is looked at tick by tick."""
+    if not ticks:
+        return {}
+    cols = list(zip(*[st[0] for st in ticks], strict=True))
+    clean = all("\x00" not in "".join(cols[i]) and max(map(len, cols[i])) <= limit for i, _, limit in _STRING_AT)
+    clean = clean and all(min(cols[i]) >= 0 and max(cols[i]) <= limit for i, _, limit in _INT_AT)
+    if clean:
+        return {}
+    out: dict[str, str] = {}
+    for st in ticks:
+        t = st[0]
+        for i, name, limit in _STRING_AT:
+            v = t[i]
+            if len(v) > limit:
+                out[t.id] = f"{name} is longer than {limit} characters"
+            elif "\x00" in v:
+                out[t.id] = f"{name} contains a NUL character"
+        for i, name, limit in _INT_AT:
+            if not 0 <= t[i] <= limit:
+                out[t.id] = f"{name} is out of range (0 to {limit})"
+    return out
 
 
 class LedgerIngest(SqlStore):
-    """The ingest side of the :class:`sinks.ledger.Ledger`: samples, policies, progress."""
+    """The ingest side of the :class:`sinks.ledger.Ledger`: tick batches, policies, progress."""
+
+    def __init__(self, engine: Engine, *, clock: Clock = wall_clock_ms, dedup_max_ids: int = DEFAULT_MAX_IDS) -> None:
+        super().__init__(engine, clock=clock)
+        self.dedup = DedupIndex(dedup_max_ids)
+        self._ingest_lock = threading.Lock()  # one ingest transaction at a time in this process
+        self._kept: OrderedDict[int, dict[str, SourcedTick]] = OrderedDict()
 
     def check_bucket_seconds(self, bucket_seconds: int) -> None:
         """Refuse to run with a bucket size other than the one this ledger was started with."""
@@ -106,27 +139,32 @@ class LedgerIngest(SqlStore):
         progress: Mapping[int, tuple[int, int | None]],
         counts: Mapping[str, int] | None = None,
     ) -> IngestResult:
-        """Insert ticks (ignoring ids already present) and advance partition progress, atomically.
+        """Store the ticks whose (bucket, id) is new and advance partition progress, atomically.
 
         One transaction, in this order: (1) read the dedup horizon (:mod:`models.retention`; on PostgreSQL
         under a shared advisory lock that retention takes exclusively to move it) and set aside the ticks
         before it, which are not written (``too_old``: their ids may have been dropped, so they could be
-        copies of ticks already counted); (2) INSERT the other samples ON CONFLICT(id) DO NOTHING;
-        (3) upsert ``partition_progress`` (offset and newest event time, monotonic); (4) bump counters;
-        commit. A crash before the commit writes nothing: the records are redelivered (their offsets were not
-        committed to Kafka, which happens only after this returns) and inserted then. A crash after
-        the commit but before the Kafka offset commit redelivers them too: their ids already exist,
-        so they count as duplicates, not twice. The dedup and the aggregate input are the same row,
-        so there is no window in which one is written without the other. The caller dead-letters the
-        ``too_old`` ticks before it commits the offsets (a crash in between refuses them again).
+        copies of ticks already counted); (2) take the ingest lock (PostgreSQL: :data:`ADVISORY_LOCK_INGEST`;
+        SQLite: the write transaction) and bring the dedup index up to every batch committed before
+        (:mod:`sinks.ledger.dedup`); (3) per bucket, drop the ids it already holds (a different payload is a
+        :class:`Conflict`) and insert the rest as one batch; (4) upsert ``partition_progress`` (offset and
+        newest event time, monotonic); (5) bump counters; commit; (6) record the new ids in the index.
+        A crash before the commit writes nothing: the records are redelivered (their offsets were not
+        committed to Kafka, which happens only after this returns) and written then. A crash after the commit
+        but before the Kafka offset commit redelivers them too: the index, rebuilt from the stored batches,
+        holds their ids, so they count as duplicates, not twice. The dedup and the aggregate input are the
+        same batch, so there is no window in which one is written without the other. An error anywhere,
+        the commit included, resets the index (a commit whose outcome is unknown must not leave it behind
+        the database). The caller dead-letters the ``too_old`` and ``conflicts`` ticks before it commits the
+        offsets (a crash in between refuses them again).
         """
         bs = bucket_start  # a local name: one global lookup per batch, not per tick
 
-        def samples(oldest: int) -> tuple[dict[str, tuple[Any, ...]], list[SourcedTick], int]:
-            """(unique sample rows at or after ``oldest``, the ticks before it, the earliest timestamp)."""
-            # The same id twice inside one batch: keep the first (the insert would ignore it anyway).
-            unique: dict[str, tuple[Any, ...]] = {}
+        def split(oldest: int) -> tuple[dict[int, dict[str, SourcedTick]], list[SourcedTick], list[SourcedTick], int]:
+            """(per bucket the first copy of each id, the ticks before ``oldest``, later copies, earliest ts)."""
+            by_bucket: dict[int, dict[str, SourcedTick]] = {}
             refused: list[SourcedTick] = []
+            again: list[SourcedTick] = []
             earliest = 2**63
             for st in ticks:
                 t = st[0]
@@ -136,66 +174,133 @@ class LedgerIngest(SqlStore):
                     continue
                 if ts < earliest:
                     earliest = ts
-                tid = t.id
-                if tid not in unique:
-                    # Concatenation, not (*t, ...): 4x cheaper per tick on this hot path. _SAMPLE_COLUMNS order.
-                    unique[tid] = t + (bs(ts, bucket_seconds), st[1], st[2])  # noqa: RUF005
-            return unique, refused, earliest
+                b = bs(ts, bucket_seconds)
+                got = by_bucket.get(b)
+                if got is None:
+                    got = by_bucket[b] = {}
+                if t.id in got:
+                    again.append(st)
+                else:
+                    got[t.id] = st
+            return by_bucket, refused, again, earliest
 
+        refusals = unstorable(ticks)
+        if refusals:
+            raise TickRefused("; ".join(sorted(set(refusals.values()))))
         # Built before the write lock is taken, as if nothing were before the horizon (the caller has already
         # refused the ticks before the horizon it last saw); built again only if the horizon says otherwise.
-        unique, too_old, earliest = samples(NO_HORIZON_MS)
+        by_bucket, too_old, again, earliest = split(NO_HORIZON_MS)
+        with self._ingest_lock:
+            try:
+                return self._write(
+                    topic, ticks, bucket_seconds, progress, counts, split, by_bucket, too_old, again, earliest
+                )
+            except BaseException:
+                self.dedup.reset()
+                self._kept.clear()
+                raise
+
+    def _write(
+        self,
+        topic: str,
+        ticks: Sequence[SourcedTick],
+        bucket_seconds: int,
+        progress: Mapping[int, tuple[int, int | None]],
+        counts: Mapping[str, int] | None,
+        split: Any,
+        by_bucket: dict[int, dict[str, SourcedTick]],
+        too_old: list[SourcedTick],
+        again: list[SourcedTick],
+        earliest: int,
+    ) -> IngestResult:
+        """:meth:`write_ticks`' transaction (steps 1 to 6)."""
         inserted = 0
+        added: dict[int, dict[str, int]] = {}
+        conflicts: list[Conflict] = []
+        top = 0
         with self._w.begin() as conn:
             horizon = read_dedup_horizon(conn, shared_lock=True)
             if earliest < horizon_ms(horizon):
-                unique, too_old, _ = samples(horizon_ms(horizon))
-            if unique:
-                inserted = self._insert_samples(conn, list(unique.values()))
+                by_bucket, too_old, again, _ = split(horizon_ms(horizon))
+            dbapi = conn.connection.dbapi_connection
+            assert dbapi is not None
+            pg = self._dialect == "postgresql"
+            param = "%s" if pg else "?"
+            cur = dbapi.cursor()
+            try:
+                if pg and by_bucket:
+                    cur.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_INGEST,))
+                if by_bucket:
+                    self.dedup.sync(cur, param)
+                for b in sorted(by_bucket):
+                    held = self.dedup.bucket(cur, param, b)
+                    fresh: list[SourcedTick] = []
+                    for tid, st in by_bucket[b].items():
+                        kept_seq = held.get(tid)
+                        if kept_seq is None:
+                            fresh.append(st)
+                            continue
+                        kept = self._kept_copy(cur, param, kept_seq, tid)
+                        if kept is not None and kept.tick[1:] != st.tick[1:]:
+                            conflicts.append(Conflict(st, kept))
+                    if not fresh:
+                        continue
+                    seq = self._insert_batch(cur, pg, b, fresh)
+                    added[b] = dict.fromkeys((st.tick.id for st in fresh), seq)
+                    inserted += len(fresh)
+                    top = max(top, seq)
+                for st in again:  # a later copy inside this batch: compared with the batch's first copy
+                    first = by_bucket[bucket_start(st.tick.ts_ms, bucket_seconds)][st.tick.id]
+                    if first.tick[1:] != st.tick[1:]:
+                        conflicts.append(Conflict(st, first))
+            finally:
+                cur.close()
             self._upsert_progress(conn, topic, progress)
-            dup = len(ticks) - len(too_old) - inserted
+            dup = len(ticks) - len(too_old) - inserted - len(conflicts)
             all_counts = dict(counts or {})
             all_counts["ticks.ingested"] = all_counts.get("ticks.ingested", 0) + inserted
             all_counts["ticks.duplicate"] = all_counts.get("ticks.duplicate", 0) + dup
             if too_old:
                 key = f"ticks.{OLDER_THAN_RETENTION}"
                 all_counts[key] = all_counts.get(key, 0) + len(too_old)
+            if conflicts:
+                key = f"ticks.{CONFLICTING_DUPLICATE}"
+                all_counts[key] = all_counts.get(key, 0) + len(conflicts)
             self._bump_counters(conn, all_counts)
-        return IngestResult(inserted=inserted, duplicates=dup, too_old=tuple(too_old), horizon_s=horizon)
+        self.dedup.add(added, top)
+        return IngestResult(
+            inserted=inserted, duplicates=dup, too_old=tuple(too_old), horizon_s=horizon, conflicts=tuple(conflicts)
+        )
 
-    def _insert_samples(self, conn: Connection, rows: list[tuple[Any, ...]]) -> int:
-        """Insert sample tuples, skipping ids already present; returns how many were new.
+    @staticmethod
+    def _insert_batch(cur: Any, pg: bool, bucket: int, ticks: list[SourcedTick]) -> int:
+        """Insert one batch through the driver (no SQL compilation per batch); returns its seq."""
+        data = encode_batch(ticks)
+        if pg:
+            cur.execute(
+                "INSERT INTO tick_batches (bucket_start, ticks, data) VALUES (%s, %s, %s) RETURNING seq",
+                (bucket, len(ticks), data),
+            )
+            return int(cur.fetchone()[0])
+        cur.execute("INSERT INTO tick_batches (bucket_start, ticks, data) VALUES (?, ?, ?)", (bucket, len(ticks), data))
+        return int(cur.lastrowid)
 
-        The ingest hot path, on the DBAPI connection of ``conn`` (same transaction), without SQL
-        compilation per batch: SQLite multi-row ``INSERT OR IGNORE … VALUES (…), (…), …`` (see
-        :func:`_sqlite_insert_rows`; rowcount = rows inserted); PostgreSQL ``COPY`` into a
-        transaction-local staging table, then one ``INSERT … SELECT … ON CONFLICT (id) DO NOTHING``
-        (rowcount = rows inserted).
-        """
-        dbapi = conn.connection.dbapi_connection
-        assert dbapi is not None
-        cols = _SAMPLE_COLUMNS
-        cur = dbapi.cursor()
-        try:
-            if self._dialect == "sqlite":
-                return _sqlite_insert_rows(dbapi, cur, rows)
-            cur.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS usage_samples_stage (id text, org_id text, sandbox_id text, "
-                "worker_id text, cell_id text, memory_mb bigint, cpu_count int, interval_s int, ts_ms bigint, "
-                "bucket_start bigint, src_partition int, src_offset bigint) ON COMMIT DELETE ROWS"
-            )
-            with cur.copy(f"COPY usage_samples_stage ({cols}) FROM STDIN") as copy:
-                for r in rows:
-                    copy.write_row(r)
-            cur.execute(
-                f"INSERT INTO usage_samples ({cols}) SELECT {cols} FROM usage_samples_stage "  # noqa: S608 - constants
-                "ON CONFLICT (id) DO NOTHING"
-            )
-            inserted = int(cur.rowcount)
-            cur.execute("DELETE FROM usage_samples_stage")
-            return inserted
-        finally:
-            cur.close()
+    def _kept_copy(self, cur: Any, param: str, seq: int, tick_id: str) -> SourcedTick | None:
+        """The stored copy of ``tick_id`` in batch ``seq`` (a few decoded batches are cached: a redelivery
+        brings whole batches of duplicates); None if retention dropped that batch meanwhile."""
+        got = self._kept.get(seq)
+        if got is None:
+            cur.execute(f"SELECT bucket_start, data FROM tick_batches WHERE seq = {param}", (seq,))  # noqa: S608
+            row = cur.fetchone()
+            if row is None:
+                return None
+            got = {st.tick.id: st for st in decode_batch(seq, int(row[0]), row[1]).sourced()}
+            self._kept[seq] = got
+            while len(self._kept) > _KEPT_CACHE:
+                self._kept.popitem(last=False)
+        else:
+            self._kept.move_to_end(seq)
+        return got.get(tick_id)
 
     def record_progress(
         self, topic: str, progress: Mapping[int, tuple[int, int | None]], counts: Mapping[str, int]

@@ -1,22 +1,23 @@
-"""The ledger's read models: meter rows, counters, samples, unbilled usage and policies as reports and
+"""The ledger's read models: meter rows, counters, stored ticks, unbilled usage and policies as reports and
 commands see them, and the reads a replay compares against. Nothing here writes."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, inspect, select
+from sqlalchemy import Connection, func, inspect, select
 
 from models.billing import RowState
 from models.policy import OrgPolicy
 from models.ticks import Tick
 from models.zombie import Interval
+from sinks.ledger.batches import StoredBatch, decode_rows
 from sinks.ledger.closer import close_position, not_aggregated
 from sinks.ledger.store import SqlStore, policy_from_row, read_dedup_horizon
-from sinks.schema import cell_intervals, counters, meter_events, org_policies, unbilled_usage, usage_samples
+from sinks.schema import cell_intervals, counters, meter_events, org_policies, tick_batches, unbilled_usage
 
 __all__ = ["LedgerQueries"]
 
@@ -51,30 +52,32 @@ class LedgerQueries(SqlStore):
             }
 
     def open_samples(self) -> int:
-        """Samples not aggregated into meter rows yet (open buckets, and late samples of closed ones)."""
-        us = usage_samples.c
+        """Ticks not aggregated into meter rows yet (open buckets, and late ticks of closed ones)."""
+        tb = tick_batches.c
+        n = func.coalesce(func.sum(tb.ticks), 0)
         with self.engine.connect() as conn:
             done_seq, done_bucket = close_position(conn)
-            fresh = conn.execute(select(func.count()).select_from(usage_samples).where(us.seq > done_seq)).scalar_one()
-            older = select(func.count()).select_from(usage_samples).where(us.seq <= done_seq)
+            fresh = conn.execute(select(n).where(tb.seq > done_seq)).scalar_one()
+            older = select(n).where(tb.seq <= done_seq, not_aggregated())
             if done_bucket is not None:
-                older = older.where(us.bucket_start > done_bucket)
+                older = older.where(tb.bucket_start > done_bucket)
             return int(fresh) + int(conn.execute(older).scalar_one())
 
-    def sample_totals(self) -> dict[str, tuple[int, int]]:
-        """org -> (samples, MB-s) over every sample the ledger holds (retention drops those of retired buckets)."""
-        us = usage_samples.c
+    def stored_ticks(self) -> int:
+        """Every tick the ledger holds (retention drops those of retired buckets)."""
         with self.engine.connect() as conn:
-            return {
-                r.org_id: (int(r.n), int(r.mbs or 0))
-                for r in conn.execute(
-                    select(
-                        us.org_id,
-                        func.count().label("n"),
-                        func.sum(us.memory_mb * us.interval_s).label("mbs"),
-                    ).group_by(us.org_id)
-                )
-            }
+            return int(conn.execute(select(func.coalesce(func.sum(tick_batches.c.ticks), 0))).scalar_one())
+
+    def sample_totals(self) -> dict[str, tuple[int, int]]:
+        """org -> (ticks, MB-s) over every tick the ledger holds (retention drops those of retired buckets)."""
+        out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        with self.engine.connect() as conn:
+            for batch in _batches(conn):
+                for t in batch.ticks:
+                    o = out[t.org_id]
+                    o[0] += 1
+                    o[1] += t.memory_mb * t.interval_s
+        return {k: (v[0], v[1]) for k, v in out.items()}
 
     def unbilled(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
@@ -97,7 +100,7 @@ class LedgerQueries(SqlStore):
     def has_schema(self) -> bool:
         """Whether the ledger's tables exist, checked without migrating (a read-only caller must not take
         the write lock that migrating takes)."""
-        return bool(inspect(self.engine).has_table(usage_samples.name))
+        return bool(inspect(self.engine).has_table(tick_batches.name))
 
     def dedup_horizon(self) -> int:
         """The dedup horizon (unix s; 0 = none): retention dropped the samples of buckets before it, and ingest
@@ -131,19 +134,24 @@ class LedgerQueries(SqlStore):
         with self.engine.connect() as conn:
             return [(r[0], r[1], int(r[2]), None if r[3] is None else int(r[3])) for r in conn.execute(q)]
 
-    @staticmethod
-    def _sample_scope(
-        first_bucket: int, last_bucket: int, lo_ms: int | None, hi_ms: int | None, orgs: Sequence[str] | None = None
-    ) -> list[Any]:
-        us = usage_samples.c
-        conds = [us.bucket_start >= first_bucket, us.bucket_start <= last_bucket]
-        if lo_ms is not None:
-            conds.append(us.ts_ms >= lo_ms)
-        if hi_ms is not None:
-            conds.append(us.ts_ms < hi_ms)
-        if orgs:
-            conds.append(us.org_id.in_(list(orgs)))
-        return conds
+    def scoped_ticks(
+        self,
+        first_bucket: int,
+        last_bucket: int,
+        lo_ms: int | None = None,
+        hi_ms: int | None = None,
+        orgs: Sequence[str] | None = None,
+    ) -> Iterator[tuple[Tick, int, int]]:
+        """``(tick, partition, offset)`` of every stored tick in buckets ``[first_bucket, last_bucket]`` with
+        ``lo_ms <= ts < hi_ms`` (of ``orgs`` only, when given), batch by batch."""
+        wanted = set(orgs) if orgs else None
+        lo = -(2**63) if lo_ms is None else lo_ms
+        hi = 2**63 if hi_ms is None else hi_ms
+        with self.engine.connect() as conn:
+            for batch in _batches(conn, first_bucket, last_bucket):
+                for t, p, o in zip(batch.ticks, batch.partitions, batch.offsets, strict=True):
+                    if lo <= t.ts_ms < hi and (wanted is None or t.org_id in wanted):
+                        yield t, p, o
 
     def sample_ids(
         self,
@@ -153,24 +161,8 @@ class LedgerQueries(SqlStore):
         hi_ms: int | None = None,
         orgs: Sequence[str] | None = None,
     ) -> set[str]:
-        """Ids of the samples in buckets ``[first_bucket, last_bucket]`` with ``lo_ms <= ts < hi_ms`` (of
-        ``orgs`` only, when given).
-
-        The ids come back as one separator-joined string (an order of magnitude faster than a row per id);
-        should an id contain the separator, the count tells and the rows are read instead.
-        """
-        us = usage_samples.c
-        conds = self._sample_scope(first_bucket, last_bucket, lo_ms, hi_ms, orgs)
-        with self.engine.connect() as conn:
-            if self._dialect == "sqlite":
-                sep, agg = "\x00", func.group_concat(us.id, func.char(0))
-            else:  # PostgreSQL text cannot hold NUL
-                sep, agg = "\x01", func.string_agg(us.id, func.chr(1))
-            n, joined = conn.execute(select(func.count(), agg).where(*conds)).one()
-            ids = set(joined.split(sep)) if joined else set()
-            if len(ids) != n:
-                ids = set(conn.execute(select(us.id).where(*conds)).scalars())
-            return ids
+        """Ids of the stored ticks in that scope (see :meth:`scoped_ticks`)."""
+        return {t.id for t, _, _ in self.scoped_ticks(first_bucket, last_bucket, lo_ms, hi_ms, orgs)}
 
     def sample_sources(
         self,
@@ -180,14 +172,8 @@ class LedgerQueries(SqlStore):
         hi_ms: int | None = None,
         orgs: Sequence[str] | None = None,
     ) -> list[tuple[str, int, int]]:
-        """``(id, partition, offset)`` each sample of that scope (see :meth:`sample_ids`) was ingested from."""
-        us = usage_samples.c
-        conds = self._sample_scope(first_bucket, last_bucket, lo_ms, hi_ms, orgs)
-        with self.engine.connect() as conn:
-            return [
-                (r[0], int(r[1]), int(r[2]))
-                for r in conn.execute(select(us.id, us.src_partition, us.src_offset).where(*conds))
-            ]
+        """``(id, partition, offset)`` each stored tick of that scope (see :meth:`scoped_ticks`) was read from."""
+        return [(t.id, p, o) for t, p, o in self.scoped_ticks(first_bucket, last_bucket, lo_ms, hi_ms, orgs)]
 
     def billed_by_key(
         self, first_bucket: int, last_bucket: int, orgs: Sequence[str] | None = None
@@ -214,23 +200,29 @@ class LedgerQueries(SqlStore):
         return out
 
     def open_ticks(self, first_bucket: int, last_bucket: int, orgs: Sequence[str] | None = None) -> list[Tick]:
-        """The samples of buckets ``[first_bucket, last_bucket]`` (of ``orgs`` when given) not aggregated into
-        meter rows yet, as ticks."""
-        us = usage_samples.c
-        q = select(
-            us.id,
-            us.org_id,
-            us.sandbox_id,
-            us.worker_id,
-            us.cell_id,
-            us.memory_mb,
-            us.cpu_count,
-            us.interval_s,
-            us.ts_ms,
-        ).where(not_aggregated(), us.bucket_start >= first_bucket, us.bucket_start <= last_bucket)
-        if orgs:
-            q = q.where(us.org_id.in_(list(orgs)))
+        """The ticks of buckets ``[first_bucket, last_bucket]`` (of ``orgs`` when given) not aggregated into
+        meter rows yet."""
+        wanted = set(orgs) if orgs else None
         with self.engine.connect() as conn:
             return [
-                Tick(r[0], r[1], r[2], r[3], r[4], int(r[5]), int(r[6]), int(r[7]), int(r[8])) for r in conn.execute(q)
+                t
+                for batch in _batches(conn, first_bucket, last_bucket, open_only=True)
+                for t in batch.ticks
+                if wanted is None or t.org_id in wanted
             ]
+
+
+def _batches(
+    conn: Connection, first_bucket: int | None = None, last_bucket: int | None = None, *, open_only: bool = False
+) -> Iterator[StoredBatch]:
+    """The stored batches of buckets ``[first_bucket, last_bucket]`` (all when not given), decoded, in
+    bucket and seq order; ``open_only``: only those not aggregated yet."""
+    tb = tick_batches.c
+    q = select(tb.seq, tb.bucket_start, tb.data).order_by(tb.bucket_start, tb.seq)
+    if first_bucket is not None:
+        q = q.where(tb.bucket_start >= first_bucket)
+    if last_bucket is not None:
+        q = q.where(tb.bucket_start <= last_bucket)
+    if open_only:
+        q = q.where(not_aggregated())
+    yield from decode_rows(conn.execute(q.execution_options(yield_per=256)))

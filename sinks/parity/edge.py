@@ -1,15 +1,18 @@
-"""The edge side: the sums of usage samples per bucket and org, kept incrementally in ``parity_edge`` (each
-sample added exactly once), and the edge query that adds the few samples above the kept cursor."""
+"""The edge side: the sums of stored ticks per bucket and org, kept incrementally in ``parity_edge`` (each
+tick batch added exactly once), and the edge read that adds the few batches above the kept cursor."""
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
-from sqlalchemy import func, select, text, union_all
+from sqlalchemy import Connection, func, literal, null, select, text, union_all
 
+from sinks.ledger.batches import decode_batch, decode_rows
 from sinks.parity.base import ParityBase
-from sinks.schema import parity_edge, parity_state, usage_samples
+from sinks.schema import parity_edge, parity_state, tick_batches
 
 __all__ = ["EDGE_UPTO", "EdgeSide"]
 
@@ -22,70 +25,78 @@ _ADVISORY_LOCK_PARITY_EDGE: Final = 0x6564676570617269  # "edgepari": one edge a
 class EdgeSide(ParityBase):
     """The edge side's kept sums and its query."""
 
-    def _edge_query(self, lo_s: int, hi_s: int, *, by_bucket: bool) -> Any:
-        """The edge side per org (and bucket): rows ``org_id, [bucket_start,] n, mbs``.
+    def _edge_sums(
+        self, conn: Connection, lo_s: int, hi_s: int, *, by_bucket: bool
+    ) -> Iterator[tuple[str, int, int, int]]:
+        """The edge side per org (and bucket): ``(org_id, bucket_start or lo_s, ticks, MB-s)``.
 
         Per bucket it is one statement (so one snapshot, on PostgreSQL too): the kept sums in
-        ``parity_edge`` plus the samples above ``edge_upto_seq`` (the few since the last advance, found
+        ``parity_edge`` beside the batches above ``edge_upto_seq`` (the few since the last advance, found
         through the ``seq`` primary key: ``bucket_start + 0`` keeps the planner off the bucket index,
-        which would walk whole hours). An arbitrary window is one scan of its samples by bucket and time.
-        Orgs that are not pro are dropped by the caller.
+        which would walk whole hours), which are decoded and added here. An arbitrary window is one scan
+        of its buckets' batches, ticks filtered by time. Orgs that are not pro are dropped by the caller.
         """
-        us = usage_samples.c
-        mbs = func.sum(us.memory_mb * us.interval_s)
+        tb = tick_batches.c
         if not by_bucket:
-            return (
-                select(us.org_id, func.count().label("n"), mbs.label("mbs"))
-                .where(
-                    us.bucket_start >= self._bucket(lo_s * 1000),
-                    us.bucket_start < hi_s,
-                    us.ts_ms >= lo_s * 1000,
-                    us.ts_ms < hi_s * 1000,
-                )
-                .group_by(us.org_id)
+            q = select(tb.seq, tb.bucket_start, tb.data).where(
+                tb.bucket_start >= self._bucket(lo_s * 1000), tb.bucket_start < hi_s
             )
+            lo_ms, hi_ms = lo_s * 1000, hi_s * 1000
+            window: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+            for batch in decode_rows(conn.execute(q)):
+                for t in batch.ticks:
+                    if lo_ms <= t.ts_ms < hi_ms:
+                        w = window[t.org_id]
+                        w[0] += 1
+                        w[1] += t.memory_mb * t.interval_s
+            for org, (n, mbs) in window.items():
+                yield org, lo_s, n, mbs
+            return
         pe = parity_edge.c
         ps = parity_state.c
         upto = select(func.coalesce(func.max(ps.value), 0)).where(ps.name == EDGE_UPTO).scalar_subquery()
-        kept = select(pe.org_id, pe.bucket_start, pe.samples.label("n"), pe.edge_mb_s.label("mbs")).where(
-            pe.bucket_start >= lo_s, pe.bucket_start < hi_s
-        )
-        tail = (
-            select(us.org_id, us.bucket_start, func.count().label("n"), mbs.label("mbs"))
-            .where(us.seq > upto, us.bucket_start + 0 >= lo_s, us.bucket_start + 0 < hi_s)
-            .group_by(us.org_id, us.bucket_start)
-        )
-        both = union_all(kept, tail).subquery()
-        return select(
-            both.c.org_id, both.c.bucket_start, func.sum(both.c.n).label("n"), func.sum(both.c.mbs).label("mbs")
-        ).group_by(both.c.org_id, both.c.bucket_start)
+        kept = select(
+            pe.org_id, pe.bucket_start, pe.samples.label("n"), pe.edge_mb_s.label("mbs"), null().label("data")
+        ).where(pe.bucket_start >= lo_s, pe.bucket_start < hi_s)
+        tail = select(
+            literal("").label("org_id"), tb.bucket_start, literal(0).label("n"), literal(0).label("mbs"), tb.data
+        ).where(tb.seq > upto, tb.bucket_start + 0 >= lo_s, tb.bucket_start + 0 < hi_s)
+        sums: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
+        for org, b, n, mbs, data in conn.execute(union_all(kept, tail)):
+            if data is None:
+                slot = sums[(org, int(b))]
+                slot[0] += int(n)
+                slot[1] += int(mbs or 0)
+            else:
+                _add_ticks(sums, [decode_batch(0, int(b), data)])
+        for (org, b), (n, mbs) in sums.items():
+            yield org, b, n, mbs
 
     def _settled_seq(self) -> int:
-        """``max(seq)``, at or below which no sample can still appear: SQLite hands out ``seq`` in commit
-        order (one writer); PostgreSQL reads it under a momentary ``LOCK TABLE usage_samples IN SHARE
+        """``max(seq)``, at or below which no batch can still appear: SQLite hands out ``seq`` in commit
+        order (one writer); PostgreSQL reads it under a momentary ``LOCK TABLE tick_batches IN SHARE
         MODE``, which waits for in-flight ingest (the closer holds the same lock for its whole run)."""
-        top = select(func.max(usage_samples.c.seq))
+        top = select(func.max(tick_batches.c.seq))
         if self._dialect != "postgresql":
             with self.engine.connect() as conn:
                 return int(conn.execute(top).scalar_one_or_none() or 0)
         with self._w.begin() as conn:
-            conn.execute(text("LOCK TABLE usage_samples IN SHARE MODE"))
+            conn.execute(text("LOCK TABLE tick_batches IN SHARE MODE"))
             return int(conn.execute(top).scalar_one_or_none() or 0)
 
     def advance_edge(self) -> int:
-        """Add the samples with ``seq`` in ``(edge_upto_seq, S]`` to ``parity_edge``; returns the new
+        """Add the batches with ``seq`` in ``(edge_upto_seq, S]`` to ``parity_edge``; returns the new
         ``edge_upto_seq``. The sums are computed without the writer lock, so ingest is held up only for
         the few rows written at the end.
 
-        In order: (1) ``S`` = :meth:`_settled_seq`, a ``seq`` at or below which no sample can still
+        In order: (1) ``S`` = :meth:`_settled_seq`, a ``seq`` at or below which no batch can still
         appear; (2) read ``edge_upto_seq`` and sum ``(edge_upto_seq, S]`` per (bucket, org) in a read
         transaction; (3) one write transaction: (PostgreSQL: an advisory lock) re-read ``edge_upto_seq``
         and stop if another refresher moved it meanwhile, upsert the sums adding to the kept ones, store
         ``edge_upto_seq = S``, commit. A crash before that commit leaves sums and cursor as they were (the
-        next refresh adds the range); they commit together, so no sample is ever added twice or skipped.
-        Samples are never updated or deleted, so a kept sum stays true.
+        next refresh adds the range); they commit together, so no batch is ever added twice or skipped.
+        Batches are never updated (retention deletes only batches already added), so a kept sum stays true.
         """
-        us = usage_samples.c
         pe = parity_edge.c
         ps = parity_state.c
         upto_q = select(ps.value).where(ps.name == EDGE_UPTO)
@@ -94,18 +105,13 @@ class EdgeSide(ParityBase):
             upto = int(conn.execute(upto_q).scalar_one_or_none() or 0)
             if target <= upto:
                 return upto
+            acc: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
+            tb = tick_batches.c
+            q = select(tb.seq, tb.bucket_start, tb.data).where(tb.seq > upto, tb.seq <= target)
+            _add_ticks(acc, decode_rows(conn.execute(q.execution_options(yield_per=256))))
             sums = [
-                {"bucket_start": int(r.bucket_start), "org_id": r.org_id, "samples": int(r.n), "edge_mb_s": int(r.mbs)}
-                for r in conn.execute(
-                    select(
-                        us.bucket_start,
-                        us.org_id,
-                        func.count().label("n"),
-                        func.sum(us.memory_mb * us.interval_s).label("mbs"),
-                    )
-                    .where(us.seq > upto, us.seq <= target)
-                    .group_by(us.bucket_start, us.org_id)
-                )
+                {"bucket_start": b, "org_id": org, "samples": n, "edge_mb_s": mbs}
+                for (org, b), (n, mbs) in sorted(acc.items(), key=lambda kv: (kv[0][1], kv[0][0]))
             ]
         with self._w.begin() as conn:
             if self._dialect == "postgresql":
@@ -127,3 +133,13 @@ class EdgeSide(ParityBase):
             self._set_state(conn, {EDGE_UPTO: target})
         log.debug("parity: edge sums advanced from seq %d to %d (%d bucket-org sums)", upto, target, len(sums))
         return target
+
+
+def _add_ticks(sums: dict[tuple[str, int], list[int]], batches: Iterable[Any]) -> None:
+    """Add the ticks of decoded batches to ``(org, bucket) -> [ticks, MB-s]``."""
+    for batch in batches:
+        b = batch.bucket_start
+        for t in batch.ticks:
+            slot = sums[(t.org_id, b)]
+            slot[0] += 1
+            slot[1] += t.memory_mb * t.interval_s

@@ -56,13 +56,12 @@ class Measuring(EdgeSide):
         ci = cell_intervals.c
         slack_ms = slack_s * 1000
         out: dict[tuple[str, int], Measure] = {}
-        for r in conn.execute(self._edge_query(lo_s, hi_s, by_bucket=by_bucket)):
-            if r.org_id not in pro:
+        for org, start, n, mbs in self._edge_sums(conn, lo_s, hi_s, by_bucket=by_bucket):
+            if org not in pro:
                 continue
-            start = int(r.bucket_start) if by_bucket else lo_s
-            m = out.setdefault((r.org_id, start), Measure())
-            m.samples += int(r.n)
-            m.edge_mb_s += int(r.mbs or 0)
+            m = out.setdefault((org, start), Measure())
+            m.samples += n
+            m.edge_mb_s += mbs
         for i in range(0, len(orgs), CHUNK):
             chunk = orgs[i : i + CHUNK]
             ivs = [

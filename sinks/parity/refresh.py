@@ -29,7 +29,7 @@ from models.watermark import last_closable_bucket, watermark
 from sinks.base import PendingAlert
 from sinks.parity.base import ParityConfig
 from sinks.parity.measure import Measuring
-from sinks.schema import close_runs, parity_alerts, parity_dirty, usage_parity, usage_samples
+from sinks.schema import close_runs, parity_alerts, parity_dirty, tick_batches, usage_parity
 
 __all__ = ["PendingAlert", "RefreshResult", "RefreshState", "Refresher"]
 
@@ -41,7 +41,7 @@ class RefreshState:
     """The refresher's in-memory cursors (one per process; a fresh one rebuilds the lookback window)."""
 
     policies: dict[str, tuple[tuple[int, str], ...]] | None = None
-    close_cursor: int | None = None  # insertion seq of usage_samples seen (see :mod:`sinks.parity`)
+    close_cursor: int | None = None  # insertion seq of tick_batches seen (see :mod:`sinks.parity`)
 
 
 @dataclass(slots=True)
@@ -144,7 +144,7 @@ class Refresher(Measuring):
         current = self._bucket(now)
         lookback_lo = current - (cfg.lookback_seconds // size) * size
         self.advance_edge()
-        us = usage_samples.c
+        tb = tick_batches.c
         with self.engine.connect() as conn:
             hists, prints = self._histories(conn)
             consistent = (
@@ -158,7 +158,7 @@ class Refresher(Measuring):
                 buckets.update(
                     int(b)
                     for b in conn.execute(
-                        select(us.bucket_start).where(us.seq > state.close_cursor).distinct()
+                        select(tb.bucket_start).where(tb.seq > state.close_cursor).distinct()
                     ).scalars()
                 )
             dirty = {int(r.bucket_start): int(r.version) for r in conn.execute(select(parity_dirty))}

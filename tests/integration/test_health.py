@@ -56,12 +56,12 @@ def ticks(prefix: str, n: int, org: str = "o1") -> list[tuple[bytes, bytes, int]
 
 @contextmanager
 def ledger_locked(engine: Any) -> Iterator[None]:
-    """Hold the ledger's write lock (SQLite) or a lock on the samples table that refuses writers but not
+    """Hold the ledger's write lock (SQLite) or a lock on the tick table that refuses writers but not
     readers (PostgreSQL): every ingest write waits, as behind a stuck transaction."""
     with engine.execution_options(sqlite_write=True).connect() as conn:
         tx = conn.begin()  # BEGIN IMMEDIATE on SQLite: the write lock
         if engine.dialect.name == "postgresql":
-            conn.exec_driver_sql("LOCK TABLE usage_samples IN EXCLUSIVE MODE")
+            conn.exec_driver_sql("LOCK TABLE tick_batches IN EXCLUSIVE MODE")
         try:
             yield
         finally:

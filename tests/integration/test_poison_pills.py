@@ -2,7 +2,8 @@
 
 * a record the parser refuses — 5 MB of garbage, a 1.1 MB envelope, a 10,000-character sandbox id, a NUL —
   is dead-lettered (a bounded copy when too large for a producer request) and the ticks after it are billed;
-* a tick the *database* refuses is isolated from its batch and dead-lettered with the database's reason;
+* a tick the *database* refuses is isolated from its batch and dead-lettered with the database's reason (and
+  one the ledger itself refuses, with the ledger's);
 * a database that is down is retried, never dead-lettered; a dead letter that cannot be written stops
   ingestion where it is (not ready) and nothing after it is written until it is.
 """
@@ -44,18 +45,21 @@ def tick_env(tid: str, org: str = "o1", memory: int = 1024, interval: int = 20, 
     return {"id": tid, "org_id": org, "payload": {"interval_s": interval, "memory_mb": memory}, "timestamp": TS} | over
 
 
-def refuse_org_prefix(engine: Engine, prefix: str) -> None:
-    """Make the database itself refuse ticks of orgs starting with ``prefix`` (a data error, like a real one)."""
+POISON_TS = "2026-09-21T09:30:00Z"  # the hour the database refuses in these tests
+POISON_BUCKET = 1_789_981_200 // H * H
+
+
+def refuse_bucket(engine: Engine, bucket: int) -> None:
+    """Make the database itself refuse to store ticks of one bucket (a data error, like a real one)."""
     with engine.begin() as conn:
         if engine.dialect.name == "sqlite":
             conn.exec_driver_sql(
-                "CREATE TRIGGER refuse_test_org BEFORE INSERT ON usage_samples "
-                f"WHEN NEW.org_id LIKE '{prefix}%' BEGIN SELECT RAISE(ABORT, 'org refused by the test'); END"
+                "CREATE TRIGGER refuse_test_bucket BEFORE INSERT ON tick_batches "
+                f"WHEN NEW.bucket_start = {bucket} BEGIN SELECT RAISE(ABORT, 'bucket refused by the test'); END"
             )
         else:
             conn.exec_driver_sql(
-                "ALTER TABLE usage_samples ADD CONSTRAINT refuse_test_org "
-                f"CHECK (left(org_id, {len(prefix)}) <> '{prefix}')"
+                f"ALTER TABLE tick_batches ADD CONSTRAINT refuse_test_bucket CHECK (bucket_start <> {bucket})"
             )
 
 
@@ -78,13 +82,13 @@ def pipeline(ledger: Ledger) -> Pipeline:
 
 
 def test_a_tick_the_database_refuses_is_isolated_and_the_rest_of_its_batch_written(ledger: Ledger) -> None:
-    refuse_org_prefix(ledger.engine, "poison")
+    refuse_bucket(ledger.engine, POISON_BUCKET)
     pipe = pipeline(ledger)
-    poison_elem = tick_env("p1", org="poison-a")
+    poison_elem = tick_env("p1", org="poison-a", timestamp=POISON_TS)
     records = [
         RawRecord(0, 10, b"o1", orjson.dumps(tick_env("g1"))),
         RawRecord(0, 11, b"o1", orjson.dumps([tick_env("g2"), poison_elem, tick_env("g3", memory=2048)])),
-        RawRecord(1, 5, b"p", orjson.dumps(tick_env("p2", org="poison-b"))),
+        RawRecord(1, 5, b"p", orjson.dumps(tick_env("p2", org="poison-b", timestamp=POISON_TS))),
         *[RawRecord(1, 6 + i, b"o2", orjson.dumps(tick_env(f"h{i}", org="o2", memory=512))) for i in range(40)],
     ]
     batch = prepare_ingest(records, "usage-ticks", NOW_MS)
@@ -112,8 +116,9 @@ def test_a_tick_the_database_refuses_is_isolated_and_the_rest_of_its_batch_writt
     assert {(p.partition, p.committed_offset) for p in ledger.partition_states()} == {(0, 11), (1, 45)}
 
 
-def test_what_only_postgresql_refuses_is_why_the_parser_refuses_it(ledger: Ledger) -> None:
-    """Ticks the parser used to let through (it refuses them now): SQLite stores them, PostgreSQL does not."""
+def test_what_the_parser_refuses_the_ledger_refuses_too(ledger: Ledger) -> None:
+    """Ticks the parser refuses, handed to the ledger by another writer: it refuses them itself, with its
+    reason, on every database (a NUL or an overlong id would otherwise reach the meter rows)."""
     pipe = pipeline(ledger)
     ok = [SourcedTick(Tick(f"g{i}", "o1", "sb", "w", "c", 1024, 1, 20, NOW_MS - H * 1000), 0, i) for i in range(9)]
     long_sandbox = SourcedTick(Tick("long", "o1", "s" * 10_000, "w", "c", 1024, 1, 20, NOW_MS - H * 1000), 0, 9)
@@ -122,14 +127,11 @@ def test_what_only_postgresql_refuses_is_why_the_parser_refuses_it(ledger: Ledge
     batch = IngestBatch(ticks=[*ok[:4], long_sandbox, *ok[4:], nul_org], progress={0: (10, None)}, records=records)
     plan = WritePlan(batch)
     pipe.write_step(plan)
-    if ledger.engine.dialect.name == "postgresql":
-        assert {st.tick.id: why.split(":")[0] for st, why in plan.refused} == {
-            "long": "StringDataRightTruncation",
-            "nul": "DataError",
-        }
-        assert ledger.sample_totals() == {"o1": (9, 9 * 20 * 1024)}
-    else:
-        assert plan.refused == [] and not plan.isolating  # SQLite would have billed them
+    assert {st.tick.id: why for st, why in plan.refused} == {
+        "long": "TickRefused: sandbox_id is longer than 255 characters",
+        "nul": "TickRefused: org_id contains a NUL character",
+    }
+    assert ledger.sample_totals() == {"o1": (9, 9 * 20 * 1024)}
 
 
 # -------------------------------------------------------- the write path's order, retries and stop
@@ -248,7 +250,7 @@ def _readyz(port: int) -> tuple[int, dict[str, Any]]:
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_poison_records_cost_only_themselves_in_a_running_worker(make_stack: Any, database: str) -> None:
     stack = make_stack(database=database)
-    refuse_org_prefix(stack.ledger.engine, "poison")
+    refuse_bucket(stack.ledger.engine, POISON_BUCKET)
     stack.start_worker()
     topic = stack.topic("usage-ticks")
     garbage = b"\xff\x00 not json " * (5 * 1024 * 1024 // 14)  # ~5 MB
@@ -256,14 +258,18 @@ def test_poison_records_cost_only_themselves_in_a_running_worker(make_stack: Any
     long_sandbox = orjson.dumps(tick_env("long", sandbox_id="s" * 10_000))
     nul_org = orjson.dumps(tick_env("nul", org="o\x001"))
     refused = orjson.dumps(
-        [tick_env("r-ok1", org="o2"), tick_env("r-bad", org="poison-x"), tick_env("r-ok2", org="o2")]
+        [
+            tick_env("r-ok1", org="o2"),
+            tick_env("r-bad", org="poison-x", timestamp=POISON_TS),
+            tick_env("r-ok2", org="o2"),
+        ]
     )
     expected = {
         "not_json": garbage,
         "bad_timestamp": big_invalid,
         "sandbox_id_too_long": long_sandbox,
         "org_id_contains_nul": nul_org,
-        "ledger_refused": orjson.dumps(tick_env("r-bad", org="poison-x")),
+        "ledger_refused": orjson.dumps(tick_env("r-bad", org="poison-x", timestamp=POISON_TS)),
     }
     good = 0
     for i, bad in enumerate([garbage, big_invalid, long_sandbox, nul_org, refused]):

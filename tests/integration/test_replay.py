@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import delete
+from ledger_surgery import delete_tick
 
 from infra.kafka_io import publish_sync
 from infra.replay import ReplayRefused, ReplayResult, ReplaySpec, apply_missing, run_replay
@@ -27,7 +27,7 @@ from models.billing import UNIFIED_METER
 from models.policy import OrgPolicy
 from models.ticks import Tick, parse_record
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
-from sinks.schema import cell_intervals, make_engine, migrate, usage_samples
+from sinks.schema import cell_intervals, make_engine, migrate
 
 pytestmark = pytest.mark.integration
 
@@ -381,8 +381,7 @@ def test_apply_refuses_what_it_cannot_fix(
 
     # Samples deleted after their bucket was billed look missing, but the rows already count them:
     # applying would bill them twice.
-    with led.engine.begin() as conn:
-        conn.execute(delete(usage_samples).where(usage_samples.c.id == "u:1:0"))
+    assert delete_tick(led.engine, "u:1:0") == 1
     result = _replay(led, kafka_bootstrap, topic)
     assert result.report.missing_ids == ["u:1:0"] and result.report.counts["differing_keys"] == 0
     with pytest.raises(ReplayRefused, match="bill twice"):
@@ -429,8 +428,7 @@ def test_cli_dry_run_exit_codes_json_and_apply(
     assert json.loads(res.stdout)["clean"]
 
     # A sample deleted after it was billed: reported (1), and --apply refuses to bill it twice (2).
-    with led.engine.begin() as conn:
-        conn.execute(delete(usage_samples).where(usage_samples.c.id == "u:1:0"))
+    assert delete_tick(led.engine, "u:1:0") == 1
     assert runner.invoke(cli, ["replay"], env=env).exit_code == 1
     res = runner.invoke(cli, ["replay", "--apply", "--json"], env=env)
     assert res.exit_code == 2, res.output

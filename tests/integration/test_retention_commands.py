@@ -169,7 +169,7 @@ def test_ledger_summary_shows_the_sizes_and_what_retention_would_free_and_compac
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     tables = {t["table"]: t for t in doc["tables"]}
-    assert tables["usage_samples"]["rows"] == 48 and tables["usage_samples"]["bytes"] > 0
+    assert doc["ticks"]["stored"] == 48 and tables["tick_batches"]["rows"] > 0 and tables["tick_batches"]["bytes"] > 0
     ret = doc["retention"]
     assert ret["enabled"] and ret["days"] == DEFAULT_RETENTION_DAYS and ret["horizon_s"] == 0
     assert (ret["buckets"], ret["samples"], ret["new_horizon_s"]) == (3, 24, old + 3 * H)
@@ -186,7 +186,7 @@ def test_ledger_summary_shows_the_sizes_and_what_retention_would_free_and_compac
     out = json.loads(done.stdout)
     assert (out["samples"], out["buckets"], out["horizon_s"], out["complete"]) == (24, 3, old + 3 * H, True)
     after = json.loads(_cli(url, "ledger", "--summary", "--json").stdout)
-    assert {t["table"]: t for t in after["tables"]}["usage_samples"]["rows"] == 24
+    assert after["ticks"]["stored"] == 24
     assert after["retention"]["horizon_s"] == old + 3 * H and after["retention"]["samples"] == 0
 
     # Usage errors: exit 2, one line.

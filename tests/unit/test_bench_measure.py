@@ -107,7 +107,7 @@ def test_sqlite_bytes_measures_the_ledger_file_and_wal_and_each_table(tmp_path: 
     assert sizes["db_bytes"] == (tmp_path / "l.db").stat().st_size
     assert sizes["before_checkpoint_bytes"] >= sizes["db_bytes"]
     tables = sizes["tables"]
-    assert tables["usage_samples"] > 5000 * 20  # a row per tick
+    assert 0 < tables["tick_batches"] < 5000 * 24  # ticks as compressed batches, not a row per tick
     assert sum(tables.values()) == sizes["db_bytes"]  # dbstat accounts for every page of the file
 
 
@@ -115,14 +115,15 @@ def test_ledger_bytes_retires_every_tick_and_measures_what_is_left(tmp_path: Pat
     with WorkerStack(bootstrap="127.0.0.1:9", database_url=f"sqlite:///{tmp_path / 'l.db'}", logdir=tmp_path) as st:
         ts = (int(time.time()) // 3600 - 3) * 3600 * 1000
         ticks = [
-            SourcedTick(Tick(f"t{i}", "org", "sb", "w", "c", 1024, 2, 20, ts + i * 1400), 0, i) for i in range(5000)
+            SourcedTick(Tick(f"t{i}", "org", f"sb{i % 500}", "w", "c", 1024, 2, 20, ts + i * 35), 0, i)
+            for i in range(200_000)
         ]
-        st.ledger.write_ticks("usage-ticks", ticks, bucket_seconds=3600, progress={0: (5000, None)})
+        st.ledger.write_ticks("usage-ticks", ticks, bucket_seconds=3600, progress={0: (200_000, None)})
         st.ledger.close(int(time.time() * 1000), CloseConfig(3600, 600, shadow=True, bill_from=0))
         sizes = sqlite_bytes_and_retention(st)
     ret = sizes["retention"]
-    assert (ret["samples_deleted"], ret["buckets"], ret["held"]) == (5000, 2, {})
-    assert ret["samples_bytes_before"] > 5000 * 20 and ret["samples_bytes_after"] <= 0.05 * ret["samples_bytes_before"]
+    assert (ret["samples_deleted"], ret["buckets"], ret["held"]) == (200_000, 2, {})
+    assert ret["samples_bytes_before"] > 200_000 and ret["samples_bytes_after"] <= 0.05 * ret["samples_bytes_before"]
     assert ret["file_bytes_after"] == sizes["db_bytes"]  # the file keeps its size: its pages are reused
     assert ret["in_use_bytes_after"] <= sizes["db_bytes"] - 0.95 * ret["samples_bytes_before"]
 
