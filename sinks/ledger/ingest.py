@@ -94,13 +94,14 @@ def unstorable(ticks: Sequence[SourcedTick]) -> dict[str, str]:
     for st in ticks:
         t = st[0]
         for i, name, limit in _STRING_AT:
-            v = t[i]
+            v = str(t[i])
             if len(v) > limit:
                 out[t.id] = f"{name} is longer than {limit} characters"
             elif "\x00" in v:
                 out[t.id] = f"{name} contains a NUL character"
         for i, name, limit in _INT_AT:
-            if not 0 <= t[i] <= limit:
+            n = t[i]
+            if not isinstance(n, int) or not 0 <= n <= limit:
                 out[t.id] = f"{name} is out of range (0 to {limit})"
     return out
 

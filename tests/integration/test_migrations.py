@@ -96,7 +96,7 @@ def test_0010_turns_samples_into_batches_and_keeps_every_cursor(db_url: str) -> 
             for seq, b in layout:
                 conn.execute(
                     text(
-                        f"INSERT INTO usage_samples ({cols}) VALUES (:seq, :id, 'o', 'sb', 'w', 'c', 1024, 1, 20, "  # noqa: S608
+                        f"INSERT INTO usage_samples ({cols}) VALUES (:seq, :id, 'o', 'sb', 'w', 'c', 1024, 1, 20, "
                         ":ts, :b, :p, :off)"
                     ),
                     {"seq": seq, "id": f"t{seq}", "ts": (b + 60 * seq) * 1000, "b": b, "p": seq % 2, "off": seq},
