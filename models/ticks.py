@@ -473,11 +473,12 @@ def parse_record(raw: bytes | None, *, max_ts_ms: int | None = None) -> ParsedRe
     return validate_record(raw, max_ts_ms=max_ts_ms)
 
 
-def locate_envelope(raw: bytes | None, tick_id: str) -> tuple[bytes, int | None]:
+def locate_envelope(raw: bytes | None, tick_id: str, occurrence: int = 0) -> tuple[bytes, int | None]:
     """The bytes to dead-letter for tick ``tick_id`` of record ``raw``, and its array index.
 
-    For a tick the parser accepted but the ledger later refused: inside an array record, the first element
-    whose ``id`` is ``tick_id`` (re-serialized, with its index); otherwise the whole record. Never raises.
+    For a tick the parser accepted but the ledger later refused: inside an array record, the element whose
+    ``id`` is ``tick_id`` (the ``occurrence``-th such, from 0; the last one if there are fewer), re-serialized,
+    with its index; otherwise the whole record. Never raises.
     """
     data = raw or b""
     try:
@@ -485,9 +486,10 @@ def locate_envelope(raw: bytes | None, tick_id: str) -> tuple[bytes, int | None]
     except orjson.JSONDecodeError:
         return data, None
     if isinstance(doc, list):
-        for i, env in enumerate(doc):
-            if isinstance(env, dict) and env.get("id") == tick_id:
-                return _element_bytes(env, data), i
+        found = [(i, env) for i, env in enumerate(doc) if isinstance(env, dict) and env.get("id") == tick_id]
+        if found:
+            i, env = found[min(occurrence, len(found) - 1)]
+            return _element_bytes(env, data), i
     return data, None
 
 

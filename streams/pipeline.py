@@ -373,7 +373,15 @@ class Pipeline:
             if rec is None:  # cannot happen: every tick comes from a record of its batch
                 continue
             mine, kept = c.fingerprints
-            raw, index = locate_envelope(rec.value, c.tick.tick.id)
+            pos = next((i for i, x in enumerate(plan.batch.ticks) if x is c.tick), 0)
+            tid = c.tick.tick.id
+            # which element of its record: copies of one id in one array record are told apart by position
+            same = sum(
+                1
+                for x in plan.batch.ticks[:pos]
+                if x.tick.id == tid and (x.partition, x.offset) == (c.tick.partition, c.tick.offset)
+            )
+            raw, index = locate_envelope(rec.value, tid, same)
             kept_at = f"{topic}/{c.kept.partition}/{c.kept.offset}"
             why = f"id {c.tick.tick.id!r} is stored with payload {kept} (read at {kept_at}); this copy has {mine}"
             d = dead_letter(rec, topic, CONFLICTING_DUPLICATE, raw, index, detail=why)

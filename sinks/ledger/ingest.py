@@ -233,6 +233,7 @@ class LedgerIngest(SqlStore):
                     cur.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_INGEST,))
                 if by_bucket:
                     self.dedup.sync(cur, param)
+                stored: dict[tuple[int, str], SourcedTick | None] = {}  # ids held before: their kept copy
                 for b in sorted(by_bucket):
                     held = self.dedup.bucket(cur, param, b)
                     fresh: list[SourcedTick] = []
@@ -241,7 +242,7 @@ class LedgerIngest(SqlStore):
                         if kept_seq is None:
                             fresh.append(st)
                             continue
-                        kept = self._kept_copy(cur, param, kept_seq, tid)
+                        kept = stored[(b, tid)] = self._kept_copy(cur, param, kept_seq, tid)
                         if kept is not None and kept.tick[1:] != st.tick[1:]:
                             conflicts.append(Conflict(st, kept))
                     if not fresh:
@@ -250,9 +251,11 @@ class LedgerIngest(SqlStore):
                     added[b] = dict.fromkeys((st.tick.id for st in fresh), seq)
                     inserted += len(fresh)
                     top = max(top, seq)
-                for st in again:  # a later copy inside this batch: compared with the batch's first copy
-                    first = by_bucket[bucket_start(st.tick.ts_ms, bucket_seconds)][st.tick.id]
-                    if first.tick[1:] != st.tick[1:]:
+                for st in again:  # a later copy inside this batch: compared with the copy that counts
+                    b = bucket_start(st.tick.ts_ms, bucket_seconds)
+                    key = (b, st.tick.id)
+                    first = stored[key] if key in stored else by_bucket[b][st.tick.id]
+                    if first is not None and first.tick[1:] != st.tick[1:]:
                         conflicts.append(Conflict(st, first))
             finally:
                 cur.close()

@@ -119,7 +119,9 @@ def _pro_everyone(url: str) -> None:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sc=scenarios())
-def test_billed_totals_equal_the_unique_ticks_whatever_the_batching_sqlite(shared_url: str, sc: dict[str, object]) -> None:
+def test_billed_totals_equal_the_unique_ticks_whatever_the_batching_sqlite(
+    shared_url: str, sc: dict[str, object]
+) -> None:
     if next(_prepared_sqlite):
         _pro_everyone(shared_url)
     _run(shared_url, sc)
