@@ -253,8 +253,8 @@ class LedgerIngest(SqlStore):
                     top = max(top, seq)
                 for st in again:  # a later copy inside this batch: compared with the copy that counts
                     b = bucket_start(st.tick.ts_ms, bucket_seconds)
-                    key = (b, st.tick.id)
-                    first = stored[key] if key in stored else by_bucket[b][st.tick.id]
+                    at = (b, st.tick.id)
+                    first = stored[at] if at in stored else by_bucket[b][st.tick.id]
                     if first is not None and first.tick[1:] != st.tick[1:]:
                         conflicts.append(Conflict(st, first))
             finally:
