@@ -78,6 +78,8 @@ class IngestBatch:
     counts: dict[str, int] = field(default_factory=dict)
     records: Sequence[Record] = ()  # what the batch was parsed from (to dead-letter a refused tick)
     topic: str = ""
+    # Every tick passed the parser's limits (prepare_ingest): the ledger need not check them again.
+    validated: bool = False
 
 
 def prepare_ingest(records: Sequence[Record], topic: str, now_ms: int, horizon_s: int = 0) -> IngestBatch:
@@ -87,7 +89,7 @@ def prepare_ingest(records: Sequence[Record], topic: str, now_ms: int, horizon_s
     is dead-lettered as ``older_than_retention`` here; the ledger checks again against its own horizon when
     it writes (:meth:`sinks.ledger.Ledger.write_ticks`).
     """
-    out = IngestBatch(records=records, topic=topic)
+    out = IngestBatch(records=records, topic=topic, validated=True)
     rejected = ignored = read = too_old = 0
     max_ts = now_ms + FUTURE_TOLERANCE_MS
     oldest = horizon_ms(horizon_s)
@@ -272,6 +274,7 @@ class Pipeline:
                 bucket_seconds=self.close_cfg.bucket_seconds,
                 progress=batch.progress,
                 counts=batch.counts,
+                validated=batch.validated,
             )
             self.horizon_s = max(self.horizon_s, res.horizon_s)
             return list(res.too_old), list(res.conflicts)
@@ -318,7 +321,13 @@ class Pipeline:
         while plan.parts:
             part = plan.parts[-1]
             try:
-                res = led.write_ticks(self.ticks_topic, part, bucket_seconds=self.close_cfg.bucket_seconds, progress={})
+                res = led.write_ticks(
+                    self.ticks_topic,
+                    part,
+                    bucket_seconds=self.close_cfg.bucket_seconds,
+                    progress={},
+                    validated=plan.batch.validated,
+                )
             except Exception as exc:
                 if not is_record_error(exc):
                     raise
