@@ -12,8 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from test_replay import LIVE, NOW_S, _fleet, _publish, _replay, _ticks, _units, _write
-from test_replay import make_ledger, truth  # noqa: F401 - fixtures shared with the replay tests
+from test_replay import LIVE, NOW_S, _fleet, _publish, _replay, _ticks, _units, _write, make_ledger, truth  # noqa: F401 - fixtures shared with the replay tests
 
 from infra.replay import apply_missing
 
