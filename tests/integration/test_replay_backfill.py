@@ -12,7 +12,18 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from test_replay import LIVE, NOW_S, _fleet, _publish, _replay, _ticks, _units, _write, make_ledger, truth  # noqa: F401 - fixtures shared with the replay tests
+from test_replay import (  # the replay tests' fleet and helpers, and their fixtures
+    LIVE,
+    NOW_S,
+    _fleet,
+    _publish,
+    _replay,
+    _ticks,
+    _units,
+    _write,
+    make_ledger,  # noqa: F401 - a fixture
+    truth,  # noqa: F401 - a fixture
+)
 
 from infra.replay import apply_missing
 
@@ -27,8 +38,8 @@ def test_a_backfilled_newest_hour_is_closed_again_with_no_new_tick(
     kafka_bootstrap: str,
     create_topic: Callable[..., str],
     topic_name: str,
-    make_ledger: Any,
-    truth: Any,
+    make_ledger: Any,  # noqa: F811 - the fixture imported above
+    truth: Any,  # noqa: F811 - the fixture imported above
     watermark: str,
 ) -> None:
     topic = create_topic(topic_name, 4)
