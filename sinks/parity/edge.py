@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from typing import Any, Final
+from collections.abc import Iterator
+from typing import Final
 
 from sqlalchemy import Connection, func, literal, null, select, text, union_all
 
-from sinks.ledger.batches import decode_batch, decode_rows
+from sinks.ledger.batches import decode_rows, usage_by_org
 from sinks.parity.base import ParityBase
 from sinks.schema import parity_edge, parity_state, tick_batches
 
@@ -68,7 +68,10 @@ class EdgeSide(ParityBase):
                 slot[0] += int(n)
                 slot[1] += int(mbs or 0)
             else:
-                _add_ticks(sums, [decode_batch(0, int(b), data)])
+                for org, (n, mbs) in usage_by_org(data).items():
+                    slot = sums[(org, int(b))]
+                    slot[0] += n
+                    slot[1] += mbs
         for (org, b), (n, mbs) in sums.items():
             yield org, b, n, mbs
 
@@ -107,8 +110,12 @@ class EdgeSide(ParityBase):
                 return upto
             acc: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
             tb = tick_batches.c
-            q = select(tb.seq, tb.bucket_start, tb.data).where(tb.seq > upto, tb.seq <= target)
-            _add_ticks(acc, decode_rows(conn.execute(q.execution_options(yield_per=256))))
+            q = select(tb.bucket_start, tb.data).where(tb.seq > upto, tb.seq <= target)
+            for b, data in conn.execute(q.execution_options(yield_per=256)):
+                for org, (n, mbs) in usage_by_org(data).items():
+                    slot = acc[(org, int(b))]
+                    slot[0] += n
+                    slot[1] += mbs
             sums = [
                 {"bucket_start": b, "org_id": org, "samples": n, "edge_mb_s": mbs}
                 for (org, b), (n, mbs) in sorted(acc.items(), key=lambda kv: (kv[0][1], kv[0][0]))
@@ -133,13 +140,3 @@ class EdgeSide(ParityBase):
             self._set_state(conn, {EDGE_UPTO: target})
         log.debug("parity: edge sums advanced from seq %d to %d (%d bucket-org sums)", upto, target, len(sums))
         return target
-
-
-def _add_ticks(sums: dict[tuple[str, int], list[int]], batches: Iterable[Any]) -> None:
-    """Add the ticks of decoded batches to ``(org, bucket) -> [ticks, MB-s]``."""
-    for batch in batches:
-        b = batch.bucket_start
-        for t in batch.ticks:
-            slot = sums[(t.org_id, b)]
-            slot[0] += 1
-            slot[1] += t.memory_mb * t.interval_s
