@@ -101,9 +101,12 @@ class Pricer:
         groups = into.groups
         singles = into.singles
         unbilled = into.zombies
+        b, lo_ms, hi_ms = 0, 0, -1  # the last tick's bucket and its bounds: ticks come mostly bucket by bucket
         for t in ticks:
             _, org, sandbox, worker, _, mem, _, secs, ts = t  # one unpack: cheaper than six attribute reads
-            b = bs(ts, size)
+            if not lo_ms <= ts < hi_ms:
+                b = bs(ts, size)
+                lo_ms, hi_ms = b * 1000, (b + size) * 1000
             if owners and sandbox in owners and zombie(owners[sandbox], worker, ts, secs):
                 _add(unbilled, (org, b, ZOMBIE), 1, mb_seconds(mem, secs))
                 continue

@@ -112,14 +112,15 @@ class StoredBatch:
         return map(SourcedTick, self.ticks, self.partitions, self.offsets)
 
 
-def decode_batch(seq: int, bucket: int, data: bytes | memoryview) -> StoredBatch:
-    """A stored batch as ticks (exactly those :func:`encode_batch` was given, in order)."""
-    ids = decode_ids(data)
+def decode_batch(seq: int, bucket: int, data: bytes | memoryview, *, ids: bool = True) -> StoredBatch:
+    """A stored batch as ticks (exactly those :func:`encode_batch` was given, in order). ``ids=False``: the
+    ids section is not decoded and every tick's id is ``""`` (for readers that only aggregate)."""
     p = _payload(data)
+    tick_ids: Iterable[str] = decode_ids(data) if ids else repeat("", len(p[1]))
     names: list[str] = p[0]
     orgs = [names[i] for i in p[1]]
     # tuple.__new__ over zipped columns builds the NamedTuples in C: a third cheaper than calling Tick.
-    rows = zip(ids, orgs, p[2], p[3], p[4], p[5], p[6], p[7], accumulate(p[8]), strict=True)
+    rows = zip(tick_ids, orgs, p[2], p[3], p[4], p[5], p[6], p[7], accumulate(p[8]), strict=True)
     ticks: list[Tick] = list(map(tuple.__new__, repeat(Tick), rows))
     return StoredBatch(seq, bucket, ticks, p[9], list(accumulate(p[10])))
 
@@ -144,7 +145,7 @@ def usage_by_org(data: bytes | memoryview) -> dict[str, tuple[int, int]]:
     return {org: (n[i], mbs[i]) for i, org in enumerate(p[0])}
 
 
-def decode_rows(rows: Iterable[Any]) -> Iterator[StoredBatch]:
-    """Decode ``(seq, bucket_start, data)`` rows."""
+def decode_rows(rows: Iterable[Any], *, ids: bool = True) -> Iterator[StoredBatch]:
+    """Decode ``(seq, bucket_start, data)`` rows (``ids``: see :func:`decode_batch`)."""
     for seq, bucket, data in rows:
-        yield decode_batch(int(seq), int(bucket), data)
+        yield decode_batch(int(seq), int(bucket), data, ids=ids)

@@ -105,8 +105,7 @@ class DedupIndex:
         if held is None:
             return  # not held: loaded whole from storage when needed
         before = len(held)
-        for tid, seq in ids.items():
-            held.setdefault(tid, seq)
+        held.update(ids)  # batches hold new ids only: nothing held is replaced
         self._size += len(held) - before
 
     def _evict(self, keep: set[int]) -> None:
