@@ -3,8 +3,9 @@
 
 Exit codes, for every command: 0 done; 1 the command ran and found something wrong (differences, bad lines,
 invalid settings for ``check-config``); 2 the command could not run (a broker, database or Stripe that cannot
-be reached, no ledger, invalid settings, a usage error); ``reconcile`` alone has a fourth, 3: it ran and compared
-nothing (never to be read as clean). A "cannot run" error is one line naming the setting and the fix, never a
+be reached, no ledger, invalid settings, a usage error); ``reconcile`` has a fourth, 3: it ran and compared
+nothing (never to be read as clean); ``replay`` has 4: its only finding is ticks in the ledger not billed yet
+(``pending_close``, never clean either). A "cannot run" error is one line naming the setting and the fix, never a
 traceback.
 
 Commands print for humans (or ``--json``); logs and the "which ledger" line go to stderr. With ``--json``, an
@@ -243,7 +244,7 @@ def cli(verbose: bool) -> None:
 
     Settings come from EDGEBILL_* environment variables (`edgebill check-config` shows them all).
     Exit codes: 0 done, 1 the command found a problem, 2 the command could not run (`reconcile`: 3 it compared
-    nothing, which is never clean).
+    nothing; `replay`: 4 ticks wait for the closer; neither is ever clean).
     """
     _setup_logging(verbose)
 

@@ -93,8 +93,12 @@ def replay(
     Replay mends differences between the topic and the ledger. Differences between the ledger and Stripe
     (Stripe lost rows, or holds more than the ledger sent) are `edgebill reconcile --repair`'s.
 
-    Exit 0 when there is no difference (or --apply accounted for every one), 1 when there is, 2 when the
-    replay could not run (broker or ledger unreachable: one line on stderr) or --apply refused.
+    A key whose ticks are all in the ledger but not all in meter rows yet is labelled pending_close (nothing
+    was billed for those ticks; the worker's closer bills them on its next run, replay does not): never clean.
+
+    Exit 0 when there is no difference and nothing pending (or --apply accounted for every difference), 1
+    when there is a difference, 4 when the only finding is pending_close, 2 when the replay could not run
+    (broker or ledger unreachable: one line on stderr) or --apply refused.
     """
     from sqlalchemy.exc import DBAPIError
 
@@ -205,7 +209,7 @@ def replay(
         raise mark_reported(failed) if as_json else failed  # the report above says it
     if applied is not None:  # what remains after applying: differences neither the ticks nor the repairs cover
         sys.exit(1 if remaining else 0)
-    sys.exit(0 if report.clean else 1)
+    sys.exit(report.exit_code)
 
 
 def _safe(url: str) -> str:

@@ -139,7 +139,7 @@ def _compare(
             om[0] += d
             om[1] += bl
             om[2] += op
-        if kd.diff_units or kd.missing_units:
+        if kd.diff_units or kd.missing_units or (kd.compared and kd.open_units):
             keys.append(kd)
     org_meters = []
     for (org, meter), (d, bl, op) in sorted(per_om.items()):

@@ -91,6 +91,13 @@ def render_table(report: ReplayReport, limit: int = 50) -> list[str]:
     )
     if report.labels:
         out.append("(org, bucket, meter) by label: " + ", ".join(f"{k} {v:,}" for k, v in report.labels.items()))
+    waiting = report.pending_close
+    if waiting:
+        out.append(
+            f"pending_close: {len(waiting):,} (org, bucket, meter) hold {sum(k.open_units for k in waiting):,} units of "
+            "ticks the ledger has but has not put in meter rows yet (nothing billed for them): the closer bills "
+            "them on its next run; replay does not"
+        )
     if report.keys:
         out.append("")
         out.append(

@@ -11,13 +11,18 @@ from infra.replay.plan import PartitionRange
 from models.billing import meter_unit_divisor, round_value
 from sinks.ledger import SourcedTick
 
-__all__ = ["LABELS", "KeyDiff", "OrgMeterDiff", "ReplayReport", "ReplayResult"]
+__all__ = ["EXIT_PENDING_CLOSE", "LABELS", "PENDING_CLOSE", "KeyDiff", "OrgMeterDiff", "ReplayReport", "ReplayResult"]
 
 #: What a replay says of each (org, bucket, meter): the ledger agrees (``ok``); ticks are missing from it
 #: and writing them makes it agree (``missing``); it accounts for less (``under-billed``) or more
-#: (``over-billed``) than the topic's ticks, for another reason (a policy or ownership known only later).
-OK, MISSING, UNDER, OVER = "ok", "missing", "under-billed", "over-billed"
-LABELS = (OK, MISSING, UNDER, OVER)
+#: (``over-billed``) than the topic's ticks, for another reason (a policy or ownership known only later);
+#: it holds every tick but some are not in meter rows yet (``pending_close``: nothing reached Stripe for
+#: them; the closer bills them on its next run).
+OK, MISSING, UNDER, OVER, PENDING_CLOSE = "ok", "missing", "under-billed", "over-billed", "pending_close"
+LABELS = (OK, MISSING, UNDER, OVER, PENDING_CLOSE)
+
+#: Exit code of a replay whose only finding is ``pending_close`` keys (no difference, nothing billed yet).
+EXIT_PENDING_CLOSE = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +51,11 @@ class KeyDiff:
 
     @property
     def label(self) -> str:
-        """ok / missing / under-billed / over-billed (see :data:`LABELS`)."""
+        """ok / missing / under-billed / over-billed / pending_close (see :data:`LABELS`)."""
         if not self.compared:
             return MISSING if self.missing_units else OK
         if self.diff_units == 0:
-            return OK
+            return PENDING_CLOSE if self.open_units else OK
         if self.missing_units and self.diff_units == self.missing_units:
             return MISSING
         return UNDER if self.diff_units > 0 else OVER
@@ -148,9 +153,24 @@ class ReplayReport:
         return [k for k in self.keys if k.diff_units]
 
     @property
+    def pending_close(self) -> list[KeyDiff]:
+        """Compared keys that agree only because ticks not yet in meter rows are counted (nothing billed)."""
+        return [k for k in self.keys if k.label == PENDING_CLOSE]
+
+    @property
     def clean(self) -> bool:
-        """No difference: nothing missing, nothing extra, every compared (org, bucket, meter) agrees."""
-        return not self.missing_ids and not self.extra_ids and not self.differing_keys
+        """No difference and nothing waiting: nothing missing, nothing extra, every compared (org, bucket,
+        meter) agrees with what its meter rows hold (ticks not closed yet are not clean)."""
+        return not self.missing_ids and not self.extra_ids and not self.differing_keys and not self.pending_close
+
+    @property
+    def exit_code(self) -> int:
+        """0 clean, 1 differences (they win), :data:`EXIT_PENDING_CLOSE` when only pending_close keys remain."""
+        if self.clean:
+            return 0
+        if self.missing_ids or self.extra_ids or self.differing_keys:
+            return 1
+        return EXIT_PENDING_CLOSE
 
     def to_wire(self, limit: int | None = None) -> dict[str, Any]:
         lim = limit or None
@@ -169,6 +189,10 @@ class ReplayReport:
             "compared_buckets": list(self.compared_buckets) if self.compared_buckets else None,
             "counts": self.counts,
             "labels": self.labels,
+            "pending_close": {
+                "keys": len(self.pending_close),
+                "open_units": sum(k.open_units for k in self.pending_close),
+            },
             "rejected": self.rejected,
             "unbilled": {k: {"samples": v[0], "mb_seconds": v[1]} for k, v in sorted(self.unbilled.items())},
             "differences": [k.to_wire() for k in self.keys[:lim]],

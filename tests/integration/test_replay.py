@@ -416,10 +416,12 @@ def test_cli_dry_run_exit_codes_json_and_apply(
     res = runner.invoke(cli, ["replay", "--apply"], env=env)
     assert res.exit_code == 0, res.output
     assert "applied: 2 missing tick(s) written" in res.output
-    # Written, not closed yet: the open samples account for the difference ...
+    # Written, not closed yet: nothing is missing, but nothing was billed for them either (exit 4) ...
     res = runner.invoke(cli, ["replay"], env=env)
-    assert res.exit_code == 0, res.output
-    assert "missing from ledger 0" in res.output and "no difference" in res.output
+    assert res.exit_code == 4, res.output
+    assert "missing from ledger 0" in res.output and "pending_close: 2 (org, bucket, meter)" in res.output
+    waiting = json.loads(runner.invoke(cli, ["replay", "--json"], env=env).stdout)
+    assert not waiting["clean"] and waiting["pending_close"]["keys"] == 2
     # ... and once the closer billed them as corrections, the rows do.
     led.close(NOW_S * 1000, LIVE)
     assert {r["id"].rsplit(":", 1)[-1] for r in led.rows() if r["revision"]} == {"r1"}

@@ -1,9 +1,10 @@
 """A backfill of closed hours is billed, the newest hour included, although no new tick arrives after it.
 
-The worker's group skipped the second half of every hour's ticks (they are in the topic, not in the ledger);
+The worker's group skipped every other tick (they are in the topic, not in the ledger);
 every hour closed and billed short. ``replay --apply`` writes the missing ticks; then, with no tick moving
 the watermark (none at all, or one that no longer reaches the newest hour), the next close run re-closes
-every hour that gained ticks, so the ledger ends exactly at what all the ticks derive, hour by hour.
+every hour that gained ticks, so the ledger ends exactly at what all the ticks derive, hour by hour. Until
+then replay reports those hours ``pending_close`` (exit 4), never clean.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from test_replay import (  # the replay tests' fleet and helpers, and their fixt
 )
 
 from infra.replay import apply_missing
+from infra.replay.report import EXIT_PENDING_CLOSE, PENDING_CLOSE
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +48,7 @@ def test_a_backfilled_newest_hour_is_closed_again_with_no_new_tick(
     ticks = _ticks(_publish(kafka_bootstrap, topic, _fleet()))
     expected = truth(ticks)
     led = make_ledger(db_url)
-    skipped = {st.tick.id for st in ticks[len(ticks) // 2 :]}
+    skipped = {st.tick.id for st in ticks[1::2]}  # every other tick: every hour and org loses some
     _write(led, ticks, skip=skipped)
     first = led.close(NOW_S * 1000, LIVE)
     hours = sorted({b for _, b, _ in expected})
@@ -57,6 +59,16 @@ def test_a_backfilled_newest_hour_is_closed_again_with_no_new_tick(
     assert not result.report.clean and {st.tick.id for st in result.missing} == skipped
     applied = apply_missing(led, result)
     assert applied.inserted == len(result.missing) and led.open_samples() == applied.inserted
+    before = _units(led)
+
+    # Before the re-close, replay says the ticks are all there but not billed: pending_close, never clean.
+    waiting = _replay(led, kafka_bootstrap, topic).report
+    assert not waiting.clean and waiting.exit_code == EXIT_PENDING_CLOSE
+    assert not waiting.missing_ids and not waiting.differing_keys
+    pending = {(k.org_id, k.bucket_start, k.meter): k.open_units for k in waiting.pending_close}
+    assert pending == {k: v - before.get(k, 0) for k, v in expected.items() if v != before.get(k, 0)}
+    assert waiting.labels[PENDING_CLOSE] == len(pending) and hours[-1] in {b for _, b, _ in pending}
+    assert waiting.to_wire()["pending_close"] == {"keys": len(pending), "open_units": sum(pending.values())}
 
     # No tick after the backfill: the watermark is gone, or it stands before the newest hour.
     wm = None if watermark == "none" else (hours[1] + H + LIVE.grace_seconds) * 1000
@@ -64,4 +76,5 @@ def test_a_backfilled_newest_hour_is_closed_again_with_no_new_tick(
     assert hours[-1] in again.buckets and again.corrections > 0
     assert led.open_samples() == 0
     assert _units(led) == expected  # every hour, the newest included, exactly what the ticks derive
-    assert _replay(led, kafka_bootstrap, topic).report.clean
+    done = _replay(led, kafka_bootstrap, topic).report
+    assert done.clean and done.exit_code == 0
