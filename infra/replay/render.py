@@ -93,8 +93,9 @@ def render_table(report: ReplayReport, limit: int = 50) -> list[str]:
         out.append("(org, bucket, meter) by label: " + ", ".join(f"{k} {v:,}" for k, v in report.labels.items()))
     waiting = report.pending_close
     if waiting:
+        units = sum(k.open_units for k in waiting)
         out.append(
-            f"pending_close: {len(waiting):,} (org, bucket, meter) hold {sum(k.open_units for k in waiting):,} units of "
+            f"pending_close: {len(waiting):,} (org, bucket, meter) hold {units:,} units of "
             "ticks the ledger has but has not put in meter rows yet (nothing billed for them): the closer bills "
             "them on its next run; replay does not"
         )
