@@ -47,8 +47,11 @@ EXAMPLE_ARRAY: Final[list[dict[str, Any]]] = [
 
 # What each field means; the types and limits come from the model.
 _ENVELOPE_DOCS: Final = {
-    "id": "Unique tick id, the dedup key: deterministic, e.g. '{sandbox}:{generation}:{rowid}'. Delivery is "
-    "at-least-once: a repeated id is counted once.",
+    "id": "Unique tick id; with the tick's hour, the dedup key: deterministic, e.g. "
+    "'{sandbox}:{generation}:{rowid}'. Delivery is at-least-once: a repeated id is counted once. The first copy "
+    "stored counts: a copy with another payload in the same hour is a conflicting duplicate (not counted, "
+    "dead-lettered as 'conflicting_duplicate' with both payload fingerprints, counted in "
+    "edgebill_conflicting_duplicate_ticks_total); an id reused in another hour is another tick.",
     "type": "'usage_tick' is billed; envelopes of any other type are accepted, counted and ignored.",
     "sandbox_id": "The sandbox that used the resources (payload.sandbox_id is read when this is empty).",
     "org_id": "The org billed for the usage (also the record key producers should use).",
