@@ -142,7 +142,7 @@ def test_replay_repairs_a_gap_and_over_billing_both_sides_of_stripes_24h_window(
     out = json.loads(res.stdout)
     labels = {(d["org_id"], d["label"]) for d in out["differences"]}
     assert labels == {("a", "over-billed"), ("b", "over-billed"), ("c", "missing")}
-    assert out["labels"] == {"ok": 0, "missing": 1, "under-billed": 0, "over-billed": 2}
+    assert out["labels"] == {"ok": 0, "missing": 1, "under-billed": 0, "over-billed": 2, "pending_close": 0}
     assert out["missing_ids"] == ["c:4", "c:5"]
 
     res = replay("--apply")
