@@ -93,16 +93,23 @@ def replay(
     Replay mends differences between the topic and the ledger. Differences between the ledger and Stripe
     (Stripe lost rows, or holds more than the ledger sent) are `edgebill reconcile --repair`'s.
 
-    A key whose ticks are all in the ledger but not all in meter rows yet is labelled pending_close (nothing
-    was billed for those ticks; the worker's closer bills them on its next run, replay does not): never clean.
+    An (org, bucket, meter) whose ticks are in the ledger but not yet aggregated into meter rows is labelled
+    pending_close with those units: Stripe has not been billed for them, so the report is not clean. Billing
+    them is the closer's job (its next run does it); --apply writes no correction for them.
 
-    Exit 0 when there is no difference and nothing pending (or --apply accounted for every difference), 1
-    when there is a difference, 4 when the only finding is pending_close, 2 when the replay could not run
-    (broker or ledger unreachable: one line on stderr) or --apply refused.
+    \b
+    Exit codes:
+      0  no difference and nothing pending close (or --apply accounted for every difference)
+      1  differences (missing or extra ticks, a differing key), whether or not some key is pending close
+      2  the replay could not run (broker or ledger unreachable: one line on stderr), or --apply refused
+      4  no difference, but some compared key is pending_close (never to be read as clean)
     """
     from sqlalchemy.exc import DBAPIError
 
     from infra.replay import (
+        EXIT_CLEAN,
+        EXIT_DIFFERENCES,
+        EXIT_PENDING_CLOSE,
         ReplaySpec,
         apply_missing,
         apply_problems,
@@ -202,13 +209,18 @@ def replay(
         if repaired is not None:
             for line in _render_repairs(repaired):
                 click.echo(line)
+            if report.pending_keys:
+                click.echo(
+                    f"not repaired: {len(report.pending_keys)} (org, bucket, meter) pending close: the closer bills "
+                    "them on its next run"
+                )
     if refused:
         for r in refused:
             click.echo(f"refused: {r}", err=True)
         failed = _ReplayFailed(f"{_NOTHING_APPLIED} ({_FORCE_HINT})")
         raise mark_reported(failed) if as_json else failed  # the report above says it
     if applied is not None:  # what remains after applying: differences neither the ticks nor the repairs cover
-        sys.exit(1 if remaining else 0)
+        sys.exit(EXIT_DIFFERENCES if remaining else EXIT_PENDING_CLOSE if report.pending_keys else EXIT_CLEAN)
     sys.exit(report.exit_code)
 
 

@@ -20,8 +20,8 @@ Kafka is the log of record and the ledger the state of record; replay checks one
 4. **Compare** (:mod:`~infra.replay.compare`) with the ledger, read-only through its methods: ticks of the
    range missing from the ledger's samples (by id) — the differences ``--apply`` writes — and samples of
    the range that the topic does not hold; per (org, bucket, meter) the re-derived units against the
-   units of its meter rows summed over every revision and state plus the units of samples not closed
-   yet; per (org, meter) the values. :mod:`~infra.replay.run` drives the four steps,
+   units of its meter rows summed over every revision and state plus the units of samples not aggregated
+   into rows yet; per (org, meter) the values. :mod:`~infra.replay.run` drives the four steps,
    :mod:`~infra.replay.report` holds the result, :mod:`~infra.replay.render` prints it.
 
 The unit comparison needs every tick of a bucket: it covers the buckets lying wholly inside the time
@@ -29,7 +29,11 @@ bounds, and it is skipped when the offset range is partial (not every partition 
 its end) — the tick-level comparison (missing / extra) is exact in every case.
 
 Each (org, bucket, meter) is labelled ``ok``, ``missing`` (ticks missing from the ledger explain it),
-``under-billed`` or ``over-billed`` (for another reason: a policy or an ownership known only later).
+``under-billed`` or ``over-billed`` (for another reason: a policy or an ownership known only later), or
+``pending_close`` whenever the ledger holds ticks of it that no meter row accounts for yet: Stripe has not
+been billed for those, so such a key is never clean (exit :data:`EXIT_PENDING_CLOSE` when nothing else
+differs; a difference elsewhere, or in the same key, still exits :data:`EXIT_DIFFERENCES`). Billing them is
+the closer's job: no repair writes a correction for a key pending close.
 
 :func:`apply_repairs` (:mod:`~infra.replay.repair`) repairs under- and over-billing with correction rows;
 an over-billing still inside Stripe's 24 h cancel window is cancelled at Stripe and resent with its
@@ -53,15 +57,29 @@ from infra.replay.plan import _slices as _slices
 from infra.replay.price import Aggregates, Key, Pricer, load_pricer
 from infra.replay.render import progress_display, render_table
 from infra.replay.repair import RepairResult, apply_repairs, repair_problems, repairable
-from infra.replay.report import LABELS, KeyDiff, OrgMeterDiff, ReplayReport, ReplayResult
+from infra.replay.report import (
+    EXIT_CLEAN,
+    EXIT_DIFFERENCES,
+    EXIT_PENDING_CLOSE,
+    LABELS,
+    PENDING_CLOSE_NOTE,
+    KeyDiff,
+    OrgMeterDiff,
+    ReplayReport,
+    ReplayResult,
+)
 from infra.replay.run import INLINE_BELOW_RECORDS, MAX_JOBS, run_replay
 from infra.replay.scan import STALL_SECONDS, ScanCounts
 
 __all__ = [
     "APPLY_CHUNK",
+    "EXIT_CLEAN",
+    "EXIT_DIFFERENCES",
+    "EXIT_PENDING_CLOSE",
     "INLINE_BELOW_RECORDS",
     "LABELS",
     "MAX_JOBS",
+    "PENDING_CLOSE_NOTE",
     "STALL_SECONDS",
     "Aggregates",
     "ApplyResult",

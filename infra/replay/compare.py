@@ -106,7 +106,12 @@ def _compare(
     compared: tuple[int, int] | None,
     orgs: Sequence[str] | None = None,
 ) -> tuple[list[KeyDiff], int, list[OrgMeterDiff], dict[str, list[int]]]:
-    """Per (org, bucket, meter) and per (org, meter): the re-derived usage against the ledger's."""
+    """Per (org, bucket, meter) and per (org, meter): the re-derived usage against the ledger's.
+
+    The ledger's side of a key is its meter rows' units plus the units of its ticks not aggregated into
+    rows yet (``opened``, priced as the closer will price them). The keys returned are those with a
+    difference, missing ticks, or such pending units (labelled ``pending_close``: Stripe has not been
+    billed for them)."""
     billed: dict[Key, int] = {}
     values: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
     opened = Aggregates()
@@ -139,7 +144,7 @@ def _compare(
             om[0] += d
             om[1] += bl
             om[2] += op
-        if kd.diff_units or kd.missing_units or (kd.compared and kd.open_units):
+        if kd.diff_units or kd.missing_units or kd.pending_units:
             keys.append(kd)
     org_meters = []
     for (org, meter), (d, bl, op) in sorted(per_om.items()):

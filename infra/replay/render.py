@@ -6,8 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
-from infra.replay.report import ReplayReport, _dec, _exact, _iso
-from models.billing import meter_unit_divisor
+from infra.replay.report import OK, PENDING_CLOSE, PENDING_CLOSE_NOTE, KeyDiff, ReplayReport, _dec, _iso
 
 __all__ = ["progress_display", "render_table"]
 
@@ -54,6 +53,13 @@ def progress_display(stream: IO[str], *, enabled: bool) -> Iterator[Callable[[in
         yield update
 
 
+def _label(k: KeyDiff) -> str:
+    """A key's label; a key pending close that also differs says how."""
+    if k.label == PENDING_CLOSE and k.difference != OK:
+        return f"{PENDING_CLOSE}, {k.difference}"
+    return k.label
+
+
 def render_table(report: ReplayReport, limit: int = 50) -> list[str]:
     """The human-readable report, as lines."""
     c = report.counts
@@ -91,35 +97,31 @@ def render_table(report: ReplayReport, limit: int = 50) -> list[str]:
     )
     if report.labels:
         out.append("(org, bucket, meter) by label: " + ", ".join(f"{k} {v:,}" for k, v in report.labels.items()))
-    waiting = report.pending_close
-    if waiting:
-        units = sum(k.open_units for k in waiting)
-        out.append(
-            f"pending_close: {len(waiting):,} (org, bucket, meter) hold {units:,} units of "
-            "ticks the ledger has but has not put in meter rows yet (nothing billed for them): the closer bills "
-            "them on its next run; replay does not"
-        )
     if report.keys:
         out.append("")
         out.append(
-            f"{'org':<20} {'bucket':<17} {'meter':<34} {'re-derived':>16} {'billed':>16} {'open':>12} "
+            f"{'org':<20} {'bucket':<17} {'meter':<34} {'re-derived':>16} {'billed':>16} {'pending close':>14} "
             f"{'difference':>14} {'missing':>14}  label"
         )
         for k in report.keys[:limit]:
             w = k.to_wire()
             out.append(
                 f"{k.org_id:<20} {_iso(k.bucket_start):<17} {k.meter:<34} {w['derived']:>16} {w['billed']:>16} "
-                f"{_exact(k.open_units, meter_unit_divisor(k.meter)):>12} "
-                f"{w['diff'] if k.compared else 'n/c':>14} {w['missing']:>14}  {k.label}"
+                f"{w['pending_close']:>14} {w['diff'] if k.compared else 'n/c':>14} {w['missing']:>14}  {_label(k)}"
             )
         if len(report.keys) > limit:
             out.append(f"... {len(report.keys) - limit} more (--limit 0 shows all)")
-        out.append("(GB-s for the unified meter, seconds for tier meters; n/c = bucket not wholly in the range)")
+        out.append(
+            "(GB-s for the unified meter, seconds for tier meters; n/c = bucket not wholly in the range; "
+            "difference = re-derived - billed - pending close)"
+        )
     if report.org_meters:
         out.append("")
         out.append(f"{'org':<20} {'meter':<34} {'re-derived value':>18} {'billed value':>18} {'difference':>14}")
         for o in report.org_meters[:limit]:
             note = "" if o.units_agree else "  (units differ)"
+            if o.open_units:
+                note += "  (includes usage pending close: not billed yet)"
             out.append(
                 f"{o.org_id:<20} {o.meter:<34} {_dec(o.derived_value):>18} {_dec(o.billed_value):>18} "
                 f"{_dec(o.value_diff):>14}{note}"
@@ -129,12 +131,23 @@ def render_table(report: ReplayReport, limit: int = 50) -> list[str]:
             shown = ids[:limit]
             more = f" ... (+{len(ids) - len(shown)})" if len(ids) > len(shown) else ""
             out.append(f"{label}: " + ", ".join(shown) + more)
+    pending = report.pending_keys
+    if pending:
+        out.append("")
+        out.append(f"pending close: {len(pending)} (org, bucket, meter): {PENDING_CLOSE_NOTE}")
     out.append("")
-    out.append(
-        "no difference"
-        if report.clean
-        else f"DIFFERENCES: {c['missing_from_ledger']} missing tick(s), {c['extra_in_ledger']} extra sample(s), "
-        f"{c['differing_keys']} (org, bucket, meter) differing"
-    )
+    if report.has_differences:
+        out.append(
+            f"DIFFERENCES: {c['missing_from_ledger']} missing tick(s), {c['extra_in_ledger']} extra sample(s), "
+            f"{c['differing_keys']} (org, bucket, meter) differing"
+            + (f"; {len(pending)} (org, bucket, meter) pending close" if pending else "")
+        )
+    elif pending:
+        out.append(
+            f"PENDING CLOSE: {len(pending)} (org, bucket, meter) hold usage not billed yet, nothing else differs "
+            "(not clean: the closer's next run bills it; replay again after it)"
+        )
+    else:
+        out.append("no difference")
     out.append(f"({report.seconds:.2f}s, {report.jobs} scan process(es))")
     return out

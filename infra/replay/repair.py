@@ -14,9 +14,11 @@ not know yet when it closed the bucket).
 * **over-billed**, bucket not billed by the edge (shadow, skipped): a negative row in that same state, for the
   accounting; nothing reaches Stripe.
 
-Only compared keys of closed buckets without missing ticks and without open samples are repaired: a key
-with missing ticks is the tick writer's (:mod:`~infra.replay.apply`), and an open sample is still the
-closer's. After a repair the key agrees, so a second ``--apply`` finds nothing to do and sends nothing.
+Only compared keys of closed buckets without missing ticks and without samples pending close are repaired:
+a key with missing ticks is the tick writer's (:mod:`~infra.replay.apply`), and a key labelled
+``pending_close`` (samples no meter row accounts for yet) is the closer's, whatever else it shows: its next
+run bills those samples, and a correction computed before then would be measured against rows the closer
+is about to add to. After a repair the key agrees, so a second ``--apply`` finds nothing to do and sends nothing.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class RepairResult:
 
 
 def repairable(result: ReplayResult) -> list[KeyDiff]:
-    """The under- and over-billed keys this module repairs (compared, no missing ticks)."""
+    """The under- and over-billed keys this module repairs (compared, no missing ticks, none pending close:
+    a key pending close is labelled so, never under- or over-billed)."""
     return [k for k in result.report.keys if k.compared and k.label in (UNDER, OVER) and not k.missing_units]
 
 

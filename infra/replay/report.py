@@ -11,18 +11,38 @@ from infra.replay.plan import PartitionRange
 from models.billing import meter_unit_divisor, round_value
 from sinks.ledger import SourcedTick
 
-__all__ = ["EXIT_PENDING_CLOSE", "LABELS", "PENDING_CLOSE", "KeyDiff", "OrgMeterDiff", "ReplayReport", "ReplayResult"]
+__all__ = [
+    "EXIT_CLEAN",
+    "EXIT_DIFFERENCES",
+    "EXIT_PENDING_CLOSE",
+    "LABELS",
+    "PENDING_CLOSE_NOTE",
+    "KeyDiff",
+    "OrgMeterDiff",
+    "ReplayReport",
+    "ReplayResult",
+]
 
 #: What a replay says of each (org, bucket, meter): the ledger agrees (``ok``); ticks are missing from it
 #: and writing them makes it agree (``missing``); it accounts for less (``under-billed``) or more
 #: (``over-billed``) than the topic's ticks, for another reason (a policy or ownership known only later);
-#: it holds every tick but some are not in meter rows yet (``pending_close``: nothing reached Stripe for
-#: them; the closer bills them on its next run).
+#: it holds ticks of the key that no meter row accounts for yet (``pending_close``: Stripe has not been
+#: billed for them, whatever the rest of the key says).
 OK, MISSING, UNDER, OVER, PENDING_CLOSE = "ok", "missing", "under-billed", "over-billed", "pending_close"
 LABELS = (OK, MISSING, UNDER, OVER, PENDING_CLOSE)
 
-#: Exit code of a replay whose only finding is ``pending_close`` keys (no difference, nothing billed yet).
-EXIT_PENDING_CLOSE = 4
+#: Exit codes of ``edgebill replay``: the report is clean; it found a difference (missing or extra ticks, a
+#: key that differs), whatever else it found; no difference, but some compared key is ``pending_close``
+#: (never to be read as clean: usage in the ledger that Stripe has not been billed for yet). 2 (could not
+#: run, or ``--apply`` refused) is the command's; 3 is ``reconcile``'s "nothing compared".
+EXIT_CLEAN, EXIT_DIFFERENCES, EXIT_PENDING_CLOSE = 0, 1, 4
+
+#: What the report says of the keys pending close, and why ``--apply`` leaves them alone.
+PENDING_CLOSE_NOTE = (
+    "the ledger holds ticks of these (org, bucket, meter) that no meter row accounts for yet, so Stripe has "
+    "not been billed for them: billing them is the closer's job (its next run writes their rows, corrections "
+    "for closed buckets, and the sender ships them); --apply writes no correction for them"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +55,7 @@ class KeyDiff:
     meter: str
     derived_units: int  # from the unique ticks of the range
     billed_units: int  # Σ meter_events.units, every revision and state
-    open_units: int  # samples in the ledger not closed yet (priced the same way)
+    open_units: int  # samples in the ledger not aggregated into meter rows yet (priced the same way)
     missing_units: int  # of the ticks missing from the ledger: what --apply adds
     compared: bool  # False: the bucket is not wholly inside the range, only missing units are shown
 
@@ -50,12 +70,23 @@ class KeyDiff:
         return not self.compared or self.diff_units == self.missing_units
 
     @property
+    def pending_units(self) -> int:
+        """Units of the ledger's ticks of this compared key that no meter row accounts for yet (0: none)."""
+        return self.open_units if self.compared and self.open_units > 0 else 0
+
+    @property
     def label(self) -> str:
-        """ok / missing / under-billed / over-billed / pending_close (see :data:`LABELS`)."""
+        """``pending_close`` when the key holds :attr:`pending_units`, else :attr:`difference`."""
+        return PENDING_CLOSE if self.pending_units else self.difference
+
+    @property
+    def difference(self) -> str:
+        """What the units alone say, pending ones counted as accounted for: ok / missing / under-billed /
+        over-billed. Differs from :attr:`label` only for a key pending close."""
         if not self.compared:
             return MISSING if self.missing_units else OK
         if self.diff_units == 0:
-            return PENDING_CLOSE if self.open_units else OK
+            return OK
         if self.missing_units and self.diff_units == self.missing_units:
             return MISSING
         return UNDER if self.diff_units > 0 else OVER
@@ -73,10 +104,13 @@ class KeyDiff:
             "open_units": self.open_units,
             "diff_units": self.diff_units,
             "missing_units": self.missing_units,
+            "pending_close_units": self.pending_units,
+            "difference_label": self.difference,
             "derived": _exact(self.derived_units, div),
             "billed": _exact(self.billed_units, div),
             "diff": _exact(self.diff_units, div),
             "missing": _exact(self.missing_units, div),
+            "pending_close": _exact(self.pending_units, div),
         }
 
 
@@ -153,24 +187,26 @@ class ReplayReport:
         return [k for k in self.keys if k.diff_units]
 
     @property
-    def pending_close(self) -> list[KeyDiff]:
-        """Compared keys that agree only because ticks not yet in meter rows are counted (nothing billed)."""
-        return [k for k in self.keys if k.label == PENDING_CLOSE]
+    def pending_keys(self) -> list[KeyDiff]:
+        """The compared keys labelled ``pending_close``."""
+        return [k for k in self.keys if k.pending_units]
+
+    @property
+    def has_differences(self) -> bool:
+        """Something missing, something extra, or a compared (org, bucket, meter) that differs."""
+        return bool(self.missing_ids or self.extra_ids or self.differing_keys)
 
     @property
     def clean(self) -> bool:
-        """No difference and nothing waiting: nothing missing, nothing extra, every compared (org, bucket,
-        meter) agrees with what its meter rows hold (ticks not closed yet are not clean)."""
-        return not self.missing_ids and not self.extra_ids and not self.differing_keys and not self.pending_close
+        """No difference, and no compared (org, bucket, meter) pending close."""
+        return not self.has_differences and not self.pending_keys
 
     @property
     def exit_code(self) -> int:
-        """0 clean, 1 differences (they win), :data:`EXIT_PENDING_CLOSE` when only pending_close keys remain."""
-        if self.clean:
-            return 0
-        if self.missing_ids or self.extra_ids or self.differing_keys:
-            return 1
-        return EXIT_PENDING_CLOSE
+        """The dry run's exit code: a difference wins over pending close, which is never clean."""
+        if self.has_differences:
+            return EXIT_DIFFERENCES
+        return EXIT_PENDING_CLOSE if self.pending_keys else EXIT_CLEAN
 
     def to_wire(self, limit: int | None = None) -> dict[str, Any]:
         lim = limit or None
@@ -189,13 +225,10 @@ class ReplayReport:
             "compared_buckets": list(self.compared_buckets) if self.compared_buckets else None,
             "counts": self.counts,
             "labels": self.labels,
-            "pending_close": {
-                "keys": len(self.pending_close),
-                "open_units": sum(k.open_units for k in self.pending_close),
-            },
             "rejected": self.rejected,
             "unbilled": {k: {"samples": v[0], "mb_seconds": v[1]} for k, v in sorted(self.unbilled.items())},
             "differences": [k.to_wire() for k in self.keys[:lim]],
+            "pending_close_note": PENDING_CLOSE_NOTE if self.pending_keys else None,
             "org_meters": [o.to_wire() for o in self.org_meters[:lim]],
             "missing_ids": self.missing_ids[:lim],
             "extra_ids": self.extra_ids[:lim],

@@ -116,6 +116,7 @@ def run_replay(
         "extra_in_ledger": len(sd.extra_ids),
         "compared_keys": n_compared,
         "differing_keys": sum(1 for k in keys if k.diff_units),
+        "pending_close_keys": sum(1 for k in keys if k.pending_units),
     }
     labels = dict.fromkeys(LABELS, 0)
     for k in keys:

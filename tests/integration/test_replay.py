@@ -416,12 +416,11 @@ def test_cli_dry_run_exit_codes_json_and_apply(
     res = runner.invoke(cli, ["replay", "--apply"], env=env)
     assert res.exit_code == 0, res.output
     assert "applied: 2 missing tick(s) written" in res.output
-    # Written, not closed yet: nothing is missing, but nothing was billed for them either (exit 4) ...
+    # Written, not closed yet: nothing differs, but Stripe has not been billed for them (4, never clean) ...
     res = runner.invoke(cli, ["replay"], env=env)
     assert res.exit_code == 4, res.output
-    assert "missing from ledger 0" in res.output and "pending_close: 2 (org, bucket, meter)" in res.output
-    waiting = json.loads(runner.invoke(cli, ["replay", "--json"], env=env).stdout)
-    assert not waiting["clean"] and waiting["pending_close"]["keys"] == 2
+    assert "missing from ledger 0" in res.output and "PENDING CLOSE" in res.output
+    assert "no difference" not in res.output
     # ... and once the closer billed them as corrections, the rows do.
     led.close(NOW_S * 1000, LIVE)
     assert {r["id"].rsplit(":", 1)[-1] for r in led.rows() if r["revision"]} == {"r1"}
@@ -441,3 +440,147 @@ def test_cli_dry_run_exit_codes_json_and_apply(
     assert "--force" in out["hint"]
     assert "refused:" in res.stderr and "nothing applied" in res.stderr
     assert runner.invoke(cli, ["replay", "--to-offset", "x:y"], env=env).exit_code == 2
+
+
+# Ticks the ledger receives after their buckets were closed, with no closer run since: in the ledger, in no
+# meter row, so Stripe has not been billed for them.
+LATE = {
+    "u:0:1",  # unified, 4 GB x 7 s
+    "u:0:4",  # unified, 4 GB x 20 s
+    "l:1:1",  # legacy 4 GB tier: seconds
+    "c:0:4",  # after the mid-bucket switch to legacy: the 4 GB tier
+    "c:0:0",  # before it: unified, in a 1 GB slice
+    "x:1:3",  # unknown org: not billable, so no key pending
+    "z1",  # zombie: not billable either
+}
+# Their units per (org, bucket, meter): what the closer's next run bills.
+LATE_UNITS = {
+    ("c", B0, UNIFIED_METER): 1024 * 20,
+    ("c", B0, "sandbox_compute_sandbox_4gb"): 20,
+    ("l", B0 + H, "sandbox_compute_sandbox_4gb"): 7,
+    ("u", B0, UNIFIED_METER): 4096 * 7 + 4096 * 20,
+}
+
+
+def _cli_env(kafka_bootstrap: str, create_topic: Callable[..., str], url: str) -> tuple[str, dict[str, str]]:
+    prefix = f"p{NOW_S % 100000}{time.monotonic_ns() % 10000}."
+    topic = create_topic(f"{prefix}usage-ticks", 4)
+    env = {"EDGEBILL_KAFKA_BOOTSTRAP": kafka_bootstrap, "EDGEBILL_KAFKA_TOPIC_PREFIX": prefix}
+    env["EDGEBILL_DATABASE_URL"] = url
+    return topic, env
+
+
+def _pending(out: dict[str, Any]) -> dict[tuple[str, int, str], int]:
+    return {
+        (d["org_id"], d["bucket_start"], d["meter"]): d["pending_close_units"]
+        for d in out["differences"]
+        if d["label"] == "pending_close"
+    }
+
+
+def test_ticks_in_the_ledger_not_yet_in_meter_rows_are_pending_close_until_the_closer_runs(
+    kafka_bootstrap: str, create_topic: Callable[..., str], tmp_path: Path, make_ledger: Any, truth: Any
+) -> None:
+    from infra.devkit.cli import cli
+
+    url = f"sqlite:///{tmp_path / 'pending.db'}"
+    topic, env = _cli_env(kafka_bootstrap, create_topic, url)
+    ticks = _ticks(_publish(kafka_bootstrap, topic, _fleet()))
+    expected = truth(ticks)
+    led = make_ledger(url)
+    _write(led, ticks, skip=LATE)
+    led.close(NOW_S * 1000, LIVE)
+    rows_before = {r["id"]: r for r in led.rows()}
+    # The late ticks come in through ingest's write path; their buckets are closed and no closer runs.
+    _write(led, [t for t in ticks if t.tick.id in LATE])
+    runner = CliRunner()
+
+    res = runner.invoke(cli, ["replay", "--json"], env=env)
+    assert res.exit_code == 4, res.output
+    out = json.loads(res.stdout)
+    # Nothing differs: the topic and the ledger hold the same ticks, and the ledger's rows plus its
+    # unaggregated ticks equal the re-derived units. Yet it is not clean: these units were never billed.
+    assert not out["clean"] and not out["missing_ids"] and not out["extra_ids"]
+    assert out["counts"]["differing_keys"] == 0 and out["counts"]["pending_close_keys"] == len(LATE_UNITS)
+    assert out["labels"]["pending_close"] == len(LATE_UNITS)
+    assert _pending(out) == LATE_UNITS
+    assert {d["label"] for d in out["differences"]} == {"pending_close"}
+    assert {d["difference_label"] for d in out["differences"]} == {"ok"}
+    assert all(d["diff_units"] == 0 for d in out["differences"])
+    u = next(d for d in out["differences"] if (d["org_id"], d["meter"]) == ("u", UNIFIED_METER))
+    assert u["pending_close"] == "108"  # 110592 MB-s = 108 GB-s, exactly
+    assert "closer" in out["pending_close_note"] and "--apply writes no correction" in out["pending_close_note"]
+
+    res = runner.invoke(cli, ["replay"], env=env)
+    assert res.exit_code == 4, res.output
+    rows = [line for line in res.output.splitlines() if line.endswith("pending_close")]
+    assert len(rows) == len(LATE_UNITS)
+    assert any(line.startswith("u ") and " 108 " in line for line in rows)
+    assert f"PENDING CLOSE: {len(LATE_UNITS)} (org, bucket, meter)" in res.output and "no difference" not in res.output
+
+    # --apply leaves them to the closer: no tick to write, no correction, and still not clean.
+    res = runner.invoke(cli, ["replay", "--apply", "--json"], env=env)
+    assert res.exit_code == 4, res.output
+    out = json.loads(res.stdout)
+    assert out["applied"]["offered"] == 0 and out["repaired"]["corrections"] == []
+    assert out["repaired"]["skipped"] == [] and _pending(out) == LATE_UNITS
+    assert {r["id"]: r for r in led.rows()} == rows_before
+
+    # The closer's run bills them (corrections of the buckets it had closed): clean.
+    led.close(NOW_S * 1000, LIVE)
+    after = {r["id"]: r for r in led.rows()}
+    assert {i: after[i] for i in rows_before} == rows_before
+    assert {i for i in after if i not in rows_before} == {
+        f"{o}:{b}:{m}:r1" if any(r["id"] == f"{o}:{b}:{m}" for r in rows_before.values()) else f"{o}:{b}:{m}"
+        for o, b, m in LATE_UNITS
+    }
+    assert _units(led) == expected
+    res = runner.invoke(cli, ["replay"], env=env)
+    assert res.exit_code == 0, res.output
+    assert "no difference" in res.output and "pending_close 0" in res.output and "PENDING" not in res.output
+    res = runner.invoke(cli, ["replay", "--json"], env=env)
+    assert res.exit_code == 0 and json.loads(res.stdout)["clean"], res.output
+
+
+def test_a_difference_wins_over_pending_close_and_apply_corrects_only_the_difference(
+    kafka_bootstrap: str, create_topic: Callable[..., str], tmp_path: Path, make_ledger: Any, truth: Any
+) -> None:
+    from infra.devkit.cli import cli
+
+    url = f"sqlite:///{tmp_path / 'mixed.db'}"
+    topic, env = _cli_env(kafka_bootstrap, create_topic, url)
+    ticks = _ticks(_publish(kafka_bootstrap, topic, _fleet()))
+    expected = truth(ticks)
+    led = make_ledger(url)
+    _write(led, ticks, skip=LATE | {"l:0:0", "u:1:2"})  # l:0:0 and u:1:2 never reach the ledger
+    led.close(NOW_S * 1000, LIVE)
+    _write(led, [t for t in ticks if t.tick.id in LATE])
+    runner = CliRunner()
+
+    res = runner.invoke(cli, ["replay", "--json"], env=env)
+    assert res.exit_code == 1, res.output  # the difference's code, although keys are pending close too
+    out = json.loads(res.stdout)
+    assert out["missing_ids"] == ["l:0:0", "u:1:2"] and _pending(out) == LATE_UNITS
+    assert (out["labels"]["missing"], out["labels"]["pending_close"]) == (2, len(LATE_UNITS))
+    text = runner.invoke(cli, ["replay"], env=env).output
+    assert "DIFFERENCES: 2 missing tick(s)" in text and f"{len(LATE_UNITS)} (org, bucket, meter) pending close" in text
+
+    # --apply writes the missing ticks, and writes no correction for the keys pending close; what is left
+    # is pending close only: exit 4.
+    res = runner.invoke(cli, ["replay", "--apply"], env=env)
+    assert res.exit_code == 4, res.output
+    assert "applied: 2 missing tick(s) written" in res.output
+    assert f"not repaired: {len(LATE_UNITS)} (org, bucket, meter) pending close" in res.output
+    assert not [r for r in led.rows() if r["revision"]]  # no correction row
+    res = runner.invoke(cli, ["replay", "--json"], env=env)
+    assert res.exit_code == 4, res.output
+    out = json.loads(res.stdout)
+    # the applied ticks are pending close now too, each in its own key
+    assert _pending(out) == {
+        **LATE_UNITS,
+        ("l", B0, "sandbox_compute_sandbox_1gb"): 20,
+        ("u", B0 + H, UNIFIED_METER): 3000 * 20,
+    }
+    led.close(NOW_S * 1000, LIVE)
+    assert _units(led) == expected
+    assert runner.invoke(cli, ["replay"], env=env).exit_code == 0

@@ -65,10 +65,10 @@ def test_a_backfilled_newest_hour_is_closed_again_with_no_new_tick(
     waiting = _replay(led, kafka_bootstrap, topic).report
     assert not waiting.clean and waiting.exit_code == EXIT_PENDING_CLOSE
     assert not waiting.missing_ids and not waiting.differing_keys
-    pending = {(k.org_id, k.bucket_start, k.meter): k.open_units for k in waiting.pending_close}
+    pending = {(k.org_id, k.bucket_start, k.meter): k.pending_units for k in waiting.pending_keys}
     assert pending == {k: v - before.get(k, 0) for k, v in expected.items() if v != before.get(k, 0)}
     assert waiting.labels[PENDING_CLOSE] == len(pending) and hours[-1] in {b for _, b, _ in pending}
-    assert waiting.to_wire()["pending_close"] == {"keys": len(pending), "open_units": sum(pending.values())}
+    assert waiting.to_wire()["counts"]["pending_close_keys"] == len(pending)
 
     # No tick after the backfill: the watermark is gone, or it stands before the newest hour.
     wm = None if watermark == "none" else (hours[1] + H + LIVE.grace_seconds) * 1000

@@ -11,6 +11,9 @@ from zombie_cases import MIGRATION, MIGRATION_INTERVALS
 
 from infra.cli.replay import _partition_offsets
 from infra.replay import (
+    EXIT_CLEAN,
+    EXIT_DIFFERENCES,
+    EXIT_PENDING_CLOSE,
     Aggregates,
     KeyDiff,
     OrgMeterDiff,
@@ -25,6 +28,7 @@ from infra.replay import (
     _slices,
     apply_problems,
     render_table,
+    repairable,
 )
 from models.billing import UNIFIED_METER
 from models.policy import OrgPolicy
@@ -232,3 +236,45 @@ def test_aggregates_merge() -> None:
     a = Aggregates({("o", 1, "m"): [5, 1]}, {})
     a.merge(Aggregates({("o", 1, "m"): [2, 1], ("p", 1, "m"): [1, 1]}, {("o", 1, "zombie"): [1, 9]}))
     assert a.billable == {("o", 1, "m"): [7, 2], ("p", 1, "m"): [1, 1]} and a.unbilled == {("o", 1, "zombie"): [1, 9]}
+
+
+def test_a_key_holding_unaggregated_ticks_is_pending_close_and_never_clean() -> None:
+    # KeyDiff(org, bucket, meter, derived, billed, open, missing, compared)
+    pending = KeyDiff("o", B0, UNIFIED_METER, 3072, 2048, 1024, 0, True)
+    assert (pending.label, pending.difference, pending.pending_units, pending.diff_units) == (
+        "pending_close",
+        "ok",
+        1024,
+        0,
+    )
+    # Whatever else the key shows, its unaggregated units make it pending close; its difference says the rest.
+    under = KeyDiff("o", B0, UNIFIED_METER, 4096, 2048, 1024, 0, True)
+    assert (under.label, under.difference, under.diff_units) == ("pending_close", "under-billed", 1024)
+    with_missing = KeyDiff("o", B0, UNIFIED_METER, 4096, 2048, 1024, 1024, True)
+    assert (with_missing.label, with_missing.difference, with_missing.explained) == ("pending_close", "missing", True)
+    # Outside the compared buckets nothing is pending (units are not compared there).
+    assert KeyDiff("o", B0, UNIFIED_METER, 0, 0, 1024, 0, False).pending_units == 0
+    assert KeyDiff("o", B0, UNIFIED_METER, 2048, 2048, 0, 0, True).label == "ok"
+
+    rep = _report([pending])
+    assert rep.pending_keys == [pending] and not rep.has_differences and not rep.clean
+    assert rep.exit_code == EXIT_PENDING_CLOSE == 4
+    wire = rep.to_wire()
+    assert not wire["clean"] and "closer" in wire["pending_close_note"]
+    (d,) = wire["differences"]
+    assert (d["label"], d["difference_label"], d["pending_close_units"], d["pending_close"]) == (
+        "pending_close",
+        "ok",
+        1024,
+        "1",
+    )
+    text = "\n".join(render_table(rep))
+    assert "pending_close" in text and "PENDING CLOSE: 1 (org, bucket, meter)" in text and "no difference" not in text
+    # A real difference wins the exit code, in another key or in the same one.
+    assert _report([pending], missing=["t1"]).exit_code == EXIT_DIFFERENCES
+    assert _report([under]).exit_code == EXIT_DIFFERENCES
+    assert "pending_close, under-billed" in "\n".join(render_table(_report([under])))
+    assert _report([]).exit_code == EXIT_CLEAN and _report([]).to_wire()["pending_close_note"] is None
+    # --apply writes no correction for a key pending close, even one that also differs.
+    over = KeyDiff("o", B0 + H, UNIFIED_METER, 1024, 4096, 0, 0, True)
+    assert repairable(ReplayResult(_report([pending, under, over]), [])) == [over]
