@@ -109,9 +109,11 @@ def test_stripe_holding_more_than_the_ledger_sent_is_taken_back_once(
         }
     )
     publish_sync(stack.bootstrap, stack.topic("org-policy"), [(b"org_p", policy.to_json())])
-    # Thirty closed hours of usage, and a tick of the current hour (the watermark passes the newest bucket).
+    # Thirty closed hours of usage, and a tick of the current hour that takes the watermark past the newest
+    # bucket's end and its 600 s grace (early in an hour that tick is a few minutes ahead of the clock, well
+    # inside the hour ingest tolerates).
     stamps = [(cur - k * HOUR + 100 + 7 * j, 20 + j + k % 5) for k in range(30, 0, -1) for j in range(3)]
-    stamps.append((cur + (now - cur) // 2, 1))
+    stamps.append((max(cur + (now - cur) // 2, cur + 660), 1))
     ticks = [
         {
             "id": f"t{ts}:{iv}",
