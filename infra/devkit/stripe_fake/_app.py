@@ -180,7 +180,12 @@ async def _parse(request: web.Request, v2: bool) -> Obj:
                 400,
                 "Invalid request: v1 API requests must be form-encoded (application/x-www-form-urlencoded).",
             )
-        merged.update(parse_form(body))
+        form = parse_form(body)
+        if not isinstance(merged, dict) or not isinstance(form, dict):  # e.g. a bare "0": an array, not params
+            raise StripeError(400, "Invalid request: the parameters must be named (name=value pairs).")
+        merged.update(form)
+    if not isinstance(merged, dict):
+        raise StripeError(400, "Invalid request: the parameters must be named (name=value pairs).")
     return merged
 
 
