@@ -14,7 +14,7 @@ from models.billing import RowState
 from models.policy import OrgPolicy
 from models.ticks import Tick
 from models.zombie import Interval
-from sinks.ledger.batches import StoredBatch, decode_ids, decode_rows
+from sinks.ledger.batches import StoredBatch, decode_ids, decode_rows, usage_by_org
 from sinks.ledger.closer import close_position, not_aggregated
 from sinks.ledger.store import SqlStore, policy_from_row, read_dedup_horizon
 from sinks.schema import cell_intervals, counters, meter_events, org_policies, tick_batches, unbilled_usage
@@ -71,12 +71,13 @@ class LedgerQueries(SqlStore):
     def sample_totals(self) -> dict[str, tuple[int, int]]:
         """org -> (ticks, MB-s) over every tick the ledger holds (retention drops those of retired buckets)."""
         out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        q = select(tick_batches.c.data)
         with self.engine.connect() as conn:
-            for batch in _batches(conn):
-                for t in batch.ticks:
-                    o = out[t.org_id]
-                    o[0] += 1
-                    o[1] += t.memory_mb * t.interval_s
+            for (data,) in conn.execute(q.execution_options(yield_per=256)):
+                for org, (n, mbs) in usage_by_org(data).items():
+                    o = out[org]
+                    o[0] += n
+                    o[1] += mbs
         return {k: (v[0], v[1]) for k, v in out.items()}
 
     def unbilled(self) -> list[dict[str, Any]]:
