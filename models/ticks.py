@@ -44,6 +44,7 @@ __all__ = [
     "Rejected",
     "SourcedTick",
     "Tick",
+    "TickColumns",
     "TickPayload",
     "UsageTickEnvelope",
     "locate_envelope",
@@ -118,6 +119,33 @@ class SourcedTick(NamedTuple):
     tick: Tick
     partition: int
     offset: int
+
+
+class TickColumns(NamedTuple):
+    """Ticks of one bucket as columns (the stored batch's layout), for readers that only aggregate: no tick
+    object per tick. ``org`` indexes ``org_names``; every other column holds one value per tick, in order."""
+
+    org_names: list[str]
+    org: list[int]
+    sandbox_id: list[str]
+    worker_id: list[str]
+    memory_mb: list[int]
+    interval_s: list[int]
+    ts_ms: list[int]
+
+    def tick(self, i: int) -> Tick:
+        """Tick ``i`` as a :class:`Tick` (without id and cell, which aggregation never reads)."""
+        return Tick(
+            "",
+            self.org_names[self.org[i]],
+            self.sandbox_id[i],
+            self.worker_id[i],
+            "",
+            self.memory_mb[i],
+            0,
+            self.interval_s[i],
+            self.ts_ms[i],
+        )
 
 
 @dataclass(frozen=True, slots=True)

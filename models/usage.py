@@ -11,13 +11,15 @@ unbilled usage.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 
 from models.billing import BillingMode, bucket_start, mb_seconds
 from models.policy import OrgPolicy, PolicyHistory
 from models.pricing import ZOMBIE, Priced, Unbilled, price_usage
-from models.ticks import Tick
+from models.ticks import Tick, TickColumns
 from models.zombie import Interval, is_zombie, ownership_by_sandbox
 
 __all__ = ["Aggregates", "Groups", "Key", "Pricer"]
@@ -120,6 +122,33 @@ class Pricer:
             else:
                 g[0] += 1
                 g[1] += secs
+
+    def collect_columns(self, bucket: int, cols: TickColumns, into: Groups) -> None:
+        """:meth:`collect` for ticks given as columns, all of bucket ``bucket`` (a stored batch): the same
+        groups, in bulk. Ticks of a sandbox the cell side knows (the zombie test) and of an org whose policy
+        changes inside the bucket (priced one by one) take :meth:`collect`'s per-tick path; the others are
+        counted per (org, memory size, interval) in C and summed per group from those counts."""
+        names = cols.org_names
+        split_org = [(name, bucket) in self.split for name in names] if self.split else []
+        special: list[bool] | None = [split_org[o] for o in cols.org] if any(split_org) else None
+        if self.cells:
+            owners = self.cells
+            known = [sb in owners for sb in cols.sandbox_id]
+            special = known if special is None else [a or b for a, b in zip(special, known, strict=True)]
+        keep: list[bool] | None = None
+        if special is not None and any(special):
+            self.collect((cols.tick(i) for i in compress(range(len(special)), special)), into)
+            keep = [not f for f in special]
+        counted = zip(cols.org, cols.memory_mb, cols.interval_s, strict=True)
+        groups = into.groups
+        for (o, mem, secs), n in Counter(counted if keep is None else compress(counted, keep)).items():
+            key = (names[o], bucket, mem)
+            g = groups.get(key)
+            if g is None:
+                groups[key] = [n, n * secs]
+            else:
+                g[0] += n
+                g[1] += n * secs
 
     def finish(self, collected: Groups, out: Aggregates | None = None) -> Aggregates:
         """Price what :meth:`collect` grouped (a group's MB-s: its memory size times its seconds)."""

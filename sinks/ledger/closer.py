@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from itertools import compress
 from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, text, update
@@ -30,11 +31,11 @@ from models.billing import (
 from models.cutover import CutoverState, Decision, decide
 from models.policy import OrgPolicy
 from models.pricing import row_placement
-from models.ticks import Tick
-from models.usage import Pricer
+from models.ticks import TickColumns
+from models.usage import Groups, Pricer
 from models.watermark import last_closable_bucket
 from models.zombie import Interval
-from sinks.ledger.batches import decode_rows
+from sinks.ledger.batches import decode_columns
 from sinks.ledger.cutover import read_effective_state
 from sinks.ledger.store import SqlStore, policy_from_row
 from sinks.schema import (
@@ -235,22 +236,24 @@ class LedgerCloser(SqlStore):
         for b in buckets:
             if b not in decisions:
                 decisions[b] = result.decided[b] = decide(state, b)
-        ticks: list[Tick] = []
+        batches: list[tuple[int, TickColumns]] = []
         for b in buckets:
             rows = conn.execute(
-                select(tb.seq, tb.bucket_start, tb.data)
-                .where(tb.bucket_start == b, tb.seq > cursors.get(b, 0), tb.seq <= top)
-                .order_by(tb.seq)
+                select(tb.data).where(tb.bucket_start == b, tb.seq > cursors.get(b, 0), tb.seq <= top).order_by(tb.seq)
             )
-            for batch in decode_rows(rows, ids=False):  # aggregated, never compared by id
-                ticks.extend(batch.ticks)
-        result.samples = len(ticks)
-        pricer = Pricer(
-            self._policies(conn, {t.org_id for t in ticks}),
-            self._intervals(conn, {t.sandbox_id for t in ticks if t.worker_id}),
-            cfg.bucket_seconds,
-        )
-        priced = pricer.price(ticks)
+            # Aggregated, never compared by id: decoded as columns, without ids or a tick object per tick.
+            batches.extend((b, decode_columns(data)) for data in rows.scalars())
+        result.samples = sum(len(c.org) for _, c in batches)
+        orgs: set[str] = set()
+        sandboxes: set[str] = set()
+        for _, c in batches:
+            orgs.update(c.org_names)
+            sandboxes.update(compress(c.sandbox_id, c.worker_id))  # ticks without a worker are never zombies
+        pricer = Pricer(self._policies(conn, orgs), self._intervals(conn, sandboxes), cfg.bucket_seconds)
+        groups = Groups()
+        for b, c in batches:
+            pricer.collect_columns(b, c, groups)
+        priced = pricer.finish(groups)
         self._write_rows(
             conn,
             cid,
