@@ -47,9 +47,9 @@ from models.reconcile_over import OverAction, OverStep, credit_of, over_key, pla
 from sinks.outbox import DUPLICATE_NOTE
 from sinks.reconcile_repair import OverDone, OverWrite, RepairDone, RepairRequest
 from sinks.reconcile_store import ReconcileStore, StoredRow
-from sinks.stripe import Cancellation
+from sinks.stripe.v1 import Cancellation
+from sinks.stripe.v2 import ASYNC_REJECTION_NOTE, ERROR_REPORT_CURSOR
 from sinks.stripe_reconcile import Answer, ErrorReportIds, Problem, StripeReader
-from sinks.stripe_v2 import ASYNC_REJECTION_NOTE, ERROR_REPORT_CURSOR
 
 __all__ = ["MIXED", "ReconcileConfig", "ReconcileReport", "Reconciliation", "RepairReport", "Unsettled"]
 

@@ -185,7 +185,7 @@ def _in_range(repair: dict[str, Any], lo: int, hi: int) -> bool:
 
 def _canceller(s: Settings) -> Any:
     """Stripe's cancellation of one meter event (a meter-event adjustment), with the settings' key."""
-    from sinks.stripe import Cancellation, cancel_meter_event, make_client
+    from sinks.stripe.v1 import Cancellation, cancel_meter_event, make_client
 
     def cancel(event_name: str, identifier: str) -> Cancellation:
         client = make_client(s.stripe.api_key.get_secret_value(), s.stripe.base, timeout=s.stripe.timeout)

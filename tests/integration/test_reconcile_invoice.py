@@ -32,7 +32,7 @@ from sinks.outbox import OutboxSender
 from sinks.reconcile_store import ReconcileStore, RunRecord
 from sinks.reconciliation import ReconcileConfig, ReconcileReport, Reconciliation
 from sinks.schema import make_engine, migrate
-from sinks.stripe import StripeMeterSink, make_client
+from sinks.stripe.v1 import StripeMeterSink, make_client
 from sinks.stripe_reconcile import StripeReader
 
 pytestmark = pytest.mark.integration

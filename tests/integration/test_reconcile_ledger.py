@@ -24,9 +24,9 @@ from sinks.outbox import OutboxSender
 from sinks.reconcile_store import ReconcileStore, RunRecord
 from sinks.reconciliation import ReconcileConfig, Reconciliation
 from sinks.schema import make_engine, migrate
-from sinks.stripe import make_client
+from sinks.stripe.v1 import make_client
+from sinks.stripe.v2 import ErrorReportReconciler, StripeStreamSink
 from sinks.stripe_reconcile import StripeReader
-from sinks.stripe_v2 import ErrorReportReconciler, StripeStreamSink
 
 pytestmark = pytest.mark.integration
 

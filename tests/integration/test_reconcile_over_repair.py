@@ -40,7 +40,7 @@ from sinks.reconcile_repair import OverWrite, ReconcileRepairs
 from sinks.reconcile_store import ReconcileStore
 from sinks.reconciliation import ReconcileConfig, Reconciliation
 from sinks.schema import make_engine, migrate
-from sinks.stripe import StripeMeterSink, cancel_meter_event, make_client
+from sinks.stripe.v1 import StripeMeterSink, cancel_meter_event, make_client
 from sinks.stripe_reconcile import StripeReader
 
 pytestmark = pytest.mark.integration

@@ -22,9 +22,9 @@ from sinks.ledger import CloseConfig, Ledger, SourcedTick
 from sinks.outbox import OutboxSender
 from sinks.reconcile_store import ReconcileStore
 from sinks.schema import make_engine, migrate
-from sinks.stripe import make_client
+from sinks.stripe.v1 import make_client
+from sinks.stripe.v2 import StripeStreamSink
 from sinks.stripe_reconcile import DEFAULT_READS_PER_S, STRIPE_READ_LIMITS
-from sinks.stripe_v2 import StripeStreamSink
 from streams.pipeline import Deps
 from streams.reconcile import ReconcileRuntime
 

@@ -26,8 +26,8 @@ from sinks.base import RetryingSink
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
 from sinks.outbox import V2_ACCEPTED_NOTE, OutboxSender
 from sinks.schema import make_engine, migrate
-from sinks.stripe import make_client
-from sinks.stripe_v2 import ERROR_REPORT_CURSOR, ErrorReportReconciler, MeterEventSessions, StripeStreamSink
+from sinks.stripe.v1 import make_client
+from sinks.stripe.v2 import ERROR_REPORT_CURSOR, ErrorReportReconciler, MeterEventSessions, StripeStreamSink
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from models.catalog import CATALOG_KEYS
 from models.policy import OrgPolicy
 from models.webhooks import Outcome
 from sinks.schema import make_engine, migrate
-from sinks.stripe import make_client
+from sinks.stripe.v1 import make_client
 from sinks.stripe_provisioning import StripeProvisioner
 from sinks.webhook_store import WebhookStore
 from streams.webhooks import WebhookRuntime

@@ -52,8 +52,8 @@ from models.billing import UNIFIED_METER
 from models.policy import OrgPolicy
 from models.ticks import Tick
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
-from sinks.stripe import make_client, make_http_session
-from sinks.stripe_v2 import iso_timestamp
+from sinks.stripe.v1 import make_client, make_http_session
+from sinks.stripe.v2 import iso_timestamp
 
 __all__ = ["FAULTS_10PCT", "LocalStripeProcess", "bench_stripe", "raw_stream_rate"]
 

@@ -2,7 +2,7 @@
 
 Stripe's exceptions end here: :func:`classify` maps every one onto a :class:`~sinks.base.Status`
 (transient / permanent / duplicate), and nothing Stripe-specific leaks past this module and
-:mod:`sinks.stripe_v2` (the v2 meter-event stream).
+:mod:`sinks.stripe.v2` (the v2 meter-event stream).
 
 Delivery guarantee: at-least-once per flush, made effectively-once by Stripe's ``identifier``
 dedup (our row id; Stripe answers a repeat with 400 "An event already exists with identifier …",
