@@ -36,7 +36,8 @@ import stripe
 from models.invoice_check import InvoiceLine
 from models.reconcile import Grouping, MeterConfig
 from sinks.base import Backoff, Status
-from sinks.stripe.v1 import RateLimiter, classify, observed
+from sinks.stripe.errors import classify, observed
+from sinks.stripe.v1 import RateLimiter
 from sinks.stripe.v2 import ERROR_REPORT_TYPES
 
 __all__ = [

@@ -42,7 +42,8 @@ import stripe
 
 from models.catalog import METER_CUSTOMER_KEY, METER_VALUE_KEY
 from sinks.base import KeptThreads, Outcome, Status
-from sinks.stripe.v1 import MeterEvent, classify, observed, validate_event
+from sinks.stripe.errors import classify, observed
+from sinks.stripe.v1 import MeterEvent, validate_event
 
 if TYPE_CHECKING:
     from stripe.params.v2.billing import MeterEventStreamCreateParams, MeterEventStreamCreateParamsEvent

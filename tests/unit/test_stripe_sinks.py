@@ -14,7 +14,8 @@ import pytest
 import stripe
 
 from sinks.base import Backoff, RetryingSink, Status
-from sinks.stripe.v1 import KeyedLocks, MeterEvent, RateLimiter, StripeMeterSink, classify, meter_events_base_for
+from sinks.stripe.errors import classify
+from sinks.stripe.v1 import KeyedLocks, MeterEvent, RateLimiter, StripeMeterSink, meter_events_base_for
 from sinks.stripe.v2 import (
     ACCEPTED_ASYNC,
     MeterEventSessions,
