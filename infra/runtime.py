@@ -23,13 +23,13 @@ from sinks.base import RetryingSink
 from sinks.ledger import CloseConfig, Ledger
 from sinks.outbox import OutboxSender
 from sinks.parity import ParityConfig
-from sinks.reconcile_store import ReconcileStore
-from sinks.reconciliation import ReconcileConfig, Reconciliation
+from sinks.reconcile.run import ReconcileConfig, Reconciliation
+from sinks.reconcile.store import ReconcileStore
+from sinks.reconcile.stripe_reader import StripeReader
 from sinks.schema import make_engine, migrate
 from sinks.stripe.v1 import StripeMeterSink, make_client, make_http_session
 from sinks.stripe.v2 import ErrorReportReconciler, StripeStreamSink
 from sinks.stripe_provisioning import StripeProvisioner
-from sinks.stripe_reconcile import StripeReader
 from streams.config import KafkaConfig, Topics, WebConfig, WebhookConfig, WebLimits, WorkerConfig
 from streams.pipeline import Deps
 from streams.webhooks import WEBHOOK_PATH

@@ -424,7 +424,7 @@ provisioning_log = Table(
 
 
 # ---------------------------------------------------------------------------------- reconciliation with Stripe
-# Written by sinks.reconcile_store: each scheduled run, the latest result per (org, customer, meter, window) with
+# Written by sinks.reconcile.store: each scheduled run, the latest result per (org, customer, meter, window) with
 # how many runs in a row it has differed, the alerts (the dedup), the repairs done (each with its evidence) and
 # the latest invoice-preview check per subscription line.
 

@@ -48,7 +48,7 @@ from sinks.ledger import (
 )
 from sinks.outbox import OutboxSender, SendReport
 from sinks.parity import ParityStore
-from sinks.reconciliation import Reconciliation
+from sinks.reconcile.run import Reconciliation
 from sinks.retention import CompactResult, Retention
 from sinks.stripe_provisioning import StripeProvisioner
 from streams.config import WorkerConfig

@@ -5,11 +5,11 @@ thread (the Stripe reads are paced and may take a while; never on the event loop
 
 1. compare the lookback with Stripe's meter event summaries as soon as each hour is settled: whole UTC days
    where they are complete, hours elsewhere, today's included
-   (:meth:`sinks.reconciliation.Reconciliation.compare_recent`), and check the upcoming invoice of each pro org
+   (:meth:`sinks.reconcile.run.Reconciliation.compare_recent`), and check the upcoming invoice of each pro org
    whose period ends within ``EDGEBILL_STRIPE_AUDIT_INVOICE_AHEAD_HOURS``
-   (:meth:`~sinks.reconciliation.Reconciliation.check_invoices`), so a difference alerts before Stripe
+   (:meth:`~sinks.reconcile.run.Reconciliation.check_invoices`), so a difference alerts before Stripe
    finalizes the invoice;
-2. keep the results in the ledger (:meth:`sinks.reconcile_store.ReconcileStore.record_run`): the latest result
+2. keep the results in the ledger (:meth:`sinks.reconcile.store.ReconcileStore.record_run`): the latest result
    per window (and invoice line) and how many runs in a row it has differed; a difference seen in
    ``EDGEBILL_STRIPE_AUDIT_ALERT_RUNS`` consecutive runs (default 2) records an alert, once per episode;
 3. publish the alerts not yet published to the alerts topic (``billing-alerts``, as parity's) and log each
@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from models.reconcile import Grouping
-from sinks.reconcile_store import PendingAlert, ReconcileSnapshot, RunRecord
-from sinks.reconciliation import ReconcileReport, Reconciliation
+from sinks.reconcile.run import ReconcileReport, Reconciliation
+from sinks.reconcile.store import PendingAlert, ReconcileSnapshot, RunRecord
 from streams.health import RateLimitedLog
 from streams.pipeline import Deps
 from streams.records import RAW_BYTES, Publish, alert_publisher, publish_alerts, run_logged

@@ -49,7 +49,7 @@ from models.parity import dashboard_token, verify_dashboard_token, verify_reques
 from models.stripe_window import PARITY_QUERY_MAX_SECONDS
 from models.watermark import last_closable_bucket
 from sinks.parity import ParityConfig, ParityRow, ParityStore
-from sinks.reconcile_store import ReconcileStore
+from sinks.reconcile.store import ReconcileStore
 from streams.config import WebConfig
 from streams.metrics_view import render_metrics
 from streams.parity_json import gate_json, number, window_org_json

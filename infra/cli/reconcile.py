@@ -26,7 +26,7 @@ from models.reconcile import DAY, Grouping, dec, grouping_for
 
 if TYPE_CHECKING:
     from infra.settings import Settings
-    from sinks.reconciliation import ReconcileReport, RepairReport
+    from sinks.reconcile.run import ReconcileReport, RepairReport
 
 #: Exit status of a run that compared nothing (every window not closed, not settled, nothing sent, shadow).
 NOTHING_COMPARED = 3
