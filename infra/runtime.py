@@ -29,7 +29,7 @@ from sinks.reconcile.stripe_reader import StripeReader
 from sinks.schema import make_engine, migrate
 from sinks.stripe.v1 import StripeMeterSink, make_client, make_http_session
 from sinks.stripe.v2 import ErrorReportReconciler, StripeStreamSink
-from sinks.stripe_provisioning import StripeProvisioner
+from sinks.webhooks.provisioning import StripeProvisioner
 from streams.config import KafkaConfig, Topics, WebConfig, WebhookConfig, WebLimits, WorkerConfig
 from streams.pipeline import Deps
 from streams.webhooks import WEBHOOK_PATH

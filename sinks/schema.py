@@ -325,7 +325,7 @@ parity_state = Table(
 )
 
 # --------------------------------------------------------------------------- Stripe webhooks and provisioning
-# Written by sinks.webhook_store: the received events (the inbox the webhook agent applies, each once), one
+# Written by sinks.webhooks.store: the received events (the inbox the webhook agent applies, each once), one
 # row per record read from ``stripe-webhook-events``, subscription state for the ordering guard, each org's
 # provisioning and published plan, the plan records still to publish on ``org-policy``, and a log of every
 # provisioning done (authority edge) or only described (authority cell).

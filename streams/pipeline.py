@@ -50,7 +50,7 @@ from sinks.outbox import OutboxSender, SendReport
 from sinks.parity import ParityStore
 from sinks.reconcile.run import Reconciliation
 from sinks.retention import CompactResult, Retention
-from sinks.stripe_provisioning import StripeProvisioner
+from sinks.webhooks.provisioning import StripeProvisioner
 from streams.config import WorkerConfig
 from streams.health import Health, RateLimitedLog, ledger_write_failures_total, ticks_refused_total
 from streams.records import DeadLetter, Record, dead_letter, first_line, run_logged

@@ -31,7 +31,7 @@ from models.webhooks import (
 )
 from sinks.base import Status
 from sinks.stripe.errors import classify
-from sinks.webhook_store import Provisioned
+from sinks.webhooks.store import Provisioned
 
 __all__ = ["ProvisionOutcome", "ProvisionRequest", "StripeProvisioner"]
 
