@@ -21,7 +21,7 @@ from models.errors import BrokerError
 from models.parity import AlertRule
 from sinks.base import RetryingSink
 from sinks.ledger import CloseConfig, Ledger
-from sinks.outbox import OutboxSender
+from sinks.outbox_sender import OutboxSender
 from sinks.parity import ParityConfig
 from sinks.reconcile.run import ReconcileConfig, Reconciliation
 from sinks.reconcile.store import ReconcileStore

@@ -46,7 +46,7 @@ from sinks.ledger import (
     Ledger,
     SourcedTick,
 )
-from sinks.outbox import OutboxSender, SendReport
+from sinks.outbox_sender import OutboxSender, SendReport
 from sinks.parity import ParityStore
 from sinks.reconcile.run import Reconciliation
 from sinks.retention import CompactResult, Retention

@@ -44,7 +44,7 @@ from models.reconcile import (
     window_ready,
 )
 from models.reconcile_over import OverAction, OverStep, credit_of, over_key, plan_over_repair
-from sinks.outbox import DUPLICATE_NOTE
+from sinks.outbox_sender import DUPLICATE_NOTE
 from sinks.reconcile.repair import OverDone, OverWrite, RepairDone, RepairRequest
 from sinks.reconcile.store import ReconcileStore, StoredRow
 from sinks.reconcile.stripe_reader import Answer, ErrorReportIds, Problem, StripeReader

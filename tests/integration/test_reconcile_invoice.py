@@ -28,7 +28,7 @@ from models.ticks import Tick
 from sinks.base import RetryingSink
 from sinks.catalog_store import CatalogStore
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
-from sinks.outbox import OutboxSender
+from sinks.outbox_sender import OutboxSender
 from sinks.reconcile.run import ReconcileConfig, ReconcileReport, Reconciliation
 from sinks.reconcile.store import ReconcileStore, RunRecord
 from sinks.reconcile.stripe_reader import StripeReader

@@ -20,7 +20,7 @@ from models.reconcile import DAY, Cause, Grouping, Label
 from models.ticks import Tick
 from sinks.base import RetryingSink
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
-from sinks.outbox import OutboxSender
+from sinks.outbox_sender import OutboxSender
 from sinks.reconcile.run import ReconcileConfig, Reconciliation
 from sinks.reconcile.store import ReconcileStore, RunRecord
 from sinks.reconcile.stripe_reader import StripeReader

@@ -35,7 +35,7 @@ from models.ticks import Tick
 from sinks.base import RetryingSink
 from sinks.catalog_store import CatalogStore
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
-from sinks.outbox import OutboxSender
+from sinks.outbox_sender import OutboxSender
 from sinks.reconcile.repair import OverWrite, ReconcileRepairs
 from sinks.reconcile.run import ReconcileConfig, Reconciliation
 from sinks.reconcile.store import ReconcileStore

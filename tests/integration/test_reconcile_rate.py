@@ -19,7 +19,7 @@ from models.reconcile import DAY, Label
 from models.ticks import Tick
 from sinks.base import RetryingSink
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
-from sinks.outbox import OutboxSender
+from sinks.outbox_sender import OutboxSender
 from sinks.reconcile.store import ReconcileStore
 from sinks.reconcile.stripe_reader import DEFAULT_READS_PER_S, STRIPE_READ_LIMITS
 from sinks.schema import make_engine, migrate

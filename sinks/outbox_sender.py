@@ -1,4 +1,5 @@
-"""The outbox sender: drains sendable meter rows from the ledger into a meter-event sink.
+"""The outbox sender: drains sendable meter rows from the ledger's outbox (:mod:`sinks.ledger.outbox`) into a
+meter-event sink.
 
 It never runs inside a stream agent's event handling: the worker calls :meth:`OutboxSender.run_once`
 from a timer (in a thread), and tests call it directly.
