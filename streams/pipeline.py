@@ -254,7 +254,7 @@ class Pipeline:
         self.ingestor: HighwaterSource | None = None  # the running ingest service's consumer, once started
         self.last_send: SendReport | None = None
         self.health = Health()
-        self.limiter = RateLimitedLog(log)
+        self.log_throttle = RateLimitedLog(log)
         self._applied_seq: int | None = None  # the cutover state entry this worker applies and acknowledged
         # The ledger's dedup horizon as its last write reported it: prepare_ingest refuses ticks before it.
         self.horizon_s = 0
@@ -304,7 +304,7 @@ class Pipeline:
                     raise
                 ledger_write_failures_total.labels("refused").inc()
                 ticks = plan.batch.ticks
-                self.limiter.failure(
+                self.log_throttle.failure(
                     "ledger refused a batch",
                     "ingest: the ledger refused a batch of %d tick(s) (%s); isolating the refused one(s)",
                     len(ticks),
@@ -500,7 +500,7 @@ class Pipeline:
 
     async def _run_logged(self, what: str, fn: Callable[[], object]) -> None:
         """Run ``fn`` in a thread; a failure is logged (once per interval while it repeats), not raised."""
-        await run_logged(self.limiter, what, fn)
+        await run_logged(self.log_throttle, what, fn)
 
     # -- the cutover --------------------------------------------------------------------------
 

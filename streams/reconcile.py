@@ -56,7 +56,7 @@ class ReconcileRuntime:
         self.alerts_topic = deps.config.topics.alerts
         self.last: ReconcileReport | None = None
         self._lock = asyncio.Lock()
-        self._limiter = RateLimitedLog(log)
+        self._log_throttle = RateLimitedLog(log)
         self._logged: set[tuple[str, str, str, int, str]] = set()
 
     def run_once(self) -> tuple[ReconcileReport, list[PendingAlert]]:
@@ -92,23 +92,23 @@ class ReconcileRuntime:
 
     def _log(self, report: ReconcileReport) -> None:
         if report.failure is not None:
-            self._limiter.failure(
+            self._log_throttle.failure(
                 "stripe reconcile",
                 "stripe_reconcile: the run could not read Stripe (%s); it will run again",
                 report.failure,
                 level=logging.ERROR,
             )
             return
-        self._limiter.recovered("stripe reconcile")
+        self._log_throttle.recovered("stripe reconcile")
         if report.why is not None:
-            self._limiter.failure(
+            self._log_throttle.failure(
                 "stripe reconcile nothing compared",
                 "stripe_reconcile: nothing compared with Stripe: %s",
                 report.why,
                 level=logging.WARNING,
             )
         else:
-            self._limiter.recovered("stripe reconcile nothing compared")
+            self._log_throttle.recovered("stripe reconcile nothing compared")
         diffs = report.differences
         log.info(
             "stripe_reconcile: %d window(s) of %s..%s compared, %d different, %d not settled; %d invoice line(s), "
@@ -150,7 +150,7 @@ class ReconcileRuntime:
         if self._lock.locked():
             return
         async with self._lock:
-            done = await run_logged(self._limiter, "stripe reconcile run", self.run_once)
+            done = await run_logged(self._log_throttle, "stripe reconcile run", self.run_once)
             if done is not None:
                 _report, alerts = done
                 await publish_alerts(alerts, publish, self.store.mark_published, self._announce)

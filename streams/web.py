@@ -274,11 +274,11 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
                 snap = store.metrics(config.close.grace_seconds)
                 rsnap = recon.snapshot()
             except Exception as exc:
-                pipe.limiter.failure(
+                pipe.log_throttle.failure(
                     "metrics snapshot", "/metrics: the ledger cannot be read (%s: %s)", type(exc).__name__, exc
                 )
                 return render_metrics(None, consumed, time.time())
-            pipe.limiter.recovered("metrics snapshot")
+            pipe.log_throttle.recovered("metrics snapshot")
             return render_metrics(snap, consumed, time.time(), reconcile=rsnap, per_org=web_cfg.limits.metrics_per_org)
 
         body = await asyncio.to_thread(render)
