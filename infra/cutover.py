@@ -36,7 +36,7 @@ from models.errors import BrokerError, CutoverRefused
 from models.stripe_window import CANCEL_MARGIN_SECONDS, cancellable
 from sinks.ledger import BOOTSTRAP_SOURCE, Ledger, LogEntry
 from sinks.parity import ParityStore
-from sinks.stripe import Cancellation
+from sinks.stripe.v1 import Cancellation
 
 __all__ = [
     "CANCEL_MARGIN_SECONDS",

@@ -21,15 +21,15 @@ from models.errors import BrokerError
 from models.parity import AlertRule
 from sinks.base import RetryingSink
 from sinks.ledger import CloseConfig, Ledger
-from sinks.outbox import OutboxSender
+from sinks.outbox_sender import OutboxSender
 from sinks.parity import ParityConfig
-from sinks.reconcile_store import ReconcileStore
-from sinks.reconciliation import ReconcileConfig, Reconciliation
+from sinks.reconcile.run import ReconcileConfig, Reconciliation
+from sinks.reconcile.store import ReconcileStore
+from sinks.reconcile.stripe_reader import StripeReader
 from sinks.schema import make_engine, migrate
-from sinks.stripe import StripeMeterSink, make_client, make_http_session
-from sinks.stripe_provisioning import StripeProvisioner
-from sinks.stripe_reconcile import StripeReader
-from sinks.stripe_v2 import ErrorReportReconciler, StripeStreamSink
+from sinks.stripe.v1 import StripeMeterSink, make_client, make_http_session
+from sinks.stripe.v2 import ErrorReportReconciler, StripeStreamSink
+from sinks.webhooks.provisioning import StripeProvisioner
 from streams.config import KafkaConfig, Topics, WebConfig, WebhookConfig, WebLimits, WorkerConfig
 from streams.pipeline import Deps
 from streams.webhooks import WEBHOOK_PATH
@@ -232,9 +232,9 @@ def build_sender(
 ) -> OutboxSender:
     """The outbox sender for ``st.mode``, retrying with ``st.max_attempts`` and the default backoff.
 
-    ``v1``: :class:`~sinks.stripe.StripeMeterSink` (one call per event, one at a time per customer and
-    meter, paced under ``v1_max_calls_per_s``). ``v2``: :class:`~sinks.stripe_v2.StripeStreamSink`
-    (sessions, ≤ 100 events a request) and the :class:`~sinks.stripe_v2.ErrorReportReconciler` every
+    ``v1``: :class:`~sinks.stripe.v1.StripeMeterSink` (one call per event, one at a time per customer and
+    meter, paced under ``v1_max_calls_per_s``). ``v2``: :class:`~sinks.stripe.v2.StripeStreamSink`
+    (sessions, ≤ 100 events a request) and the :class:`~sinks.stripe.v2.ErrorReportReconciler` every
     ``reconcile_interval`` s. Each ``run_once`` keeps sending full batches for up to ``drain_s`` s.
     Requests share one keep-alive pool (``session``, or a new one that ``close()`` closes).
     """

@@ -12,7 +12,7 @@
 Delivery failures are not exceptions: a sink returns one :class:`sinks.base.Outcome` per item, with a
 :class:`sinks.base.Status` (ok, duplicate, transient, permanent), so a batch with one bad item still
 delivers the others and the caller records every outcome. Stripe's own exceptions are classified into
-those statuses at the boundary (:func:`sinks.stripe.classify`), never further in.
+those statuses at the boundary (:func:`sinks.stripe.errors.classify`), never further in.
 """
 
 from __future__ import annotations

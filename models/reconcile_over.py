@@ -1,6 +1,6 @@
 """Taking back what Stripe holds beyond what edgebill sent: the rules of ``edgebill reconcile --repair`` for the
 hours a reconciliation found *over* (:attr:`models.reconcile.WindowResult.excess`). Pure; the ledger and Stripe
-sides are :mod:`sinks.reconcile_repair` and :mod:`sinks.reconciliation`.
+sides are :mod:`sinks.reconcile.repair` and :mod:`sinks.reconcile.run`.
 
 Stripe holding more than edgebill sent (another sender, a re-send after Stripe's identifier window, rows lost
 from the ledger) is not a difference between the usage topic and the ledger, so replay never sees it: the

@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from sinks.base import Outcome, Status
-from sinks.stripe import MeterEvent
+from sinks.stripe.v1 import MeterEvent
 
 __all__ = ["MemoryMeterSink"]
 

@@ -325,7 +325,7 @@ parity_state = Table(
 )
 
 # --------------------------------------------------------------------------- Stripe webhooks and provisioning
-# Written by sinks.webhook_store: the received events (the inbox the webhook agent applies, each once), one
+# Written by sinks.webhooks.store: the received events (the inbox the webhook agent applies, each once), one
 # row per record read from ``stripe-webhook-events``, subscription state for the ordering guard, each org's
 # provisioning and published plan, the plan records still to publish on ``org-policy``, and a log of every
 # provisioning done (authority edge) or only described (authority cell).
@@ -424,7 +424,7 @@ provisioning_log = Table(
 
 
 # ---------------------------------------------------------------------------------- reconciliation with Stripe
-# Written by sinks.reconcile_store: each scheduled run, the latest result per (org, customer, meter, window) with
+# Written by sinks.reconcile.store: each scheduled run, the latest result per (org, customer, meter, window) with
 # how many runs in a row it has differed, the alerts (the dedup), the repairs done (each with its evidence) and
 # the latest invoice-preview check per subscription line.
 

@@ -86,7 +86,7 @@ class ParityRuntime:
         self.last_refresh: RefreshResult | None = None
         self._lock = asyncio.Lock()
         self._logged: set[tuple[str, int, str]] = set()
-        self._limiter = RateLimitedLog(log)
+        self._log_throttle = RateLimitedLog(log)
 
     def write(self, batch: ScaleBatch) -> None:
         if batch.events:
@@ -132,7 +132,7 @@ class ParityRuntime:
         if self._lock.locked():
             return
         async with self._lock:
-            result = await run_logged(self._limiter, "parity refresh", self.refresh_once)
+            result = await run_logged(self._log_throttle, "parity refresh", self.refresh_once)
             if result is not None:
                 await publish_alerts(result.alerts, publish, self.store.mark_published, self._announce)
 
@@ -174,7 +174,9 @@ def install_parity(app: Any, deps: Deps) -> ParityRuntime:
                 futs = [await dlq.send(key=d.key, value=d.value, headers=d.headers) for d in batch.dead]
                 for f in futs:
                     await f
-            await retry_forever("cell interval write", functools.partial(rt.write, batch), limiter=rt._limiter)
+            await retry_forever(
+                "cell interval write", functools.partial(rt.write, batch), log_throttle=rt._log_throttle
+            )
             yield len(records)
 
     app.agent(scale, name="edgebill.cell")(cell_agent)

@@ -22,7 +22,7 @@ from models.topics import (
 )
 from sinks.ledger import CloseConfig
 from sinks.parity import ParityConfig
-from sinks.reconciliation import ReconcileConfig
+from sinks.reconcile.run import ReconcileConfig
 
 __all__ = ["KafkaConfig", "Topics", "WebConfig", "WebLimits", "WebhookConfig", "WorkerConfig"]
 

@@ -104,7 +104,7 @@ class TickIngestor:
     ) -> None:
         self.pipe = pipe
         self.health = pipe.health
-        self._limiter = pipe.limiter
+        self._limiter = pipe.log_throttle
         self._send_dead = send_dead
         # Batches are sized in ticks, not messages: a message may carry one tick or hundreds.
         self._target_ticks = target_ticks
@@ -315,7 +315,7 @@ class TickIngestor:
         await retry_forever(
             "ledger write",
             lambda: self._step(plan),
-            limiter=self._limiter,
+            log_throttle=self._limiter,
             health=self.health,
             condition=LEDGER,
             stopping=self._stopping,
@@ -331,7 +331,7 @@ class TickIngestor:
             await retry_forever(
                 "ledger write",
                 lambda: self.pipe.finish_isolated(plan),
-                limiter=self._limiter,
+                log_throttle=self._limiter,
                 health=self.health,
                 condition=LEDGER,
                 stopping=self._stopping,

@@ -14,7 +14,7 @@ Exported names (all prefixed ``edgebill_``): ``ticks_ingested_total``, ``ticks_r
 ``meter_rows{state}``, ``consumer_lag{topic,partition}``, ``parity_worst_drift``, ``parity_rows{status}``,
 ``parity_aggregate_drift``, ``parity_bucket_start_seconds``, ``parity_clean_hours``,
 ``parity_refresh_age_seconds``, ``ledger_counter{name}`` (every ledger counter); the reconciliation with
-Stripe (its last scheduled run, :class:`sinks.reconcile_store.ReconcileSnapshot`): ``reconcile_windows{label}``,
+Stripe (its last scheduled run, :class:`sinks.reconcile.store.ReconcileSnapshot`): ``reconcile_windows{label}``,
 ``reconcile_differing_orgs{label}`` (``reconcile_difference{org_id,meter,label}`` with per-org metrics on),
 ``reconcile_unsettled``, ``reconcile_last_run_seconds``, ``reconcile_newest_compared_timestamp_seconds``,
 ``reconcile_run_failed``, ``reconcile_requests``, ``reconcile_throttled``, ``reconcile_alerts_total``,
@@ -45,7 +45,7 @@ from prometheus_client.registry import Collector
 
 from sinks.observe import REGISTRY
 from sinks.parity import MetricsSnapshot
-from sinks.reconcile_store import ReconcileSnapshot
+from sinks.reconcile.store import ReconcileSnapshot
 
 __all__ = ["ReconcileCollector", "SnapshotCollector", "render_metrics"]
 

@@ -47,11 +47,11 @@ from sinks.ledger import (
     Ledger,
     SourcedTick,
 )
-from sinks.outbox import OutboxSender, SendReport
+from sinks.outbox_sender import OutboxSender, SendReport
 from sinks.parity import ParityStore
-from sinks.reconciliation import Reconciliation
+from sinks.reconcile.run import Reconciliation
 from sinks.retention import CompactResult, Retention
-from sinks.stripe_provisioning import StripeProvisioner
+from sinks.webhooks.provisioning import StripeProvisioner
 from streams.config import WorkerConfig
 from streams.health import Health, RateLimitedLog, ledger_write_failures_total, ticks_refused_total
 from streams.records import DeadLetter, Record, dead_letter, first_line, run_logged
@@ -260,7 +260,7 @@ class Pipeline:
         self.ingestor: HighwaterSource | None = None  # the running ingest service's consumer, once started
         self.last_send: SendReport | None = None
         self.health = Health()
-        self.limiter = RateLimitedLog(log)
+        self.log_throttle = RateLimitedLog(log)
         self._applied_seq: int | None = None  # the cutover state entry this worker applies and acknowledged
         # The ledger's dedup horizon as its last write reported it: prepare_ingest refuses ticks before it.
         self.horizon_s = 0
@@ -310,7 +310,7 @@ class Pipeline:
                     raise
                 ledger_write_failures_total.labels("refused").inc()
                 ticks = plan.batch.ticks
-                self.limiter.failure(
+                self.log_throttle.failure(
                     "ledger refused a batch",
                     "ingest: the ledger refused a batch of %d tick(s) (%s); isolating the refused one(s)",
                     len(ticks),
@@ -506,7 +506,7 @@ class Pipeline:
 
     async def _run_logged(self, what: str, fn: Callable[[], object]) -> None:
         """Run ``fn`` in a thread; a failure is logged (once per interval while it repeats), not raised."""
-        await run_logged(self.limiter, what, fn)
+        await run_logged(self.log_throttle, what, fn)
 
     # -- the cutover --------------------------------------------------------------------------
 

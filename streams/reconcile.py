@@ -5,11 +5,11 @@ thread (the Stripe reads are paced and may take a while; never on the event loop
 
 1. compare the lookback with Stripe's meter event summaries as soon as each hour is settled: whole UTC days
    where they are complete, hours elsewhere, today's included
-   (:meth:`sinks.reconciliation.Reconciliation.compare_recent`), and check the upcoming invoice of each pro org
+   (:meth:`sinks.reconcile.run.Reconciliation.compare_recent`), and check the upcoming invoice of each pro org
    whose period ends within ``EDGEBILL_STRIPE_AUDIT_INVOICE_AHEAD_HOURS``
-   (:meth:`~sinks.reconciliation.Reconciliation.check_invoices`), so a difference alerts before Stripe
+   (:meth:`~sinks.reconcile.run.Reconciliation.check_invoices`), so a difference alerts before Stripe
    finalizes the invoice;
-2. keep the results in the ledger (:meth:`sinks.reconcile_store.ReconcileStore.record_run`): the latest result
+2. keep the results in the ledger (:meth:`sinks.reconcile.store.ReconcileStore.record_run`): the latest result
    per window (and invoice line) and how many runs in a row it has differed; a difference seen in
    ``EDGEBILL_STRIPE_AUDIT_ALERT_RUNS`` consecutive runs (default 2) records an alert, once per episode;
 3. publish the alerts not yet published to the alerts topic (``billing-alerts``, as parity's) and log each
@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from models.reconcile import Grouping
-from sinks.reconcile_store import PendingAlert, ReconcileSnapshot, RunRecord
-from sinks.reconciliation import ReconcileReport, Reconciliation
+from sinks.reconcile.run import ReconcileReport, Reconciliation
+from sinks.reconcile.store import PendingAlert, ReconcileSnapshot, RunRecord
 from streams.health import RateLimitedLog
 from streams.pipeline import Deps
 from streams.records import RAW_BYTES, Publish, alert_publisher, publish_alerts, run_logged
@@ -56,7 +56,7 @@ class ReconcileRuntime:
         self.alerts_topic = deps.config.topics.alerts
         self.last: ReconcileReport | None = None
         self._lock = asyncio.Lock()
-        self._limiter = RateLimitedLog(log)
+        self._log_throttle = RateLimitedLog(log)
         self._logged: set[tuple[str, str, str, int, str]] = set()
 
     def run_once(self) -> tuple[ReconcileReport, list[PendingAlert]]:
@@ -92,23 +92,23 @@ class ReconcileRuntime:
 
     def _log(self, report: ReconcileReport) -> None:
         if report.failure is not None:
-            self._limiter.failure(
+            self._log_throttle.failure(
                 "stripe reconcile",
                 "stripe_reconcile: the run could not read Stripe (%s); it will run again",
                 report.failure,
                 level=logging.ERROR,
             )
             return
-        self._limiter.recovered("stripe reconcile")
+        self._log_throttle.recovered("stripe reconcile")
         if report.why is not None:
-            self._limiter.failure(
+            self._log_throttle.failure(
                 "stripe reconcile nothing compared",
                 "stripe_reconcile: nothing compared with Stripe: %s",
                 report.why,
                 level=logging.WARNING,
             )
         else:
-            self._limiter.recovered("stripe reconcile nothing compared")
+            self._log_throttle.recovered("stripe reconcile nothing compared")
         diffs = report.differences
         log.info(
             "stripe_reconcile: %d window(s) of %s..%s compared, %d different, %d not settled; %d invoice line(s), "
@@ -150,7 +150,7 @@ class ReconcileRuntime:
         if self._lock.locked():
             return
         async with self._lock:
-            done = await run_logged(self._limiter, "stripe reconcile run", self.run_once)
+            done = await run_logged(self._log_throttle, "stripe reconcile run", self.run_once)
             if done is not None:
                 _report, alerts = done
                 await publish_alerts(alerts, publish, self.store.mark_published, self._announce)

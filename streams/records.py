@@ -143,18 +143,18 @@ async def retry_forever(
     what: str,
     fn: Callable[[], Any],
     *,
-    limiter: RateLimitedLog | None = None,
+    log_throttle: RateLimitedLog | None = None,
     health: Health | None = None,
     condition: str | None = None,
     stopping: asyncio.Event | None = None,
 ) -> None:
     """Run a ledger write (in a thread) until it succeeds. Never ack a batch whose write failed.
 
-    Failures are logged through ``limiter`` (once per interval, with a count) and, with ``health``, hold
+    Failures are logged through ``log_throttle`` (once per interval, with a count) and, with ``health``, hold
     ``condition`` until the write succeeds. With ``stopping``: once it is set, a failed attempt is not
     retried but raises :class:`Stopped` (the caller acknowledges nothing).
     """
-    rl = limiter or _default_limiter
+    rl = log_throttle or _default_log_throttle
     delay = 0.2
     while True:
         try:
@@ -183,7 +183,7 @@ async def retry_forever(
         return
 
 
-_default_limiter = RateLimitedLog(log)
+_default_log_throttle = RateLimitedLog(log)
 
 
 def first_line(exc: BaseException) -> str:
@@ -204,24 +204,24 @@ async def sleep_unless(stopping: asyncio.Event | None, seconds: float) -> None:
 _T = TypeVar("_T")
 
 
-async def run_logged(limiter: RateLimitedLog, what: str, fn: Callable[[], _T]) -> _T | None:
+async def run_logged(log_throttle: RateLimitedLog, what: str, fn: Callable[[], _T]) -> _T | None:
     """Run one periodic job (a close, a send, a refresh) in a thread; returns its result, or None when it
     failed. A failure is logged, not raised: the timer runs the job again. While it repeats it is logged
     once per interval with a count, with the traceback the first time only."""
     try:
         result = await asyncio.to_thread(fn)
     except Exception as exc:
-        limiter.failure(
+        log_throttle.failure(
             what,
             "%s failed (%s: %s); it will run again",
             what,
             type(exc).__name__,
             first_line(exc),
             level=logging.ERROR,
-            exc_info=None if limiter.failing(what) else exc,
+            exc_info=None if log_throttle.failing(what) else exc,
         )
         return None
-    limiter.recovered(what)
+    log_throttle.recovered(what)
     return result
 
 

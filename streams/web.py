@@ -49,7 +49,7 @@ from models.parity import dashboard_token, verify_dashboard_token, verify_reques
 from models.stripe_window import PARITY_QUERY_MAX_SECONDS
 from models.watermark import last_closable_bucket
 from sinks.parity import ParityConfig, ParityRow, ParityStore
-from sinks.reconcile_store import ReconcileStore
+from sinks.reconcile.store import ReconcileStore
 from streams.config import WebConfig
 from streams.metrics_view import render_metrics
 from streams.parity_json import gate_json, number, window_org_json
@@ -274,11 +274,11 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
                 snap = store.metrics(config.close.grace_seconds)
                 rsnap = recon.snapshot()
             except Exception as exc:
-                pipe.limiter.failure(
+                pipe.log_throttle.failure(
                     "metrics snapshot", "/metrics: the ledger cannot be read (%s: %s)", type(exc).__name__, exc
                 )
                 return render_metrics(None, consumed, time.time())
-            pipe.limiter.recovered("metrics snapshot")
+            pipe.log_throttle.recovered("metrics snapshot")
             return render_metrics(snap, consumed, time.time(), reconcile=rsnap, per_org=web_cfg.limits.metrics_per_org)
 
         body = await asyncio.to_thread(render)

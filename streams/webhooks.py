@@ -42,8 +42,8 @@ from models.webhooks import (
     routing_key,
 )
 from sinks.base import Status
-from sinks.stripe_provisioning import ProvisionRequest, StripeProvisioner
-from sinks.webhook_store import PendingPolicy, WebhookStore
+from sinks.webhooks.provisioning import ProvisionRequest, StripeProvisioner
+from sinks.webhooks.store import PendingPolicy, WebhookStore
 from streams.config import WebhookConfig
 from streams.pipeline import Deps
 from streams.records import RAW_BYTES, retry_forever

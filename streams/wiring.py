@@ -71,7 +71,7 @@ def install(app: Any, deps: Deps) -> Pipeline:
             await retry_forever(
                 "policy write",
                 functools.partial(deps.ledger.write_policies, pipe.policy_topic, good, progress, counts),
-                limiter=pipe.limiter,
+                log_throttle=pipe.log_throttle,
             )
             yield len(records)
 
@@ -117,18 +117,18 @@ def install(app: Any, deps: Deps) -> Pipeline:
                 wrote = True
         except Exception as exc:
             pipe.health.fail(LEDGER, f"{what}: {type(exc).__name__}: {first_line(exc)}", source=what)
-            pipe.limiter.failure(
+            pipe.log_throttle.failure(
                 what,
                 "%s failed (%s: %s)",
                 what,
                 type(exc).__name__,
                 first_line(exc),
-                exc_info=None if pipe.limiter.failing(what) else exc,
+                exc_info=None if pipe.log_throttle.failing(what) else exc,
             )
         else:
             if wrote:
                 pipe.health.ok(LEDGER, source=what)
-                pipe.limiter.recovered(what)
+                pipe.log_throttle.recovered(what)
         await pipe.control_progress()
 
     app.timer(0.5, name="edgebill.progress")(report_progress)

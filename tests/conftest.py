@@ -267,7 +267,7 @@ def make_stack(kafka_bootstrap: str, tmp_path: Path, request: pytest.FixtureRequ
     skips with the reason when none answers), as several workers in one group need.
     """
     from infra.devkit.stripe_fake import StripeServerThread
-    from sinks.stripe import make_client
+    from sinks.stripe.v1 import make_client
 
     made: list[Stack] = []
     servers: list[Any] = []

@@ -124,7 +124,7 @@ def _probe_stripe(s: Settings) -> None:
     """An authenticated GET (one meter) with the configured key: proves the base answers and the key works."""
     import stripe
 
-    from sinks.stripe import make_client, make_http_session
+    from sinks.stripe.v1 import make_client, make_http_session
 
     base = s.stripe.base
     fix_base = "EDGEBILL_STRIPE_API_BASE" + (

@@ -48,7 +48,7 @@ def _ops(s: Any, led: Any) -> Any:
     from models.cutover import CONTROL_KEY, CutoverState
     from models.errors import BrokerError
     from sinks.parity import ParityStore
-    from sinks.stripe import Cancellation, cancel_meter_event, make_client
+    from sinks.stripe.v1 import Cancellation, cancel_meter_event, make_client
 
     servers = s.kafka.servers
     control = topics(s).control

@@ -26,7 +26,7 @@ from models.reconcile import DAY, Grouping, dec, grouping_for
 
 if TYPE_CHECKING:
     from infra.settings import Settings
-    from sinks.reconciliation import ReconcileReport, RepairReport
+    from sinks.reconcile.run import ReconcileReport, RepairReport
 
 #: Exit status of a run that compared nothing (every window not closed, not settled, nothing sent, shadow).
 NOTHING_COMPARED = 3
@@ -185,7 +185,7 @@ def _in_range(repair: dict[str, Any], lo: int, hi: int) -> bool:
 
 def _canceller(s: Settings) -> Any:
     """Stripe's cancellation of one meter event (a meter-event adjustment), with the settings' key."""
-    from sinks.stripe import Cancellation, cancel_meter_event, make_client
+    from sinks.stripe.v1 import Cancellation, cancel_meter_event, make_client
 
     def cancel(event_name: str, identifier: str) -> Cancellation:
         client = make_client(s.stripe.api_key.get_secret_value(), s.stripe.base, timeout=s.stripe.timeout)

@@ -232,7 +232,7 @@ def _safe(url: str) -> str:
 
 def _canceller(s: Any) -> Any:
     """Cancels one meter event at Stripe (event_name, identifier) -> Cancellation."""
-    from sinks.stripe import cancel_meter_event, make_client
+    from sinks.stripe.v1 import cancel_meter_event, make_client
 
     client = make_client(s.stripe.api_key.get_secret_value(), s.stripe.base, timeout=s.stripe.timeout)
     return lambda event_name, identifier: cancel_meter_event(client, event_name, identifier)

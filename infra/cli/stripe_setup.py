@@ -55,7 +55,7 @@ def stripe_setup(dry_run: bool, webhook_url: str | None, no_webhook: bool, as_js
     from infra.runtime import webhook_url as default_webhook_url
     from sinks.catalog_store import CatalogStore
     from sinks.schema import make_engine, migrate
-    from sinks.stripe import make_client
+    from sinks.stripe.v1 import make_client
 
     s = settings_for_cli()
     client = make_client(s.stripe.api_key.get_secret_value(), s.stripe.base, timeout=s.stripe.timeout)

@@ -15,7 +15,7 @@ from infra.cli._base import cli, iso, open_ledger, settings_for_cli
 
 @contextmanager
 def _store() -> Iterator[Any]:
-    from sinks.webhook_store import WebhookStore
+    from sinks.webhooks.store import WebhookStore
 
     led = open_ledger(settings_for_cli())
     try:

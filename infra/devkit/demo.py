@@ -49,7 +49,7 @@ from infra.kafka_admin import ensure_topics, kafka_answers
 from infra.kafka_io import publish_sync
 from models.parity import dashboard_token
 from models.policy import OrgPolicy
-from sinks.stripe import make_client
+from sinks.stripe.v1 import make_client
 
 __all__ = ["DemoOptions", "run_demo"]
 

@@ -33,7 +33,7 @@ from models.billing import LEGACY_TIER_METERS, BillingMode, RowState, bucket_end
 from models.cutover import Decision
 from models.stripe_window import CANCEL_MARGIN_SECONDS, cancellable, expired_at_close
 from sinks.ledger import Correction, Ledger
-from sinks.stripe import Cancellation
+from sinks.stripe.v1 import Cancellation
 
 __all__ = ["CANCEL_MARGIN_SECONDS", "RepairResult", "apply_repairs", "repair_problems", "repairable"]
 

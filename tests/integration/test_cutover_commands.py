@@ -28,9 +28,9 @@ from models.policy import OrgPolicy
 from models.ticks import Tick
 from sinks.base import RetryingSink
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
-from sinks.outbox import OutboxSender
+from sinks.outbox_sender import OutboxSender
 from sinks.schema import make_engine, migrate
-from sinks.stripe import StripeMeterSink, make_client
+from sinks.stripe.v1 import StripeMeterSink, make_client
 
 pytestmark = pytest.mark.integration
 

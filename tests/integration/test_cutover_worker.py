@@ -14,7 +14,7 @@ from infra.runtime import worker_config
 from infra.settings import load_settings
 from models.cutover import CutoverState, armed_state
 from sinks.ledger import Ledger
-from sinks.outbox import SendReport
+from sinks.outbox_sender import SendReport
 from sinks.schema import make_engine, migrate
 from streams.pipeline import Deps, Pipeline
 from streams.records import RawRecord

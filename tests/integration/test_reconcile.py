@@ -27,7 +27,7 @@ from infra.kafka_io import publish_sync, read_topic_sync
 from models.billing import LEGACY_TIER_METERS, UNIFIED_METER
 from models.policy import OrgPolicy
 from models.reconcile import DAY
-from sinks.reconcile_store import ReconcileStore
+from sinks.reconcile.store import ReconcileStore
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ from infra.kafka_io import publish_sync
 from models.billing import UNIFIED_METER
 from models.policy import OrgPolicy
 from models.reconcile import HOUR
-from sinks.reconcile_store import ReconcileStore
+from sinks.reconcile.store import ReconcileStore
 
 pytestmark = pytest.mark.integration
 

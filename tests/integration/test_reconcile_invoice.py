@@ -28,12 +28,12 @@ from models.ticks import Tick
 from sinks.base import RetryingSink
 from sinks.catalog_store import CatalogStore
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
-from sinks.outbox import OutboxSender
-from sinks.reconcile_store import ReconcileStore, RunRecord
-from sinks.reconciliation import ReconcileConfig, ReconcileReport, Reconciliation
+from sinks.outbox_sender import OutboxSender
+from sinks.reconcile.run import ReconcileConfig, ReconcileReport, Reconciliation
+from sinks.reconcile.store import ReconcileStore, RunRecord
+from sinks.reconcile.stripe_reader import StripeReader
 from sinks.schema import make_engine, migrate
-from sinks.stripe import StripeMeterSink, make_client
-from sinks.stripe_reconcile import StripeReader
+from sinks.stripe.v1 import StripeMeterSink, make_client
 
 pytestmark = pytest.mark.integration
 

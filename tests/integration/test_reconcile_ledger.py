@@ -20,13 +20,13 @@ from models.reconcile import DAY, Cause, Grouping, Label
 from models.ticks import Tick
 from sinks.base import RetryingSink
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
-from sinks.outbox import OutboxSender
-from sinks.reconcile_store import ReconcileStore, RunRecord
-from sinks.reconciliation import ReconcileConfig, Reconciliation
+from sinks.outbox_sender import OutboxSender
+from sinks.reconcile.run import ReconcileConfig, Reconciliation
+from sinks.reconcile.store import ReconcileStore, RunRecord
+from sinks.reconcile.stripe_reader import StripeReader
 from sinks.schema import make_engine, migrate
-from sinks.stripe import make_client
-from sinks.stripe_reconcile import StripeReader
-from sinks.stripe_v2 import ErrorReportReconciler, StripeStreamSink
+from sinks.stripe.v1 import make_client
+from sinks.stripe.v2 import ErrorReportReconciler, StripeStreamSink
 
 pytestmark = pytest.mark.integration
 

@@ -35,13 +35,13 @@ from models.ticks import Tick
 from sinks.base import RetryingSink
 from sinks.catalog_store import CatalogStore
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
-from sinks.outbox import OutboxSender
-from sinks.reconcile_repair import OverWrite, ReconcileRepairs
-from sinks.reconcile_store import ReconcileStore
-from sinks.reconciliation import ReconcileConfig, Reconciliation
+from sinks.outbox_sender import OutboxSender
+from sinks.reconcile.repair import OverWrite, ReconcileRepairs
+from sinks.reconcile.run import ReconcileConfig, Reconciliation
+from sinks.reconcile.store import ReconcileStore
+from sinks.reconcile.stripe_reader import StripeReader
 from sinks.schema import make_engine, migrate
-from sinks.stripe import StripeMeterSink, cancel_meter_event, make_client
-from sinks.stripe_reconcile import StripeReader
+from sinks.stripe.v1 import StripeMeterSink, cancel_meter_event, make_client
 
 pytestmark = pytest.mark.integration
 

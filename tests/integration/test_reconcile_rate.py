@@ -19,12 +19,12 @@ from models.reconcile import DAY, Label
 from models.ticks import Tick
 from sinks.base import RetryingSink
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
-from sinks.outbox import OutboxSender
-from sinks.reconcile_store import ReconcileStore
+from sinks.outbox_sender import OutboxSender
+from sinks.reconcile.store import ReconcileStore
+from sinks.reconcile.stripe_reader import DEFAULT_READS_PER_S, STRIPE_READ_LIMITS
 from sinks.schema import make_engine, migrate
-from sinks.stripe import make_client
-from sinks.stripe_reconcile import DEFAULT_READS_PER_S, STRIPE_READ_LIMITS
-from sinks.stripe_v2 import StripeStreamSink
+from sinks.stripe.v1 import make_client
+from sinks.stripe.v2 import StripeStreamSink
 from streams.pipeline import Deps
 from streams.reconcile import ReconcileRuntime
 

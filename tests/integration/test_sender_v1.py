@@ -23,9 +23,9 @@ from models.policy import OrgPolicy
 from models.ticks import Tick
 from sinks.base import RetryingSink
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
-from sinks.outbox import OutboxSender
+from sinks.outbox_sender import OutboxSender
 from sinks.schema import make_engine, migrate
-from sinks.stripe import StripeMeterSink, make_client, make_http_session
+from sinks.stripe.v1 import StripeMeterSink, make_client, make_http_session
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ import stripe
 from test_stripe_fake_shapes import FIXTURE_CANDIDATES, assert_shape
 
 from infra.devkit.stripe_fake import FaultConfig, StripeServerThread
-from sinks.stripe import make_client
+from sinks.stripe.v1 import make_client
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,8 @@ from infra.devkit.stripe_fake import StripeServerThread
 from models.catalog import CATALOG, CATALOG_KEYS
 from models.webhooks import WEBHOOK_EVENTS
 from sinks.schema import make_engine, migrate
-from sinks.stripe import make_client
-from sinks.webhook_store import WebhookStore
+from sinks.stripe.v1 import make_client
+from sinks.webhooks.store import WebhookStore
 
 pytestmark = pytest.mark.integration
 

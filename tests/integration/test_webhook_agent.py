@@ -19,9 +19,9 @@ from models.catalog import CATALOG_KEYS
 from models.policy import OrgPolicy
 from models.webhooks import Outcome
 from sinks.schema import make_engine, migrate
-from sinks.stripe import make_client
-from sinks.stripe_provisioning import StripeProvisioner
-from sinks.webhook_store import WebhookStore
+from sinks.stripe.v1 import make_client
+from sinks.webhooks.provisioning import StripeProvisioner
+from sinks.webhooks.store import WebhookStore
 from streams.webhooks import WebhookRuntime
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from models.policy import OrgPolicy
 from models.webhooks import Outcome, SubscriptionChange
 from sinks.ledger import Ledger
 from sinks.schema import make_engine, migrate
-from sinks.webhook_store import Provisioned, WebhookStore
+from sinks.webhooks.store import Provisioned, WebhookStore
 
 pytestmark = pytest.mark.integration
 

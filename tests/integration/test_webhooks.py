@@ -25,7 +25,7 @@ from infra.devkit.stripe_fake import FaultConfig
 from infra.kafka_io import publish_sync
 from models.billing import UNIFIED_METER
 from models.catalog import CATALOG_KEYS
-from sinks.webhook_store import WebhookStore
+from sinks.webhooks.store import WebhookStore
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from models.parity import ParityStatus
 from models.watermark import PartitionState
 from sinks.observe import stripe_errors_total, stripe_request_seconds
 from sinks.parity import GateStatus, MetricsSnapshot, ParityRow
-from sinks.reconcile_store import ReconcileSnapshot
+from sinks.reconcile.store import ReconcileSnapshot
 from streams.cell import prepare_scale
 from streams.metrics_view import render_metrics
 from streams.records import RawRecord

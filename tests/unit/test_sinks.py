@@ -8,7 +8,8 @@ import stripe
 
 from sinks.base import Backoff, Outcome, RetryingSink, Status
 from sinks.memory import MemoryMeterSink
-from sinks.stripe import MeterEvent, classify, validate_event
+from sinks.stripe.errors import classify
+from sinks.stripe.v1 import MeterEvent, validate_event
 
 NOW = 1_790_000_000
 

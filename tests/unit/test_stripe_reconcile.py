@@ -12,7 +12,7 @@ from typing import Any
 import stripe
 
 from models.reconcile import Grouping
-from sinks.stripe_reconcile import Pacer, Problem, StripeReader
+from sinks.reconcile.stripe_reader import Pacer, Problem, StripeReader
 
 
 class Clock:

@@ -14,8 +14,9 @@ import pytest
 import stripe
 
 from sinks.base import Backoff, RetryingSink, Status
-from sinks.stripe import KeyedLocks, MeterEvent, RateLimiter, StripeMeterSink, classify, meter_events_base_for
-from sinks.stripe_v2 import (
+from sinks.stripe.errors import classify
+from sinks.stripe.v1 import KeyedLocks, MeterEvent, RateLimiter, StripeMeterSink, meter_events_base_for
+from sinks.stripe.v2 import (
     ACCEPTED_ASYNC,
     MeterEventSessions,
     StripeStreamSink,
@@ -405,7 +406,7 @@ def test_the_sdk_sends_the_same_json_body_without_form_encoding_the_events_first
 
     from stripe._encode import _api_encode, _make_suitable_for_json
 
-    from sinks.stripe_v2 import _JsonBodyList
+    from sinks.stripe.v2 import _JsonBodyList
 
     events = [StripeStreamSink._wire(ev(i)) for i in range(3)]
     marked = {"events": _JsonBodyList(events)}

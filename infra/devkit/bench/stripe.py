@@ -3,7 +3,7 @@
 What is measured: the real sender path — :func:`infra.runtime.build_sender` (the worker's own
 construction: official SDK, :class:`~sinks.base.RetryingSink` with real backoff sleeps, the v1 sink or
 the v2 stream sink and its error-report reconciler) draining a SQLite ledger pre-filled with N
-``pending`` rows through :meth:`~sinks.outbox.OutboxSender.run_once`, until none is pending. The clock
+``pending`` rows through :meth:`~sinks.outbox_sender.OutboxSender.run_once`, until none is pending. The clock
 runs from the first ``run_once`` to the last; filling the ledger and creating meters/customers are not
 timed.
 
@@ -52,8 +52,8 @@ from models.billing import UNIFIED_METER
 from models.policy import OrgPolicy
 from models.ticks import Tick
 from sinks.ledger import CloseConfig, Ledger, SourcedTick
-from sinks.stripe import make_client, make_http_session
-from sinks.stripe_v2 import iso_timestamp
+from sinks.stripe.v1 import make_client, make_http_session
+from sinks.stripe.v2 import iso_timestamp
 
 __all__ = ["FAULTS_10PCT", "LocalStripeProcess", "bench_stripe", "raw_stream_rate"]
 

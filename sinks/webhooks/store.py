@@ -14,7 +14,7 @@ How an event is applied exactly once:
    ``failed`` under a row lock; if another run finished the event meanwhile, the whole transaction rolls back
    and the event counts as a duplicate. A crash before that commit leaves the event ``received``: the agent's
    retry timer applies it again (:meth:`WebhookStore.due`), and whatever Stripe call it makes again is
-   idempotent (see :mod:`sinks.stripe_provisioning`).
+   idempotent (see :mod:`sinks.webhooks.provisioning`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from sinks.schema import (
     webhook_policy_outbox,
     webhook_receipts,
 )
-from sinks.webhook_queries import WebhookQueries
+from sinks.webhooks.queries import WebhookQueries
 
 __all__ = ["InboxEvent", "OrgSnapshot", "PendingPolicy", "Provisioned", "WebhookStore"]
 

@@ -1,12 +1,11 @@
 """The Stripe meter sink (v1): sends meter events through the official ``stripe`` SDK.
 
-Stripe's exceptions end here: :func:`classify` maps every one onto a :class:`~sinks.base.Status`
-(transient / permanent / duplicate), and nothing Stripe-specific leaks past this module and
-:mod:`sinks.stripe_v2` (the v2 meter-event stream).
+Stripe's exceptions end here: :func:`~sinks.stripe.errors.classify` maps every one onto a
+:class:`~sinks.base.Status` (transient / permanent / duplicate).
 
 Delivery guarantee: at-least-once per flush, made effectively-once by Stripe's ``identifier``
 dedup (our row id; Stripe answers a repeat with 400 "An event already exists with identifier …",
-which :func:`classify` turns into ``duplicate`` = delivered). A row's value never changes after it
+which ``classify`` turns into ``duplicate`` = delivered). A row's value never changes after it
 is created, so a re-send is always the same event.
 
 Why no deterministic ``Idempotency-Key``: Stripe stores the *first* answer under a key, 500s
@@ -33,7 +32,6 @@ from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from email.utils import parsedate_to_datetime
 from typing import Generic, TypeVar
 from urllib.request import getproxies
 
@@ -54,6 +52,7 @@ from models.stripe_window import (
     stripe_refuses_as_old,
 )
 from sinks.base import KeptThreads, Outcome, Status
+from sinks.stripe.errors import classify, observed
 
 __all__ = [
     "CANCEL_WINDOW_SECONDS",
@@ -65,12 +64,9 @@ __all__ = [
     "RateLimiter",
     "StripeMeterSink",
     "cancel_meter_event",
-    "classify",
-    "error_kind",
     "make_client",
     "make_http_session",
     "meter_events_base_for",
-    "observed",
     "validate_event",
 ]
 
@@ -168,105 +164,6 @@ def validate_event(ev: MeterEvent, now_s: int) -> str | None:
     if stripe_refuses_as_future(ev.timestamp, now_s):
         return "timestamp is more than 5 minutes in the future"
     return None
-
-
-def _header(err: stripe.StripeError, name: str) -> str | None:
-    headers = err.headers or {}
-    for k, v in headers.items():
-        if k.lower() == name.lower():
-            return str(v)
-    return None
-
-
-def _retry_after(raw: str | None) -> float | None:
-    """``Retry-After`` as seconds: delta-seconds or an HTTP date; None when absent or unreadable."""
-    if not raw:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _is_duplicate_identifier(err: stripe.StripeError) -> bool:
-    code = (err.code or "").lower()
-    msg = (getattr(err, "user_message", None) or str(err) or "").lower()
-    if code in ("resource_already_exists", "duplicate_meter_event", "meter_event_duplicate_identifier"):
-        return True
-    return "identifier" in msg and ("already" in msg or "duplicate" in msg)
-
-
-def error_kind(err: BaseException) -> str:
-    """A short label for metrics: rate_limited, connection, server, duplicate, auth, permanent, other."""
-    if isinstance(err, stripe.RateLimitError):
-        return "rate_limited"
-    if isinstance(err, stripe.APIConnectionError):
-        return "connection"
-    if isinstance(err, stripe.AuthenticationError | stripe.PermissionError):
-        return "auth"
-    if isinstance(err, stripe.InvalidRequestError):
-        return "duplicate" if _is_duplicate_identifier(err) else "permanent"
-    if isinstance(err, stripe.StripeError) and (err.http_status or 500) >= 500:
-        return "server"
-    return "other"
-
-
-@contextmanager
-def observed() -> Iterator[None]:
-    """Time one Stripe call into ``edgebill_stripe_request_seconds``; count a failure by kind."""
-    from sinks.observe import stripe_errors_total, stripe_request_seconds
-
-    start = time.perf_counter()
-    try:
-        yield
-    except BaseException as exc:
-        stripe_errors_total.labels(kind=error_kind(exc)).inc()
-        raise
-    finally:
-        stripe_request_seconds.observe(time.perf_counter() - start)
-
-
-def classify(err: Exception, *, new_request_per_attempt: bool = False) -> tuple[Status, str, str | None, float | None]:
-    """(status, message, code, retry_after) for an exception raised by a Stripe call.
-
-    ``new_request_per_attempt``: the caller's next attempt is a new request (new Idempotency-Key, same
-    identifier), so a 5xx is transient even with ``Stripe-Should-Retry: false`` (which speaks about
-    replaying the same key). Without it the header is taken literally.
-    """
-    if not isinstance(err, stripe.StripeError):
-        return Status.TRANSIENT, f"{type(err).__name__}: {err}", None, None
-    message = getattr(err, "user_message", None) or str(err)
-    code = err.code
-    retry_after = _retry_after(_header(err, "Retry-After"))
-    should_retry = _header(err, "Stripe-Should-Retry")
-    http_status = err.http_status or 0
-    if isinstance(err, stripe.InvalidRequestError) and _is_duplicate_identifier(err):
-        return Status.DUPLICATE, message, code, None
-    if should_retry == "true":
-        return Status.TRANSIENT, message, code, retry_after
-    if isinstance(err, stripe.RateLimitError | stripe.APIConnectionError):
-        return Status.TRANSIENT, message, code, retry_after
-    if isinstance(err, stripe.AuthenticationError | stripe.PermissionError):
-        # A key problem is the operator's to fix; the rows must wait for it, not be rejected.
-        return Status.TRANSIENT, f"Stripe refused the API key: {message}", code, retry_after
-    if new_request_per_attempt and http_status >= 500:
-        return Status.TRANSIENT, message, code, retry_after
-    if should_retry == "false":
-        return Status.PERMANENT, message, code, None
-    if isinstance(err, stripe.IdempotencyError):
-        return Status.PERMANENT, message, code, None
-    if isinstance(err, stripe.InvalidRequestError):
-        status = http_status or 400
-        if status in (409, 429) or status >= 500:
-            return Status.TRANSIENT, message, code, retry_after
-        return Status.PERMANENT, message, code, None
-    # APIError (5xx), unknown: keep the row and try again.
-    return Status.TRANSIENT, message, code, retry_after
 
 
 class _KeyEntry:

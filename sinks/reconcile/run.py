@@ -1,8 +1,8 @@
 """One reconciliation: the ledger's rows of a range against what Stripe holds (meter event summaries), the check
 of each pro org's upcoming invoice (invoice preview), and the repair of short windows through the outbox.
 
-Reads the ledger through :class:`~sinks.reconcile_store.ReconcileStore` and Stripe through
-:class:`~sinks.stripe_reconcile.StripeReader` (paced, read-only); the rules are :mod:`models.reconcile`. Used by
+Reads the ledger through :class:`~sinks.reconcile.store.ReconcileStore` and Stripe through
+:class:`~sinks.reconcile.stripe_reader.StripeReader` (paced, read-only); the rules are :mod:`models.reconcile`. Used by
 ``edgebill reconcile`` and by the worker's scheduled run (``streams.reconcile``), which stores the results.
 
 Stripe requests per run: one list of the meters; one list of the v2 error reports since the ledger's
@@ -44,12 +44,12 @@ from models.reconcile import (
     window_ready,
 )
 from models.reconcile_over import OverAction, OverStep, credit_of, over_key, plan_over_repair
-from sinks.outbox import DUPLICATE_NOTE
-from sinks.reconcile_repair import OverDone, OverWrite, RepairDone, RepairRequest
-from sinks.reconcile_store import ReconcileStore, StoredRow
-from sinks.stripe import Cancellation
-from sinks.stripe_reconcile import Answer, ErrorReportIds, Problem, StripeReader
-from sinks.stripe_v2 import ASYNC_REJECTION_NOTE, ERROR_REPORT_CURSOR
+from sinks.outbox_sender import DUPLICATE_NOTE
+from sinks.reconcile.repair import OverDone, OverWrite, RepairDone, RepairRequest
+from sinks.reconcile.store import ReconcileStore, StoredRow
+from sinks.reconcile.stripe_reader import Answer, ErrorReportIds, Problem, StripeReader
+from sinks.stripe.v1 import Cancellation
+from sinks.stripe.v2 import ASYNC_REJECTION_NOTE, ERROR_REPORT_CURSOR
 
 __all__ = ["MIXED", "ReconcileConfig", "ReconcileReport", "Reconciliation", "RepairReport", "Unsettled"]
 
@@ -606,11 +606,11 @@ class Reconciliation:
         """Plan, and with ``apply`` make, the repairs of every window of ``report`` that differs.
 
         * Rows Stripe lacks (:func:`models.reconcile.plan_repair`): through the outbox
-          (:meth:`sinks.reconcile_repair.ReconcileRepairs.apply_repairs`).
+          (:meth:`sinks.reconcile.repair.ReconcileRepairs.apply_repairs`).
         * What Stripe holds beyond what edgebill sent, per hour (:func:`models.reconcile_over.plan_over_repair`):
           a credit row, or Stripe's cancellation (``cancel``, a meter-event adjustment) of an own identifier it
           held with another value and its value billed again
-          (:meth:`~sinks.reconcile_repair.ReconcileRepairs.apply_over_repairs`).
+          (:meth:`~sinks.reconcile.repair.ReconcileRepairs.apply_over_repairs`).
 
         Order of side effects with ``apply``: (1) the short repairs, one transaction; (2) per cancellation:
         Stripe cancels, then the ledger records it and bills the row again (one transaction each; a

@@ -1,11 +1,12 @@
-"""The outbox sender: drains sendable meter rows from the ledger into a meter-event sink.
+"""The outbox sender: drains sendable meter rows from the ledger's outbox (:mod:`sinks.ledger.outbox`) into a
+meter-event sink.
 
 It never runs inside a stream agent's event handling: the worker calls :meth:`OutboxSender.run_once`
 from a timer (in a thread), and tests call it directly.
 
 With the v2 stream, a row is ``sent`` as soon as Stripe accepted the request (202), with the note
 :data:`V2_ACCEPTED_NOTE` in ``last_error``; Stripe validates such events later, and the optional
-``reconciler`` (:class:`sinks.stripe_v2.ErrorReportReconciler`), run every ``reconcile_every_s``,
+``reconciler`` (:class:`sinks.stripe.v2.ErrorReportReconciler`), run every ``reconcile_every_s``,
 moves the rows Stripe reports as refused to ``rejected`` with Stripe's code and message.
 """
 
@@ -21,7 +22,7 @@ from models.billing import RowState
 from models.stripe_window import expired_at_send
 from sinks.base import Outcome, Sink, Status
 from sinks.ledger import Ledger, MeterRow
-from sinks.stripe import MeterEvent
+from sinks.stripe.v1 import MeterEvent
 
 __all__ = ["DUPLICATE_NOTE", "V2_ACCEPTED_NOTE", "OutboxSender", "Reconciler", "SendReport"]
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 V2_ACCEPTED_NOTE = "accepted by the v2 meter-event stream (202); Stripe validates it asynchronously"
 #: How ``last_error`` of a row Stripe answered "already exists" begins: Stripe holds its identifier.
 DUPLICATE_NOTE = "duplicate at Stripe"
-#: Outcome code the v2 sink gives an accepted event (``sinks.stripe_v2.ACCEPTED_ASYNC``).
+#: Outcome code the v2 sink gives an accepted event (``sinks.stripe.v2.ACCEPTED_ASYNC``).
 _ACCEPTED_ASYNC = "accepted_async"
 
 

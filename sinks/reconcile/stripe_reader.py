@@ -36,8 +36,9 @@ import stripe
 from models.invoice_check import InvoiceLine
 from models.reconcile import Grouping, MeterConfig
 from sinks.base import Backoff, Status
-from sinks.stripe import RateLimiter, classify, observed
-from sinks.stripe_v2 import ERROR_REPORT_TYPES
+from sinks.stripe.errors import classify, observed
+from sinks.stripe.v1 import RateLimiter
+from sinks.stripe.v2 import ERROR_REPORT_TYPES
 
 __all__ = [
     "DEFAULT_READS_PER_S",
@@ -104,7 +105,7 @@ class ErrorReportIds:
 
 class Pacer(RateLimiter):
     """At most ``per_s`` requests a second across threads, one slot every ``1/per_s`` s (the sender's
-    :class:`~sinks.stripe.RateLimiter`); :meth:`slow_down` halves the pace (down to an eighth of the
+    :class:`~sinks.stripe.v1.RateLimiter`); :meth:`slow_down` halves the pace (down to an eighth of the
     configured one) until :meth:`reset`."""
 
     def __init__(

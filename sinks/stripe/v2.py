@@ -11,7 +11,7 @@ renewed ``margin`` seconds before it expires, and once more on demand when the s
 What a 202 means: Stripe has *received* the events; it validates them later and reports the ones it
 refused as ``v1.billing.meter.error_report_triggered`` (or ``…no_meter_found``) v2 events. So:
 
-* every event is checked first with :func:`sinks.stripe.validate_event` (the rules Stripe applies),
+* every event is checked first with :func:`sinks.stripe.v1.validate_event` (the rules Stripe applies),
   and an event that fails is never sent (``permanent``, code ``edgebill_presend_validation``);
 * an accepted event's outcome is ``ok`` with code :data:`ACCEPTED_ASYNC`: the outbox records the row
   ``sent`` with a note saying so (the row counts as billed, as it will be unless Stripe reports it);
@@ -42,7 +42,8 @@ import stripe
 
 from models.catalog import METER_CUSTOMER_KEY, METER_VALUE_KEY
 from sinks.base import KeptThreads, Outcome, Status
-from sinks.stripe import MeterEvent, classify, observed, validate_event
+from sinks.stripe.errors import classify, observed
+from sinks.stripe.v1 import MeterEvent, validate_event
 
 if TYPE_CHECKING:
     from stripe.params.v2.billing import MeterEventStreamCreateParams, MeterEventStreamCreateParamsEvent

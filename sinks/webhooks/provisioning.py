@@ -3,7 +3,7 @@
 
 Outcomes are data (:class:`ProvisionOutcome` with a :class:`sinks.base.Status`), never exceptions: the caller
 records ``ok`` results, retries ``transient`` ones later and shows ``permanent`` ones to an operator. Stripe's
-errors are classified at this boundary (:func:`sinks.stripe.classify`).
+errors are classified at this boundary (:func:`sinks.stripe.errors.classify`).
 
 Why a crash at any point still ends with one subscription and one credit: every write carries a key derived
 from the org (``sub-create-{org}`` for its first subscription, ``credit-{org}``), so a retry within Stripe's
@@ -30,8 +30,8 @@ from models.webhooks import (
     subscription_idempotency_key,
 )
 from sinks.base import Status
-from sinks.stripe import classify
-from sinks.webhook_store import Provisioned
+from sinks.stripe.errors import classify
+from sinks.webhooks.store import Provisioned
 
 __all__ = ["ProvisionOutcome", "ProvisionRequest", "StripeProvisioner"]
 

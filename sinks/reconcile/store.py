@@ -3,7 +3,7 @@ pro orgs' subscriptions and the catalog's prices (reads), and the results of the
 latest result per window with how many runs in a row it differed, the alerts, the invoice checks (writes).
 
 Tables: ``reconcile_runs``, ``reconcile_results``, ``reconcile_alerts``, ``reconcile_invoices`` (and, through
-:class:`~sinks.reconcile_repair.ReconcileRepairs`, ``reconcile_repairs`` and the outbox's ``meter_events``).
+:class:`~sinks.reconcile.repair.ReconcileRepairs`, ``reconcile_repairs`` and the outbox's ``meter_events``).
 The comparison's rules are in :mod:`models.reconcile`.
 """
 
@@ -23,7 +23,7 @@ from models.invoice_check import InvoiceLineResult
 from models.reconcile import WindowResult, alert_id, dec
 from sinks.base import PendingAlert
 from sinks.ledger.closer import not_aggregated
-from sinks.reconcile_repair import ReconcileRepairs
+from sinks.reconcile.repair import ReconcileRepairs
 from sinks.schema import (
     billing_prices,
     counters,
