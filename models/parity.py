@@ -65,6 +65,7 @@ __all__ = [
     "AlertEpisode",
     "AlertRule",
     "BucketVerdict",
+    "GbSeconds",
     "Interval",
     "Measure",
     "ParityStatus",
@@ -253,8 +254,24 @@ def boundary_slack_mb_ms(iv: Interval, now_ms: int, span_start_ms: int, span_end
     return 0
 
 
+class GbSeconds:
+    """Both sides in GB-s, for whatever holds ``edge_mb_s`` and ``cell_mb_ms`` (a measure, a parity row)."""
+
+    __slots__ = ()
+    edge_mb_s: int
+    cell_mb_ms: int
+
+    @property
+    def edge_gb_s(self) -> Decimal:
+        return edge_gb_seconds(self.edge_mb_s)
+
+    @property
+    def cell_gb_s(self) -> Decimal:
+        return gb_seconds_of_mb_ms(self.cell_mb_ms)
+
+
 @dataclass(slots=True)
-class Measure:
+class Measure(GbSeconds):
     """Both sides of one (org, span): exact integers."""
 
     edge_mb_s: int = 0
@@ -267,16 +284,13 @@ class Measure:
         return self.edge_mb_s * 1000
 
     @property
-    def edge_gb_s(self) -> Decimal:
-        return edge_gb_seconds(self.edge_mb_s)
-
-    @property
-    def cell_gb_s(self) -> Decimal:
-        return gb_seconds_of_mb_ms(self.cell_mb_ms)
-
-    @property
     def empty(self) -> bool:
         return self.samples == 0 and self.edge_mb_s == 0 and self.cell_mb_ms == 0
+
+    def judge(self, tolerance: Fraction | Decimal) -> tuple[Decimal, ParityStatus]:
+        """The drift as stored (:func:`ratio_decimal`) and the status of this measure (:func:`classify`)."""
+        d, status = classify(self.edge_mb_ms, self.cell_mb_ms, self.slack_mb_ms, tolerance)
+        return ratio_decimal(d), status
 
 
 def measure_intervals(
@@ -339,8 +353,10 @@ def ratio_decimal(r: Fraction) -> Decimal:
     return d.quantize(_Q_DRIFT, rounding=ROUND_HALF_UP)
 
 
-def classify(edge_mb_ms: int, cell_mb_ms: int, slack_mb_ms: int, tolerance: Fraction) -> tuple[Fraction, ParityStatus]:
-    """Drift and status of one (org, span) (see the module doc for the rule)."""
+def classify(
+    edge_mb_ms: int, cell_mb_ms: int, slack_mb_ms: int, tolerance: Fraction | Decimal
+) -> tuple[Fraction, ParityStatus]:
+    """Drift and status of one (org, span) (see the module doc for the rule); ``tolerance`` is compared exactly."""
     d = drift_ratio(edge_mb_ms, cell_mb_ms)
     edge0, cell0 = _near_zero(edge_mb_ms), _near_zero(cell_mb_ms)
     if (edge0 and cell0) or abs(edge_mb_ms - cell_mb_ms) <= slack_mb_ms:
@@ -349,7 +365,7 @@ def classify(edge_mb_ms: int, cell_mb_ms: int, slack_mb_ms: int, tolerance: Frac
         return d, ParityStatus.EDGE_ONLY
     if edge0:
         return d, ParityStatus.CELL_ONLY
-    if abs(d) > tolerance:
+    if abs(d) > Fraction(tolerance):
         return d, ParityStatus.DRIFT
     return d, ParityStatus.OK
 
