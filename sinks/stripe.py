@@ -82,6 +82,7 @@ STRIPE_METER_EVENTS_HOST = "https://meter-events.stripe.com"
 MAX_EVENT_NAME_LENGTH = 100
 
 K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +133,7 @@ def make_client(
     """An SDK client pointed at ``base`` (and ``meter_events_base`` for the v2 stream).
 
     ``meter_events_base`` defaults to :func:`meter_events_base_for` ``(base)``. SDK-level retries are
-    off: retrying is :class:`sinks.base.RetryingSink`'s job, with our backoff. ``session``: see
-    :func:`make_http_session`.
+    off (why: :class:`sinks.base.RetryPolicy`). ``session``: see :func:`make_http_session`.
     """
     return stripe.StripeClient(
         api_key,
@@ -231,42 +231,42 @@ def observed() -> Iterator[None]:
         stripe_request_seconds.observe(time.perf_counter() - start)
 
 
-def classify(err: Exception, *, new_request_per_attempt: bool = False) -> tuple[Status, str, str | None, float | None]:
-    """(status, message, code, retry_after) for an exception raised by a Stripe call.
+def classify(err: Exception, item: T, *, new_request_per_attempt: bool = False) -> Outcome[T]:
+    """The outcome of ``item`` whose Stripe call raised ``err``: status, message, code and retry_after.
 
     ``new_request_per_attempt``: the caller's next attempt is a new request (new Idempotency-Key, same
     identifier), so a 5xx is transient even with ``Stripe-Should-Retry: false`` (which speaks about
     replaying the same key). Without it the header is taken literally.
     """
     if not isinstance(err, stripe.StripeError):
-        return Status.TRANSIENT, f"{type(err).__name__}: {err}", None, None
+        return Outcome(item, Status.TRANSIENT, f"{type(err).__name__}: {err}")
     message = getattr(err, "user_message", None) or str(err)
-    code = err.code
     retry_after = _retry_after(_header(err, "Retry-After"))
     should_retry = _header(err, "Stripe-Should-Retry")
     http_status = err.http_status or 0
+
+    def transient(why: str = message) -> Outcome[T]:
+        return Outcome(item, Status.TRANSIENT, why, err.code, retry_after)
+
+    def final(status: Status) -> Outcome[T]:
+        return Outcome(item, status, message, err.code)
+
     if isinstance(err, stripe.InvalidRequestError) and _is_duplicate_identifier(err):
-        return Status.DUPLICATE, message, code, None
-    if should_retry == "true":
-        return Status.TRANSIENT, message, code, retry_after
-    if isinstance(err, stripe.RateLimitError | stripe.APIConnectionError):
-        return Status.TRANSIENT, message, code, retry_after
+        return final(Status.DUPLICATE)
+    if should_retry == "true" or isinstance(err, stripe.RateLimitError | stripe.APIConnectionError):
+        return transient()
     if isinstance(err, stripe.AuthenticationError | stripe.PermissionError):
         # A key problem is the operator's to fix; the rows must wait for it, not be rejected.
-        return Status.TRANSIENT, f"Stripe refused the API key: {message}", code, retry_after
+        return transient(f"Stripe refused the API key: {message}")
     if new_request_per_attempt and http_status >= 500:
-        return Status.TRANSIENT, message, code, retry_after
-    if should_retry == "false":
-        return Status.PERMANENT, message, code, None
-    if isinstance(err, stripe.IdempotencyError):
-        return Status.PERMANENT, message, code, None
+        return transient()
+    if should_retry == "false" or isinstance(err, stripe.IdempotencyError):
+        return final(Status.PERMANENT)
     if isinstance(err, stripe.InvalidRequestError):
         status = http_status or 400
-        if status in (409, 429) or status >= 500:
-            return Status.TRANSIENT, message, code, retry_after
-        return Status.PERMANENT, message, code, None
+        return transient() if status in (409, 429) or status >= 500 else final(Status.PERMANENT)
     # APIError (5xx), unknown: keep the row and try again.
-    return Status.TRANSIENT, message, code, retry_after
+    return transient()
 
 
 class _KeyEntry:
@@ -395,8 +395,7 @@ class StripeMeterSink:
                     }
                 )
         except Exception as exc:  # every Stripe failure is classified, none escapes
-            status, message, code, retry_after = classify(exc, new_request_per_attempt=True)
-            return Outcome(ev, status, message, code, retry_after)
+            return classify(exc, ev, new_request_per_attempt=True)
         return Outcome(ev, Status.OK)
 
     def _send_group(self, key: tuple[str, str], group: list[MeterEvent]) -> list[Outcome[MeterEvent]]:
@@ -454,11 +453,12 @@ def cancel_meter_event(client: stripe.StripeClient, event_name: str, identifier:
                 {"event_name": event_name, "type": "cancel", "cancel": {"identifier": identifier}}
             )
     except Exception as exc:  # every Stripe failure is classified, none escapes
-        status, message, _, _ = classify(exc, new_request_per_attempt=True)
+        o = classify(exc, identifier, new_request_per_attempt=True)
+        message = o.error or ""
         low = message.lower()
-        if status is Status.PERMANENT and "already" in low and "cancel" in low:
+        if o.status is Status.PERMANENT and "already" in low and "cancel" in low:
             return Cancellation(identifier, cancelled=True, already=True)
-        if status is Status.PERMANENT and ("24 hours" in low or "no longer" in low):
+        if o.status is Status.PERMANENT and ("24 hours" in low or "no longer" in low):
             return Cancellation(identifier, cancelled=False, too_late=True, error=message)
-        return Cancellation(identifier, cancelled=False, transient=status is Status.TRANSIENT, error=message)
+        return Cancellation(identifier, cancelled=False, transient=o.status is Status.TRANSIENT, error=message)
     return Cancellation(identifier, cancelled=True)
