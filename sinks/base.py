@@ -27,11 +27,11 @@ from enum import StrEnum
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 __all__ = [
-    "DEAD_LETTERS",
-    "INGEST_BATCHES",
-    "LEDGER_WRITES",
-    "SINK_SENDS",
-    "STRIPE_READS",
+    "BATCH_RETRY",
+    "DEAD_LETTER_RETRY",
+    "LEDGER_RETRY",
+    "READ_RETRY",
+    "SEND_RETRY",
     "Backoff",
     "KeptThreads",
     "Outcome",
@@ -123,15 +123,15 @@ class RetryPolicy:
 
 
 #: Meter events to Stripe (:class:`RetryingSink`): what is still transient after these waits for the next cycle.
-SINK_SENDS: Final = RetryPolicy(Backoff(0.25, 8.0), max_attempts=6)
+SEND_RETRY: Final = RetryPolicy(Backoff(0.25, 8.0), max_attempts=6)
 #: Reads of what Stripe holds (the reconciliation); an unreachable Stripe gets fewer attempts (the reader's).
-STRIPE_READS: Final = RetryPolicy(Backoff(0.5, 30.0), max_attempts=6)
+READ_RETRY: Final = RetryPolicy(Backoff(0.5, 30.0), max_attempts=6)
 #: The worker's ledger writes: until done, since a batch whose write failed is never acknowledged.
-LEDGER_WRITES: Final = RetryPolicy(Backoff(0.2, 5.0, jitter=False))
+LEDGER_RETRY: Final = RetryPolicy(Backoff(0.2, 5.0, jitter=False))
 #: A whole ingest batch again after an unexpected error (a bug stalls ingestion loudly, it does not kill it).
-INGEST_BATCHES: Final = RetryPolicy(Backoff(1.0, 10.0, jitter=False))
+BATCH_RETRY: Final = RetryPolicy(Backoff(1.0, 10.0, jitter=False))
 #: Dead letters: until written, since no offset is committed past a record that is not dead-lettered.
-DEAD_LETTERS: Final = RetryPolicy(Backoff(0.5, 5.0, jitter=False))
+DEAD_LETTER_RETRY: Final = RetryPolicy(Backoff(0.5, 5.0, jitter=False))
 
 
 class RetryingSink(Generic[T]):
@@ -145,7 +145,7 @@ class RetryingSink(Generic[T]):
         self,
         inner: Sink[T],
         *,
-        policy: RetryPolicy = SINK_SENDS,
+        policy: RetryPolicy = SEND_RETRY,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
         **overrides: Any,

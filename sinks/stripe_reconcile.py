@@ -35,7 +35,7 @@ import stripe
 
 from models.invoice_check import InvoiceLine
 from models.reconcile import Grouping, MeterConfig
-from sinks.base import STRIPE_READS, RetryPolicy, Status
+from sinks.base import READ_RETRY, RetryPolicy, Status
 from sinks.stripe import RateLimiter, classify, observed
 from sinks.stripe_v2 import ERROR_REPORT_TYPES
 
@@ -156,7 +156,7 @@ class StripeReader:
         client: stripe.StripeClient,
         *,
         reads_per_s: float = DEFAULT_READS_PER_S,
-        policy: RetryPolicy = STRIPE_READS,
+        policy: RetryPolicy = READ_RETRY,
         connect_attempts: int = 3,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
