@@ -9,6 +9,7 @@ Usage is integers: MB-seconds and seconds. Meter values are decimal strings.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -79,28 +80,18 @@ metadata = MetaData()
 _Cols = list[Column[Any]]
 
 
-def _cols(type_: Any, names: tuple[str, ...], null: bool, kw: dict[str, Any]) -> _Cols:
+def _cols(type_: Any, *names: str, null: bool = False, **kw: Any) -> _Cols:
     return [Column(name, type_, nullable=null, **kw) for name in names]
 
 
 def _str(*names: str, n: int = 255, null: bool = False, **kw: Any) -> _Cols:
-    return _cols(String(n), names, null, kw)
+    return _cols(String(n), *names, null=null, **kw)
 
 
-def _dec(*names: str, null: bool = False) -> _Cols:
-    return _cols(String(40), names, null, {})
-
-
-def _big(*names: str, null: bool = False, **kw: Any) -> _Cols:
-    return _cols(BigInteger, names, null, kw)
-
-
-def _int(*names: str, null: bool = False, **kw: Any) -> _Cols:
-    return _cols(Integer, names, null, kw)
-
-
-def _text(*names: str, null: bool = False) -> _Cols:
-    return _cols(Text, names, null, {})
+_dec = functools.partial(_str, n=40)
+_big = functools.partial(_cols, BigInteger)
+_int = functools.partial(_cols, Integer)
+_text = functools.partial(_cols, Text)
 
 
 def _serial(name: str = "id") -> _Cols:
