@@ -255,7 +255,7 @@ def boundary_slack_mb_ms(iv: Interval, now_ms: int, span_start_ms: int, span_end
 
 
 class GbSeconds:
-    """Both sides in GB-s, for whatever holds ``edge_mb_s`` and ``cell_mb_ms`` (a measure, a parity row)."""
+    """Both sides in GB-s, of whatever holds ``edge_mb_s`` and ``cell_mb_ms`` (a measure, a parity row)."""
 
     __slots__ = ()
     edge_mb_s: int
@@ -289,7 +289,7 @@ class Measure(GbSeconds):
 
     def judge(self, tolerance: Fraction | Decimal) -> tuple[Decimal, ParityStatus]:
         """The drift as stored (:func:`ratio_decimal`) and the status of this measure (:func:`classify`)."""
-        d, status = classify(self.edge_mb_ms, self.cell_mb_ms, self.slack_mb_ms, tolerance)
+        d, status = classify(self.edge_mb_ms, self.cell_mb_ms, self.slack_mb_ms, Fraction(tolerance))
         return ratio_decimal(d), status
 
 
@@ -353,10 +353,8 @@ def ratio_decimal(r: Fraction) -> Decimal:
     return d.quantize(_Q_DRIFT, rounding=ROUND_HALF_UP)
 
 
-def classify(
-    edge_mb_ms: int, cell_mb_ms: int, slack_mb_ms: int, tolerance: Fraction | Decimal
-) -> tuple[Fraction, ParityStatus]:
-    """Drift and status of one (org, span) (see the module doc for the rule); ``tolerance`` is compared exactly."""
+def classify(edge_mb_ms: int, cell_mb_ms: int, slack_mb_ms: int, tolerance: Fraction) -> tuple[Fraction, ParityStatus]:
+    """Drift and status of one (org, span) (see the module doc for the rule)."""
     d = drift_ratio(edge_mb_ms, cell_mb_ms)
     edge0, cell0 = _near_zero(edge_mb_ms), _near_zero(cell_mb_ms)
     if (edge0 and cell0) or abs(edge_mb_ms - cell_mb_ms) <= slack_mb_ms:
@@ -365,7 +363,7 @@ def classify(
         return d, ParityStatus.EDGE_ONLY
     if edge0:
         return d, ParityStatus.CELL_ONLY
-    if abs(d) > Fraction(tolerance):
+    if abs(d) > tolerance:
         return d, ParityStatus.DRIFT
     return d, ParityStatus.OK
 

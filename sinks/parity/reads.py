@@ -20,6 +20,10 @@ from sinks.schema import closed_buckets, counters, meter_events, parity_alerts, 
 __all__ = ["GateStatus", "MetricsSnapshot", "ParityReads", "ParityRow", "WindowOrg"]
 
 
+def _int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
 def _named(conn: Connection, table: Table) -> dict[str, int]:
     """A table of named integers (``counters``, ``parity_state``) as a dict."""
     return {r.name: int(r.value) for r in conn.execute(select(table))}
@@ -142,49 +146,26 @@ class ParityReads(Measuring):
         size = self.bucket_seconds
         up = usage_parity.c
         with self.engine.connect() as conn:
-            wm = watermark_ms
-            if wm is None:
-                wm = conn.execute(
-                    select(parity_state.c.value).where(parity_state.c.name == "watermark_ms")
-                ).scalar_one_or_none()
-            last = last_closable_bucket(int(wm), size, grace_seconds) if wm is not None else None
-            first = conn.execute(select(func.min(up.bucket_start))).scalar_one_or_none()
+            wm = _named(conn, parity_state).get("watermark_ms") if watermark_ms is None else watermark_ms
+            last = last_closable_bucket(wm, size, grace_seconds) if wm is not None else None
+            first = _int(conn.execute(select(func.min(up.bucket_start))).scalar_one_or_none())
             flagged = None
             evidence: list[int] = []
             if last is not None:
-                flagged = conn.execute(
-                    select(func.max(up.bucket_start)).where(up.status != ParityStatus.OK.value, up.bucket_start <= last)
-                ).scalar_one_or_none()
+                flagged = _int(
+                    conn.execute(
+                        select(func.max(up.bucket_start)).where(
+                            up.status != ParityStatus.OK.value, up.bucket_start <= last
+                        )
+                    ).scalar_one_or_none()
+                )
                 # Evidence, not silence: a bucket counts only when some org had usage on both sides in it.
-                lower = first if flagged is None else int(flagged) + size
+                lower = first if flagged is None else flagged + size
                 if lower is not None:
-                    evidence = [
-                        int(b)
-                        for b in conn.execute(
-                            select(up.bucket_start)
-                            .where(
-                                up.bucket_start >= lower,
-                                up.bucket_start <= last,
-                                up.edge_mb_s > 0,
-                                up.cell_mb_ms > 0,
-                            )
-                            .distinct()
-                        ).scalars()
-                    ]
-        streak = clean_streak(
-            [] if flagged is None else [int(flagged)],
-            None if first is None else int(first),
-            last,
-            size,
-            evidence=evidence,
-        )
-        return GateStatus(
-            clean_buckets=streak,
-            last_settled=last,
-            last_flagged=None if flagged is None else int(flagged),
-            first_bucket=None if first is None else int(first),
-            bucket_seconds=size,
-        )
+                    both = (up.bucket_start >= lower, up.bucket_start <= last, up.edge_mb_s > 0, up.cell_mb_ms > 0)
+                    evidence = [int(b) for b in conn.execute(select(up.bucket_start).where(*both).distinct()).scalars()]
+        streak = clean_streak([] if flagged is None else [flagged], first, last, size, evidence=evidence)
+        return GateStatus(streak, last, flagged, first, size)
 
     def metrics(self, grace_seconds: int) -> MetricsSnapshot:
         """Everything ``/metrics`` exports that lives in the database, read in one go."""
