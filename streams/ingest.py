@@ -45,17 +45,9 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Final
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition, errors
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import (
-    CommitFailedError,
-    ConsumerStoppedError,
-    IllegalStateError,
-    KafkaError,
-    MessageSizeTooLargeError,
-    RecordListTooLargeError,
-    RecordTooLargeError,
-)
+from aiokafka.errors import CommitFailedError, ConsumerStoppedError, IllegalStateError, KafkaError
 from mode import Service
 
 from sinks.base import BATCH_RETRY, DEAD_LETTER_RETRY
@@ -75,6 +67,7 @@ from streams.records import (
     Stopped,
     bound_dead_letter,
     first_line,
+    log_failure,
     retry_forever,
     retry_until_done,
     sleep_unless,
@@ -89,7 +82,7 @@ SendDead = Callable[[list[DeadLetter]], Awaitable[None]]
 #: A dead letter the broker still finds too large is cut down to this before it is tried again.
 SMALL_DEAD_LETTER_BYTES: Final = 16 * 1024
 #: What the producer raises for a request the broker finds too large.
-_TOO_LARGE: Final = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
+_TOO_LARGE: Final = (errors.MessageSizeTooLargeError, errors.RecordTooLargeError, errors.RecordListTooLargeError)
 _DEAD_LETTER_TIMEOUT_S: Final = 30.0
 _BROKER_PROBE_EVERY_S: Final = 3.0
 
@@ -294,17 +287,8 @@ class TickIngestor:
     async def _write_until_done(self, prepared: IngestBatch) -> None:
         """:meth:`_write`, again after an unexpected error, by :data:`~sinks.base.BATCH_RETRY` (a bug must
         stall ingestion loudly, not kill it). Raises :class:`Stopped` when the worker stops meanwhile."""
-
-        def failed(exc: Exception) -> None:
-            self._limiter.failure(
-                "ingest batch",
-                "ingest: writing a batch failed unexpectedly (%s: %s); trying it again",
-                type(exc).__name__,
-                first_line(exc),
-                level=logging.ERROR,
-                exc_info=None if self._limiter.failing("ingest batch") else exc,
-            )
-
+        msg = "ingest: writing a batch failed unexpectedly (%s: %s); trying it again"
+        failed = log_failure(self._limiter, "ingest batch", msg, level=logging.ERROR)
         await retry_until_done(
             "ingest batch", lambda: self._write(prepared), BATCH_RETRY, failed, stopping=self._stopping
         )
@@ -397,16 +381,15 @@ class TickIngestor:
 
         async def send() -> None:
             nonlocal letters
-            while True:
-                try:
-                    await asyncio.wait_for(self._send_dead(letters), timeout=_DEAD_LETTER_TIMEOUT_S)
-                    return
-                except _TOO_LARGE:
-                    if all(len(d.value) + len(d.key or b"") <= SMALL_DEAD_LETTER_BYTES for d in letters):
-                        raise
-                    dead_letter_failures_total.inc()
-                    letters = [bound_dead_letter(d, SMALL_DEAD_LETTER_BYTES) for d in letters]
-                    log.warning("ingest: the broker refused a dead letter as too large; retrying with a 16 KiB prefix")
+            try:
+                await asyncio.wait_for(self._send_dead(letters), timeout=_DEAD_LETTER_TIMEOUT_S)
+            except _TOO_LARGE:
+                if all(len(d.value) + len(d.key or b"") <= SMALL_DEAD_LETTER_BYTES for d in letters):
+                    raise
+                dead_letter_failures_total.inc()
+                letters = [bound_dead_letter(d, SMALL_DEAD_LETTER_BYTES) for d in letters]
+                log.warning("ingest: the broker refused a dead letter as too large; retrying with a 16 KiB prefix")
+                await send()  # at once: the cut letters are small, a second refusal is an ordinary failure
 
         def failed(exc: Exception) -> None:
             dead_letter_failures_total.inc()

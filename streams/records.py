@@ -45,6 +45,7 @@ __all__ = [
     "bound_dead_letter",
     "dead_letter",
     "first_line",
+    "log_failure",
     "publish_alerts",
     "retry_forever",
     "retry_until_done",
@@ -55,6 +56,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+Failed = Callable[[Exception], None]
 
 #: Key + value of a dead letter at most (headers are small): half of Kafka's default 1,000,000-byte
 #: producer request, so it fits with room to spare for headers and batch overhead.
@@ -155,7 +157,7 @@ async def retry_until_done(
     what: str,
     attempt: Callable[[], Awaitable[_T]],
     policy: RetryPolicy,
-    failed: Callable[[Exception], None],
+    failed: Failed,
     *,
     stopping: asyncio.Event | None = None,
     sleep: Callable[[asyncio.Event | None, float], Awaitable[None]] = sleep_unless,
@@ -202,16 +204,10 @@ async def retry_forever(
     retried but raises :class:`Stopped` (the caller acknowledges nothing).
     """
     rl = limiter or _default_limiter
+    report = log_failure(rl, what, "%s failed (%s: %s); retrying, offsets are not committed meanwhile", what)
 
     def failed(exc: Exception) -> None:
-        rl.failure(
-            what,
-            "%s failed (%s: %s); retrying, offsets are not committed meanwhile",
-            what,
-            type(exc).__name__,
-            first_line(exc),
-            exc_info=None if rl.failing(what) else exc,
-        )
+        report(exc)
         if health is not None and condition is not None:
             health.fail(condition, f"{what}: {type(exc).__name__}: {first_line(exc)}", source=what)
 
@@ -222,6 +218,17 @@ async def retry_forever(
 
 
 _default_limiter = RateLimitedLog(log)
+
+
+def log_failure(limiter: RateLimitedLog, key: str, msg: str, *args: Any, level: int = logging.WARNING) -> Failed:
+    """Logs a failure through ``limiter`` as ``msg % (*args, its type, its first line)``, with the traceback
+    when a streak of failures of ``key`` starts (a ``failed`` for :func:`retry_until_done`)."""
+
+    def failed(exc: Exception) -> None:
+        exc_info = None if limiter.failing(key) else exc
+        limiter.failure(key, msg, *args, type(exc).__name__, first_line(exc), level=level, exc_info=exc_info)
+
+    return failed
 
 
 def first_line(exc: BaseException) -> str:
@@ -237,15 +244,7 @@ async def run_logged(limiter: RateLimitedLog, what: str, fn: Callable[[], _T]) -
     try:
         result = await asyncio.to_thread(fn)
     except Exception as exc:
-        limiter.failure(
-            what,
-            "%s failed (%s: %s); it will run again",
-            what,
-            type(exc).__name__,
-            first_line(exc),
-            level=logging.ERROR,
-            exc_info=None if limiter.failing(what) else exc,
-        )
+        log_failure(limiter, what, "%s failed (%s: %s); it will run again", what, level=logging.ERROR)(exc)
         return None
     limiter.recovered(what)
     return result
