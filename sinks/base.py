@@ -95,11 +95,10 @@ _RNG = random.Random()
 class RetryPolicy:
     """When to try again and how long to wait first.
 
-    ``retryable``: the exception types another attempt may cure (a sink says it with a ``transient``
-    outcome instead, decided by exception type where the destination's errors are classified).
-    ``max_attempts``: attempts in all (None: until done, or until the worker stops). The wait after attempt
-    n is the backoff's, or the destination's own ``retry_after`` when that is longer (at most
-    ``max_retry_after``).
+    ``retryable``: the exception types another attempt may cure (a sink's ``transient`` outcome says the same,
+    decided by exception type where its errors are classified). ``max_attempts``: attempts in all (None: until
+    done or stopped). The wait after attempt n is the backoff's, or the destination's ``retry_after`` when
+    longer (at most ``max_retry_after``).
 
     Stripe's SDK retries stay off (``max_network_retries=0`` in :func:`sinks.stripe.make_client`): every
     attempt re-sends the same meter-event identifier, which Stripe deduplicates, so one schedule is enough,
@@ -135,11 +134,8 @@ DEAD_LETTER_RETRY: Final = RetryPolicy(Backoff(0.5, 5.0, jitter=False))
 
 
 class RetryingSink(Generic[T]):
-    """Wraps a sink; retries transient outcomes until delivered, permanent, or out of attempts.
-
-    ``policy`` (changed by ``overrides``: ``max_attempts=``, ``backoff=``, ...) says how often and how long
-    to wait; ``sleep`` and ``rng`` are injected.
-    """
+    """Wraps a sink; retries transient outcomes by ``policy`` (``overrides``: ``max_attempts=``, ``backoff=``,
+    ...) until delivered, permanent, or out of attempts."""
 
     def __init__(
         self,

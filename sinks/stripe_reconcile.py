@@ -105,20 +105,13 @@ class ErrorReportIds:
 class Pacer(RateLimiter):
     """At most ``per_s`` requests a second across threads, one slot every ``1/per_s`` s (the sender's
     :class:`~sinks.stripe.RateLimiter`); :meth:`slow_down` halves the pace (down to an eighth of the
-    configured one) until :meth:`reset`."""
+    configured one) until :meth:`reset`. ``kw``: the clock and sleep, as for the rate limiter."""
 
-    def __init__(
-        self,
-        per_s: float,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
+    def __init__(self, per_s: float, **kw: Any) -> None:
         if per_s <= 0:
             raise ValueError("per_s must be > 0")
-        super().__init__(per_s, clock=clock, sleep=sleep)
-        self._base = per_s
-        self._per_s = per_s
+        super().__init__(per_s, **kw)
+        self._base = self._per_s = per_s
 
     @property
     def per_s(self) -> float:
