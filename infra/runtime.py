@@ -10,7 +10,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from fractions import Fraction
 from typing import TYPE_CHECKING, Final, NoReturn
 
 import requests
@@ -78,7 +77,7 @@ def parity_config(settings: Settings) -> ParityConfig:
     return ParityConfig(
         bucket_seconds=b.bucket_seconds,
         grace_seconds=b.grace_seconds,
-        tolerance=Fraction(p.tolerance),
+        tolerance=p.tolerance,
         slack_seconds=p.boundary_slack_seconds,
         lookback_seconds=p.lookback_hours * 3600,
         rule=AlertRule(
@@ -105,7 +104,6 @@ def web_config(settings: Settings) -> WebConfig:
         internal_secret=w.internal_secret.get_secret_value().encode(),
         signature_tolerance_s=p.signature_tolerance_seconds,
         dashboard_token_ttl_s=p.dashboard_token_ttl,
-        parity_tolerance=p.tolerance,
         gate_hours=settings.billing.cutover_clean_hours,
         limits=WebLimits(
             max_line_bytes=w.max_line,

@@ -28,6 +28,7 @@ from models.billing import Authority
 from models.cutover import CutoverState, is_explicit_shadow_value, parse_shadow
 from models.cutover import interlock_problems as cutover_interlocks
 from models.errors import ConfigError
+from models.parity import SIGNATURE_TOLERANCE_SECONDS, AlertRule
 from models.retention import DEFAULT_RETENTION_DAYS, retention_problem
 from models.topics import TOPIC_ALERTS
 
@@ -396,6 +397,9 @@ class WebSettings(BaseSettings):
     )
 
 
+_RULE = AlertRule()  # the alert thresholds' defaults
+
+
 class ParitySettings(BaseSettings):
     """The parity table, its alert rule and the dashboard (models.parity has the rules)."""
 
@@ -412,14 +416,14 @@ class ParitySettings(BaseSettings):
     lookback_hours: int = Field(
         default=48, ge=1, le=35 * 24, description="rebuilt at start and on policy changes; alerts evaluated over it"
     )
-    alert_org_min_gb_seconds: Decimal = Field(default=Decimal(100), ge=0)
-    alert_org_drift: Decimal = Field(default=Decimal("0.10"), ge=0)
-    alert_min_orgs: int = Field(default=3, ge=1)
-    alert_aggregate_min_gb_seconds: Decimal = Field(default=Decimal(300), ge=0)
-    alert_aggregate_drift: Decimal = Field(default=Decimal("0.10"), ge=0)
-    alert_consecutive_buckets: int = Field(default=2, ge=1, le=48)
+    alert_org_min_gb_seconds: Decimal = Field(default=_RULE.org_min_gb_seconds, ge=0)
+    alert_org_drift: Decimal = Field(default=_RULE.org_drift, ge=0)
+    alert_min_orgs: int = Field(default=_RULE.min_orgs, ge=1)
+    alert_aggregate_min_gb_seconds: Decimal = Field(default=_RULE.aggregate_min_gb_seconds, ge=0)
+    alert_aggregate_drift: Decimal = Field(default=_RULE.aggregate_drift, ge=0)
+    alert_consecutive_buckets: int = Field(default=_RULE.consecutive, ge=1, le=48)
     alerts_topic: str = Field(default=TOPIC_ALERTS, pattern=r"^[A-Za-z0-9._-]+$")
-    signature_tolerance_seconds: int = Field(default=300, ge=1, le=3600)
+    signature_tolerance_seconds: int = Field(default=SIGNATURE_TOLERANCE_SECONDS, ge=1, le=3600)
     dashboard_token_ttl: int = Field(default=12 * 3600, ge=60, description="seconds a dashboard link stays valid")
 
 

@@ -65,6 +65,7 @@ __all__ = [
     "AlertEpisode",
     "AlertRule",
     "BucketVerdict",
+    "GbSeconds",
     "Interval",
     "Measure",
     "ParityStatus",
@@ -253,8 +254,24 @@ def boundary_slack_mb_ms(iv: Interval, now_ms: int, span_start_ms: int, span_end
     return 0
 
 
+class GbSeconds:
+    """Both sides in GB-s, of whatever holds ``edge_mb_s`` and ``cell_mb_ms`` (a measure, a parity row)."""
+
+    __slots__ = ()
+    edge_mb_s: int
+    cell_mb_ms: int
+
+    @property
+    def edge_gb_s(self) -> Decimal:
+        return edge_gb_seconds(self.edge_mb_s)
+
+    @property
+    def cell_gb_s(self) -> Decimal:
+        return gb_seconds_of_mb_ms(self.cell_mb_ms)
+
+
 @dataclass(slots=True)
-class Measure:
+class Measure(GbSeconds):
     """Both sides of one (org, span): exact integers."""
 
     edge_mb_s: int = 0
@@ -267,16 +284,13 @@ class Measure:
         return self.edge_mb_s * 1000
 
     @property
-    def edge_gb_s(self) -> Decimal:
-        return edge_gb_seconds(self.edge_mb_s)
-
-    @property
-    def cell_gb_s(self) -> Decimal:
-        return gb_seconds_of_mb_ms(self.cell_mb_ms)
-
-    @property
     def empty(self) -> bool:
         return self.samples == 0 and self.edge_mb_s == 0 and self.cell_mb_ms == 0
+
+    def judge(self, tolerance: Fraction | Decimal) -> tuple[Decimal, ParityStatus]:
+        """The drift as stored (:func:`ratio_decimal`) and the status of this measure (:func:`classify`)."""
+        d, status = classify(self.edge_mb_ms, self.cell_mb_ms, self.slack_mb_ms, Fraction(tolerance))
+        return ratio_decimal(d), status
 
 
 def measure_intervals(

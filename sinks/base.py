@@ -9,9 +9,9 @@ A sink buffers with :meth:`Sink.add` and writes with :meth:`Sink.flush`:
   between "write" and "record that we wrote") is a success, with status ``duplicate``.
 
 Retrying is a wrapper (:class:`RetryingSink`), not a flag inside a driver: it re-adds only items
-whose outcome is ``transient``, sleeps a jittered exponential backoff (or what the destination
-asked for with ``retry_after``), and gives up after ``max_attempts``. Clock, sleep and randomness are
-injected so tests run in milliseconds.
+whose outcome is ``transient``. When and how long it waits is :class:`RetryPolicy`, the one retry policy
+of the sinks and the worker, with its named settings below. Sleep and randomness are injected so tests
+run in milliseconds.
 """
 
 from __future__ import annotations
@@ -22,11 +22,25 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
-__all__ = ["Backoff", "KeptThreads", "Outcome", "PendingAlert", "RetryingSink", "Sink", "Status"]
+__all__ = [
+    "BATCH_RETRY",
+    "DEAD_LETTER_RETRY",
+    "LEDGER_RETRY",
+    "READ_RETRY",
+    "SEND_RETRY",
+    "Backoff",
+    "KeptThreads",
+    "Outcome",
+    "PendingAlert",
+    "RetryPolicy",
+    "RetryingSink",
+    "Sink",
+    "Status",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,35 +76,80 @@ class Sink(Protocol[T]):
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
-    """Exponential backoff with "full jitter": sleep ∈ [base·2ⁿ/2, base·2ⁿ], capped."""
+    """The wait after failed attempt ``n``: ``base·2ⁿ⁻¹`` capped at ``cap``; with ``jitter`` ("full jitter",
+    halved) a random point of [top/2, top] instead of the top itself."""
 
     base: float = 0.25
     cap: float = 8.0
+    jitter: bool = True
 
-    def delay(self, attempt: int, rng: random.Random) -> float:
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         top = min(self.cap, self.base * float(2 ** max(0, attempt - 1)))
-        return top / 2 + rng.random() * top / 2
+        return top / 2 + (rng or _RNG).random() * top / 2 if self.jitter else top
+
+
+_RNG = random.Random()
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When to try again and how long to wait first.
+
+    ``retryable``: the exception types another attempt may cure (a sink's ``transient`` outcome says the same,
+    decided by exception type where its errors are classified). ``max_attempts``: attempts in all (None: until
+    done or stopped). The wait after attempt n is the backoff's, or the destination's ``retry_after`` when
+    longer (at most ``max_retry_after``).
+
+    Stripe's SDK retries stay off (``max_network_retries=0`` in :func:`sinks.stripe.make_client`): every
+    attempt re-sends the same meter-event identifier, which Stripe deduplicates, so one schedule is enough,
+    and it is this one, which counts attempts and honours ``Retry-After``. The SDK's own retries would
+    replay one Idempotency-Key, for which Stripe answers its first reply again, a 500 included.
+    """
+
+    backoff: Backoff = Backoff()
+    max_attempts: int | None = None
+    max_retry_after: float = 60.0
+    retryable: tuple[type[Exception], ...] = (Exception,)
+
+    def again(self, attempt: int) -> bool:
+        """May another attempt follow a retryable failure of attempt ``attempt`` (1 = the first)?"""
+        return self.max_attempts is None or attempt < self.max_attempts
+
+    def wait(self, attempt: int, rng: random.Random | None = None, retry_after: float | None = None) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (draws from ``rng`` when the backoff jitters)."""
+        delay = self.backoff.delay(attempt, rng)
+        return delay if retry_after is None else max(delay, min(retry_after, self.max_retry_after))
+
+
+#: Meter events to Stripe (:class:`RetryingSink`): what is still transient after these waits for the next cycle.
+SEND_RETRY: Final = RetryPolicy(Backoff(0.25, 8.0), max_attempts=6)
+#: Reads of what Stripe holds (the reconciliation); an unreachable Stripe gets fewer attempts (the reader's).
+READ_RETRY: Final = RetryPolicy(Backoff(0.5, 30.0), max_attempts=6)
+#: The worker's ledger writes: until done, since a batch whose write failed is never acknowledged.
+LEDGER_RETRY: Final = RetryPolicy(Backoff(0.2, 5.0, jitter=False))
+#: A whole ingest batch again after an unexpected error (a bug stalls ingestion loudly, it does not kill it).
+BATCH_RETRY: Final = RetryPolicy(Backoff(1.0, 10.0, jitter=False))
+#: Dead letters: until written, since no offset is committed past a record that is not dead-lettered.
+DEAD_LETTER_RETRY: Final = RetryPolicy(Backoff(0.5, 5.0, jitter=False))
 
 
 class RetryingSink(Generic[T]):
-    """Wraps a sink; retries transient outcomes until delivered, permanent, or out of attempts."""
+    """Wraps a sink; retries transient outcomes by ``policy`` (``overrides``: ``max_attempts=``, ``backoff=``,
+    ...) until delivered, permanent, or out of attempts."""
 
     def __init__(
         self,
         inner: Sink[T],
         *,
-        max_attempts: int = 6,
-        backoff: Backoff | None = None,
+        policy: RetryPolicy = SEND_RETRY,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
-        max_retry_after: float = 60.0,
+        **overrides: Any,
     ) -> None:
         self._inner = inner
-        self._max_attempts = max_attempts
-        self._backoff = backoff or Backoff()
+        self._policy = replace(policy, **overrides)
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self._max_retry_after = max_retry_after
         self._buffer: list[T] = []
 
     def add(self, item: T) -> None:
@@ -110,18 +169,17 @@ class RetryingSink(Generic[T]):
             attempt += 1
             for item in todo:
                 self._inner.add(item)
-            outcomes = self._inner.flush()
             todo = []
-            wait = 0.0
-            for o in outcomes:
-                if o.status is Status.TRANSIENT and attempt < self._max_attempts:
+            asked: list[float] = []
+            for o in self._inner.flush():
+                if o.status is Status.TRANSIENT and self._policy.again(attempt):
                     todo.append(o.item)
                     if o.retry_after is not None:
-                        wait = max(wait, min(o.retry_after, self._max_retry_after))
+                        asked.append(o.retry_after)
                 else:
-                    final.append(Outcome(o.item, o.status, o.error, o.code, o.retry_after, attempts=attempt))
+                    final.append(replace(o, attempts=attempt))
             if todo:
-                delay = max(wait, self._backoff.delay(attempt, self._rng))
+                delay = self._policy.wait(attempt, self._rng, max(asked, default=None))
                 log.info("retrying %d item(s) in %.2fs (attempt %d)", len(todo), delay, attempt + 1)
                 self._sleep(delay)
         return final

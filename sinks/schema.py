@@ -9,6 +9,7 @@ Usage is integers: MB-seconds and seconds. Meter values are decimal strings.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.schema import SchemaItem
 
 __all__ = [
     "billing_prices",
@@ -73,256 +75,252 @@ log = logging.getLogger(__name__)
 
 metadata = MetaData()
 
-tick_batches = Table(
+# Every column is NOT NULL unless declared ``null=True``; each helper declares one column per name given.
+# Ids and names are VARCHAR(255) unless ``n`` says otherwise; decimal strings are VARCHAR(40).
+_Cols = list[Column[Any]]
+
+
+def _cols(type_: Any, *names: str, null: bool = False, **kw: Any) -> _Cols:
+    return [Column(name, type_, nullable=null, **kw) for name in names]
+
+
+def _str(*names: str, n: int = 255, null: bool = False, **kw: Any) -> _Cols:
+    return _cols(String(n), *names, null=null, **kw)
+
+
+_dec = functools.partial(_str, n=40)
+_big = functools.partial(_cols, BigInteger)
+_int = functools.partial(_cols, Integer)
+_text = functools.partial(_cols, Text)
+
+
+def _serial(name: str = "id") -> _Cols:
+    """An auto-incremented key: BIGINT, INTEGER on SQLite (whose AUTOINCREMENT takes only that)."""
+    return [Column(name, BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)]
+
+
+_BUCKET_KEY = {"primary_key": True, "autoincrement": False}  # bucket_start as the key: never generated
+
+
+def _table(name: str, *parts: SchemaItem | _Cols, **kw: Any) -> Table:
+    """A table of ``metadata``: its columns, constraints and indexes in the order given."""
+    items = [i for p in parts for i in (p if isinstance(p, list) else [p])]
+    return Table(name, metadata, *items, **kw)
+
+
+def _named_values(name: str, n: int) -> Table:
+    """A table of named integers (counters, cursors)."""
+    return _table(name, _str("name", n=n, primary_key=True), _big("value"))
+
+
+def _alerts(name: str, *columns: _Cols) -> Table:
+    """An alert table: the dedup key, ``columns``, when it was recorded and published (NULL = not yet on the
+    alerts topic), and the alert record (JSON)."""
+    published = _big("published_ms", null=True)
+    return _table(name, _str("id", primary_key=True), *columns, _big("created_ms"), published, _text("body"))
+
+
+tick_batches = _table(
     "tick_batches",
-    metadata,
     # Insertion order: the closer aggregates "batches of bucket B with seq above B's cursor"
     # (closed_buckets.seq) and the parity edge sums "batches above its cursor"; nothing is ever rewritten.
     # AUTOINCREMENT on SQLite: a seq is never handed out twice, even after the newest batch was deleted.
-    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-    Column("bucket_start", BigInteger, nullable=False),
-    Column("ticks", Integer, nullable=False),  # how many ticks the batch holds (each id once in its bucket)
+    _serial("seq"),
+    _big("bucket_start"),
+    _int("ticks"),  # how many ticks the batch holds (each id once in its bucket)
     Column("data", LargeBinary, nullable=False),  # sinks.ledger.batches' format
     # The only secondary index: closing, dedup, replay and retention read a bucket's batches by seq.
     Index("ix_tick_batches_bucket_seq", "bucket_start", "seq"),
     sqlite_autoincrement=True,
 )
 
-meter_events = Table(
+meter_events = _table(
     "meter_events",
-    metadata,
-    Column("id", String(255), primary_key=True),  # = Stripe identifier
-    Column("org_id", String(255), nullable=False),
-    Column("bucket_start", BigInteger, nullable=False),
-    Column("bucket_end", BigInteger, nullable=False),
-    Column("meter", String(100), nullable=False),
-    Column("revision", Integer, nullable=False),  # 0 = the bucket's row, n = correction r{n}
-    Column("billing_mode", String(16), nullable=False),
-    Column("value", String(40), nullable=False),  # decimal string sent to Stripe, fixed at creation
-    Column("units", BigInteger, nullable=False),  # exact units in this row (MB-s or s)
-    Column("samples", Integer, nullable=False),
-    Column("state", String(32), nullable=False),
-    Column("stripe_customer_id", String(255), nullable=True),
-    Column("close_id", BigInteger, nullable=False),
-    Column("created_ms", BigInteger, nullable=False),
-    Column("updated_ms", BigInteger, nullable=False),
-    Column("sent_ms", BigInteger, nullable=True),
-    Column("attempts", Integer, nullable=False, server_default="0"),
-    Column("last_error", Text, nullable=True),
+    _str("id", primary_key=True),  # = Stripe identifier
+    _str("org_id"),
+    _big("bucket_start", "bucket_end"),
+    _str("meter", n=100),
+    _int("revision"),  # 0 = the bucket's row, n = correction r{n}
+    _str("billing_mode", n=16),
+    _dec("value"),  # decimal string sent to Stripe, fixed at creation
+    _big("units"),  # exact units in this row (MB-s or s)
+    _int("samples"),
+    _str("state", n=32),
+    _str("stripe_customer_id", null=True),
+    _big("close_id", "created_ms", "updated_ms"),
+    _big("sent_ms", null=True),
+    _int("attempts", server_default="0"),
+    _text("last_error", null=True),
     # Set on a row a reconciliation repair wrote to bill again a row Stripe lost (refused after the send, or
     # cancelled): the lost row's id. The pair is one billing decision: readers that count decisions count one.
     # On a credit row (taking back what Stripe held beyond what edgebill sent): ``stripe_excess:`` + its
     # repair key; it bills no usage (0 units) and counts as no decision either.
-    Column("repair_of", String(255), nullable=True),
+    _str("repair_of", null=True),
     Index("ix_meter_events_state", "state", "bucket_start"),
     Index("ix_meter_events_key", "org_id", "bucket_start", "meter"),
 )
 
-meter_totals = Table(
+meter_totals = _table(
     "meter_totals",
-    metadata,
-    Column("org_id", String(255), nullable=False),
-    Column("meter", String(100), nullable=False),
-    Column("stream", String(16), nullable=False),  # 'billed' | 'shadow': separate rounding carries
-    Column("units", BigInteger, nullable=False),
-    Column("assigned", String(40), nullable=False),  # Σ values assigned to rows so far
+    _str("org_id"),
+    _str("meter", n=100),
+    _str("stream", n=16),  # 'billed' | 'shadow': separate rounding carries
+    _big("units"),
+    _dec("assigned"),  # Σ values assigned to rows so far
     PrimaryKeyConstraint("org_id", "meter", "stream"),
 )
 
-org_policies = Table(
+org_policies = _table(
     "org_policies",
-    metadata,
-    Column("org_id", String(255), nullable=False),
-    Column("effective_ms", BigInteger, nullable=False),
-    Column("plan", String(16), nullable=False),
-    Column("billing_mode", String(16), nullable=False),
-    Column("stripe_customer_id", String(255), nullable=True),
-    Column("stripe_subscription_id", String(255), nullable=True),
-    Column("billing_provider", String(32), nullable=False),
-    Column("src_partition", Integer, nullable=False),
-    Column("src_offset", BigInteger, nullable=False),
-    Column("received_ms", BigInteger, nullable=False),
+    _str("org_id"),
+    _big("effective_ms"),
+    _str("plan", "billing_mode", n=16),
+    _str("stripe_customer_id", "stripe_subscription_id", null=True),
+    _str("billing_provider", n=32),
+    _int("src_partition"),
+    _big("src_offset", "received_ms"),
     PrimaryKeyConstraint("org_id", "effective_ms"),
 )
 
-partition_progress = Table(
+partition_progress = _table(
     "partition_progress",
-    metadata,
-    Column("topic", String(255), nullable=False),
-    Column("partition", Integer, nullable=False),
-    Column("committed_offset", BigInteger, nullable=False),  # last offset written to the ledger
-    Column("max_event_ms", BigInteger, nullable=True),  # newest event time written for this partition
-    Column("highwater", BigInteger, nullable=True),  # log end as last seen by the owner
-    Column("reported_ms", BigInteger, nullable=True),  # when the owner last reported
-    Column("owner", String(255), nullable=True),
+    _str("topic"),
+    _int("partition"),
+    _big("committed_offset"),  # last offset written to the ledger
+    _big("max_event_ms", null=True),  # newest event time written for this partition
+    _big("highwater", null=True),  # log end as last seen by the owner
+    _big("reported_ms", null=True),  # when the owner last reported
+    _str("owner", null=True),
     PrimaryKeyConstraint("topic", "partition"),
 )
 
-closed_buckets = Table(
+closed_buckets = _table(
     "closed_buckets",
-    metadata,
-    Column("bucket_start", BigInteger, primary_key=True, autoincrement=False),
-    Column("closed_ms", BigInteger, nullable=False),  # first closed
-    Column("close_id", BigInteger, nullable=False),  # last close run that aggregated samples of it
-    Column("seq", BigInteger, nullable=False, server_default="0"),  # samples of it up to here are aggregated
+    _big("bucket_start", **_BUCKET_KEY),
+    _big("closed_ms"),  # first closed
+    _big("close_id"),  # last close run that aggregated samples of it
+    _big("seq", server_default="0"),  # samples of it up to here are aggregated
     # The bucket's billing decision (models.cutover.Decision), made once at its first close from the cutover
     # state then in force; every later row of the bucket is placed from it. NULL: not decided yet (a bucket
     # closed before decisions were stored and without a row to read one from): the next close decides.
-    Column("decision", String(32), nullable=True),
+    _str("decision", n=32, null=True),
 )
 
-close_runs = Table(
+close_runs = _table(
     "close_runs",
-    metadata,
-    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-    Column("started_ms", BigInteger, nullable=False),
-    Column("watermark_ms", BigInteger, nullable=False),
-    Column("samples", Integer, nullable=False),
-    Column("rows", Integer, nullable=False),
+    _serial(),
+    _big("started_ms", "watermark_ms"),
+    _int("samples", "rows"),
     # After this run, every sample with seq <= upto_seq in a bucket <= last_bucket is aggregated.
-    Column("upto_seq", BigInteger, nullable=False, server_default="0"),
-    Column("last_bucket", BigInteger, nullable=True),
+    _big("upto_seq", server_default="0"),
+    _big("last_bucket", null=True),
 )
 
-unbilled_usage = Table(
+unbilled_usage = _table(
     "unbilled_usage",
-    metadata,
-    Column("org_id", String(255), nullable=False),
-    Column("bucket_start", BigInteger, nullable=False),
-    Column("reason", String(64), nullable=False),
-    Column("samples", BigInteger, nullable=False),
-    Column("mb_seconds", BigInteger, nullable=False),
+    _str("org_id"),
+    _big("bucket_start"),
+    _str("reason", n=64),
+    _big("samples", "mb_seconds"),
     PrimaryKeyConstraint("org_id", "bucket_start", "reason"),
 )
 
-counters = Table(
-    "counters",
-    metadata,
-    Column("name", String(128), primary_key=True),
-    Column("value", BigInteger, nullable=False),
-)
+counters = _named_values("counters", 128)
 
 # ------------------------------------------------------------------------------------------------ cutover
 # The cutover's audit and state (also on the compacted billing-control topic, which a broker without
 # compaction or retention cannot be trusted to keep): every change, plan, release and cancellation, and
 # which worker has applied which state.
 
-cutover_log = Table(
+cutover_log = _table(
     "cutover_log",
-    metadata,
-    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-    Column("change_id", String(64), nullable=False),  # the same change recorded twice is one entry
-    Column("kind", String(16), nullable=False),  # state | plan | release | cancel
+    _serial("seq"),
+    _str("change_id", n=64),  # the same change recorded twice is one entry
+    _str("kind", n=16),  # state | plan | release | cancel
     # The state columns: of the new state (kind state), of the planned one (plan: bill_from = T).
-    Column("shadow", Integer, nullable=True),
-    Column("bill_from", BigInteger, nullable=True),
-    Column("bill_until", BigInteger, nullable=True),
-    Column("authority", String(16), nullable=True),
-    Column("by", String(255), nullable=False),
-    Column("reason", Text, nullable=False),
-    Column("command", Text, nullable=False),
-    Column("changed_ms", BigInteger, nullable=False),  # when the change was made (its own changed_at)
-    Column("recorded_ms", BigInteger, nullable=False),  # when this ledger recorded it
-    Column("published_ms", BigInteger, nullable=True),  # when it was seen on billing-control (state only)
-    Column("details", Text, nullable=False),  # JSON: forced problems, rows moved, the source, ...
+    _int("shadow", null=True),
+    _big("bill_from", "bill_until", null=True),
+    _str("authority", n=16, null=True),
+    _str("by"),
+    _text("reason", "command"),
+    _big("changed_ms"),  # when the change was made (its own changed_at)
+    _big("recorded_ms"),  # when this ledger recorded it
+    _big("published_ms", null=True),  # when it was seen on billing-control (state only)
+    _text("details"),  # JSON: forced problems, rows moved, the source, ...
     UniqueConstraint("change_id", name="uq_cutover_log_change_id"),
     Index("ix_cutover_log_kind", "kind", "seq"),
 )
 
-cutover_acks = Table(
+cutover_acks = _table(
     "cutover_acks",
-    metadata,
-    Column("owner", String(255), primary_key=True),  # the worker (host:pid)
-    Column("seq", BigInteger, nullable=False),  # the state entry it applies (0: the environment's bootstrap)
-    Column("acked_ms", BigInteger, nullable=False),
+    _str("owner", primary_key=True),  # the worker (host:pid)
+    _big("seq"),  # the state entry it applies (0: the environment's bootstrap)
+    _big("acked_ms"),
 )
 
-billing_prices = Table(
+billing_prices = _table(
     "billing_prices",
-    metadata,
-    Column("key", String(100), primary_key=True),
-    Column("meter", String(100), nullable=False),
-    Column("price_id", String(255), nullable=False),
-    Column("updated_ms", BigInteger, nullable=False),
+    _str("key", n=100, primary_key=True),
+    _str("meter", n=100),
+    _str("price_id"),
+    _big("updated_ms"),
 )
 
 # ------------------------------------------------------------------------------------------------ parity
 # The cell side (``sandbox-scale-events`` rows), the parity table, its bookkeeping and its alerts.
 # Written by sinks.parity; cell_intervals is also read to tell whether a worker owned a sandbox at a time.
 
-cell_intervals = Table(
+cell_intervals = _table(
     "cell_intervals",
-    metadata,
-    Column("id", String(255), primary_key=True),  # the cell row id (scale event id)
-    Column("sandbox_id", String(255), nullable=False),
-    Column("org_id", String(255), nullable=False),
-    Column("cell_id", String(255), nullable=False),
-    Column("worker_id", String(255), nullable=False),  # the worker that owns the sandbox during the interval
-    Column("memory_mb", BigInteger, nullable=False),
-    Column("cpu_percent", Integer, nullable=False),
-    Column("disk_mb", BigInteger, nullable=False),
-    Column("started_ms", BigInteger, nullable=False),
-    Column("ended_ms", BigInteger, nullable=True),  # NULL = open (counted up to now)
-    Column("src_partition", Integer, nullable=False),
-    Column("src_offset", BigInteger, nullable=False),
-    Column("updated_ms", BigInteger, nullable=False),
+    _str("id", primary_key=True),  # the cell row id (scale event id)
+    _str("sandbox_id", "org_id", "cell_id"),
+    _str("worker_id"),  # the worker that owns the sandbox during the interval
+    _big("memory_mb"),
+    _int("cpu_percent"),
+    _big("disk_mb", "started_ms"),
+    _big("ended_ms", null=True),  # NULL = open (counted up to now)
+    _int("src_partition"),
+    _big("src_offset", "updated_ms"),
     Index("ix_cell_intervals_sandbox", "sandbox_id", "started_ms"),
     Index("ix_cell_intervals_org", "org_id", "started_ms"),
 )
 
-usage_parity = Table(
+usage_parity = _table(
     "usage_parity",
-    metadata,
-    Column("org_id", String(255), nullable=False),
-    Column("bucket_start", BigInteger, nullable=False),
-    Column("edge_mb_s", BigInteger, nullable=False),  # Σ memory_mb × interval_s of the raw samples
-    Column("samples", BigInteger, nullable=False),
-    Column("cell_mb_ms", BigInteger, nullable=False),  # Σ memory_mb × clipped ms of the cell intervals
-    Column("slack_mb_ms", BigInteger, nullable=False),  # boundary slack (models.parity)
-    Column("drift", String(40), nullable=False),  # (edge − cell) / cell, 6 decimals
-    Column("status", String(16), nullable=False),  # ok | drift | edge_only | cell_only
-    Column("updated_ms", BigInteger, nullable=False),
+    _str("org_id"),
+    _big("bucket_start"),
+    _big("edge_mb_s"),  # Σ memory_mb × interval_s of the raw samples
+    _big("samples"),
+    _big("cell_mb_ms"),  # Σ memory_mb × clipped ms of the cell intervals
+    _big("slack_mb_ms"),  # boundary slack (models.parity)
+    _dec("drift"),  # (edge − cell) / cell, 6 decimals
+    _str("status", n=16),  # ok | drift | edge_only | cell_only
+    _big("updated_ms"),
     PrimaryKeyConstraint("org_id", "bucket_start"),
     Index("ix_usage_parity_bucket", "bucket_start"),
     Index("ix_usage_parity_status", "status", "bucket_start"),
 )
 
-parity_dirty = Table(
+parity_dirty = _table(
     "parity_dirty",
-    metadata,
-    Column("bucket_start", BigInteger, primary_key=True, autoincrement=False),
-    Column("version", BigInteger, nullable=False),  # bumped on every new mark; cleared only if unchanged
+    _big("bucket_start", **_BUCKET_KEY),
+    _big("version"),  # bumped on every new mark; cleared only if unchanged
 )
 
-parity_alerts = Table(
-    "parity_alerts",
-    metadata,
-    Column("id", String(255), primary_key=True),  # dedup key: billing_drift:{first bucket of the episode}
-    Column("first_bucket", BigInteger, nullable=False),
-    Column("fired_bucket", BigInteger, nullable=False),
-    Column("created_ms", BigInteger, nullable=False),
-    Column("published_ms", BigInteger, nullable=True),  # NULL = not yet on the alerts topic
-    Column("body", Text, nullable=False),  # the alert record (JSON)
-)
+# Dedup key: billing_drift:{first bucket of the episode}.
+parity_alerts = _alerts("parity_alerts", _big("first_bucket", "fired_bucket"))
 
-parity_edge = Table(
+parity_edge = _table(
     "parity_edge",
-    metadata,
     # The edge side of parity, kept incrementally: Σ over the samples with seq <= parity_state
     # "edge_upto_seq" (read under the writer lock, so no sample below it can still be uncommitted), per
     # bucket and org, every org. The refresher adds each sample once instead of rescanning whole hours.
-    Column("bucket_start", BigInteger, primary_key=True, autoincrement=False),
-    Column("org_id", String(255), primary_key=True),
-    Column("samples", BigInteger, nullable=False),
-    Column("edge_mb_s", BigInteger, nullable=False),
+    _big("bucket_start", **_BUCKET_KEY),
+    _str("org_id", primary_key=True),
+    _big("samples", "edge_mb_s"),
 )
 
-parity_state = Table(
-    "parity_state",
-    metadata,
-    Column("name", String(64), primary_key=True),
-    Column("value", BigInteger, nullable=False),
-)
+parity_state = _named_values("parity_state", 64)
 
 # --------------------------------------------------------------------------- Stripe webhooks and provisioning
 # Written by sinks.webhooks.store: the received events (the inbox the webhook agent applies, each once), one
@@ -330,95 +328,83 @@ parity_state = Table(
 # provisioning and published plan, the plan records still to publish on ``org-policy``, and a log of every
 # provisioning done (authority edge) or only described (authority cell).
 
-webhook_events = Table(
+webhook_events = _table(
     "webhook_events",
-    metadata,
-    Column("event_id", String(255), primary_key=True),  # Stripe's evt_… id: the exactly-once key
-    Column("type", String(100), nullable=False),
-    Column("object_id", String(255), nullable=False),
-    Column("org_id", String(255), nullable=True),
-    Column("created_s", BigInteger, nullable=False),  # Stripe's event time
-    Column("outcome", String(32), nullable=False),  # models.webhooks.Outcome (never 'duplicate')
-    Column("detail", Text, nullable=True),
-    Column("body", Text, nullable=False),  # the verified raw event JSON
-    Column("deliveries", Integer, nullable=False),
-    Column("attempts", Integer, nullable=False, server_default="0"),  # apply attempts that failed transiently
-    Column("next_ms", BigInteger, nullable=False),  # a 'received' event is (re)applied from then on
-    Column("first_ms", BigInteger, nullable=False),
-    Column("updated_ms", BigInteger, nullable=False),
+    _str("event_id", primary_key=True),  # Stripe's evt_… id: the exactly-once key
+    _str("type", n=100),
+    _str("object_id"),
+    _str("org_id", null=True),
+    _big("created_s"),  # Stripe's event time
+    _str("outcome", n=32),  # models.webhooks.Outcome (never 'duplicate')
+    _text("detail", null=True),
+    _text("body"),  # the verified raw event JSON
+    _int("deliveries"),
+    _int("attempts", server_default="0"),  # apply attempts that failed transiently
+    _big("next_ms"),  # a 'received' event is (re)applied from then on
+    _big("first_ms", "updated_ms"),
     Index("ix_webhook_events_pending", "outcome", "next_ms"),
 )
 
-webhook_receipts = Table(
+webhook_receipts = _table(
     "webhook_receipts",
-    metadata,
-    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-    Column("topic", String(255), nullable=False),
-    Column("partition", Integer, nullable=False),
-    Column("offset", BigInteger, nullable=False),
-    Column("event_id", String(255), nullable=False),
-    Column("duplicate", Integer, nullable=False),  # 1: the event was already final when this record came
-    Column("received_ms", BigInteger, nullable=False),
+    _serial(),
+    _str("topic"),
+    _int("partition"),
+    _big("offset"),
+    _str("event_id"),
+    _int("duplicate"),  # 1: the event was already final when this record came
+    _big("received_ms"),
     UniqueConstraint("topic", "partition", "offset", name="uq_webhook_receipts_source"),
     Index("ix_webhook_receipts_event", "event_id"),
 )
 
-stripe_subscriptions = Table(
+stripe_subscriptions = _table(
     "stripe_subscriptions",
-    metadata,
-    Column("subscription_id", String(255), primary_key=True),
-    Column("org_id", String(255), nullable=False),
-    Column("customer_id", String(255), nullable=True),
-    Column("status", String(64), nullable=False),
-    Column("event_created_s", BigInteger, nullable=False),  # created of the event that set the status
-    Column("event_id", String(255), nullable=False),
-    Column("provisioned", Integer, nullable=False),  # 1: created by edgebill's provisioning
-    Column("updated_ms", BigInteger, nullable=False),
+    _str("subscription_id", primary_key=True),
+    _str("org_id"),
+    _str("customer_id", null=True),
+    _str("status", n=64),
+    _big("event_created_s"),  # created of the event that set the status
+    _str("event_id"),
+    _int("provisioned"),  # 1: created by edgebill's provisioning
+    _big("updated_ms"),
     Index("ix_stripe_subscriptions_org", "org_id"),
     Index("ix_stripe_subscriptions_customer", "customer_id"),
 )
 
-org_provisioning = Table(
+org_provisioning = _table(
     "org_provisioning",
-    metadata,
-    Column("org_id", String(255), primary_key=True),
-    Column("customer_id", String(255), nullable=True),
-    Column("subscription_id", String(255), nullable=True),  # the last one provisioned
-    Column("generation", Integer, nullable=False),  # subscriptions provisioned so far (idempotency key suffix)
-    Column("credit_txn_id", String(255), nullable=True),  # the sign-up credit, once applied
-    Column("plan", String(16), nullable=True),  # models.webhooks.PlanState
-    Column("plan_since_s", BigInteger, nullable=True),
-    Column("plan_last_s", BigInteger, nullable=True),
-    Column("plan_floor_s", BigInteger, nullable=True),
-    Column("updated_ms", BigInteger, nullable=False),
+    _str("org_id", primary_key=True),
+    _str("customer_id", null=True),
+    _str("subscription_id", null=True),  # the last one provisioned
+    _int("generation"),  # subscriptions provisioned so far (idempotency key suffix)
+    _str("credit_txn_id", null=True),  # the sign-up credit, once applied
+    _str("plan", n=16, null=True),  # models.webhooks.PlanState
+    _big("plan_since_s", "plan_last_s", "plan_floor_s", null=True),
+    _big("updated_ms"),
     Index("ix_org_provisioning_customer", "customer_id"),
 )
 
-webhook_policy_outbox = Table(
+webhook_policy_outbox = _table(
     "webhook_policy_outbox",
-    metadata,
-    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-    Column("org_id", String(255), nullable=False),
-    Column("effective_ms", BigInteger, nullable=False),
-    Column("body", Text, nullable=False),  # the org-policy record (JSON)
-    Column("event_id", String(255), nullable=False),
-    Column("created_ms", BigInteger, nullable=False),
-    Column("published_ms", BigInteger, nullable=True),  # NULL = not yet on org-policy
+    _serial(),
+    _str("org_id"),
+    _big("effective_ms"),
+    _text("body"),  # the org-policy record (JSON)
+    _str("event_id"),
+    _big("created_ms"),
+    _big("published_ms", null=True),  # NULL = not yet on org-policy
     Index("ix_webhook_policy_outbox_pending", "published_ms", "id"),
 )
 
-provisioning_log = Table(
+provisioning_log = _table(
     "provisioning_log",
-    metadata,
-    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-    Column("event_id", String(255), nullable=False),
-    Column("org_id", String(255), nullable=False),
-    Column("customer_id", String(255), nullable=False),
-    Column("mode", String(16), nullable=False),  # 'edge': done; 'shadow': what would have been done
-    Column("subscription_id", String(255), nullable=True),
-    Column("credit_txn_id", String(255), nullable=True),
-    Column("detail", Text, nullable=False),  # JSON: idempotency keys, prices, credit, plan
-    Column("created_ms", BigInteger, nullable=False),
+    _serial(),
+    _str("event_id", "org_id", "customer_id"),
+    _str("mode", n=16),  # 'edge': done; 'shadow': what would have been done
+    _str("subscription_id", "credit_txn_id", null=True),
+    _text("detail"),  # JSON: idempotency keys, prices, credit, plan
+    _big("created_ms"),
     Index("ix_provisioning_log_org", "org_id"),
 )
 
@@ -428,101 +414,81 @@ provisioning_log = Table(
 # how many runs in a row it has differed, the alerts (the dedup), the repairs done (each with its evidence) and
 # the latest invoice-preview check per subscription line.
 
-reconcile_runs = Table(
+reconcile_runs = _table(
     "reconcile_runs",
-    metadata,
-    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-    Column("started_ms", BigInteger, nullable=False),
-    Column("finished_ms", BigInteger, nullable=False),
-    Column("window_lo", BigInteger, nullable=False),  # the range compared, unix s
-    Column("window_hi", BigInteger, nullable=False),
-    Column("grouping", String(8), nullable=False),  # Stripe's value_grouping_window: day | hour
-    Column("compared", Integer, nullable=False),
-    Column("differences", Integer, nullable=False),
-    Column("unsettled", Integer, nullable=False),  # windows not closed, not sent, or sent too recently
-    Column("requests", Integer, nullable=False),  # Stripe requests made
-    Column("throttled", Integer, nullable=False),  # of which answered 429
-    Column("invoice_lines", Integer, nullable=False),
-    Column("invoice_differences", Integer, nullable=False),
-    Column("error", Text, nullable=True),  # why the run could not compare (Stripe unreachable, ...)
-    Column("summary", Text, nullable=False),  # JSON: windows by label
+    _serial(),
+    _big("started_ms", "finished_ms"),
+    _big("window_lo", "window_hi"),  # the range compared, unix s
+    _str("grouping", n=8),  # Stripe's value_grouping_window: day | hour
+    _int("compared", "differences"),
+    _int("unsettled"),  # windows not closed, not sent, or sent too recently
+    _int("requests"),  # Stripe requests made
+    _int("throttled"),  # of which answered 429
+    _int("invoice_lines", "invoice_differences"),
+    _text("error", null=True),  # why the run could not compare (Stripe unreachable, ...)
+    _text("summary"),  # JSON: windows by label
 )
 
-reconcile_results = Table(
+reconcile_results = _table(
     "reconcile_results",
-    metadata,
-    Column("org_id", String(255), nullable=False),
-    Column("customer_id", String(255), nullable=False),
-    Column("meter", String(100), nullable=False),
-    Column("window_start", BigInteger, nullable=False),
-    Column("grouping", String(8), nullable=False),
-    Column("label", String(32), nullable=False),  # models.reconcile.Label
-    Column("ledger_value", String(40), nullable=False),  # what Stripe should hold
-    Column("stripe_value", String(40), nullable=True),  # what it holds (NULL: it could not say)
-    Column("lost_value", String(40), nullable=False),
-    Column("causes", Text, nullable=False),  # JSON
-    Column("streak", Integer, nullable=False),  # consecutive runs with a difference (0 when ok)
-    Column("first_run", BigInteger, nullable=True),  # the run the current difference was first seen in
-    Column("run_id", BigInteger, nullable=False),  # the run that wrote this result
-    Column("checked_ms", BigInteger, nullable=False),
+    _str("org_id", "customer_id"),
+    _str("meter", n=100),
+    _big("window_start"),
+    _str("grouping", n=8),
+    _str("label", n=32),  # models.reconcile.Label
+    _dec("ledger_value"),  # what Stripe should hold
+    _dec("stripe_value", null=True),  # what it holds (NULL: it could not say)
+    _dec("lost_value"),
+    _text("causes"),  # JSON
+    _int("streak"),  # consecutive runs with a difference (0 when ok)
+    _big("first_run", null=True),  # the run the current difference was first seen in
+    _big("run_id"),  # the run that wrote this result
+    _big("checked_ms"),
     PrimaryKeyConstraint("org_id", "customer_id", "meter", "window_start", "grouping"),
     Index("ix_reconcile_results_run", "run_id"),
 )
 
-reconcile_alerts = Table(
+# Dedup key: models.reconcile.alert_id.
+reconcile_alerts = _alerts(
     "reconcile_alerts",
-    metadata,
-    Column("id", String(255), primary_key=True),  # dedup key: models.reconcile.alert_id
-    Column("org_id", String(255), nullable=False),
-    Column("meter", String(100), nullable=False),
-    Column("window_start", BigInteger, nullable=False),
-    Column("label", String(32), nullable=False),
-    Column("first_run", BigInteger, nullable=False),
-    Column("fired_run", BigInteger, nullable=False),
-    Column("created_ms", BigInteger, nullable=False),
-    Column("published_ms", BigInteger, nullable=True),  # NULL = not yet on the alerts topic
-    Column("body", Text, nullable=False),  # the alert record (JSON)
+    _str("org_id"),
+    _str("meter", n=100),
+    _big("window_start"),
+    _str("label", n=32),
+    _big("first_run", "fired_run"),
 )
 
-reconcile_repairs = Table(
+reconcile_repairs = _table(
     "reconcile_repairs",
-    metadata,
-    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-    Column("row_id", String(255), nullable=False),  # the row Stripe does not hold
-    Column("action", String(16), nullable=False),  # models.reconcile.RepairAction
-    Column("new_row_id", String(255), nullable=True),  # the row billing it again (replace)
-    Column("value", String(40), nullable=False),
-    Column("cause", String(64), nullable=False),
-    Column("evidence", Text, nullable=False),  # JSON: Stripe's and the ledger's values when it was decided
-    Column("by", String(255), nullable=False),
-    Column("created_ms", BigInteger, nullable=False),
-    Column("reason", Text, nullable=True),  # the operator's --reason
+    _serial(),
+    _str("row_id"),  # the row Stripe does not hold
+    _str("action", n=16),  # models.reconcile.RepairAction
+    _str("new_row_id", null=True),  # the row billing it again (replace)
+    _dec("value"),
+    _str("cause", n=64),
+    _text("evidence"),  # JSON: Stripe's and the ledger's values when it was decided
+    _str("by"),
+    _big("created_ms"),
+    _text("reason", null=True),  # the operator's --reason
     # An over-billing repair's idempotency key (models.reconcile_over.over_key): one write per key, ever.
-    Column("repair_key", String(100), nullable=True),
+    _str("repair_key", n=100, null=True),
     Index("ix_reconcile_repairs_row", "row_id"),
     Index("ux_reconcile_repairs_key", "repair_key", unique=True),
 )
 
-reconcile_invoices = Table(
+reconcile_invoices = _table(
     "reconcile_invoices",
-    metadata,
-    Column("subscription_id", String(255), nullable=False),
-    Column("price_id", String(255), nullable=False),
-    Column("org_id", String(255), nullable=False),
-    Column("customer_id", String(255), nullable=False),
-    Column("meter", String(100), nullable=True),  # NULL: a price edgebill's catalog does not have
-    Column("period_start", BigInteger, nullable=False),
-    Column("period_end", BigInteger, nullable=False),
-    Column("stripe_quantity", String(40), nullable=False),
-    Column("ledger_value", String(40), nullable=False),
-    Column("pending_value", String(40), nullable=False),
-    Column("label", String(32), nullable=False),
-    Column("detail", Text, nullable=False),
-    Column("run_id", BigInteger, nullable=True),
-    Column("checked_ms", BigInteger, nullable=False),
+    _str("subscription_id", "price_id", "org_id", "customer_id"),
+    _str("meter", n=100, null=True),  # NULL: a price edgebill's catalog does not have
+    _big("period_start", "period_end"),
+    _dec("stripe_quantity", "ledger_value", "pending_value"),
+    _str("label", n=32),
+    _text("detail"),
+    _big("run_id", null=True),
+    _big("checked_ms"),
     # Scheduled runs in a row this line differed (settled) in, and the run it was first seen in (alerts).
-    Column("streak", Integer, nullable=False, server_default="0"),
-    Column("first_run", BigInteger, nullable=True),
+    _int("streak", server_default="0"),
+    _big("first_run", null=True),
     PrimaryKeyConstraint("subscription_id", "price_id"),
     Index("ix_reconcile_invoices_org", "org_id"),
 )

@@ -109,7 +109,6 @@ class WebConfig:
     internal_secret: bytes  # signs /internal/* requests and dashboard links
     signature_tolerance_s: int
     dashboard_token_ttl_s: int
-    parity_tolerance: Decimal
     gate_hours: Decimal  # clean parity hours the cutover asks for (the gate shown on the dashboard)
     limits: WebLimits = field(default_factory=WebLimits)
 

@@ -45,11 +45,12 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Final
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition, errors
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, ConsumerStoppedError, IllegalStateError, KafkaError
 from mode import Service
 
+from sinks.base import BATCH_RETRY, DEAD_LETTER_RETRY
 from streams.health import (
     BROKER,
     DEAD_LETTERS,
@@ -60,7 +61,17 @@ from streams.health import (
     ledger_write_failures_total,
 )
 from streams.pipeline import IngestBatch, Pipeline, WritePlan, prepare_ingest
-from streams.records import DeadLetter, RawRecord, Stopped, bound_dead_letter, first_line, retry_forever, sleep_unless
+from streams.records import (
+    DeadLetter,
+    RawRecord,
+    Stopped,
+    bound_dead_letter,
+    first_line,
+    log_failure,
+    retry_forever,
+    retry_until_done,
+    sleep_unless,
+)
 
 __all__ = ["TickIngestor", "make_ingest_service"]
 
@@ -70,6 +81,8 @@ SendDead = Callable[[list[DeadLetter]], Awaitable[None]]
 
 #: A dead letter the broker still finds too large is cut down to this before it is tried again.
 SMALL_DEAD_LETTER_BYTES: Final = 16 * 1024
+#: What the producer raises for a request the broker finds too large.
+_TOO_LARGE: Final = (errors.MessageSizeTooLargeError, errors.RecordTooLargeError, errors.RecordListTooLargeError)
 _DEAD_LETTER_TIMEOUT_S: Final = 30.0
 _BROKER_PROBE_EVERY_S: Final = 3.0
 
@@ -272,29 +285,14 @@ class TickIngestor:
                 self._queue.task_done()
 
     async def _write_until_done(self, prepared: IngestBatch) -> None:
-        """:meth:`_write`, again after an unexpected error (a bug must stall ingestion loudly, not kill it)."""
-        delay = 1.0
-        while True:
-            try:
-                await self._write(prepared)
-            except Stopped:
-                raise
-            except Exception as exc:
-                self._limiter.failure(
-                    "ingest batch",
-                    "ingest: writing a batch failed unexpectedly (%s: %s); trying it again",
-                    type(exc).__name__,
-                    first_line(exc),
-                    level=logging.ERROR,
-                    exc_info=None if self._limiter.failing("ingest batch") else exc,
-                )
-                await sleep_unless(self._stopping, delay)
-                if self._stopping.is_set():
-                    raise Stopped("ingest batch") from exc
-                delay = min(delay * 2, 10.0)
-                continue
-            self._limiter.recovered("ingest batch")
-            return
+        """:meth:`_write`, again after an unexpected error, by :data:`~sinks.base.BATCH_RETRY` (a bug must
+        stall ingestion loudly, not kill it). Raises :class:`Stopped` when the worker stops meanwhile."""
+        msg = "ingest: writing a batch failed unexpectedly (%s: %s); trying it again"
+        failed = log_failure(self._limiter, "ingest batch", msg, level=logging.ERROR)
+        await retry_until_done(
+            "ingest batch", lambda: self._write(prepared), BATCH_RETRY, failed, stopping=self._stopping
+        )
+        self._limiter.recovered("ingest batch")
 
     async def _write(self, prepared: IngestBatch) -> None:
         """Write one batch: everything but the offset commit, which the caller does only after this returns.
@@ -368,8 +366,10 @@ class TickIngestor:
 
         While they cannot be written, this consumer goes no further (no offset is committed past a record
         that is not dead-lettered): not ready (``dead_letters_unwritable``), the failure metric counts, and
-        one error line says so (then once per interval). A letter the broker finds too large is cut to
-        :data:`SMALL_DEAD_LETTER_BYTES` first. A retry after a partial failure may write some letters twice.
+        one error line says so (then once per interval); the waits are :data:`~sinks.base.DEAD_LETTER_RETRY`'s.
+        A letter the broker finds too large is cut to :data:`SMALL_DEAD_LETTER_BYTES` and sent again at once.
+        A retry after a partial failure may write some letters twice. Raises :class:`Stopped` when the worker
+        stops meanwhile.
         """
         for d in letters:
             self._limiter.failure(
@@ -378,37 +378,36 @@ class TickIngestor:
                 d.headers["edgebill-source"].decode(),
                 d.headers["edgebill-reason"].decode(errors="replace"),
             )
-        delay = 0.5
-        while True:
+
+        async def send() -> None:
+            nonlocal letters
             try:
                 await asyncio.wait_for(self._send_dead(letters), timeout=_DEAD_LETTER_TIMEOUT_S)
-            except Exception as exc:
+            except _TOO_LARGE:
+                if all(len(d.value) + len(d.key or b"") <= SMALL_DEAD_LETTER_BYTES for d in letters):
+                    raise
                 dead_letter_failures_total.inc()
-                if "TooLarge" in type(exc).__name__ and any(
-                    len(d.value) + len(d.key or b"") > SMALL_DEAD_LETTER_BYTES for d in letters
-                ):
-                    letters = [bound_dead_letter(d, SMALL_DEAD_LETTER_BYTES) for d in letters]
-                    log.warning("ingest: the broker refused a dead letter as too large; retrying with a 16 KiB prefix")
-                    continue
-                self.health.fail(DEAD_LETTERS, f"{type(exc).__name__}: {first_line(exc)}")
-                self._limiter.failure(
-                    "dead letters",
-                    "ingest: STOPPED - cannot write %d dead letter(s) to %s (%s: %s); nothing past them is "
-                    "committed until they are written",
-                    len(letters),
-                    self.pipe.dlq_topic,
-                    type(exc).__name__,
-                    first_line(exc),
-                    level=logging.ERROR,
-                )
-                if self._stopping.is_set():
-                    raise Stopped("dead letters") from exc
-                await sleep_unless(self._stopping, delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            self.health.ok(DEAD_LETTERS)
-            self._limiter.recovered("dead letters")
-            return
+                letters = [bound_dead_letter(d, SMALL_DEAD_LETTER_BYTES) for d in letters]
+                log.warning("ingest: the broker refused a dead letter as too large; retrying with a 16 KiB prefix")
+                await send()  # at once: the cut letters are small, a second refusal is an ordinary failure
+
+        def failed(exc: Exception) -> None:
+            dead_letter_failures_total.inc()
+            self.health.fail(DEAD_LETTERS, f"{type(exc).__name__}: {first_line(exc)}")
+            self._limiter.failure(
+                "dead letters",
+                "ingest: STOPPED - cannot write %d dead letter(s) to %s (%s: %s); nothing past them is "
+                "committed until they are written",
+                len(letters),
+                self.pipe.dlq_topic,
+                type(exc).__name__,
+                first_line(exc),
+                level=logging.ERROR,
+            )
+
+        await retry_until_done("dead letters", send, DEAD_LETTER_RETRY, failed, stopping=self._stopping)
+        self.health.ok(DEAD_LETTERS)
+        self._limiter.recovered("dead letters")
 
     async def _monitor_loop(self) -> None:
         """Every second: the lag (for the stall condition) and whether the broker answers."""

@@ -1,4 +1,4 @@
-"""What every consumer of the worker shares: the record it reads, the dead letter it writes, the retry.
+"""What every consumer of the worker shares: the record it reads, the dead letter it writes, the retry loop.
 
 A leaf module: the pipeline, the ingest service and the cell agent import it; it imports none of them.
 
@@ -29,7 +29,7 @@ from typing import Any, Final, Protocol, TypeVar
 
 import orjson
 
-from sinks.base import PendingAlert
+from sinks.base import LEDGER_RETRY, PendingAlert, RetryPolicy
 from streams.health import Health, RateLimitedLog, dead_letters_truncated_total
 
 __all__ = [
@@ -45,13 +45,18 @@ __all__ = [
     "bound_dead_letter",
     "dead_letter",
     "first_line",
+    "log_failure",
     "publish_alerts",
     "retry_forever",
+    "retry_until_done",
     "run_logged",
     "sleep_unless",
 ]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+Failed = Callable[[Exception], None]
 
 #: Key + value of a dead letter at most (headers are small): half of Kafka's default 1,000,000-byte
 #: producer request, so it fits with room to spare for headers and batch overhead.
@@ -139,59 +144,6 @@ class Stopped(Exception):
     """The worker is stopping: a retry loop gave up without finishing (nothing was acknowledged)."""
 
 
-async def retry_forever(
-    what: str,
-    fn: Callable[[], Any],
-    *,
-    log_throttle: RateLimitedLog | None = None,
-    health: Health | None = None,
-    condition: str | None = None,
-    stopping: asyncio.Event | None = None,
-) -> None:
-    """Run a ledger write (in a thread) until it succeeds. Never ack a batch whose write failed.
-
-    Failures are logged through ``log_throttle`` (once per interval, with a count) and, with ``health``, hold
-    ``condition`` until the write succeeds. With ``stopping``: once it is set, a failed attempt is not
-    retried but raises :class:`Stopped` (the caller acknowledges nothing).
-    """
-    rl = log_throttle or _default_log_throttle
-    delay = 0.2
-    while True:
-        try:
-            await asyncio.to_thread(fn)
-        except Exception as exc:
-            rl.failure(
-                what,
-                "%s failed (%s: %s); retrying, offsets are not committed meanwhile",
-                what,
-                type(exc).__name__,
-                first_line(exc),
-                exc_info=None if rl.failing(what) else exc,
-            )
-            if health is not None and condition is not None:
-                health.fail(condition, f"{what}: {type(exc).__name__}: {first_line(exc)}", source=what)
-            if stopping is not None and stopping.is_set():
-                raise Stopped(what) from exc
-            await sleep_unless(stopping, delay)
-            if stopping is not None and stopping.is_set():
-                raise Stopped(what) from exc
-            delay = min(delay * 2, 5.0)
-            continue
-        rl.recovered(what)
-        if health is not None and condition is not None:
-            health.ok(condition, source=what)
-        return
-
-
-_default_log_throttle = RateLimitedLog(log)
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (at most 300 characters), for one-line logs."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else ""
-
-
 async def sleep_unless(stopping: asyncio.Event | None, seconds: float) -> None:
     """Sleep ``seconds``, or less when ``stopping`` gets set."""
     if stopping is None:
@@ -201,7 +153,88 @@ async def sleep_unless(stopping: asyncio.Event | None, seconds: float) -> None:
         await asyncio.wait_for(stopping.wait(), timeout=seconds)
 
 
-_T = TypeVar("_T")
+async def retry_until_done(
+    what: str,
+    attempt: Callable[[], Awaitable[_T]],
+    policy: RetryPolicy,
+    failed: Failed,
+    *,
+    stopping: asyncio.Event | None = None,
+    sleep: Callable[[asyncio.Event | None, float], Awaitable[None]] = sleep_unless,
+) -> _T:
+    """Await ``attempt()`` until it returns, and return its value; the worker's one retry loop.
+
+    After a failure of a type ``policy`` retries: ``failed(exc)`` (log it, hold a condition), ``policy``'s
+    wait (``sleep``, cut short when ``stopping`` is set), the next attempt. Raises any other exception at
+    once, and :class:`Stopped` (from the failure) when ``stopping`` is set by the end of the wait: once
+    the worker stops nothing more is attempted, and the caller acknowledges nothing of the failed step.
+    """
+    n = 0
+    while True:
+        n += 1
+        try:
+            return await attempt()
+        except Stopped:
+            raise
+        except policy.retryable as exc:
+            if not policy.again(n):
+                raise
+            failed(exc)
+            if stopping is None or not stopping.is_set():
+                await sleep(stopping, policy.wait(n))
+            if stopping is not None and stopping.is_set():
+                raise Stopped(what) from exc
+
+
+async def retry_forever(
+    what: str,
+    fn: Callable[[], Any],
+    *,
+    log_throttle: RateLimitedLog | None = None,
+    health: Health | None = None,
+    condition: str | None = None,
+    stopping: asyncio.Event | None = None,
+    policy: RetryPolicy = LEDGER_RETRY,
+) -> None:
+    """Run a ledger write (in a thread) until it succeeds (:func:`retry_until_done`). Never ack a batch whose
+    write failed.
+
+    Failures are logged through ``log_throttle`` (once per interval, with a count) and, with ``health``, hold
+    ``condition`` until the write succeeds. With ``stopping``: once it is set, a failed attempt is not
+    retried but raises :class:`Stopped` (the caller acknowledges nothing).
+    """
+    rl = log_throttle or _default_log_throttle
+    report = log_failure(rl, what, "%s failed (%s: %s); retrying, offsets are not committed meanwhile", what)
+
+    def failed(exc: Exception) -> None:
+        report(exc)
+        if health is not None and condition is not None:
+            health.fail(condition, f"{what}: {type(exc).__name__}: {first_line(exc)}", source=what)
+
+    await retry_until_done(what, lambda: asyncio.to_thread(fn), policy, failed, stopping=stopping)
+    rl.recovered(what)
+    if health is not None and condition is not None:
+        health.ok(condition, source=what)
+
+
+_default_log_throttle = RateLimitedLog(log)
+
+
+def log_failure(log_throttle: RateLimitedLog, key: str, msg: str, *args: Any, level: int = logging.WARNING) -> Failed:
+    """Logs a failure through ``log_throttle`` as ``msg % (*args, its type, its first line)``, with the traceback
+    when a streak of failures of ``key`` starts (a ``failed`` for :func:`retry_until_done`)."""
+
+    def failed(exc: Exception) -> None:
+        exc_info = None if log_throttle.failing(key) else exc
+        log_throttle.failure(key, msg, *args, type(exc).__name__, first_line(exc), level=level, exc_info=exc_info)
+
+    return failed
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), for one-line logs."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
 
 
 async def run_logged(log_throttle: RateLimitedLog, what: str, fn: Callable[[], _T]) -> _T | None:
@@ -211,15 +244,7 @@ async def run_logged(log_throttle: RateLimitedLog, what: str, fn: Callable[[], _
     try:
         result = await asyncio.to_thread(fn)
     except Exception as exc:
-        log_throttle.failure(
-            what,
-            "%s failed (%s: %s); it will run again",
-            what,
-            type(exc).__name__,
-            first_line(exc),
-            level=logging.ERROR,
-            exc_info=None if log_throttle.failing(what) else exc,
-        )
+        log_failure(log_throttle, what, "%s failed (%s: %s); it will run again", what, level=logging.ERROR)(exc)
         return None
     log_throttle.recovered(what)
     return result

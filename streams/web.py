@@ -165,7 +165,7 @@ def dashboard_data(
         "refreshed_ms": st.get("refreshed_ms"),
         "watermark_ms": wm,
         "bucket_seconds": size,
-        "tolerance": str(web.parity_tolerance),
+        "tolerance": str(cfg.tolerance),
         "gate": gate_json(gate, web.gate_hours),
         "buckets": buckets,
         "orgs": sorted(orgs.values(), key=lambda o: (-o["flagged"], -o["worst"], o["org_id"])),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from fractions import Fraction
+from decimal import Decimal
 from typing import Final
 
 from sqlalchemy import Connection, Engine, select
@@ -29,7 +29,7 @@ class ParityConfig:
 
     bucket_seconds: int
     grace_seconds: int
-    tolerance: Fraction
+    tolerance: Decimal  # |drift| above it flags a row (models.parity.classify)
     slack_seconds: int
     lookback_seconds: int
     rule: AlertRule

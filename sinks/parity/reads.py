@@ -5,20 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import orjson
-from sqlalchemy import func, select
+from sqlalchemy import Connection, Table, func, select
 
-from models.parity import (
-    Measure,
-    ParityStatus,
-    classify,
-    clean_streak,
-    edge_gb_seconds,
-    gb_seconds_of_mb_ms,
-    ratio_decimal,
-)
+from models.parity import GbSeconds, Measure, ParityStatus, clean_streak
 from models.watermark import PartitionState, last_closable_bucket
 from sinks.parity.base import ParityConfig
 from sinks.parity.measure import Measuring
@@ -27,9 +20,18 @@ from sinks.schema import closed_buckets, counters, meter_events, parity_alerts, 
 __all__ = ["GateStatus", "MetricsSnapshot", "ParityReads", "ParityRow", "WindowOrg"]
 
 
+def _int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+def _named(conn: Connection, table: Table) -> dict[str, int]:
+    """A table of named integers (``counters``, ``parity_state``) as a dict."""
+    return {r.name: int(r.value) for r in conn.execute(select(table))}
+
+
 @dataclass(frozen=True, slots=True)
-class ParityRow:
-    """One row of the parity table."""
+class ParityRow(GbSeconds):
+    """One row of the parity table (its fields are the table's columns, in order)."""
 
     org_id: str
     bucket_start: int
@@ -42,16 +44,24 @@ class ParityRow:
     updated_ms: int
 
     @property
-    def edge_gb_s(self) -> Decimal:
-        return edge_gb_seconds(self.edge_mb_s)
-
-    @property
-    def cell_gb_s(self) -> Decimal:
-        return gb_seconds_of_mb_ms(self.cell_mb_ms)
-
-    @property
     def flagged(self) -> bool:
         return self.status is not ParityStatus.OK
+
+    @classmethod
+    def of(cls, org_id: str, bucket_start: int, m: Measure, tolerance: Fraction | Decimal, now_ms: int) -> ParityRow:
+        """The row of one measured (org, bucket), judged against ``tolerance``."""
+        drift, status = m.judge(tolerance)
+        return cls(org_id, bucket_start, m.edge_mb_s, m.samples, m.cell_mb_ms, m.slack_mb_ms, drift, status, now_ms)
+
+    @classmethod
+    def read(cls, r: Any) -> ParityRow:
+        """The row as ``select(usage_parity)`` returns it."""
+        return cls(**{**r._mapping, "drift": Decimal(r.drift), "status": ParityStatus(r.status)})
+
+    def values(self) -> dict[str, Any]:
+        """The row as ``usage_parity`` stores it."""
+        own = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return own | {"drift": str(self.drift), "status": self.status.value}
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,11 +111,7 @@ class ParityReads(Measuring):
         with self.engine.connect() as conn:
             hists, _ = self._histories(conn)
             measures = self._measure(conn, [(from_s, to_s)], hists, now, cfg.slack_seconds, by_bucket=False)
-        out = []
-        for (org, _), m in sorted(measures.items()):
-            d, status = classify(m.edge_mb_ms, m.cell_mb_ms, m.slack_mb_ms, cfg.tolerance)
-            out.append(WindowOrg(org, m, ratio_decimal(d), status))
-        return out
+        return [WindowOrg(org, m, *m.judge(cfg.tolerance)) for (org, _), m in sorted(measures.items())]
 
     def rows(self, from_s: int, to_s: int, *, org: str | None = None, flagged_only: bool = False) -> list[ParityRow]:
         """Parity rows of buckets starting in ``[from_s, to_s)``, by bucket then org."""
@@ -120,25 +126,11 @@ class ParityReads(Measuring):
         if flagged_only:
             q = q.where(up.status != ParityStatus.OK.value)
         with self.engine.connect() as conn:
-            return [self._row(r) for r in conn.execute(q)]
-
-    @staticmethod
-    def _row(r: Any) -> ParityRow:
-        return ParityRow(
-            org_id=r.org_id,
-            bucket_start=int(r.bucket_start),
-            edge_mb_s=int(r.edge_mb_s),
-            samples=int(r.samples),
-            cell_mb_ms=int(r.cell_mb_ms),
-            slack_mb_ms=int(r.slack_mb_ms),
-            drift=Decimal(r.drift),
-            status=ParityStatus(r.status),
-            updated_ms=int(r.updated_ms),
-        )
+            return [ParityRow.read(r) for r in conn.execute(q)]
 
     def state(self) -> dict[str, int]:
         with self.engine.connect() as conn:
-            return {r.name: int(r.value) for r in conn.execute(select(parity_state))}
+            return _named(conn, parity_state)
 
     def alerts(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
@@ -154,62 +146,39 @@ class ParityReads(Measuring):
         size = self.bucket_seconds
         up = usage_parity.c
         with self.engine.connect() as conn:
-            wm = watermark_ms
-            if wm is None:
-                wm = conn.execute(
-                    select(parity_state.c.value).where(parity_state.c.name == "watermark_ms")
-                ).scalar_one_or_none()
-            last = last_closable_bucket(int(wm), size, grace_seconds) if wm is not None else None
-            first = conn.execute(select(func.min(up.bucket_start))).scalar_one_or_none()
+            wm = _named(conn, parity_state).get("watermark_ms") if watermark_ms is None else watermark_ms
+            last = last_closable_bucket(wm, size, grace_seconds) if wm is not None else None
+            first = _int(conn.execute(select(func.min(up.bucket_start))).scalar_one_or_none())
             flagged = None
             evidence: list[int] = []
             if last is not None:
-                flagged = conn.execute(
-                    select(func.max(up.bucket_start)).where(up.status != ParityStatus.OK.value, up.bucket_start <= last)
-                ).scalar_one_or_none()
+                flagged = _int(
+                    conn.execute(
+                        select(func.max(up.bucket_start)).where(
+                            up.status != ParityStatus.OK.value, up.bucket_start <= last
+                        )
+                    ).scalar_one_or_none()
+                )
                 # Evidence, not silence: a bucket counts only when some org had usage on both sides in it.
-                lower = first if flagged is None else int(flagged) + size
+                lower = first if flagged is None else flagged + size
                 if lower is not None:
-                    evidence = [
-                        int(b)
-                        for b in conn.execute(
-                            select(up.bucket_start)
-                            .where(
-                                up.bucket_start >= lower,
-                                up.bucket_start <= last,
-                                up.edge_mb_s > 0,
-                                up.cell_mb_ms > 0,
-                            )
-                            .distinct()
-                        ).scalars()
-                    ]
-        streak = clean_streak(
-            [] if flagged is None else [int(flagged)],
-            None if first is None else int(first),
-            last,
-            size,
-            evidence=evidence,
-        )
-        return GateStatus(
-            clean_buckets=streak,
-            last_settled=last,
-            last_flagged=None if flagged is None else int(flagged),
-            first_bucket=None if first is None else int(first),
-            bucket_seconds=size,
-        )
+                    both = (up.bucket_start >= lower, up.bucket_start <= last, up.edge_mb_s > 0, up.cell_mb_ms > 0)
+                    evidence = [int(b) for b in conn.execute(select(up.bucket_start).where(*both).distinct()).scalars()]
+        streak = clean_streak([] if flagged is None else [flagged], first, last, size, evidence=evidence)
+        return GateStatus(streak, last, flagged, first, size)
 
     def metrics(self, grace_seconds: int) -> MetricsSnapshot:
         """Everything ``/metrics`` exports that lives in the database, read in one go."""
         me = meter_events.c
         up = usage_parity.c
         with self.engine.connect() as conn:
-            ctr = {r.name: int(r.value) for r in conn.execute(select(counters))}
+            ctr = _named(conn, counters)
             states = {
                 r.state: int(r.n) for r in conn.execute(select(me.state, func.count().label("n")).group_by(me.state))
             }
             closed = int(conn.execute(select(func.count()).select_from(closed_buckets)).scalar_one())
             progress = self._progress(conn)
-            st = {r.name: int(r.value) for r in conn.execute(select(parity_state))}
+            st = _named(conn, parity_state)
         gate = self.gate(grace_seconds, watermark_ms=st.get("watermark_ms"))
         rows: list[ParityRow] = []
         bucket = None

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any, Final
 
 import orjson
@@ -17,18 +16,15 @@ from models.parity import (
     AlertEpisode,
     AlertRule,
     BucketVerdict,
-    Measure,
-    ParityStatus,
     alert_episodes,
     bucket_verdict,
-    classify,
-    ratio_decimal,
 )
 from models.policy import PolicyHistory
 from models.watermark import last_closable_bucket, watermark
 from sinks.base import PendingAlert
 from sinks.parity.base import ParityConfig
 from sinks.parity.measure import Measuring
+from sinks.parity.reads import ParityRow
 from sinks.schema import close_runs, parity_alerts, parity_dirty, tick_batches, usage_parity
 
 __all__ = ["PendingAlert", "RefreshResult", "RefreshState", "Refresher"]
@@ -68,27 +64,6 @@ def _spans(buckets: Iterable[int], size: int) -> Iterator[list[int]]:
 class Refresher(Measuring):
     """Recomputes parity rows and records alerts."""
 
-    def _rows_for(
-        self, measures: Mapping[tuple[str, int], Measure], tolerance: Fraction, now_ms: int
-    ) -> list[dict[str, Any]]:
-        rows = []
-        for (org, start), m in sorted(measures.items()):
-            d, status = classify(m.edge_mb_ms, m.cell_mb_ms, m.slack_mb_ms, tolerance)
-            rows.append(
-                {
-                    "org_id": org,
-                    "bucket_start": start,
-                    "edge_mb_s": m.edge_mb_s,
-                    "samples": m.samples,
-                    "cell_mb_ms": m.cell_mb_ms,
-                    "slack_mb_ms": m.slack_mb_ms,
-                    "drift": str(ratio_decimal(d)),
-                    "status": status.value,
-                    "updated_ms": now_ms,
-                }
-            )
-        return rows
-
     def _recompute(
         self,
         buckets: Iterable[int],
@@ -110,17 +85,17 @@ class Refresher(Measuring):
             spans = [(b, b + size) for b in run]
             with self.engine.connect() as conn:
                 measures = self._measure(conn, spans, hists, now_ms, cfg.slack_seconds, by_bucket=True)
-            rows = self._rows_for(measures, cfg.tolerance, now_ms)
+            rows = [ParityRow.of(org, b, m, cfg.tolerance, now_ms) for (org, b), m in sorted(measures.items())]
             with self._w.begin() as conn:
                 conn.execute(delete(usage_parity).where(usage_parity.c.bucket_start.in_(run)))
                 if rows:
-                    conn.execute(self._insert(usage_parity), rows)
+                    conn.execute(self._insert(usage_parity), [r.values() for r in rows])
                 marks = [(b, dirty_versions[b]) for b in run if b in dirty_versions]
                 if marks:
                     pd = parity_dirty.c
                     conn.execute(delete(parity_dirty).where(tuple_(pd.bucket_start, pd.version).in_(marks)))
             n_rows += len(rows)
-            n_flagged += sum(1 for r in rows if r["status"] != ParityStatus.OK.value)
+            n_flagged += sum(1 for r in rows if r.flagged)
         return n_rows, n_flagged
 
     def recompute_range(self, from_s: int, to_s: int, cfg: ParityConfig) -> int:

@@ -35,7 +35,7 @@ import stripe
 
 from models.invoice_check import InvoiceLine
 from models.reconcile import Grouping, MeterConfig
-from sinks.base import Backoff, Status
+from sinks.base import READ_RETRY, RetryPolicy, Status
 from sinks.stripe.errors import classify, observed
 from sinks.stripe.v1 import RateLimiter
 from sinks.stripe.v2 import ERROR_REPORT_TYPES
@@ -106,20 +106,13 @@ class ErrorReportIds:
 class Pacer(RateLimiter):
     """At most ``per_s`` requests a second across threads, one slot every ``1/per_s`` s (the sender's
     :class:`~sinks.stripe.v1.RateLimiter`); :meth:`slow_down` halves the pace (down to an eighth of the
-    configured one) until :meth:`reset`."""
+    configured one) until :meth:`reset`. ``kw``: the clock and sleep, as for the rate limiter."""
 
-    def __init__(
-        self,
-        per_s: float,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
+    def __init__(self, per_s: float, **kw: Any) -> None:
         if per_s <= 0:
             raise ValueError("per_s must be > 0")
-        super().__init__(per_s, clock=clock, sleep=sleep)
-        self._base = per_s
-        self._per_s = per_s
+        super().__init__(per_s, **kw)
+        self._base = self._per_s = per_s
 
     @property
     def per_s(self) -> float:
@@ -157,20 +150,16 @@ class StripeReader:
         client: stripe.StripeClient,
         *,
         reads_per_s: float = DEFAULT_READS_PER_S,
-        max_attempts: int = 6,
+        policy: RetryPolicy = READ_RETRY,
         connect_attempts: int = 3,
-        backoff: Backoff | None = None,
-        max_retry_after: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
     ) -> None:
         self._client = client
         self._pacer = Pacer(reads_per_s, clock=clock, sleep=sleep)
-        self._max_attempts = max(1, max_attempts)
+        self._policy = policy
         self._connect_attempts = max(1, connect_attempts)
-        self._backoff = backoff or Backoff(base=0.5, cap=30.0)
-        self._max_retry_after = max_retry_after
         self._sleep = sleep
         self._rng = rng or random.Random()
         self.requests = 0
@@ -219,23 +208,19 @@ class StripeReader:
         code = (exc.code or "").lower()
         if isinstance(exc, stripe.InvalidRequestError) and (status == 404 or code == "resource_missing"):
             return Problem.NOT_FOUND, 0.0
-        verdict, _message, _code, retry_after = classify(exc, new_request_per_attempt=True)
+        verdict = classify(exc, None, new_request_per_attempt=True)
         throttled = isinstance(exc, stripe.RateLimitError) or status == 429
         if throttled:
             self.throttled += 1
             self._pacer.slow_down()
-        if verdict is not Status.TRANSIENT:
+        if verdict.status is not Status.TRANSIENT:
             return Problem.ERROR, 0.0
-        connection = isinstance(exc, stripe.APIConnectionError)
-        limit = self._connect_attempts if connection else self._max_attempts
-        if attempt >= limit:
-            if connection:
+        if isinstance(exc, stripe.APIConnectionError):
+            if attempt >= self._connect_attempts:
                 return Problem.UNREACHABLE, 0.0
+        elif not self._policy.again(attempt):
             return (Problem.THROTTLED if throttled else Problem.ERROR), 0.0
-        wait = self._backoff.delay(attempt, self._rng)
-        if retry_after is not None:
-            wait = max(wait, min(retry_after, self._max_retry_after))
-        return None, wait
+        return None, self._policy.wait(attempt, self._rng, verdict.retry_after)
 
     def _list(self, path: str, params: Mapping[str, Any]) -> Answer[list[dict[str, Any]]]:
         """Every object of a v1 list (``starting_after`` pages)."""

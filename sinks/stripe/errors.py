@@ -8,13 +8,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from email.utils import parsedate_to_datetime
+from typing import TypeVar
 
 import stripe
 
-from sinks.base import Status
+from sinks.base import Outcome, Status
 
 __all__ = ["classify", "error_kind", "observed"]
 
+
+T = TypeVar("T")
 
 def _header(err: stripe.StripeError, name: str) -> str | None:
     headers = err.headers or {}
@@ -77,39 +80,39 @@ def observed() -> Iterator[None]:
         stripe_request_seconds.observe(time.perf_counter() - start)
 
 
-def classify(err: Exception, *, new_request_per_attempt: bool = False) -> tuple[Status, str, str | None, float | None]:
-    """(status, message, code, retry_after) for an exception raised by a Stripe call.
+def classify(err: Exception, item: T, *, new_request_per_attempt: bool = False) -> Outcome[T]:
+    """The outcome of ``item`` whose Stripe call raised ``err``: status, message, code and retry_after.
 
     ``new_request_per_attempt``: the caller's next attempt is a new request (new Idempotency-Key, same
     identifier), so a 5xx is transient even with ``Stripe-Should-Retry: false`` (which speaks about
     replaying the same key). Without it the header is taken literally.
     """
     if not isinstance(err, stripe.StripeError):
-        return Status.TRANSIENT, f"{type(err).__name__}: {err}", None, None
+        return Outcome(item, Status.TRANSIENT, f"{type(err).__name__}: {err}")
     message = getattr(err, "user_message", None) or str(err)
-    code = err.code
     retry_after = _retry_after(_header(err, "Retry-After"))
     should_retry = _header(err, "Stripe-Should-Retry")
     http_status = err.http_status or 0
+
+    def transient(why: str = message) -> Outcome[T]:
+        return Outcome(item, Status.TRANSIENT, why, err.code, retry_after)
+
+    def final(status: Status) -> Outcome[T]:
+        return Outcome(item, status, message, err.code)
+
     if isinstance(err, stripe.InvalidRequestError) and _is_duplicate_identifier(err):
-        return Status.DUPLICATE, message, code, None
-    if should_retry == "true":
-        return Status.TRANSIENT, message, code, retry_after
-    if isinstance(err, stripe.RateLimitError | stripe.APIConnectionError):
-        return Status.TRANSIENT, message, code, retry_after
+        return final(Status.DUPLICATE)
+    if should_retry == "true" or isinstance(err, stripe.RateLimitError | stripe.APIConnectionError):
+        return transient()
     if isinstance(err, stripe.AuthenticationError | stripe.PermissionError):
         # A key problem is the operator's to fix; the rows must wait for it, not be rejected.
-        return Status.TRANSIENT, f"Stripe refused the API key: {message}", code, retry_after
+        return transient(f"Stripe refused the API key: {message}")
     if new_request_per_attempt and http_status >= 500:
-        return Status.TRANSIENT, message, code, retry_after
-    if should_retry == "false":
-        return Status.PERMANENT, message, code, None
-    if isinstance(err, stripe.IdempotencyError):
-        return Status.PERMANENT, message, code, None
+        return transient()
+    if should_retry == "false" or isinstance(err, stripe.IdempotencyError):
+        return final(Status.PERMANENT)
     if isinstance(err, stripe.InvalidRequestError):
         status = http_status or 400
-        if status in (409, 429) or status >= 500:
-            return Status.TRANSIENT, message, code, retry_after
-        return Status.PERMANENT, message, code, None
+        return transient() if status in (409, 429) or status >= 500 else final(Status.PERMANENT)
     # APIError (5xx), unknown: keep the row and try again.
-    return Status.TRANSIENT, message, code, retry_after
+    return transient()

@@ -78,6 +78,7 @@ STRIPE_METER_EVENTS_HOST = "https://meter-events.stripe.com"
 MAX_EVENT_NAME_LENGTH = 100
 
 K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +129,7 @@ def make_client(
     """An SDK client pointed at ``base`` (and ``meter_events_base`` for the v2 stream).
 
     ``meter_events_base`` defaults to :func:`meter_events_base_for` ``(base)``. SDK-level retries are
-    off: retrying is :class:`sinks.base.RetryingSink`'s job, with our backoff. ``session``: see
-    :func:`make_http_session`.
+    off (why: :class:`sinks.base.RetryPolicy`). ``session``: see :func:`make_http_session`.
     """
     return stripe.StripeClient(
         api_key,
@@ -292,8 +292,7 @@ class StripeMeterSink:
                     }
                 )
         except Exception as exc:  # every Stripe failure is classified, none escapes
-            status, message, code, retry_after = classify(exc, new_request_per_attempt=True)
-            return Outcome(ev, status, message, code, retry_after)
+            return classify(exc, ev, new_request_per_attempt=True)
         return Outcome(ev, Status.OK)
 
     def _send_group(self, key: tuple[str, str], group: list[MeterEvent]) -> list[Outcome[MeterEvent]]:
@@ -351,11 +350,12 @@ def cancel_meter_event(client: stripe.StripeClient, event_name: str, identifier:
                 {"event_name": event_name, "type": "cancel", "cancel": {"identifier": identifier}}
             )
     except Exception as exc:  # every Stripe failure is classified, none escapes
-        status, message, _, _ = classify(exc, new_request_per_attempt=True)
+        o = classify(exc, identifier, new_request_per_attempt=True)
+        message = o.error or ""
         low = message.lower()
-        if status is Status.PERMANENT and "already" in low and "cancel" in low:
+        if o.status is Status.PERMANENT and "already" in low and "cancel" in low:
             return Cancellation(identifier, cancelled=True, already=True)
-        if status is Status.PERMANENT and ("24 hours" in low or "no longer" in low):
+        if o.status is Status.PERMANENT and ("24 hours" in low or "no longer" in low):
             return Cancellation(identifier, cancelled=False, too_late=True, error=message)
-        return Cancellation(identifier, cancelled=False, transient=status is Status.TRANSIENT, error=message)
+        return Cancellation(identifier, cancelled=False, transient=o.status is Status.TRANSIENT, error=message)
     return Cancellation(identifier, cancelled=True)

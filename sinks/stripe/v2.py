@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -239,17 +239,17 @@ class StripeStreamSink:
         try:
             self._post({"events": _JsonBodyList(self._wire(ev) for ev in chunk)})
         except Exception as exc:  # every failure is classified, none escapes
-            status, message, code, retry_after = classify(exc, new_request_per_attempt=True)
-            if status is not Status.TRANSIENT and len(chunk) > 1:
+            failed = classify(exc, chunk[0], new_request_per_attempt=True)
+            if failed.status is not Status.TRANSIENT and len(chunk) > 1:
                 log.warning(
                     "the meter-event stream refused a request of %d events (%s: %s); splitting it",
                     len(chunk),
-                    code,
-                    message,
+                    failed.code,
+                    failed.error,
                 )
                 mid = len(chunk) // 2
                 return self._send_chunk(chunk[:mid]) + self._send_chunk(chunk[mid:])
-            return [Outcome(ev, status, message, code, retry_after) for ev in chunk]
+            return [replace(failed, item=ev) for ev in chunk]
         return [Outcome(ev, Status.OK, None, ACCEPTED_ASYNC) for ev in chunk]
 
     def flush(self) -> list[Outcome[MeterEvent]]:

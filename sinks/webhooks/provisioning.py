@@ -147,12 +147,13 @@ class StripeProvisioner:
                     )
                     credit_id = str(txn.id)
         except Exception as exc:
-            status, message, code, retry_after = classify(exc)
+            o = classify(exc, req)
+            status = o.status
             if isinstance(exc, stripe.IdempotencyError) and (exc.http_status or 0) == 409:
                 status = Status.TRANSIENT  # the same key is still in flight (an earlier attempt): wait for it
-            log.warning("provisioning %s: %s failed (%s): %s", req.org_id, step, status.value, message)
-            error = f"{step}: {message}" + (f" [{code}]" if code else "")
-            return ProvisionOutcome(status, error=error, retry_after=retry_after)
+            log.warning("provisioning %s: %s failed (%s): %s", req.org_id, step, status.value, o.error)
+            error = f"{step}: {o.error}" + (f" [{o.code}]" if o.code else "")
+            return ProvisionOutcome(status, error=error, retry_after=o.retry_after)
         items = [str(i.id) for i in sub["items"].data]
         detail = {**req.describe(), "adopted_subscription": adopted, "subscription_items": items}
         result = Provisioned(str(sub.id), req.customer_id, str(sub.status), credit_id, detail)

@@ -92,23 +92,24 @@ def test_stripe_errors_map_to_transient_permanent_duplicate() -> None:
     rl = stripe.RateLimitError(
         "slow down", http_status=429, headers={"Retry-After": "2", "Stripe-Should-Retry": "true"}
     )
-    assert classify(rl)[0] is Status.TRANSIENT and classify(rl)[3] == 2.0
-    assert classify(stripe.APIConnectionError("reset"))[0] is Status.TRANSIENT
-    assert classify(stripe.APIError("boom", http_status=500))[0] is Status.TRANSIENT
+    assert classify(rl, None).status is Status.TRANSIENT and classify(rl, None).retry_after == 2.0
+    assert classify(stripe.APIConnectionError("reset"), None).status is Status.TRANSIENT
+    assert classify(stripe.APIError("boom", http_status=500), None).status is Status.TRANSIENT
     bad = stripe.InvalidRequestError("No such customer: cus_x", "payload", code="resource_missing", http_status=400)
-    assert classify(bad)[:3] == (Status.PERMANENT, "No such customer: cus_x", "resource_missing")
+    o = classify(bad, None)
+    assert (o.status, o.error, o.code) == (Status.PERMANENT, "No such customer: cus_x", "resource_missing")
     dup = stripe.InvalidRequestError(
         "An event with identifier org:1:m already exists.",
         "identifier",
         code="resource_already_exists",
         http_status=400,
     )
-    assert classify(dup)[0] is Status.DUPLICATE
+    assert classify(dup, None).status is Status.DUPLICATE
     auth = stripe.AuthenticationError("Invalid API Key", http_status=401)
-    assert classify(auth)[0] is Status.TRANSIENT  # rows wait for the operator, they are not rejected
+    assert classify(auth, None).status is Status.TRANSIENT  # rows wait for the operator, they are not rejected
     no = stripe.APIError("nope", http_status=500, headers={"Stripe-Should-Retry": "false"})
-    assert classify(no)[0] is Status.PERMANENT
-    assert classify(RuntimeError("anything else"))[0] is Status.TRANSIENT
+    assert classify(no, None).status is Status.PERMANENT
+    assert classify(RuntimeError("anything else"), None).status is Status.TRANSIENT
 
 
 def test_presend_validation_catches_what_stripe_would_reject() -> None:

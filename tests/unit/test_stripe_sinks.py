@@ -37,30 +37,31 @@ def ev(i: int, customer: str = "cus_1", value: str = "1.5", meter: str = METER) 
 
 def test_a_500_that_says_do_not_retry_is_transient_for_a_sender_that_uses_new_keys() -> None:
     err = stripe.APIError("boom", http_status=500, headers={"Stripe-Should-Retry": "false"})
-    assert classify(err)[0] is Status.PERMANENT  # taken literally: replaying that key cannot succeed
-    assert classify(err, new_request_per_attempt=True)[0] is Status.TRANSIENT  # a new key is a new request
+    assert classify(err, None).status is Status.PERMANENT  # taken literally: replaying that key cannot succeed
+    assert classify(err, None, new_request_per_attempt=True).status is Status.TRANSIENT  # a new key is a new request
     bad = stripe.InvalidRequestError("No such customer: cus_x", "payload", http_status=400)
-    assert classify(bad, new_request_per_attempt=True)[0] is Status.PERMANENT  # a 4xx stays permanent
+    assert classify(bad, None, new_request_per_attempt=True).status is Status.PERMANENT  # a 4xx stays permanent
     dup = stripe.InvalidRequestError(
         "An event already exists with identifier org:1:m.",
         None,
         http_status=400,
         headers={"Stripe-Should-Retry": "false"},
     )
-    assert classify(dup, new_request_per_attempt=True)[0] is Status.DUPLICATE
+    assert classify(dup, None, new_request_per_attempt=True).status is Status.DUPLICATE
 
 
 def test_retry_after_is_read_as_seconds_or_as_an_http_date() -> None:
     rl = stripe.RateLimitError("slow down", http_status=429, headers={"Retry-After": "3"})
-    assert classify(rl)[3] == 3.0
+    assert classify(rl, None).retry_after == 3.0
     later = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
     dated = stripe.RateLimitError("slow down", http_status=429, headers={"retry-after": later})
-    ra = classify(dated)[3]
+    ra = classify(dated, None).retry_after
     assert ra is not None and 25 <= ra <= 31
     junk = stripe.RateLimitError("slow down", http_status=429, headers={"Retry-After": "soon"})
-    assert classify(junk)[:2] == (Status.TRANSIENT, "slow down") and classify(junk)[3] is None
+    o = classify(junk, None)
+    assert (o.status, o.error) == (Status.TRANSIENT, "slow down") and o.retry_after is None
     should = stripe.InvalidRequestError("locked", None, http_status=409, headers={"Stripe-Should-Retry": "true"})
-    assert classify(should)[0] is Status.TRANSIENT
+    assert classify(should, None).status is Status.TRANSIENT
 
 
 def test_the_stream_goes_to_stripes_meter_events_host_only_for_the_real_api() -> None:
