@@ -19,6 +19,7 @@ __all__ = ["classify", "error_kind", "observed"]
 
 T = TypeVar("T")
 
+
 def _header(err: stripe.StripeError, name: str) -> str | None:
     headers = err.headers or {}
     for k, v in headers.items():
