@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import compress
+from typing import TypeVar
 
 from models.billing import BillingMode, bucket_start, mb_seconds
 from models.policy import OrgPolicy, PolicyHistory
@@ -26,6 +27,7 @@ __all__ = ["Aggregates", "Groups", "Key", "Pricer"]
 
 # Key of a priced aggregate: (org, bucket start, meter) for billable units, (org, bucket, reason) unbilled.
 Key = tuple[str, int, str]
+_K = TypeVar("_K", bound=tuple[str, int, str | int])
 
 
 @dataclass(slots=True)
@@ -142,13 +144,7 @@ class Pricer:
         counted = zip(cols.org, cols.memory_mb, cols.interval_s, strict=True)
         groups = into.groups
         for (o, mem, secs), n in Counter(counted if keep is None else compress(counted, keep)).items():
-            key = (names[o], bucket, mem)
-            g = groups.get(key)
-            if g is None:
-                groups[key] = [n, n * secs]
-            else:
-                g[0] += n
-                g[1] += n * secs
+            _add(groups, (names[o], bucket, mem), n, n * secs)
 
     def finish(self, collected: Groups, out: Aggregates | None = None) -> Aggregates:
         """Price what :meth:`collect` grouped (a group's MB-s: its memory size times its seconds)."""
@@ -179,7 +175,7 @@ def _book(acc: Aggregates, price: Priced | Unbilled, org: str, b: int, n: int, m
         _add(acc.unbilled, (org, b, price.reason), n, mbs)
 
 
-def _add(d: dict[Key, list[int]], key: Key, a: int, b: int) -> None:
+def _add(d: dict[_K, list[int]], key: _K, a: int, b: int) -> None:
     slot = d.get(key)
     if slot is None:
         d[key] = [a, b]
