@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from itertools import compress
@@ -111,17 +111,40 @@ class LedgerCloser(SqlStore):
                 found[r.org_id].append(policy_from_row(r))
         return dict(found)
 
-    def _intervals(self, conn: Connection, sandboxes: Iterable[str]) -> list[Interval]:
-        """The ownership intervals of ``sandboxes`` (all the zombie rule needs to decide their ticks)."""
+    def _intervals(self, conn: Connection, batches: Sequence[TickColumns]) -> list[Interval]:
+        """The ownership intervals of the sandboxes ``batches`` hold ticks of (all the zombie rule needs to
+        decide their ticks; a tick without a worker is never a zombie, so its sandbox is not looked up).
+
+        When the table holds fewer intervals than the batches hold ticks, it is read whole (one bounded scan)
+        and filtered here; otherwise by sandbox, 500 at a time, through the driver (a closer run may ask for
+        tens of thousands: SQL compiled per chunk would cost more than the lookups).
+        """
         ci = cell_intervals.c
-        ordered = sorted(set(sandboxes))
-        out: list[Interval] = []
+        ticks = sum(len(c.org) for c in batches)
+        if not ticks:
+            return []
+        cols = select(ci.sandbox_id, ci.worker_id, ci.started_ms, ci.ended_ms)
+        held = conn.execute(select(func.count()).select_from(cols.limit(ticks).subquery())).scalar_one()
+        if not held:
+            return []
+        wanted: set[str] = set()
+        for c in batches:
+            wanted.update(compress(c.sandbox_id, c.worker_id))
+        if held < ticks:
+            rows: Iterable[Any] = [r for r in conn.execute(cols) if r[0] in wanted]
+        else:
+            rows = self._intervals_of(conn, sorted(wanted))
+        return [(r[0], r[1], int(r[2]), None if r[3] is None else int(r[3])) for r in rows]
+
+    def _intervals_of(self, conn: Connection, ordered: list[str]) -> Iterator[Any]:
+        param = "%s" if self._dialect == "postgresql" else "?"
         for i in range(0, len(ordered), 500):
-            q = select(ci.sandbox_id, ci.worker_id, ci.started_ms, ci.ended_ms).where(
-                ci.sandbox_id.in_(ordered[i : i + 500])
+            chunk = ordered[i : i + 500]
+            sql = (
+                "SELECT sandbox_id, worker_id, started_ms, ended_ms FROM cell_intervals "  # noqa: S608 - placeholders
+                f"WHERE sandbox_id IN ({', '.join([param] * len(chunk))})"
             )
-            out.extend((r[0], r[1], int(r[2]), None if r[3] is None else int(r[3])) for r in conn.execute(q))
-        return out
+            yield from conn.exec_driver_sql(sql, tuple(chunk))
 
     def close(self, watermark_ms: int | None, cfg: CloseConfig) -> CloseResult:
         """Close every bucket the watermark allows, re-close closed buckets that gained ticks, and turn those
@@ -245,11 +268,10 @@ class LedgerCloser(SqlStore):
             batches.extend((b, decode_columns(data)) for data in rows.scalars())
         result.samples = sum(len(c.org) for _, c in batches)
         orgs: set[str] = set()
-        sandboxes: set[str] = set()
         for _, c in batches:
             orgs.update(c.org_names)
-            sandboxes.update(compress(c.sandbox_id, c.worker_id))  # ticks without a worker are never zombies
-        pricer = Pricer(self._policies(conn, orgs), self._intervals(conn, sandboxes), cfg.bucket_seconds)
+        intervals = self._intervals(conn, [c for _, c in batches])
+        pricer = Pricer(self._policies(conn, orgs), intervals, cfg.bucket_seconds)
         groups = Groups()
         for b, c in batches:
             pricer.collect_columns(b, c, groups)
