@@ -336,29 +336,31 @@ class LedgerIngest(SqlStore):
     ) -> None:
         """Upsert policy records ((org, effective_at) -> the later record wins) and advance progress.
 
-        One transaction: (1) upsert ``org_policies``; (2) upsert progress; (3) counters. A crash before
-        the commit redelivers the records; applying one again is a no-op (same key, same values).
+        One transaction: (1) upsert ``org_policies``, one statement for the whole batch; (2) upsert progress;
+        (3) counters. A crash before the commit redelivers the records; applying one again is a no-op (same
+        key, same values).
         """
         now = self._clock()
+        rows: dict[tuple[str, int], dict[str, Any]] = {}  # per key the batch's last record: the later one wins
+        for pol, part, off in policies:
+            rows[(pol.org_id, pol.effective_at_ms)] = {
+                "org_id": pol.org_id,
+                "effective_ms": pol.effective_at_ms,
+                "plan": pol.plan.value,
+                "billing_mode": pol.billing_mode.value,
+                "stripe_customer_id": pol.stripe_customer_id,
+                "stripe_subscription_id": pol.stripe_subscription_id,
+                "billing_provider": pol.billing_provider,
+                "src_partition": part,
+                "src_offset": off,
+                "received_ms": now,
+            }
         with self._w.begin() as conn:
-            for pol, part, off in policies:
-                values = {
-                    "org_id": pol.org_id,
-                    "effective_ms": pol.effective_at_ms,
-                    "plan": pol.plan.value,
-                    "billing_mode": pol.billing_mode.value,
-                    "stripe_customer_id": pol.stripe_customer_id,
-                    "stripe_subscription_id": pol.stripe_subscription_id,
-                    "billing_provider": pol.billing_provider,
-                    "src_partition": part,
-                    "src_offset": off,
-                    "received_ms": now,
-                }
-                upd = {k: v for k, v in values.items() if k not in ("org_id", "effective_ms")}
+            if rows:
+                stmt = self._insert(org_policies)
+                later = {k: stmt.excluded[k] for k in next(iter(rows.values())) if k not in ("org_id", "effective_ms")}
                 conn.execute(
-                    self._insert(org_policies)
-                    .values(**values)
-                    .on_conflict_do_update(index_elements=["org_id", "effective_ms"], set_=upd)
+                    stmt.on_conflict_do_update(index_elements=["org_id", "effective_ms"], set_=later), [*rows.values()]
                 )
             self._upsert_progress(conn, topic, progress)
             self._bump_counters(conn, counts)

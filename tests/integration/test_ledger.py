@@ -147,6 +147,17 @@ def test_shadow_bill_from_and_expired_states(ledger: Ledger) -> None:
     assert {r["bucket_start"]: r["state"] for r in ledger.rows()}[old + H] == "expired"
 
 
+def test_a_policy_batch_keeps_the_later_record_per_org_and_time(ledger: Ledger) -> None:
+    def pol(org: str, plan: str, cust: str) -> OrgPolicy:
+        return OrgPolicy.model_validate({"org_id": org, "plan": plan, "stripe_customer_id": cust, "effective_at": 0})
+
+    ledger.write_policies("org-policy", [(pol("a", "pro", "cus_old"), 0, 1)], {0: (1, None)}, {})
+    batch = [(pol("a", "free", "cus_mid"), 0, 2), (pol("b", "pro", "cus_b"), 0, 3), (pol("a", "pro", "cus_new"), 0, 4)]
+    ledger.write_policies("org-policy", batch, {0: (4, None)}, {})
+    got = {(p["org_id"], p["plan"], p["stripe_customer_id"], p["src_offset"]) for p in ledger.policies()}
+    assert got == {("a", "pro", "cus_new", 4), ("b", "pro", "cus_b", 3)}
+
+
 def test_policy_as_of_tick_time_within_a_bucket(ledger: Ledger) -> None:
     policy(ledger, "o", 0, plan="free")
     policy(ledger, "o", B0 + 1800, plan="pro")  # upgrade at :30
