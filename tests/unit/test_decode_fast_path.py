@@ -286,7 +286,19 @@ _plain_envelope = st.fixed_dictionaries(
     {
         "id": st.text(min_size=1, max_size=MAX_ID_LENGTH + 2),
         "org_id": st.text(min_size=1, max_size=20),
-        "timestamp": st.sampled_from([TS, "2026-06-15T23:00:12.999-05:30", "not a time"]),
+        # Beside good times: offset-free, a 1969 local year on the 1970 side of the epoch, a 1970 local year
+        # before the epoch, and one a character too long: the fast path reads a whole array's times at once.
+        "timestamp": st.sampled_from(
+            [
+                TS,
+                "2026-06-15T23:00:12.999-05:30",
+                "not a time",
+                "2026-06-15T23:00:12.000",
+                "1969-12-31T23:30:00-01:00",
+                "1970-01-01T00:30:00+01:00",
+                "2026-06-15T23:00:12.12345678901234567891Z",
+            ]
+        ),
     },
     optional={
         "type": st.sampled_from(["usage_tick", "other"]),
