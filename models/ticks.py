@@ -20,6 +20,7 @@ Property tests keep the wire model and the validator in agreement, and the fast 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
@@ -123,30 +124,67 @@ class SourcedTick(NamedTuple):
     offset: int
 
 
-class TickColumns(NamedTuple):
+class TickColumns:
     """Ticks of one bucket as columns (the stored batch's layout), for readers that only aggregate: no tick
-    object per tick. ``org`` indexes ``org_names``; every other column holds one value per tick, in order."""
+    object per tick. ``org`` indexes ``org_names``; every other column holds one value per tick, in order.
 
-    org_names: list[str]
-    org: list[int]
-    sandbox_id: list[str]
-    worker_id: list[str]
-    memory_mb: list[int]
-    interval_s: list[int]
-    ts_ms: list[int]
+    ``sandbox_id``, ``worker_id`` and ``ts_ms`` are only needed for the ticks aggregation cannot count in
+    bulk (the zombie test, a policy change inside the bucket): :meth:`lazy` defers reading them until asked.
+    """
+
+    __slots__ = ("_detail", "_load", "interval_s", "memory_mb", "org", "org_names")
+
+    def __init__(
+        self,
+        org_names: list[str],
+        org: list[int],
+        sandbox_id: list[str],
+        worker_id: list[str],
+        memory_mb: list[int],
+        interval_s: list[int],
+        ts_ms: list[int],
+    ) -> None:
+        self.org_names, self.org, self.memory_mb, self.interval_s = org_names, org, memory_mb, interval_s
+        self._detail: tuple[list[str], list[str], list[int]] | None = (sandbox_id, worker_id, ts_ms)
+        self._load: Callable[[], tuple[list[str], list[str], list[int]]] | None = None
+
+    @classmethod
+    def lazy(
+        cls,
+        org_names: list[str],
+        org: list[int],
+        memory_mb: list[int],
+        interval_s: list[int],
+        detail: Callable[[], tuple[list[str], list[str], list[int]]],
+    ) -> TickColumns:
+        """Columns whose ``(sandbox_id, worker_id, ts_ms)`` ``detail`` reads on first use."""
+        cols = cls(org_names, org, [], [], memory_mb, interval_s, [])
+        cols._detail, cols._load = None, detail
+        return cols
+
+    def _details(self) -> tuple[list[str], list[str], list[int]]:
+        if self._detail is None:
+            assert self._load is not None
+            self._detail = self._load()
+        return self._detail
+
+    @property
+    def sandbox_id(self) -> list[str]:
+        return self._details()[0]
+
+    @property
+    def worker_id(self) -> list[str]:
+        return self._details()[1]
+
+    @property
+    def ts_ms(self) -> list[int]:
+        return self._details()[2]
 
     def tick(self, i: int) -> Tick:
         """Tick ``i`` as a :class:`Tick` (without id and cell, which aggregation never reads)."""
+        sandbox, worker, ts = self._details()
         return Tick(
-            "",
-            self.org_names[self.org[i]],
-            self.sandbox_id[i],
-            self.worker_id[i],
-            "",
-            self.memory_mb[i],
-            0,
-            self.interval_s[i],
-            self.ts_ms[i],
+            "", self.org_names[self.org[i]], sandbox[i], worker[i], "", self.memory_mb[i], 0, self.interval_s[i], ts[i]
         )
 
 
