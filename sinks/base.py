@@ -122,7 +122,8 @@ class RetryPolicy:
 
 
 #: Meter events to Stripe (:class:`RetryingSink`): what is still transient after these waits for the next cycle.
-SEND_RETRY: Final = RetryPolicy(Backoff(0.25, 8.0), max_attempts=6)
+SEND_ATTEMPTS: Final = 6
+SEND_RETRY: Final = RetryPolicy(Backoff(0.25, 8.0), max_attempts=SEND_ATTEMPTS)
 #: Reads of what Stripe holds (the reconciliation); an unreachable Stripe gets fewer attempts (the reader's).
 READ_RETRY: Final = RetryPolicy(Backoff(0.5, 30.0), max_attempts=6)
 #: The worker's ledger writes: until done, since a batch whose write failed is never acknowledged.

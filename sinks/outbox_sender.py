@@ -23,6 +23,7 @@ from models.stripe_window import expired_at_send
 from sinks.base import Outcome, Sink, Status
 from sinks.ledger import Ledger, MeterRow
 from sinks.stripe.v1 import MeterEvent
+from sinks.stripe.v2 import ACCEPTED_ASYNC
 
 __all__ = ["DUPLICATE_NOTE", "V2_ACCEPTED_NOTE", "OutboxSender", "Reconciler", "SendReport"]
 
@@ -32,8 +33,6 @@ log = logging.getLogger(__name__)
 V2_ACCEPTED_NOTE = "accepted by the v2 meter-event stream (202); Stripe validates it asynchronously"
 #: How ``last_error`` of a row Stripe answered "already exists" begins: Stripe holds its identifier.
 DUPLICATE_NOTE = "duplicate at Stripe"
-#: Outcome code the v2 sink gives an accepted event (``sinks.stripe.v2.ACCEPTED_ASYNC``).
-_ACCEPTED_ASYNC = "accepted_async"
 
 
 class _Reconciled(Protocol):
@@ -204,7 +203,7 @@ class OutboxSender:
         for o in outcomes:
             row = by_id[o.item.identifier]
             if o.status is Status.OK:
-                accepted_async = o.code == _ACCEPTED_ASYNC
+                accepted_async = o.code == ACCEPTED_ASYNC
                 note = V2_ACCEPTED_NOTE if accepted_async else None
                 updates.append((row.id, RowState.SENT, o.item.customer, note))
                 report.sent += 1
