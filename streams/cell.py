@@ -21,7 +21,8 @@ from typing import Any
 from models.parity import ScaleEvent, parse_scale_event
 from models.ticks import FUTURE_TOLERANCE_MS
 from models.watermark import last_closable_bucket
-from sinks.parity import ParityStore, PendingAlert, RefreshResult, RefreshState, SourcedScaleEvent
+from sinks.parity import ParityConfig, ParityStore, PendingAlert, RefreshResult, RefreshState, SourcedScaleEvent
+from streams.config import Topics
 from streams.health import RateLimitedLog
 from streams.pipeline import Deps
 from streams.records import (
@@ -74,14 +75,12 @@ def prepare_scale(records: Iterable[Record], topic: str, now_ms: int) -> ScaleBa
 class ParityRuntime:
     """The cell agent's and the refresher's behaviour, independent of Faust so tests can drive it."""
 
-    def __init__(self, deps: Deps) -> None:
-        self.deps = deps
-        cfg = deps.config
-        self.scale_topic = cfg.topics.scale
-        self.dlq_topic = cfg.topics.scale_dlq
-        self.alerts_topic = cfg.topics.alerts
-        self.store = ParityStore(deps.ledger.engine, bucket_seconds=cfg.bucket_seconds, clock=deps.clock_ms)
-        self.cfg = cfg.parity
+    def __init__(self, store: ParityStore, cfg: ParityConfig, topics: Topics) -> None:
+        self.scale_topic = topics.scale
+        self.dlq_topic = topics.scale_dlq
+        self.alerts_topic = topics.alerts
+        self.store = store
+        self.cfg = cfg
         self.state = RefreshState()
         self.last_refresh: RefreshResult | None = None
         self._lock = asyncio.Lock()
@@ -153,7 +152,10 @@ def install_parity(app: Any, deps: Deps) -> ParityRuntime:
     The scale topic's log end is reported by the worker's progress timer, with the other topics the
     closer waits on (:mod:`streams.wiring`).
     """
-    rt = ParityRuntime(deps)
+    cfg = deps.config
+    rt = ParityRuntime(
+        ParityStore(deps.ledger.engine, bucket_seconds=cfg.bucket_seconds, clock=deps.clock_ms), cfg.parity, cfg.topics
+    )
     n = deps.config.kafka.partitions
     raw = RAW_BYTES
     scale = app.topic(rt.scale_topic, partitions=n, **raw)

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Final, Protocol
+from typing import Final
 
 from models.cutover import CONTROL_KEY, CutoverState
 from models.errors import InvalidRecord
@@ -58,7 +58,6 @@ from streams.records import DeadLetter, Record, dead_letter, first_line, run_log
 
 __all__ = [
     "Deps",
-    "HighwaterSource",
     "IngestBatch",
     "Pipeline",
     "WritePlan",
@@ -227,12 +226,6 @@ class Deps:
         self.cutover = CutoverView(self.ledger, self.config.close.bootstrap)
 
 
-class HighwaterSource(Protocol):
-    """A consumer that knows the log end of the partitions it owns (the ingest service's)."""
-
-    def highwaters(self) -> dict[int, int]: ...
-
-
 class Pipeline:
     """The worker's behaviour, independent of Faust's decorators so it can be driven by tests."""
 
@@ -257,7 +250,6 @@ class Pipeline:
         self._retention_lock = asyncio.Lock()
         self.last_retention: CompactResult | None = None
         self.last_close: CloseResult | None = None
-        self.ingestor: HighwaterSource | None = None  # the running ingest service's consumer, once started
         self.last_send: SendReport | None = None
         self.health = Health()
         self.log_throttle = RateLimitedLog(log)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,11 +50,11 @@ def _window(ts: int, grouping: Grouping) -> str:
 class ReconcileRuntime:
     """The scheduled run's behaviour, independent of Faust so tests can drive it."""
 
-    def __init__(self, deps: Deps, reconciliation: Reconciliation) -> None:
-        self.deps = deps
+    def __init__(self, reconciliation: Reconciliation, *, alerts_topic: str, clock_ms: Callable[[], int]) -> None:
         self.rec = reconciliation
         self.store = reconciliation.store
-        self.alerts_topic = deps.config.topics.alerts
+        self.alerts_topic = alerts_topic
+        self._clock_ms = clock_ms
         self.last: ReconcileReport | None = None
         self._lock = asyncio.Lock()
         self._log_throttle = RateLimitedLog(log)
@@ -69,7 +70,7 @@ class ReconcileRuntime:
             self.rec.check_invoices(report, due_only=True)
             report.requests = self.rec.reader.requests
             report.throttled = self.rec.reader.throttled
-            report.finished_ms = self.deps.clock_ms()
+            report.finished_ms = self._clock_ms()
         alerts = self.store.record_run(
             RunRecord(
                 started_ms=report.started_ms,
@@ -256,7 +257,7 @@ def install_reconcile(app: Any, deps: Deps) -> ReconcileRuntime | None:
     rec = deps.reconciliation
     if rec is None or cfg.reconcile_interval_s <= 0:
         return None
-    rt = ReconcileRuntime(deps, rec)
+    rt = ReconcileRuntime(rec, alerts_topic=cfg.topics.alerts, clock_ms=deps.clock_ms)
     alerts = app.topic(rt.alerts_topic, partitions=1, **RAW_BYTES)
 
     publish = alert_publisher(alerts)

@@ -30,16 +30,31 @@ from typing import Any
 
 from streams.cell import install_parity
 from streams.health import LEDGER
-from streams.ingest import make_ingest_service
+from streams.ingest import SendDead, TickIngestor, make_ingest_service
 from streams.pipeline import Deps, Pipeline
 from streams.reconcile import install_reconcile
 from streams.records import RAW_BYTES, DeadLetter, RawRecord, first_line, retry_forever
 from streams.web import install_web
 from streams.webhooks import install_webhooks
 
-__all__ = ["install"]
+__all__ = ["install", "tick_ingestor"]
 
 log = logging.getLogger(__name__)
+
+
+def tick_ingestor(pipe: Pipeline, send_dead: SendDead) -> TickIngestor:
+    """The ingest consumer of ``pipe``'s ticks topic, writing through ``pipe`` with its health and log throttle."""
+    return TickIngestor(
+        pipe.deps.config.kafka,
+        pipe,
+        send_dead,
+        topic=pipe.ticks_topic,
+        dlq_topic=pipe.dlq_topic,
+        owner=pipe.deps.owner,
+        clock_ms=pipe.deps.clock_ms,
+        health=pipe.health,
+        log_throttle=pipe.log_throttle,
+    )
 
 
 def install(app: Any, deps: Deps) -> Pipeline:
@@ -78,7 +93,8 @@ def install(app: Any, deps: Deps) -> Pipeline:
     # usage-ticks: a batch consumer owned by a Faust service, not a per-message agent (streams.ingest).
     # Started as a child of the app, i.e. while Faust starts — not after its own group join and recovery
     # like @app.service — so the two group joins overlap (about a second off every start on Tansu).
-    app.add_dependency(make_ingest_service(pipe, functools.partial(send_dead, dlq))())
+    ingest = make_ingest_service(lambda: tick_ingestor(pipe, functools.partial(send_dead, dlq)))
+    app.add_dependency(ingest)
     app.agent(policy, name="edgebill.policy")(policy_agent)
 
     async def control_agent(stream: Any) -> Any:
@@ -108,8 +124,8 @@ def install(app: Any, deps: Deps) -> Pipeline:
                 hw = app.consumer.highwater(tp)
                 if hw is not None:
                     by_topic.setdefault(tp.topic, {})[tp.partition] = int(hw)
-            if pipe.ingestor is not None:  # usage-ticks is read by the ingest service's own consumer
-                by_topic[pipe.ticks_topic] = pipe.ingestor.highwaters()
+            if ingest.ingestor is not None:  # usage-ticks is read by the ingest service's own consumer
+                by_topic[pipe.ticks_topic] = ingest.ingestor.highwaters()
             for topic, marks in by_topic.items():
                 if not marks:
                     continue
