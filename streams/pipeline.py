@@ -294,27 +294,36 @@ class Pipeline:
         calling again resumes. A crash in step 2 or 3 re-delivers the batch: written ticks are duplicates by
         id, refused ones are isolated and dead-lettered again (a dead letter may be written twice).
         """
-        if plan.whole:
-            try:
-                too_old, conflicts = self.write_batch(plan.batch)
-            except Exception as exc:
-                if not is_record_error(exc):
-                    raise
-                ledger_write_failures_total.labels("refused").inc()
-                ticks = plan.batch.ticks
-                self.log_throttle.failure(
-                    "ledger refused a batch",
-                    "ingest: the ledger refused a batch of %d tick(s) (%s); isolating the refused one(s)",
-                    len(ticks),
-                    describe_error(exc),
-                )
-                plan.whole = False
-                plan.parts = _halves(ticks)
-            else:
-                plan.too_old.extend(too_old)
-                plan.conflicts.extend(conflicts)
-                plan.written = True
-                return
+        if plan.whole and self._write_whole(plan):
+            return
+        self._write_parts(plan)
+        plan.written = True
+
+    def _write_whole(self, plan: WritePlan) -> bool:
+        """Step 1: whether the batch is written in one transaction; on a record error, split it (step 2)."""
+        try:
+            too_old, conflicts = self.write_batch(plan.batch)
+        except Exception as exc:
+            if not is_record_error(exc):
+                raise
+            ledger_write_failures_total.labels("refused").inc()
+            ticks = plan.batch.ticks
+            self.log_throttle.failure(
+                "ledger refused a batch",
+                "ingest: the ledger refused a batch of %d tick(s) (%s); isolating the refused one(s)",
+                len(ticks),
+                describe_error(exc),
+            )
+            plan.whole = False
+            plan.parts = _halves(ticks)
+            return False
+        plan.too_old.extend(too_old)
+        plan.conflicts.extend(conflicts)
+        plan.written = True
+        return True
+
+    def _write_parts(self, plan: WritePlan) -> None:
+        """Step 2: write the parts left, halving a refused one down to single (refused) ticks."""
         led = self.deps.ledger
         while plan.parts:
             part = plan.parts[-1]
@@ -339,7 +348,6 @@ class Pipeline:
             plan.too_old.extend(res.too_old)
             plan.conflicts.extend(res.conflicts)
             self.horizon_s = max(self.horizon_s, res.horizon_s)
-        plan.written = True
 
     def refused_letters(self, plan: WritePlan) -> list[DeadLetter]:
         """Dead letters for the ticks the ledger refused: the envelope's bytes (its array element when the

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from models.reconcile import Grouping
 from sinks.reconcile.run import ReconcileReport, Reconciliation
@@ -170,45 +170,66 @@ class ReconcileRuntime:
         )
 
 
+_RUN_FIELDS: Final = (
+    "id",
+    "started_ms",
+    "finished_ms",
+    "window_lo",
+    "window_hi",
+    "grouping",
+    "compared",
+    "differences",
+    "unsettled",
+    "requests",
+    "throttled",
+    "invoice_lines",
+    "invoice_differences",
+    "error",
+)
+# (the panel's key, the snapshot's) of a difference, an alert and an invoice line
+_DIFFERENCE_FIELDS: Final = (
+    ("org_id", "org_id"),
+    ("customer", "customer_id"),
+    ("meter", "meter"),
+    ("window_start", "window_start"),
+    ("grouping", "grouping"),
+    ("label", "label"),
+    ("ledger", "ledger_value"),
+    ("stripe", "stripe_value"),
+    ("streak", "streak"),
+)
+_ALERT_FIELDS: Final = tuple((k, k) for k in ("id", "org_id", "meter", "window_start", "label"))
+_INVOICE_FIELDS: Final = (
+    ("org_id", "org_id"),
+    ("subscription", "subscription_id"),
+    ("price", "price_id"),
+    ("meter", "meter"),
+    ("period_start", "period_start"),
+    ("period_end", "period_end"),
+    ("stripe", "stripe_quantity"),
+    ("ledger", "ledger_value"),
+    ("pending", "pending_value"),
+    ("label", "label"),
+    ("detail", "detail"),
+    ("checked_ms", "checked_ms"),
+)
+
+
+def _pick(row: Mapping[str, Any], fields: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    return {out: row[name] for out, name in fields}
+
+
 def dashboard_json(snap: ReconcileSnapshot) -> dict[str, Any]:
     """The reconciliation panel's data: the last run, the windows that differ, the alerts, the invoice checks.
     Values are exact decimal strings."""
     run = snap.last_run
     return {
-        "last_run": None
-        if run is None
-        else {
-            k: run[k]
-            for k in (
-                "id",
-                "started_ms",
-                "finished_ms",
-                "window_lo",
-                "window_hi",
-                "grouping",
-                "compared",
-                "differences",
-                "unsettled",
-                "requests",
-                "throttled",
-                "invoice_lines",
-                "invoice_differences",
-                "error",
-            )
-        },
+        "last_run": None if run is None else {k: run[k] for k in _RUN_FIELDS},
         "newest_compared": snap.newest_compared,
         "by_label": dict(sorted(snap.by_label.items())),
         "differences": [
             {
-                "org_id": d["org_id"],
-                "customer": d["customer_id"],
-                "meter": d["meter"],
-                "window_start": d["window_start"],
-                "grouping": d["grouping"],
-                "label": d["label"],
-                "ledger": d["ledger_value"],
-                "stripe": d["stripe_value"],
-                "streak": d["streak"],
+                **_pick(d, _DIFFERENCE_FIELDS),
                 "causes": [
                     {"cause": c["cause"], "value": c["value"], "rows": len(c["rows"]), "explains": c["explains"]}
                     for c in d["causes"]
@@ -216,34 +237,8 @@ def dashboard_json(snap: ReconcileSnapshot) -> dict[str, Any]:
             }
             for d in snap.differences[:50]
         ],
-        "alerts": [
-            {
-                "id": a["id"],
-                "org_id": a["org_id"],
-                "meter": a["meter"],
-                "window_start": a["window_start"],
-                "label": a["label"],
-                "published": a["published_ms"] is not None,
-            }
-            for a in snap.alerts
-        ],
-        "invoices": [
-            {
-                "org_id": i["org_id"],
-                "subscription": i["subscription_id"],
-                "price": i["price_id"],
-                "meter": i["meter"],
-                "period_start": i["period_start"],
-                "period_end": i["period_end"],
-                "stripe": i["stripe_quantity"],
-                "ledger": i["ledger_value"],
-                "pending": i["pending_value"],
-                "label": i["label"],
-                "detail": i["detail"],
-                "checked_ms": i["checked_ms"],
-            }
-            for i in snap.invoices
-        ],
+        "alerts": [{**_pick(a, _ALERT_FIELDS), "published": a["published_ms"] is not None} for a in snap.alerts],
+        "invoices": [_pick(i, _INVOICE_FIELDS) for i in snap.invoices],
         "repairs": snap.repairs,
         "recent_repairs": snap.recent_repairs,
     }
