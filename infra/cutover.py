@@ -1,14 +1,8 @@
 """The cutover as an operation: what ``edgebill cutover status | plan | arm | rollback | release`` do.
 
-Every command that changes something writes the change to the ledger first (the audit survives a broker
-that keeps nothing, and the workers apply it from there at their next run, without restart), then
-publishes every state change the control topic has not acknowledged yet on ``billing-control`` (key
-``cutover``), where the cell side reads ``authority``. A publish that fails leaves the change recorded and
-in force at the edge; ``status`` lists it as unpublished and the next command (or ``cutover publish``)
-publishes it.
-
-The rules themselves are pure (:mod:`models.cutover`); the row moves a change implies happen in the
-ledger, in the transaction that records it (:mod:`sinks.ledger.cutover`).
+A change is written to the ledger first (with its row moves, :mod:`sinks.ledger.cutover`), then every state
+change not yet acknowledged is published on ``billing-control`` (key ``cutover``). A failed publish leaves
+the change recorded and in force; the next command (or ``cutover publish``) publishes it.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
 """Stripe's time window for meter events, and the safety margin each stage keeps inside it.
 
-Stripe takes a meter event only when its timestamp lies at most 35 days in the past and at most 5 minutes
-in the future (v1 answers 400 otherwise; the v2 stream answers 202 and reports the error later). A meter
-row is sent with its bucket end as timestamp, so the bucket end decides whether Stripe still takes the
-row. Every stage that asks the question asks it here, each with its own named margin: a stage that lets
-a row through must leave it inside the window for the stages after it, and for Stripe itself.
-
-Pure: times are integers (unix seconds, or milliseconds where the name says so), ``now`` is passed in.
+Stripe takes a meter event stamped at most 35 days in the past and 5 minutes in the future; a row is stamped
+with its bucket end. Every stage asks here, each with its own named margin. Pure: ``now`` is passed in.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """The outbox sender: drains sendable meter rows from the ledger's outbox (:mod:`sinks.ledger.outbox`) into a
-meter-event sink.
+meter-event sink; run from a timer in a thread (:meth:`OutboxSender.run_once`), never in an agent.
 
-It never runs inside a stream agent's event handling: the worker calls :meth:`OutboxSender.run_once`
-from a timer (in a thread), and tests call it directly.
-
-With the v2 stream, a row is ``sent`` as soon as Stripe accepted the request (202), with the note
-:data:`V2_ACCEPTED_NOTE` in ``last_error``; Stripe validates such events later, and the optional
-``reconciler`` (:class:`sinks.stripe.v2.ErrorReportReconciler`), run every ``reconcile_every_s``,
-moves the rows Stripe reports as refused to ``rejected`` with Stripe's code and message.
+With the v2 stream a row is ``sent`` on Stripe's 202, noted :data:`V2_ACCEPTED_NOTE`; the optional
+``reconciler`` moves rows Stripe later refuses to ``rejected``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """The cell side and the parity refresher, wired onto the Faust app by :func:`install_parity`.
 
-* ``cell`` agent (``sandbox-scale-events``): batches of records -> parse (:func:`prepare_scale`) -> bad
-  ones to ``sandbox-scale-events-dlq`` (reason + source headers, original bytes) -> intervals into the
-  ledger with the partition's progress, in one transaction (:meth:`ParityStore.write_scale_events`).
-  Offsets are acked only after that commit: a failed write is retried, never acked.
-* ``parity`` timer (leader): :meth:`ParityStore.refresh` in a thread — recomputes the buckets that changed,
-  stores the watermark — then publishes due alerts to the alerts topic (``billing-alerts``) and logs them,
-  once each, and logs every newly flagged settled (org, bucket) once per process.
+* ``cell`` agent: records -> :func:`prepare_scale` -> dead letters -> intervals and progress in one
+  transaction; offsets acked only after that commit (a failed write is retried, never acked).
+* ``parity`` timer (leader): :meth:`ParityStore.refresh` in a thread, then due alerts published and logged
+  once each; newly flagged settled (org, bucket) logged once per process.
 """
 
 from __future__ import annotations

@@ -1,36 +1,9 @@
 """The ``/metrics`` page: the process registry (:mod:`sinks.observe`) and the ledger's durable figures.
 
-Two kinds of metrics:
-
-* **In-process** objects in :data:`REGISTRY`, updated where things happen: :data:`stripe_request_seconds`
-  (histogram of Stripe API call latency) and :data:`stripe_errors_total` (``kind`` = rate_limited, server,
-  connection, permanent, duplicate, …). They reset when the process restarts, as Prometheus expects.
-* **Durable** figures read from the ledger at scrape time (:class:`sinks.parity.MetricsSnapshot`): tick
-  counters live in the ``counters`` table (they survive restarts and are shared by every worker), meter rows
-  by state, buckets closed, consumer lag per partition, the parity of the newest settled bucket.
-
-Exported names (all prefixed ``edgebill_``): ``ticks_ingested_total``, ``ticks_rejected_total``,
-``ticks_duplicate_total``, ``ticks_zombie_total``, ``scale_events_rejected_total``, ``buckets_closed_total``,
-``meter_rows{state}``, ``consumer_lag{topic,partition}``, ``parity_worst_drift``, ``parity_rows{status}``,
-``parity_aggregate_drift``, ``parity_bucket_start_seconds``, ``parity_clean_hours``,
-``parity_refresh_age_seconds``, ``ledger_counter{name}`` (every ledger counter); the reconciliation with
-Stripe (its last scheduled run, :class:`sinks.reconcile.store.ReconcileSnapshot`): ``reconcile_windows{label}``,
-``reconcile_differing_orgs{label}`` (``reconcile_difference{org_id,meter,label}`` with per-org metrics on),
-``reconcile_unsettled``, ``reconcile_last_run_seconds``, ``reconcile_newest_compared_timestamp_seconds``,
-``reconcile_run_failed``, ``reconcile_requests``, ``reconcile_throttled``, ``reconcile_alerts_total``,
-``reconcile_alerts_unpublished``, ``reconcile_invoice_lines{label}``, ``reconcile_repairs_total``;
-``stripe_request_seconds``, ``stripe_errors_total{kind}``; readiness and ingest health from
-:mod:`streams.health`: ``ready``, ``unready{condition}``, ``ingest_lag``, ``ingest_progress_age_seconds``,
-``ledger_write_failures_total{kind}``, ``ticks_refused_total``, ``dead_letter_failures_total``,
-``dead_letters_truncated_total``, ``ingest_fetch_errors_total``; the web server's
-``web_connections``, ``web_connections_evicted_total``, ``web_connections_refused_total``.
-
-**What an unauthenticated scraper reads.** No org id, customer id or amount (usage or money), and a bounded
-number of series: labels are states, reasons, conditions, labels, topics and partitions, meter names and
-ledger counter names (whose reasons include ``provider_<name>`` per billing provider in use), never one per
-org. Only with ``per_org`` (``EDGEBILL_WEB_METRICS_PER_ORG=true``, for a scraper trusted with them) come
-the series per org: ``parity_drift{org_id}`` and ``reconcile_difference{org_id,meter,label}`` (Stripe minus
-the ledger in meter units, summed over the windows that differ).
+In-process metrics reset with the process; durable figures (:class:`sinks.parity.MetricsSnapshot`,
+:class:`sinks.reconcile.store.ReconcileSnapshot`) are read from the ledger at scrape time. Unless
+``per_org``, no series names an org, a customer or an amount, and the series are bounded. The exported
+names: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations
@@ -285,7 +258,7 @@ def render_metrics(
 ) -> bytes:
     """The Prometheus text exposition: the process registry, then the ledger snapshot (None: the ledger
     could not be read; the process metrics, readiness included, are still exposed) and the reconciliation's.
-    ``per_org``: the series per org too (see the module docstring)."""
+    ``per_org``: the series per org too (docs/architecture.md, "Module notes")."""
     if snap is None:
         return generate_latest(REGISTRY)
     per_scrape = CollectorRegistry(auto_describe=False)

@@ -1,22 +1,9 @@
 """The worker's behaviour without Faust: parse a batch, write it, close buckets, send rows.
 
-:class:`Pipeline` is what the Faust wiring (:mod:`streams.wiring`) calls from its agents and timers, and
-what tests drive directly:
-
-* ingest: :func:`prepare_ingest` parses a batch of ``usage-ticks`` records into good ticks, dead letters
-  and per-partition progress; :meth:`Pipeline.write_batch` writes them in one ledger transaction, or, when
-  the database refuses a record in it, :meth:`Pipeline.write_step` isolates the refused ticks
-  (:class:`WritePlan`) and writes the rest;
-* policies: :meth:`Pipeline.policies_from` parses ``org-policy`` records;
-* closing: :meth:`Pipeline.close_once` computes the watermark from partition progress and closes buckets;
-* sending: :meth:`Pipeline.send_once` drains the outbox to Stripe, only while the cutover state in force
-  is live (shadow off);
-* the cutover: :meth:`Pipeline.record_control` records what the ``billing-control`` topic carries (a change
-  made by any tool), and :meth:`Pipeline.control_tick` notices a new state, logs it once and acknowledges it;
-  a running worker applies a change without restart (the closer and the sender read the state each run).
-
-No Stripe call and no long transaction runs on the event loop: the closer and the sender run in a
-thread, one at a time.
+:class:`Pipeline` is what :mod:`streams.wiring` calls from its agents and timers, and what tests drive:
+ingest (:func:`prepare_ingest`, :meth:`Pipeline.write_step`), policies, closing, sending (only while the
+cutover state in force is live) and the cutover (:meth:`Pipeline.record_control`,
+:meth:`Pipeline.control_tick`). The closer and the sender run in a thread, one at a time.
 """
 
 from __future__ import annotations

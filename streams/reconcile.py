@@ -1,21 +1,9 @@
 """The scheduled reconciliation with Stripe, on the leader (:func:`install_reconcile`).
 
-Every ``EDGEBILL_STRIPE_AUDIT_INTERVAL`` seconds, never in shadow (nothing is sent, so nothing is held), in a
-thread (the Stripe reads are paced and may take a while; never on the event loop), one run at a time:
-
-1. compare the lookback with Stripe's meter event summaries as soon as each hour is settled: whole UTC days
-   where they are complete, hours elsewhere, today's included
-   (:meth:`sinks.reconcile.run.Reconciliation.compare_recent`), and check the upcoming invoice of each pro org
-   whose period ends within ``EDGEBILL_STRIPE_AUDIT_INVOICE_AHEAD_HOURS``
-   (:meth:`~sinks.reconcile.run.Reconciliation.check_invoices`), so a difference alerts before Stripe
-   finalizes the invoice;
-2. keep the results in the ledger (:meth:`sinks.reconcile.store.ReconcileStore.record_run`): the latest result
-   per window (and invoice line) and how many runs in a row it has differed; a difference seen in
-   ``EDGEBILL_STRIPE_AUDIT_ALERT_RUNS`` consecutive runs (default 2) records an alert, once per episode;
-3. publish the alerts not yet published to the alerts topic (``billing-alerts``, as parity's) and log each
-   once, when first recorded; log every newly seen difference once per process.
-
-``/metrics`` and the dashboard read the stored results (:func:`dashboard_json`).
+Every ``EDGEBILL_STRIPE_AUDIT_INTERVAL`` seconds, never in shadow, in a thread, one run at a time: (1) compare
+the lookback and check due invoices (:class:`sinks.reconcile.run.Reconciliation`); (2) record the results
+and alerts (:meth:`sinks.reconcile.store.ReconcileStore.record_run`); (3) publish unpublished alerts to
+``billing-alerts``, each logged once. ``/metrics`` and the dashboard read the stored results.
 """
 
 from __future__ import annotations

@@ -1,33 +1,9 @@
 """The worker's web views, registered by :func:`install_web` (bound to ``EDGEBILL_WEB_HOST``, 127.0.0.1).
 
-=================================  ==============================================================================
-``GET /healthz``                   liveness: 200 while the process answers, whatever else is wrong; flags: the
-                                   cutover state in force as last read (and its source) (open)
-``GET /readyz``                    readiness: 200 when ready, 503 with the conditions that hold and since
-                                   when (open; see :mod:`streams.health`); each condition's detail (an
-                                   error's first line, which may name hosts or users) only for a request
-                                   signed as ``/internal/*`` requests are, else in the log
-``GET /metrics``                   Prometheus text format (open, like any scrape target on loopback): no org
-                                   id, customer id or amount and bounded series unless
-                                   ``EDGEBILL_WEB_METRICS_PER_ORG`` (see :mod:`streams.metrics_view`); the
-                                   process metrics still render when the ledger cannot be read
-``GET /internal/usage-parity``     ``?from=&to=`` (unix s): parity per pro org over the window, live from the
-                                   raw samples and cell intervals. Signed as the cell side's callers sign:
-                                   ``X-Timestamp`` (unix s, ±300 s) and ``X-Signature`` = hex HMAC-SHA256 over
-                                   ``"{ts}.{path+query}"`` with ``EDGEBILL_WEB_INTERNAL_SECRET``. Unsigned, stale
-                                   or forged -> 401; bad or empty window, or one that starts before the
-                                   ledger's dedup horizon (retention dropped those samples) -> 400.
-``GET /dashboard``                 the parity dashboard (HTML + ``/dashboard/app.js`` + ``/dashboard/app.css``), with
-                                   the reconciliation with Stripe next to parity
-``GET /dashboard/data.json``       what the dashboard draws (``?hours=``, default 48)
-=================================  ==============================================================================
-
-Dashboard access: a link from ``edgebill parity --dashboard-url`` carries ``?token={expires}.{hmac}``
-(HMAC-SHA256 of ``"dashboard.{expires}"`` with the internal secret; valid ``EDGEBILL_PARITY_DASHBOARD_TOKEN_TTL``
-seconds). The first request trades it for an HttpOnly, SameSite=Strict cookie scoped to ``/dashboard`` and
-redirects to the bare URL, so the token does not stay in the address bar. ``/dashboard/data.json`` also
-accepts the signed headers of the internal endpoint. Pages are sent with a strict Content-Security-Policy
-(no inline script, no third-party origin; the chart is drawn by our own ``app.js`` as inline SVG).
+``/healthz`` (liveness), ``/readyz`` (readiness; condition details only when signed), ``/metrics`` (no org
+data unless ``EDGEBILL_WEB_METRICS_PER_ORG``), ``/internal/usage-parity`` (signed: 401; bad window or before
+the dedup horizon: 400), ``/dashboard`` and ``/dashboard/data.json`` (a signed link's token, traded for a
+cookie, or signed headers; strict CSP). The page table and access rules: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations

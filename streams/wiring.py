@@ -1,24 +1,9 @@
 """Register the worker's topics, agents, services, timers and pages on the Faust app.
 
-* ingest (``usage-ticks``, :mod:`streams.ingest`): a batch consumer run by a Faust service: batches of
-  records -> parse -> bad parts to ``usage-ticks-dlq`` (reason + original bytes, bounded) -> valid ticks
-  into the ledger, deduplicated by tick id, together with the partition's progress (ticks the database
-  refuses are isolated and dead-lettered); offsets are committed to Kafka only after the ledger commit.
-* ``policy`` agent (``org-policy``): policy history into the ledger.
-* ``control`` agent (``billing-control``, one partition, compacted): cutover states made by any tool into
-  the ledger's audit (idempotent: a state a command recorded itself is recorded once).
-* ``cell`` agent and the parity refresher (:mod:`streams.cell`).
-* ``progress`` timer (every worker): reports the log end of the partitions it owns, and notices a new
-  cutover state (logged once, acknowledged in the ledger).
-* ``closer`` timer (leader): computes the watermark and closes buckets.
-* ``sender`` timer (leader, only when not in shadow): drains the outbox to Stripe.
-* ``retention`` timer (leader, unless ``EDGEBILL_RETENTION_DAYS`` is 0): drops the per-tick data of retired
-  buckets and moves the dedup horizon (:mod:`sinks.retention`).
-* Stripe webhooks: the ``POST /webhooks/stripe`` receiver, the ``webhooks`` agent and its retry timer
-  (:mod:`streams.webhooks`).
-* ``reconcile`` timer (leader, never in shadow): the ledger against Stripe's summaries and invoice previews
-  (:mod:`streams.reconcile`).
-* web views (:mod:`streams.web`), liveness apart from readiness (:mod:`streams.health`).
+Ingest (:mod:`streams.ingest`), the ``policy`` and ``control`` agents, the cell agent and parity refresher
+(:mod:`streams.cell`), the ``progress`` timer (every worker), the ``closer``, ``sender`` and ``retention``
+timers (leader), webhooks (:mod:`streams.webhooks`), the reconciliation (:mod:`streams.reconcile`) and the
+web views (:mod:`streams.web`). What each does: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """The cutover in the ledger: its history of changes (the audit), the state in force, the workers'
 acknowledgements, and the row moves a change implies (a rollback's sweep, a release).
 
-The state in force (:meth:`LedgerCutover.effective_cutover`) is the newest ``state`` entry of
-``cutover_log``, or, before the first one, the environment's bootstrap state the caller passes in. Every
-change is recorded idempotently by its change id, so the command that made it and the worker agent that
-reads it back from the ``billing-control`` topic record it once. A change's side effects on rows are part
-of the transaction that records it, under the closer's lock: a close run sees the state before the change
-or after it, never half of it.
+The state in force is the newest ``state`` entry of ``cutover_log``, else the caller's bootstrap state.
+Changes are recorded idempotently by change id; a change's row moves are in the transaction that records
+it, under the closer's lock: a close run sees the state before or after, never half.
 """
 
 from __future__ import annotations

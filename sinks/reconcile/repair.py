@@ -1,24 +1,10 @@
-"""Repairs of a short window, through the outbox: a row Stripe does not hold is queued again, or billed again by
-a new row. The rules deciding which (:func:`models.reconcile.plan_repair`) are pure; this module writes them.
+"""Repairs through the outbox, recorded in ``reconcile_repairs`` with their evidence; the rules are pure
+(:func:`models.reconcile.plan_repair`, :mod:`models.reconcile_over`), this module writes them.
 
-Two writes, both on ``meter_events`` and both recorded in ``reconcile_repairs`` with their evidence:
-
-* **resend** a ``sent`` row Stripe does not hold: back to ``pending`` with its identifier, value and customer
-  unchanged, so the sender sends exactly the same event again (should Stripe hold it after all, its identifier
-  dedup answers "already exists" and the row is ``sent`` again). The only way a ``sent`` row leaves ``sent``.
-* **replace** a row whose identifier is lost (refused after the send, or held by Stripe without being counted):
-  a new row, the next revision of the same bucket, same meter, value and units, ``pending``, with ``repair_of``
-  naming the lost row. The lost identifier is never sent again. The rounding carry is not touched (the value is
-  the lost row's, already assigned), and readers counting billing decisions skip rows with ``repair_of``.
-
-And two for what Stripe holds *beyond* what edgebill sent (:mod:`models.reconcile_over`), each once per key
-(``reconcile_repairs.repair_key``, unique):
-
-* **credit**: a new row of the negative excess, ``pending``, 0 units (it bills no usage: the excess was never
-  the ledger's), ``repair_of`` = ``stripe_excess:`` + the key. Outside the rounding carry for the same reason;
-  readers counting billing decisions skip it (``repair_of``).
-* **cancel_replace**, after Stripe confirmed the cancellation of a row it held with another value: the row is
-  billed again under a new identifier, exactly as *replace* above.
+Short windows: **resend** a ``sent`` row (back to ``pending``, unchanged) or **replace** a row whose
+identifier is lost (the next revision, ``repair_of`` naming it). Excess at Stripe, once per key: **credit**
+(a negative row, 0 units) or **cancel_replace**. None touches the rounding carry. In detail:
+docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
-"""One reconciliation: the ledger's rows of a range against what Stripe holds (meter event summaries), the check
-of each pro org's upcoming invoice (invoice preview), and the repair of short windows through the outbox.
+"""One reconciliation: the ledger's rows of a range against Stripe's meter event summaries, the check of each
+pro org's upcoming invoice, and the repair of short windows through the outbox.
 
-Reads the ledger through :class:`~sinks.reconcile.store.ReconcileStore` and Stripe through
-:class:`~sinks.reconcile.stripe_reader.StripeReader` (paced, read-only); the rules are :mod:`models.reconcile`. Used by
-``edgebill reconcile`` and by the worker's scheduled run (``streams.reconcile``), which stores the results.
-
-Stripe requests per run: one list of the meters; one list of the v2 error reports since the ledger's
-error-report cursor (only when rows were sent); per (customer, meter) with settled windows, one summaries list
-for the whole range (a page holds 100 windows); per window that differs, one more, by hour, to find which rows
-are missing; per subscription checked, one invoice preview.
+Reads through :class:`~sinks.reconcile.store.ReconcileStore` and :class:`~sinks.reconcile.stripe_reader.StripeReader`;
+the rules are :mod:`models.reconcile`. Used by ``edgebill reconcile`` and ``streams.reconcile``. Its Stripe
+requests per run: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations
