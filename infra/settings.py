@@ -55,8 +55,8 @@ __all__ = [
     "stripe_problems",
 ]
 
-_WEB = WebLimits()  # the web server limits' defaults
-_HOOK = WebhookConfig(secret="")  # the webhook receiver's defaults
+_W = WebLimits()  # the web server limits' defaults
+_H = WebhookConfig(secret="")  # the webhook receiver's defaults
 
 DEFAULT_EMBEDDED_KAFKA_PORT = 29092
 DEFAULT_LOCAL_STRIPE_PORT = 12111
@@ -226,22 +226,19 @@ class StripeSettings(BaseSettings):
         description="signing secret of the webhook endpoint (whsec_…; `edgebill stripe setup` prints it once)",
     )
     webhook_tolerance: int = Field(
-        default=_HOOK.tolerance_s, ge=1, le=3600, description="seconds a webhook signature stays valid"
+        default=_H.tolerance_s, ge=1, le=3600, description="seconds a webhook signature stays valid"
     )
     webhook_max_body: int = Field(
-        default=_HOOK.max_body_bytes,
-        ge=1024,
-        le=16 * 1024 * 1024,
-        description="larger webhook bodies are refused (413)",
+        default=_H.max_body_bytes, ge=1024, le=16 * 1024 * 1024, description="larger webhook bodies are refused (413)"
     )
     webhook_append_timeout: float = Field(
-        default=_HOOK.append_timeout_s,
+        default=_H.append_timeout_s,
         gt=0,
         le=60,
         description="seconds to wait for the topic to store an event before a 503",
     )
     webhook_retry_interval: float = Field(
-        default=_HOOK.retry_interval_s,
+        default=_H.retry_interval_s,
         gt=0,
         description="seconds between retries of webhook events not yet applied (leader)",
     )
@@ -393,29 +390,29 @@ class WebSettings(BaseSettings):
     port: int = Field(default=6066, ge=1, le=65535)
     internal_secret: SecretStr = SecretStr(DEFAULT_INTERNAL_SECRET)
     max_line: int = Field(
-        default=_WEB.max_line_bytes, ge=256, le=65536, description="bytes of a request line (longer: 400)"
+        default=_W.max_line_bytes, ge=256, le=65536, description="bytes of a request line (longer: 400)"
     )
     max_header: int = Field(
-        default=_WEB.max_field_bytes, ge=256, le=65536, description="bytes of one header name or value (longer: 400)"
+        default=_W.max_field_bytes, ge=256, le=65536, description="bytes of one header name or value (longer: 400)"
     )
-    max_headers: int = Field(default=_WEB.max_headers, ge=8, le=1024, description="headers per request (more: 400)")
+    max_headers: int = Field(default=_W.max_headers, ge=8, le=1024, description="headers per request (more: 400)")
     idle_timeout: float = Field(
-        default=_WEB.idle_timeout_s,
+        default=_W.idle_timeout_s,
         gt=0,
         le=3600,
         description="seconds a connection has to send a complete request head after opening or its last answer",
     )
     body_timeout: float = Field(
-        default=_WEB.body_timeout_s, gt=0, le=600, description="seconds a body a page reads has to arrive"
+        default=_W.body_timeout_s, gt=0, le=600, description="seconds a body a page reads has to arrive"
     )
     max_connections: int = Field(
-        default=_WEB.max_connections,
+        default=_W.max_connections,
         ge=8,
         le=65536,
         description="open connections (beyond: the longest-idle one is closed, or 503)",
     )
     metrics_per_org: bool = Field(
-        default=_WEB.metrics_per_org,
+        default=_W.metrics_per_org,
         description="/metrics series per org (org ids and differences); off: none names an org",
     )
 

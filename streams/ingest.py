@@ -43,6 +43,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition, errors
@@ -76,7 +77,7 @@ from streams.records import (
     sleep_unless,
 )
 
-__all__ = ["BatchWriter", "IngestService", "TickIngestor", "make_ingest_service"]
+__all__ = ["BatchWriter", "IngestContext", "IngestService", "TickIngestor"]
 
 log = logging.getLogger(__name__)
 
@@ -118,46 +119,50 @@ class BatchWriter(Protocol):
     def finish_isolated(self, plan: WritePlan) -> None: ...
 
 
-class TickIngestor:
-    """Reads ``topic`` in batches and writes them through ``writer``; see the module docstring.
+@dataclass(frozen=True, slots=True)
+class IngestContext:
+    """What a :class:`TickIngestor` reads from and reports to, besides its writer: the broker, ``topic``
+    (dead letters to ``dlq_topic``), the owner's name, the clock, the readiness conditions it sets
+    (``BROKER``, ``LEDGER``, ``DEAD_LETTERS``) and the log throttle of its repeated failures."""
 
-    ``send_dead`` produces dead letters to ``dlq_topic``; ``health`` holds the readiness conditions it sets
-    (``BROKER``, ``LEDGER``, ``DEAD_LETTERS``), ``log_throttle`` its repeated-failure lines.
-    """
+    kafka: KafkaConfig
+    topic: str
+    dlq_topic: str
+    owner: str
+    clock_ms: Callable[[], int]
+    health: Health
+    log_throttle: RateLimitedLog
+
+
+class TickIngestor:
+    """Reads ``ctx.topic`` in batches and writes them through ``writer``; see the module docstring.
+    ``send_dead`` produces dead letters."""
 
     def __init__(
         self,
-        kafka: KafkaConfig,
+        ctx: IngestContext,
         writer: BatchWriter,
         send_dead: SendDead,
         *,
-        topic: str,
-        dlq_topic: str,
-        owner: str,
-        clock_ms: Callable[[], int],
-        health: Health,
-        log_throttle: RateLimitedLog,
         target_ticks: int = 8000,
         depth: int = 2,
         stop_grace_s: float = 3.0,
     ) -> None:
-        self._kafka = kafka
+        self._ctx = ctx
         self._writer = writer
-        self._topic = topic
-        self._dlq_topic = dlq_topic
-        self._clock_ms = clock_ms
-        self.health = health
-        self._log_throttle = log_throttle
+        self.health = ctx.health
+        self._log_throttle = ctx.log_throttle
         self._send_dead = send_dead
         # Batches are sized in ticks, not messages: a message may carry one tick or hundreds.
         self._target_ticks = target_ticks
         self._ticks_per_message = 1.0
         self._stop_grace_s = stop_grace_s
+        kafka = ctx.kafka
         self.group_id = f"{kafka.group_id}.ticks"
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=kafka.servers,
             group_id=self.group_id,
-            client_id=f"edgebill-ingest-{owner}",
+            client_id=f"edgebill-ingest-{ctx.owner}",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             # This consumer joins after Faust's own group (Faust starts services once it is ready), and on
@@ -185,14 +190,14 @@ class TickIngestor:
 
     async def start(self) -> None:
         await self._consumer.start()
-        self._consumer.subscribe([self._topic], listener=_Listener(self))
+        self._consumer.subscribe([self._ctx.topic], listener=_Listener(self))
         self._tasks = [
             asyncio.create_task(self._fetch_loop(), name="edgebill.ingest.fetch"),
             asyncio.create_task(self._write_loop(), name="edgebill.ingest.write"),
             asyncio.create_task(self._monitor_loop(), name="edgebill.ingest.monitor"),
         ]
         self.health.ok(STARTING)
-        log.info("ingest: consuming %s as group %s", self._topic, self.group_id)
+        log.info("ingest: consuming %s as group %s", self._ctx.topic, self.group_id)
 
     async def stop(self) -> None:
         """Stop reading; finish the batches already read if that takes under ``stop_grace_s``; leave the group.
@@ -269,7 +274,7 @@ class TickIngestor:
     # -- loops ----------------------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        topic = self._topic
+        topic = self._ctx.topic
         while not self._stopping.is_set():
             try:
                 max_records = max(1, min(10_000, int(self._target_ticks / self._ticks_per_message)))
@@ -291,7 +296,7 @@ class TickIngestor:
                     records.append(RawRecord(tp.partition, m.offset, m.key, m.value))
                 offsets[tp] = msgs[-1].offset + 1
                 self._first_fetched.setdefault(tp, msgs[0].offset)
-            prepared = prepare_ingest(records, topic, self._clock_ms(), self._writer.horizon_s)
+            prepared = prepare_ingest(records, topic, self._ctx.clock_ms(), self._writer.horizon_s)
             per = (len(prepared.ticks) + len(prepared.dead)) / len(records)
             self._ticks_per_message = 0.7 * self._ticks_per_message + 0.3 * max(per, 1.0)
             await self._queue.put((prepared, offsets))
@@ -428,7 +433,7 @@ class TickIngestor:
                 "ingest: STOPPED - cannot write %d dead letter(s) to %s (%s: %s); nothing past them is "
                 "committed until they are written",
                 len(letters),
-                self._dlq_topic,
+                self._ctx.dlq_topic,
                 type(exc).__name__,
                 first_line(exc),
                 level=logging.ERROR,
@@ -472,7 +477,7 @@ class TickIngestor:
         except (TimeoutError, KafkaError, OSError) as exc:
             silent = time.monotonic() - self._answer_at
             if silent >= timeout_s:
-                servers = self._kafka.servers
+                servers = self._ctx.kafka.servers
                 self.health.fail(BROKER, f"no answer from {servers} for {silent:.0f} s")
             self._log_throttle.failure(
                 "broker", "ingest: the Kafka broker does not answer (%s: %s)", type(exc).__name__, first_line(exc)
@@ -484,11 +489,6 @@ class TickIngestor:
     def _reachable(self) -> None:
         self.health.ok(BROKER)
         self._log_throttle.recovered("broker")
-
-
-def make_ingest_service(new_ingestor: Callable[[], TickIngestor]) -> IngestService:
-    """A :class:`mode.Service` that runs the :class:`TickIngestor` ``new_ingestor`` makes, with the Faust worker."""
-    return IngestService(new_ingestor)
 
 
 class IngestService(Service):

@@ -15,7 +15,7 @@ from typing import Any
 
 from streams.cell import install_parity
 from streams.health import LEDGER
-from streams.ingest import IngestService, SendDead, TickIngestor, make_ingest_service
+from streams.ingest import IngestContext, IngestService, SendDead, TickIngestor
 from streams.pipeline import Deps, Pipeline
 from streams.reconcile import install_reconcile
 from streams.records import RAW_BYTES, DeadLetter, RawRecord, first_line, retry_forever
@@ -29,17 +29,11 @@ log = logging.getLogger(__name__)
 
 def tick_ingestor(pipe: Pipeline, send_dead: SendDead) -> TickIngestor:
     """The ingest consumer of ``pipe``'s ticks topic, writing through ``pipe`` with its health and log throttle."""
-    return TickIngestor(
-        pipe.deps.config.kafka,
-        pipe,
-        send_dead,
-        topic=pipe.ticks_topic,
-        dlq_topic=pipe.dlq_topic,
-        owner=pipe.deps.owner,
-        clock_ms=pipe.deps.clock_ms,
-        health=pipe.health,
-        log_throttle=pipe.log_throttle,
+    deps = pipe.deps
+    ctx = IngestContext(
+        deps.config.kafka, pipe.ticks_topic, pipe.dlq_topic, deps.owner, deps.clock_ms, pipe.health, pipe.log_throttle
     )
+    return TickIngestor(ctx, pipe, send_dead)
 
 
 def install(app: Any, deps: Deps) -> Pipeline:
@@ -50,7 +44,7 @@ def install(app: Any, deps: Deps) -> Pipeline:
     # usage-ticks: a batch consumer owned by a Faust service, not a per-message agent (streams.ingest).
     # Started as a child of the app, i.e. while Faust starts — not after its own group join and recovery
     # like @app.service — so the two group joins overlap (about a second off every start on Tansu).
-    ingest = make_ingest_service(lambda: tick_ingestor(pipe, functools.partial(send_dead, dlq)))
+    ingest = IngestService(lambda: tick_ingestor(pipe, functools.partial(send_dead, dlq)))
     app.add_dependency(ingest)
     _install_policy(app, pipe)
     _install_control(app, pipe)

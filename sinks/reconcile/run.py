@@ -305,8 +305,12 @@ class Reconciliation:
         now = self._now_ms()
         report.started_ms = now
         report.reads_per_s = self.reader.reads_per_s
+        return self._measured(report, lambda: self._compare(report, orgs, now))
+
+    def _measured(self, report: ReconcileReport, work: Callable[[], object]) -> ReconcileReport:
+        """Run ``work`` for ``report``, then stamp its end and the reader's request counts (also on failure)."""
         try:
-            self._compare(report, orgs, now)
+            work()
         finally:
             report.finished_ms = self._now_ms()
             report.requests = self.reader.requests
@@ -479,13 +483,7 @@ class Reconciliation:
         now = self._now_ms()
         day = now // 1000 // DAY * DAY
         report = ReconcileReport(day, day + DAY, Grouping.DAY, started_ms=now, reads_per_s=self.reader.reads_per_s)
-        try:
-            self.check_invoices(report, orgs=orgs)
-        finally:
-            report.finished_ms = self._now_ms()
-            report.requests = self.reader.requests
-            report.throttled = self.reader.throttled
-        return report
+        return self._measured(report, lambda: self.check_invoices(report, orgs=orgs))
 
     def check_invoices(
         self, report: ReconcileReport, *, orgs: Sequence[str] | None = None, due_only: bool = False
