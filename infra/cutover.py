@@ -29,6 +29,7 @@ from models.cutover import (
 from models.errors import BrokerError, CutoverRefused
 from models.stripe_window import CANCEL_MARGIN_SECONDS, cancellable
 from sinks.ledger import BOOTSTRAP_SOURCE, Ledger, LogEntry
+from sinks.ledger.cutover import KIND_CANCEL, KIND_PLAN
 from sinks.parity import ParityStore
 from sinks.stripe.v1 import Cancellation
 
@@ -264,7 +265,7 @@ def plan(ops: CutoverOps, at: int, actor: Actor, *, force: bool = False) -> dict
     forced = _refuse_or_force(problems, force=force, actor=actor)
     details = {"forced": forced, "clean_hours": str(gate.clean_hours), "required_hours": str(ops.clean_hours_required)}
     got = ops.ledger.record_entry(
-        "plan",
+        KIND_PLAN,
         _change_id("plan", at, now_ms, actor.by),
         by=actor.by,
         reason=actor.reason,
@@ -360,7 +361,7 @@ def _cancel(ops: CutoverOps, sent: list[dict[str, Any]], actor: Actor, now_ms: i
     if cancelled:
         ops.ledger.record_cancelled(cancelled, "cancelled at Stripe (meter-event adjustment) by a rollback")
         ops.ledger.record_entry(
-            "cancel",
+            KIND_CANCEL,
             _change_id("cancel", now_ms, *cancelled),
             by=actor.by,
             reason=actor.reason,

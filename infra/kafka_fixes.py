@@ -181,24 +181,35 @@ def _faust_consumer_thread() -> type[Any]:
 
 def apply_true_end_offsets() -> bool:
     """Patch Faust's changelog highwaters to use :func:`true_end_offsets`; True if newly applied."""
-    cls = _faust_consumer_thread()
-    current = cls.__dict__.get("_highwaters")
-    if current is None:
-        raise BrokerError("faust AIOKafkaConsumerThread has no _highwaters: cannot patch")
-    if getattr(current, _MARK, False):
-        return False
-    _originals["true_end_offsets"] = current
-    setattr(cls, "_highwaters", _faust_highwaters)  # noqa: B010
-    log.info("kafka_fixes: faust changelog highwaters now use the Fetch high watermark")
-    return True
+    done = "faust changelog highwaters now use the Fetch high watermark"
+    return _patch("true_end_offsets", "faust", _faust_consumer_thread(), "_highwaters", _faust_highwaters, done)
 
 
 def revert_true_end_offsets() -> bool:
     """Undo :func:`apply_true_end_offsets`; True if it was applied."""
-    original = _originals.pop("true_end_offsets", None)
+    return _unpatch("true_end_offsets", _faust_consumer_thread(), "_highwaters")
+
+
+def _patch(fix: str, lib: str, cls: type[Any], attr: str, replacement: Any, done: str) -> bool:
+    """Set ``cls.attr`` to ``replacement`` (marked), keeping the original as ``fix``'s; True if newly applied.
+    Raises :class:`BrokerError` when ``cls`` has no such attribute (not the pinned version)."""
+    current = cls.__dict__.get(attr)
+    if current is None:
+        raise BrokerError(f"{lib} {cls.__name__} has no {attr}: cannot patch")
+    if getattr(current, _MARK, False):
+        return False
+    _originals[fix] = current
+    setattr(cls, attr, replacement)
+    log.info("kafka_fixes: %s", done)
+    return True
+
+
+def _unpatch(fix: str, cls: type[Any], attr: str) -> bool:
+    """Put back the original ``cls.attr`` that :func:`_patch` kept as ``fix``'s; True if it was patched."""
+    original = _originals.pop(fix, None)
     if original is None:
         return False
-    setattr(_faust_consumer_thread(), "_highwaters", original)  # noqa: B010
+    setattr(cls, attr, original)
     return True
 
 
@@ -233,24 +244,13 @@ setattr(_maybe_leave_group, _MARK, True)
 def apply_leave_group_gen0() -> bool:
     """Patch aiokafka to send LeaveGroup in generation 0 too; True if newly applied."""
     _check_version("aiokafka", aiokafka.__version__, PINNED_AIOKAFKA)
-    current = GroupCoordinator.__dict__.get("_maybe_leave_group")
-    if current is None:
-        raise BrokerError("aiokafka GroupCoordinator has no _maybe_leave_group: cannot patch")
-    if getattr(current, _MARK, False):
-        return False
-    _originals["leave_group_gen0"] = current
-    setattr(GroupCoordinator, "_maybe_leave_group", _maybe_leave_group)  # noqa: B010
-    log.info("kafka_fixes: aiokafka sends LeaveGroup from generation 0")
-    return True
+    done = "aiokafka sends LeaveGroup from generation 0"
+    return _patch("leave_group_gen0", "aiokafka", GroupCoordinator, "_maybe_leave_group", _maybe_leave_group, done)
 
 
 def revert_leave_group_gen0() -> bool:
     """Undo :func:`apply_leave_group_gen0`; True if it was applied."""
-    original = _originals.pop("leave_group_gen0", None)
-    if original is None:
-        return False
-    setattr(GroupCoordinator, "_maybe_leave_group", original)  # noqa: B010
-    return True
+    return _unpatch("leave_group_gen0", GroupCoordinator, "_maybe_leave_group")
 
 
 # ------------------------------------------------------------------------------------------ all

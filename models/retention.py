@@ -33,9 +33,7 @@ DAY_SECONDS: Final = 86_400
 #: correction row from a late tick, so its ticks must still be deduplicated.
 MIN_RETENTION_DAYS: Final = -(-STRIPE_MAX_AGE_SECONDS // DAY_SECONDS)
 
-#: Beyond Stripe's window, the default keeps one more day: a replay of everything Stripe can still bill,
-#: started a little late, still compares every tick; clocks that disagree by minutes, a close that ran late
-#: and the sender's and closer's margins (:mod:`models.stripe_window`) all fit inside it.
+#: Beyond Stripe's window, the default keeps one more day (why: docs/architecture.md, "Module notes").
 RETENTION_MARGIN_DAYS: Final = 1
 DEFAULT_RETENTION_DAYS: Final = MIN_RETENTION_DAYS + RETENTION_MARGIN_DAYS
 

@@ -98,12 +98,7 @@ class RetryPolicy:
     ``retryable``: the exception types another attempt may cure (a sink's ``transient`` outcome says the same,
     decided by exception type where its errors are classified). ``max_attempts``: attempts in all (None: until
     done or stopped). The wait after attempt n is the backoff's, or the destination's ``retry_after`` when
-    longer (at most ``max_retry_after``).
-
-    Stripe's SDK retries stay off (``max_network_retries=0`` in :func:`sinks.stripe.make_client`): every
-    attempt re-sends the same meter-event identifier, which Stripe deduplicates, so one schedule is enough,
-    and it is this one, which counts attempts and honours ``Retry-After``. The SDK's own retries would
-    replay one Idempotency-Key, for which Stripe answers its first reply again, a 500 included.
+    longer (at most ``max_retry_after``). Stripe's SDK retries stay off: docs/architecture.md, "Module notes".
     """
 
     backoff: Backoff = Backoff()

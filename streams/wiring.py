@@ -41,9 +41,8 @@ def install(app: Any, deps: Deps) -> Pipeline:
     pipe = Pipeline(deps)
     cfg = deps.config
     dlq = app.topic(pipe.dlq_topic, partitions=cfg.kafka.partitions, **RAW_BYTES)
-    # usage-ticks: a batch consumer owned by a Faust service, not a per-message agent (streams.ingest).
-    # Started as a child of the app, i.e. while Faust starts — not after its own group join and recovery
-    # like @app.service — so the two group joins overlap (about a second off every start on Tansu).
+    # usage-ticks: a batch consumer run by a child service of the app (streams.ingest), started while Faust
+    # starts, not after its group join as @app.service would be: the two joins overlap (~1 s off a start).
     ingest = IngestService(lambda: tick_ingestor(pipe, functools.partial(send_dead, dlq)))
     app.add_dependency(ingest)
     _install_policy(app, pipe)

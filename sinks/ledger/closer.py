@@ -128,28 +128,19 @@ class LedgerCloser(SqlStore):
         late ticks into corrections.
 
         Batches are never rewritten: a bucket's cursor (``closed_buckets.seq``) says up to which insertion
-        ``seq`` its batches are aggregated, and the last close run (``upto_seq``, ``last_bucket``) says that
-        every batch with ``seq <= upto_seq`` in a bucket ``<= last_bucket`` (or closed already) is. One
-        transaction, in order:
-          1. take the closer lock and stop ingest for the moment (SQLite: BEGIN IMMEDIATE, the only writer;
-             PostgreSQL: an advisory lock, then ``LOCK TABLE tick_batches IN SHARE MODE``, which waits for
-             in-flight ingest transactions, so no batch below the ``seq`` read next can still appear);
-          2. read ``S = max(seq)``; the buckets to work on: those ``<= last closable`` holding batches above
-             the previous run's ``upto_seq``, those newly closable, and every bucket closed already that
-             holds a batch above the previous ``upto_seq`` (whatever the watermark: a closed bucket that gains
-             ticks is closed again on the rules that closed it);
-          3. insert the ``close_runs`` row (``upto_seq = S``, ``last_bucket``) -> ``close_id``; read each
-             bucket's stored decision, and decide the buckets closing for the first time from the cutover
-             state in force (the ledger's newest, else ``cfg.bootstrap``), read here, inside the transaction;
-          4. per bucket, decode exactly its batches with ``cursor < seq <= S`` and price their ticks with
-             :class:`models.usage.Pricer` (zombie ticks set aside, the policy in effect at each tick's time);
-          5. per (org, bucket, meter): the next revision (0, or r{n} when the bucket already has rows),
-             the value through the rounding carry in ``meter_totals``, the state from the bucket's one
-             decision (:func:`models.pricing.row_placement`: skipped_before_bill_from / skipped_rolled_back /
-             expired / shadow / pending), insert the row; non-billable usage (unknown org, free
-             plan, legacy size outside the tiers, zombie) into ``unbilled_usage`` with its reason;
-          6. move each bucket's cursor to ``S`` and store the decisions made in 3 (a stored one is kept);
-             counters; commit.
+        ``seq`` its batches are aggregated, and the last close run (``upto_seq``, ``last_bucket``) covers every
+        batch with ``seq <= upto_seq`` in a bucket ``<= last_bucket`` (or closed already). One transaction:
+          1. take the closer lock and stop ingest for the moment (SQLite: BEGIN IMMEDIATE; PostgreSQL: an
+             advisory lock, then ``LOCK TABLE tick_batches IN SHARE MODE``, which waits for in-flight ingest
+             transactions, so no batch below the ``seq`` read next can still appear);
+          2. read ``S = max(seq)`` and the buckets to work on (:meth:`_open_run`: closable ones with batches
+             above the previous ``upto_seq``, newly closable ones, and closed ones that gained batches);
+          3. insert the ``close_runs`` row; decide the buckets closing for the first time from the cutover
+             state in force, read inside the transaction (:meth:`_decide`);
+          4. decode each bucket's batches with ``cursor < seq <= S`` and price them (:meth:`_price`);
+          5. insert the meter rows (next revision, value through the rounding carry, state by
+             :func:`models.pricing.row_placement`: :meth:`_write_rows`) and the unbilled usage with its reason;
+          6. move each bucket's cursor to ``S``, store the new decisions, counters (:meth:`_finish_run`); commit.
         A crash anywhere before the commit changes nothing: the next run does the same work again. After
         the commit every tick up to ``S`` of those buckets is in exactly one row set — aggregated once,
         never skipped — and rows are never rewritten, so an identifier can never reach Stripe with two values.
