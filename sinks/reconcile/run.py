@@ -643,13 +643,8 @@ class Reconciliation:
             out.done = self.store.apply_repairs(requests, by=by, reason=reason)
             for d in out.done:
                 if d.skipped is None:
-                    log.warning(
-                        "reconcile repair: %s %s (%s)%s",
-                        d.action.value,
-                        d.row_id,
-                        dec(d.value),
-                        f" as {d.new_row_id}" if d.new_row_id else "",
-                    )
+                    made = f" as {d.new_row_id}" if d.new_row_id else ""
+                    log.warning("reconcile repair: %s %s (%s)%s", d.action.value, d.row_id, dec(d.value), made)
         writes: list[OverWrite] = []
         for o in out.over:
             res = next(r for r in diffs if _owns(r, o))
@@ -669,15 +664,9 @@ class Reconciliation:
             out.over_done = self.store.apply_over_repairs(writes, by=by, reason=reason)
             for od in out.over_done:
                 if od.skipped is None:
-                    log.warning(
-                        "reconcile repair: %s org=%s meter=%s hour=%s excess=%s as %s",
-                        od.step.action.value,
-                        od.step.org_id,
-                        od.step.meter,
-                        od.step.hour,
-                        dec(od.step.excess),
-                        od.row_id,
-                    )
+                    st = od.step
+                    what = f"{st.action.value} org={st.org_id} meter={st.meter} hour={st.hour} excess={dec(st.excess)}"
+                    log.warning("reconcile repair: %s as %s", what, od.row_id)
         return out
 
     @staticmethod
