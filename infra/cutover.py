@@ -1,14 +1,8 @@
 """The cutover as an operation: what ``edgebill cutover status | plan | arm | rollback | release`` do.
 
-Every command that changes something writes the change to the ledger first (the audit survives a broker
-that keeps nothing, and the workers apply it from there at their next run, without restart), then
-publishes every state change the control topic has not acknowledged yet on ``billing-control`` (key
-``cutover``), where the cell side reads ``authority``. A publish that fails leaves the change recorded and
-in force at the edge; ``status`` lists it as unpublished and the next command (or ``cutover publish``)
-publishes it.
-
-The rules themselves are pure (:mod:`models.cutover`); the row moves a change implies happen in the
-ledger, in the transaction that records it (:mod:`sinks.ledger.cutover`).
+A change is written to the ledger first (with its row moves, :mod:`sinks.ledger.cutover`), then every state
+change not yet acknowledged is published on ``billing-control`` (key ``cutover``). A failed publish leaves
+the change recorded and in force; the next command (or ``cutover publish``) publishes it.
 """
 
 from __future__ import annotations
@@ -35,6 +29,7 @@ from models.cutover import (
 from models.errors import BrokerError, CutoverRefused
 from models.stripe_window import CANCEL_MARGIN_SECONDS, cancellable
 from sinks.ledger import BOOTSTRAP_SOURCE, Ledger, LogEntry
+from sinks.ledger.cutover import KIND_CANCEL, KIND_PLAN
 from sinks.parity import ParityStore
 from sinks.stripe.v1 import Cancellation
 
@@ -270,7 +265,7 @@ def plan(ops: CutoverOps, at: int, actor: Actor, *, force: bool = False) -> dict
     forced = _refuse_or_force(problems, force=force, actor=actor)
     details = {"forced": forced, "clean_hours": str(gate.clean_hours), "required_hours": str(ops.clean_hours_required)}
     got = ops.ledger.record_entry(
-        "plan",
+        KIND_PLAN,
         _change_id("plan", at, now_ms, actor.by),
         by=actor.by,
         reason=actor.reason,
@@ -366,7 +361,7 @@ def _cancel(ops: CutoverOps, sent: list[dict[str, Any]], actor: Actor, now_ms: i
     if cancelled:
         ops.ledger.record_cancelled(cancelled, "cancelled at Stripe (meter-event adjustment) by a rollback")
         ops.ledger.record_entry(
-            "cancel",
+            KIND_CANCEL,
             _change_id("cancel", now_ms, *cancelled),
             by=actor.by,
             reason=actor.reason,

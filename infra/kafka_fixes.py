@@ -1,43 +1,10 @@
 """Client-side workarounds for two defects of the embedded Tansu 0.6.0 broker: a short log end, no LeaveGroup.
 
-Both patches reach into **private** internals, so they are written against, and refuse to apply
-to anything but, the pinned versions ``aiokafka==0.14.0`` and ``faust-streaming==0.15.3``.
-Every ``apply_*`` is idempotent and has a matching ``revert_*``; :func:`apply_all` applies both.
-Apply them before a Faust app or aiokafka consumer starts. On a real Kafka both are harmless:
-(a) takes the larger of two values that agree there, and (b) only changes behaviour in
-generation 0, which Kafka never hands out.
-
-(a) Short ``end_offsets`` — ``true_end_offsets`` / :func:`apply_true_end_offsets`.
-    Tansu answers ListOffsets(latest) with *base offset of the last batch + 1* instead of the log
-    end: after a 1000-record batch and a 10-record batch, ``end_offsets()`` says 1001, the log ends
-    at 1010. A Fetch response carries the right high watermark, so :func:`true_end_offsets` seeks
-    a throwaway consumer to ``end - 1`` (an offset inside the last batch), fetches once and takes
-    ``max(end, highwater)``.
-    Faust reads changelog highwaters for table recovery only through
-    ``faust.transport.drivers.aiokafka.AIOKafkaConsumerThread._highwaters`` (private; called by
-    ``Recovery._build_highwaters`` for active and standby partitions), which calls
-    ``AIOKafkaConsumer.end_offsets``; with the short value recovery stops early and silently
-    drops the newest table updates. The patch replaces that method. Faust's other offset reads
-    don't need it: ``highwater(tp)`` is already the Fetch high watermark, ``earliest_offsets``
-    (ListOffsets earliest) is right on Tansu, and nothing in Faust calls ``seek_to_end``.
-    Private aiokafka attributes read: ``AIOKafkaConsumer._client`` and the AIOKafkaClient
-    connection settings ``_bootstrap_servers``, ``_client_id``, ``_request_timeout_ms``,
-    ``_security_protocol``, ``_ssl_context``, ``_sasl_*`` (to open the throwaway consumer the same
-    way). Private Faust API: ``AIOKafkaConsumerThread._highwaters``, ``._ensure_consumer()``,
-    ``.consumer.in_transaction``.
-    Not fixed here (raw aiokafka, outside Faust's recovery): ``seek_to_end`` and
-    ``auto_offset_reset="latest"`` still land mid-batch; use :func:`true_end_offsets` for lag.
-
-(b) No LeaveGroup in generation 0 — :func:`apply_leave_group_gen0`.
-    ``aiokafka.consumer.group_coordinator.GroupCoordinator._maybe_leave_group`` (private) sends
-    LeaveGroup only when ``generation > 0``; Tansu's first generation is 0, so a consumer stopped
-    in it stays a group member and the next member waits out its session timeout. The patch sends
-    LeaveGroup when ``generation >= 0`` (and no static ``group_instance_id``, as upstream), then
-    resets the generation. Private attributes used: ``generation``, ``member_id``, ``group_id``,
-    ``_group_instance_id``, ``_send_req``, ``reset_generation``.
-    Measured on Tansu: without the patch DescribeGroups still lists the stopped member after its
-    session timeout has passed (it is only expired when another member joins); with it the group
-    is Empty at once and a rejoin takes the usual ~session/2 join phase.
+(a) :func:`true_end_offsets` / :func:`apply_true_end_offsets`: the log end from a Fetch high watermark;
+(b) :func:`apply_leave_group_gen0`: LeaveGroup in generation 0. Both patch private internals of the pinned
+``aiokafka==0.14.0`` and ``faust-streaming==0.15.3`` only (refused on other versions), are idempotent, have
+a ``revert_*``, are harmless on a real Kafka; :func:`apply_all` applies both, before any consumer starts.
+What they touch and why: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations
@@ -214,24 +181,35 @@ def _faust_consumer_thread() -> type[Any]:
 
 def apply_true_end_offsets() -> bool:
     """Patch Faust's changelog highwaters to use :func:`true_end_offsets`; True if newly applied."""
-    cls = _faust_consumer_thread()
-    current = cls.__dict__.get("_highwaters")
-    if current is None:
-        raise BrokerError("faust AIOKafkaConsumerThread has no _highwaters: cannot patch")
-    if getattr(current, _MARK, False):
-        return False
-    _originals["true_end_offsets"] = current
-    setattr(cls, "_highwaters", _faust_highwaters)  # noqa: B010
-    log.info("kafka_fixes: faust changelog highwaters now use the Fetch high watermark")
-    return True
+    done = "faust changelog highwaters now use the Fetch high watermark"
+    return _patch("true_end_offsets", "faust", _faust_consumer_thread(), "_highwaters", _faust_highwaters, done)
 
 
 def revert_true_end_offsets() -> bool:
     """Undo :func:`apply_true_end_offsets`; True if it was applied."""
-    original = _originals.pop("true_end_offsets", None)
+    return _unpatch("true_end_offsets", _faust_consumer_thread(), "_highwaters")
+
+
+def _patch(fix: str, lib: str, cls: type[Any], attr: str, replacement: Any, done: str) -> bool:
+    """Set ``cls.attr`` to ``replacement`` (marked), keeping the original as ``fix``'s; True if newly applied.
+    Raises :class:`BrokerError` when ``cls`` has no such attribute (not the pinned version)."""
+    current = cls.__dict__.get(attr)
+    if current is None:
+        raise BrokerError(f"{lib} {cls.__name__} has no {attr}: cannot patch")
+    if getattr(current, _MARK, False):
+        return False
+    _originals[fix] = current
+    setattr(cls, attr, replacement)
+    log.info("kafka_fixes: %s", done)
+    return True
+
+
+def _unpatch(fix: str, cls: type[Any], attr: str) -> bool:
+    """Put back the original ``cls.attr`` that :func:`_patch` kept as ``fix``'s; True if it was patched."""
+    original = _originals.pop(fix, None)
     if original is None:
         return False
-    setattr(_faust_consumer_thread(), "_highwaters", original)  # noqa: B010
+    setattr(cls, attr, original)
     return True
 
 
@@ -266,24 +244,13 @@ setattr(_maybe_leave_group, _MARK, True)
 def apply_leave_group_gen0() -> bool:
     """Patch aiokafka to send LeaveGroup in generation 0 too; True if newly applied."""
     _check_version("aiokafka", aiokafka.__version__, PINNED_AIOKAFKA)
-    current = GroupCoordinator.__dict__.get("_maybe_leave_group")
-    if current is None:
-        raise BrokerError("aiokafka GroupCoordinator has no _maybe_leave_group: cannot patch")
-    if getattr(current, _MARK, False):
-        return False
-    _originals["leave_group_gen0"] = current
-    setattr(GroupCoordinator, "_maybe_leave_group", _maybe_leave_group)  # noqa: B010
-    log.info("kafka_fixes: aiokafka sends LeaveGroup from generation 0")
-    return True
+    done = "aiokafka sends LeaveGroup from generation 0"
+    return _patch("leave_group_gen0", "aiokafka", GroupCoordinator, "_maybe_leave_group", _maybe_leave_group, done)
 
 
 def revert_leave_group_gen0() -> bool:
     """Undo :func:`apply_leave_group_gen0`; True if it was applied."""
-    original = _originals.pop("leave_group_gen0", None)
-    if original is None:
-        return False
-    setattr(GroupCoordinator, "_maybe_leave_group", original)  # noqa: B010
-    return True
+    return _unpatch("leave_group_gen0", GroupCoordinator, "_maybe_leave_group")
 
 
 # ------------------------------------------------------------------------------------------ all

@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import fields
 from typing import TYPE_CHECKING, Final, NoReturn
 
 import requests
@@ -170,17 +171,7 @@ def worker_config(settings: Settings) -> WorkerConfig:
     k = settings.kafka
     b = settings.billing
     return WorkerConfig(
-        kafka=KafkaConfig(
-            servers=k.servers,
-            group_id=k.group_id,
-            partitions=k.partitions,
-            replication_factor=k.replication_factor,
-            session_timeout=k.session_timeout,
-            heartbeat_interval=k.heartbeat_interval,
-            rebalance_timeout=k.rebalance_timeout,
-            request_timeout=k.request_timeout,
-            max_fetch_bytes=k.max_fetch_bytes,
-        ),
+        kafka=KafkaConfig(**{f.name: getattr(k, f.name) for f in fields(KafkaConfig)}),  # the same names
         topics=topics(settings),
         close=CloseConfig(
             bucket_seconds=b.bucket_seconds,
@@ -299,12 +290,9 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
 def _arm_stop_deadline(seconds: float) -> None:
     """Make sure the process exits within ``seconds`` from now (once; later calls do nothing).
 
-    A graceful stop normally ends well before (the ingest consumer gives up a stuck batch after a few
-    seconds). What it cannot interrupt is a write blocked inside the database or a client library: a
-    thread that Python would wait for at exit. Past the deadline a daemon thread logs one line and ends
-    the process at once. Nothing is lost: offsets are committed only after the ledger write, so every
-    batch not committed is read again by the next owner, and its ticks already in the ledger count as
-    duplicates.
+    Past the deadline a daemon thread logs one line and ends the process at once (a write blocked in the
+    database or a client library cannot be interrupted otherwise). Nothing is lost: offsets are committed only
+    after the ledger write, so an uncommitted batch is read again and its stored ticks count as duplicates.
     """
     global _deadline_armed
     if _deadline_armed:
@@ -410,9 +398,7 @@ def run_worker(settings: Settings) -> NoReturn:
         settings.web.host,
         settings.web.port,
     )
-    # Ingest allocates a tuple or two per tick while the process holds a large, long-lived heap (Faust,
-    # aiokafka, SQLAlchemy): move that heap out of the collector's view and collect young objects less
-    # often. Measured on the ingest hot path: about +40 % ticks/s (docs/performance.md).
+    # Out of the collector's view: the long-lived heap; young objects collected less often (docs/performance.md).
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)

@@ -31,6 +31,8 @@ from models.errors import ConfigError
 from models.parity import SIGNATURE_TOLERANCE_SECONDS, AlertRule
 from models.retention import DEFAULT_RETENTION_DAYS, retention_problem
 from models.topics import TOPIC_ALERTS
+from sinks.base import SEND_ATTEMPTS
+from streams.config import WebhookConfig, WebLimits
 
 __all__ = [
     "DEFAULT_EMBEDDED_KAFKA_PORT",
@@ -52,6 +54,9 @@ __all__ = [
     "security_problems",
     "stripe_problems",
 ]
+
+_W = WebLimits()  # the web server limits' defaults
+_H = WebhookConfig(secret="")  # the webhook receiver's defaults
 
 DEFAULT_EMBEDDED_KAFKA_PORT = 29092
 DEFAULT_LOCAL_STRIPE_PORT = 12111
@@ -220,15 +225,22 @@ class StripeSettings(BaseSettings):
         default=SecretStr(DEFAULT_WEBHOOK_SECRET),
         description="signing secret of the webhook endpoint (whsec_…; `edgebill stripe setup` prints it once)",
     )
-    webhook_tolerance: int = Field(default=300, ge=1, le=3600, description="seconds a webhook signature stays valid")
+    webhook_tolerance: int = Field(
+        default=_H.tolerance_s, ge=1, le=3600, description="seconds a webhook signature stays valid"
+    )
     webhook_max_body: int = Field(
-        default=256 * 1024, ge=1024, le=16 * 1024 * 1024, description="larger webhook bodies are refused (413)"
+        default=_H.max_body_bytes, ge=1024, le=16 * 1024 * 1024, description="larger webhook bodies are refused (413)"
     )
     webhook_append_timeout: float = Field(
-        default=10.0, gt=0, le=60, description="seconds to wait for the topic to store an event before a 503"
+        default=_H.append_timeout_s,
+        gt=0,
+        le=60,
+        description="seconds to wait for the topic to store an event before a 503",
     )
     webhook_retry_interval: float = Field(
-        default=5.0, gt=0, description="seconds between retries of webhook events not yet applied (leader)"
+        default=_H.retry_interval_s,
+        gt=0,
+        description="seconds between retries of webhook events not yet applied (leader)",
     )
     webhook_url: str | None = Field(
         default=None,
@@ -247,7 +259,7 @@ class StripeSettings(BaseSettings):
         default=None, ge=1, le=10_000, description="outbox rows per send batch; unset: 500 (v1), 2,000 (v2)"
     )
     concurrency: int = Field(default=8, ge=1, le=256, description="Stripe requests in flight at once")
-    max_attempts: int = Field(default=6, ge=1, le=50, description="attempts per row per send cycle")
+    max_attempts: int = Field(default=SEND_ATTEMPTS, ge=1, le=50, description="attempts per row per send cycle")
     send_interval: float = Field(default=1.0, gt=0, description="seconds between send cycles")
     timeout: float = Field(default=20.0, gt=0)
     v1_max_calls_per_s: float = Field(
@@ -377,23 +389,31 @@ class WebSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=6066, ge=1, le=65535)
     internal_secret: SecretStr = SecretStr(DEFAULT_INTERNAL_SECRET)
-    max_line: int = Field(default=8190, ge=256, le=65536, description="bytes of a request line (longer: 400)")
-    max_header: int = Field(
-        default=8190, ge=256, le=65536, description="bytes of one header name or value (longer: 400)"
+    max_line: int = Field(
+        default=_W.max_line_bytes, ge=256, le=65536, description="bytes of a request line (longer: 400)"
     )
-    max_headers: int = Field(default=64, ge=8, le=1024, description="headers per request (more: 400)")
+    max_header: int = Field(
+        default=_W.max_field_bytes, ge=256, le=65536, description="bytes of one header name or value (longer: 400)"
+    )
+    max_headers: int = Field(default=_W.max_headers, ge=8, le=1024, description="headers per request (more: 400)")
     idle_timeout: float = Field(
-        default=15.0,
+        default=_W.idle_timeout_s,
         gt=0,
         le=3600,
         description="seconds a connection has to send a complete request head after opening or its last answer",
     )
-    body_timeout: float = Field(default=10.0, gt=0, le=600, description="seconds a body a page reads has to arrive")
+    body_timeout: float = Field(
+        default=_W.body_timeout_s, gt=0, le=600, description="seconds a body a page reads has to arrive"
+    )
     max_connections: int = Field(
-        default=256, ge=8, le=65536, description="open connections (beyond: the longest-idle one is closed, or 503)"
+        default=_W.max_connections,
+        ge=8,
+        le=65536,
+        description="open connections (beyond: the longest-idle one is closed, or 503)",
     )
     metrics_per_org: bool = Field(
-        default=False, description="/metrics series per org (org ids and differences); off: none names an org"
+        default=_W.metrics_per_org,
+        description="/metrics series per org (org ids and differences); off: none names an org",
     )
 
 

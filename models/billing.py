@@ -161,11 +161,8 @@ ORG_PREFIX_CHARS: Final = 24
 #: Hex digits of sha256(org id) in the short form: 96 bits, so two org ids colliding is not a practical risk.
 ORG_HASH_HEX: Final = 24
 ORG_HASH_MARK: Final = "~"
-#: The identifier scheme every new row takes. Scheme 1 wrote an org id holding ``~`` in its plain form, so an
-#: org whose id *is* another org's short form shared that org's identifiers; scheme 2 gives every org id that
-#: holds ``~`` the short form, so the plain and the short forms can no longer meet. Both write the same
-#: identifier for every other org id. A written row's identifier is stored in the ledger and never computed
-#: again, so the scheme only ever decides the identifiers of rows not written yet, corrections included.
+#: The identifier scheme every new row takes (2: an org id holding ``~`` always takes the short form; why:
+#: docs/architecture.md, "Module notes"). A written row's identifier is stored, never computed again.
 ID_SCHEME: Final = 2
 ID_SCHEMES: Final = (1, 2)
 _METER_NAME: Final = re.compile(r"(?!r[0-9]+\Z)[^:]+\Z")
@@ -200,19 +197,11 @@ def org_token(org_id: str, max_chars: int, *, scheme: int = ID_SCHEME) -> str:
 def meter_row_id(org_id: str, start: int, meter: str, revision: int = 0, *, scheme: int = ID_SCHEME) -> str:
     """Outbox id and Stripe ``identifier``: ``{org}:{bucket_start}:{meter}`` or ``…:r{n}`` for corrections.
 
-    One identifier per (org, bucket, meter, revision), for every org id (up to a 96-bit sha256 prefix
-    collision): the tail ``:{start}:{meter}[:r{n}]`` is read back from the right (a meter name holds no
-    ``:`` and is never ``r`` + digits), and the org part is :func:`org_token`. So the org part is the plain
-    org id when the whole fits in :data:`MAX_IDENTIFIER_LENGTH` characters (Stripe refuses longer
-    identifiers for good) and the id holds no ``~``; otherwise :func:`short_org`. A pure function of its
-    arguments: the same row gets the same identifier in every process and after every restart.
-
-    Every new row takes the current :data:`ID_SCHEME`, a correction ``r{n}`` of a bucket whose first row
-    was written under scheme 1 included (its own identifier is new; Stripe and the ledger relate a bucket's
-    rows by their columns, never by the text of their identifiers; keeping scheme 1 for it would keep the
-    collision scheme 2 ends). A re-send sends the stored identifier, never a recomputed one.
+    One identifier per (org, bucket, meter, revision), a pure function of its arguments; the org part is
+    :func:`org_token` (the plain org id when the whole fits :data:`MAX_IDENTIFIER_LENGTH` and holds no ``~``,
+    else :func:`short_org`). Every new row takes :data:`ID_SCHEME`; a re-send sends the stored identifier.
     Raises ValueError for a negative revision, a meter name that could not be read back, or when not even
-    the hash fits (a meter name of about 50 characters or more).
+    the hash fits (a meter name of about 50 characters or more). Why: docs/architecture.md, "Module notes".
     """
     if revision < 0:
         raise ValueError(f"revision must be >= 0, not {revision}")

@@ -1,20 +1,8 @@
 """The price catalog: every Stripe price a pro subscription carries, and its ``billing_prices`` key. Pure.
 
-``edgebill stripe setup`` publishes this catalog (meters, one product, one price per entry, each found again
-by metadata so a second run creates nothing) and writes ``billing_prices``; provisioning puts one subscription
-item per entry on an org's subscription.
-
-Amounts are in cents per meter unit, as Stripe's ``unit_amount_decimal`` (at most 12 decimals):
-
-* per-tier prices (legacy mode, meters in seconds at one memory size): the tier's USD per second x 100,
-  truncated to 12 decimals;
-* ``overage`` (unified mode, meter in GB-s across sizes) and ``reserved``: the 1 GB tier's rate per GB-s
-  (the original system left these two to be set by hand in the Dashboard; here they are explicit, and a
-  change is a new price version key, since Stripe prices cannot be edited);
-* ``disk_overage``: 0.00001 cents per GB-s of disk above 20 GB.
-
-Reserved capacity and disk overage are not billed by the edge (no meter rows); their prices are on the
-subscription so the cell side can bill them on the same subscription.
+``edgebill stripe setup`` publishes it and provisioning puts one subscription item per entry; amounts are
+cents per meter unit (``unit_amount_decimal``, at most 12 decimals). How each amount is derived:
+docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations

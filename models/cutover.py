@@ -1,19 +1,9 @@
 """The cutover: which side bills Pro usage, from which bucket on, and whether the edge sends at all.
 
-The state is a small record, changed only by operator commands and kept as a history of changes on the
-compacted ``billing-control`` topic (key ``cutover``) and in the ledger:
-
-* ``shadow``: the edge computes meter rows but sends none (state ``shadow``);
-* ``bill_from`` (T, unix s on a bucket boundary): the edge bills buckets starting at or after T; the cell
-  bills everything before. 0 means no boundary has been set;
-* ``bill_until`` (R, after a rollback): the edge bills buckets starting before R only; the cell bills from R;
-* ``authority``: who is authoritative for Pro billing right now. The cell side reads it to know whether to
-  stop (``edge``) or keep billing (``cell``).
-
-**A bucket's billing decision is made once**, when the bucket first closes, from the state in force then;
-every later correction of that bucket (a late tick, a replay) inherits it. That is what makes the seam
-exact whatever the order of flag changes, closes, late ticks and restarts: a bucket is billed by the edge
-either in full or not at all. Pure functions; no I/O.
+The state (``shadow``, ``bill_from`` T, ``bill_until`` R, ``authority``) changes only by operator commands,
+kept as a history on ``billing-control`` and in the ledger. A bucket's billing decision is made once, at
+its first close, from the state in force then; every later correction inherits it, so a bucket is billed by
+the edge in full or not at all. Pure functions; no I/O.
 """
 
 from __future__ import annotations

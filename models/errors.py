@@ -1,18 +1,8 @@
-"""The one exception tree of edgebill.
+"""The one exception tree of edgebill: ``EdgebillError`` > ``ConfigError``, ``InvalidRecord``, ``LedgerError``,
+``BrokerError``, ``CutoverRefused``.
 
-::
-
-    EdgebillError                      root: catch this to catch everything edgebill raises
-    ├── ConfigError                    settings invalid; carries every problem at once
-    ├── InvalidRecord                  a usage tick / policy record that cannot be used (dead-lettered)
-    ├── LedgerError                    the SQL ledger refused an operation
-    ├── BrokerError                    the Kafka broker could not be started or reached
-    └── CutoverRefused                 a cutover command refused; carries every reason
-
-Delivery failures are not exceptions: a sink returns one :class:`sinks.base.Outcome` per item, with a
-:class:`sinks.base.Status` (ok, duplicate, transient, permanent), so a batch with one bad item still
-delivers the others and the caller records every outcome. Stripe's own exceptions are classified into
-those statuses at the boundary (:func:`sinks.stripe.errors.classify`), never further in.
+Delivery failures are not exceptions: a sink returns one :class:`sinks.base.Outcome` per item; Stripe's
+exceptions are classified at the boundary (:func:`sinks.stripe.errors.classify`).
 """
 
 from __future__ import annotations

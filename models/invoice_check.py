@@ -1,11 +1,7 @@
 """The invoice check: the usage lines of Stripe's upcoming invoice (its preview for a subscription) against the
-ledger. Pure; the ledger side (what Stripe should hold for the line's meter and period, as for a reconciliation
-window: :mod:`models.reconcile`) and the preview are read by ``sinks``.
-
-A line matches when its quantity equals, exactly, what Stripe should hold for the line's meter and the customer
-over the line's period (rows whose timestamp, their bucket end, is in ``[period start, period end)``). Rows not
-sent yet are reported apart; a line with rows sent too recently for Stripe to count them is not settled, and its
-difference does not count yet. A price edgebill's catalog does not know is ``meter_misconfigured``.
+ledger. Pure; the ledger side and the preview are read by ``sinks``. A line matches when its quantity equals
+exactly what Stripe should hold for its meter, customer and period; rows not sent yet are reported apart; an
+unknown price is ``meter_misconfigured``. In detail: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations

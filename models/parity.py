@@ -1,42 +1,9 @@
 """Parity math: the cell side's scale-event rows, interval clipping, drift, status and the alert rule.
 
-Pure functions and frozen models; no I/O, no clock (callers pass ``now``). The SQL that feeds them is in
-:mod:`sinks.parity`; the agent and the timer that drive them are in :mod:`streams.cell`.
-
-Units. Everything is kept as exact integers until it is shown:
-
-* edge usage in **MB-seconds** (Σ ``memory_mb × interval_s`` of the raw samples, whatever their billing state);
-* cell usage in **MB-milliseconds** (Σ ``memory_mb × clipped ms`` of the scale-event intervals);
-* GB-s = MB-s / 1024 = MB-ms / 1 024 000, exact as :class:`~decimal.Decimal` (both divisors are
-  2^k × 5^j, so the quotient always terminates).
-
-Rules (those of the cell-side parity checker this table replaces, with its bugs fixed):
-
-* **Cell clipping.** An interval contributes ``least(coalesce(ended, now), span_end) − greatest(started,
-  span_start)`` when positive: an open row counts up to *now*, a closed row never past its end (the
-  replaced checker counted a closed row that ended after the window up to its end).
-* **Drift** = ``(edge − cell) / cell``; when ``|cell| < 1e-6`` GB-s it is 0 if ``|edge| < 1e-6`` too, else
-  +1 (100 %).
-* **Status**: ``ok`` | ``drift`` (|drift| > tolerance) | ``edge_only`` (cell ~0, edge not) | ``cell_only``
-  (edge ~0, cell not).
-* **Boundary slack** (our addition; 0 turns it off and gives the replaced checker's rule exactly). The edge
-  counts a tick whole in the bucket of its timestamp while the cell clips exactly, so a tick that straddles
-  a bucket boundary moves up to one tick of usage across it, a known and benign difference (±1 tick per
-  sandbox). For a sandbox running the whole hour that is < 1 % and the 2 % tolerance absorbs it; for one
-  that starts at 10:59:50 it is 100 % of a tiny number and a strict rule flags it, which would keep the
-  cutover gate shut forever on a real fleet. So a difference no larger than ``slack_seconds × memory``
-  summed over the intervals that come within ``slack_seconds`` of one of the span's two boundaries is not
-  flagged. An interval wholly inside a span gets no slack, so an edge-only or cell-only org far from a
-  boundary is flagged at any size.
-* **Alert** (the thresholds the cell side's alerting used): a bucket is *systemic* when ≥ ``min_orgs``
-  orgs have max(cell, edge) ≥ ``org_min_gb_seconds`` and |drift| > ``org_drift``, or the aggregate has
-  max(cell, edge) ≥ ``aggregate_min_gb_seconds`` and |drift| > ``aggregate_drift`` (the replaced rule
-  required the *cell* aggregate, so a dead cell feed — cell 0 — never alerted on the aggregate); an alert
-  fires when ``consecutive`` adjacent settled buckets are systemic, once per episode (a run of systemic
-  buckets), keyed by the episode's first bucket.
-
-Also here: the HMAC request signing of the internal endpoints (``"{ts}.{path+query}"``, the scheme the
-cell side's callers already use) and the dashboard token, both pure functions of a secret and a time.
+Pure functions and frozen models; no I/O, no clock (callers pass ``now``). Edge usage in MB-seconds, cell
+usage in MB-milliseconds, exact integers until shown (GB-s as exact :class:`~decimal.Decimal`). Also the HMAC
+request signing of the internal endpoints and the dashboard token. The rules (clipping, drift, status,
+boundary slack, alert): docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """Pricing of usage under a policy, and the state of the meter row it goes into.
 
-Usage is priced by the org's policy in effect at the usage's own time (``models.policy``), so the closer
-and a replay price the same ticks the same way whenever they run. :func:`price_usage` is that rule for an
-aggregate of ticks of one org, bucket and memory size; it is additive (pricing a split aggregate and
-adding the parts gives the same result), which lets the closer price whole groups and replay subtract
-ticks it gave up. Usage that is not billed keeps a reason and is recorded, visibly, never dropped.
-
-:func:`row_placement` decides the state of a meter row when it is written (by the closer, or by an operator
-command for a bucket already closed), from the bucket's billing decision, and the rounding-carry stream its
-value is assigned in.
+:func:`price_usage` prices an aggregate of one org, bucket and memory size by the policy in effect at the
+usage's time; it is additive. Unbilled usage keeps a reason, never dropped. :func:`row_placement` decides a
+row's state and carry stream from its bucket's decision.
 """
 
 from __future__ import annotations

@@ -1,39 +1,10 @@
 """Reconciliation with Stripe: what the ledger sent against what Stripe holds, per (org, meter) and window.
 
-Pure rules; the ledger side and the Stripe side are read by ``sinks`` and handed in.
-
-**Windows.** Stripe's meter event summaries group events by their *timestamp* into UTC days or hours
-(``value_grouping_window``), and a meter row's timestamp is its bucket *end*. So a row belongs to the window
-holding its bucket end: the day of 2026-06-15 holds the buckets ``[2026-06-14T23:00, 2026-06-15T00:00)`` to
-``[2026-06-15T22:00, 23:00)``, and the bucket ``[23:00, 24:00)`` counts on the 16th, as on the invoice.
-A range whose ends are UTC midnights is compared per day, any other per hour (its ends rounded outwards).
-
-**What Stripe should hold** for a window (the ledger's side, :attr:`WindowResult.ledger`): the values of
-its rows that Stripe accepted, ``sent`` rows, and rows Stripe accepted and refused afterwards (a v2 error
-report arrived: the ledger calls them ``rejected``, but they were sent; Stripe not holding them is the
-difference to explain). A row re-billed by a repair under a new identifier is counted once, by the new row.
-
-**Labels**, in this order of precedence: ``meter_misconfigured`` (the meter for the row's event name is
-missing at Stripe, inactive, or does not read the customer and value keys edgebill sends, or does not sum),
-``unknown_customer`` (Stripe has no such customer), then ``ok`` / ``short`` / ``over`` on the values, exact.
-
-**Causes** of a difference, each with the rows and the value it explains (:func:`compare_window`): rows
-rejected after the send (their error report arrived), rows an error report names that the worker has not
-applied yet, rows Stripe does not hold although it reported nothing (missing: dropped, or cancelled), rows
-whose identifier Stripe holds without counting it (cancelled: a re-send came back as a duplicate), rows out
-of Stripe's 35-day window, and what cannot be told apart. Which rows are missing is found per hour (one
-hour holds one row per (org, meter) and bucket, plus its corrections): the missing ones are the only set of
-the hour's rows whose values add up to the hour's shortfall.
-
-**Repair** (:func:`plan_repair`): a short window is repaired through the outbox. A missing row is sent
-again *under its own identifier* with its own value (Stripe's identifier dedup absorbs it should Stripe hold
-it after all). A row whose identifier is known to be lost (refused after the send, cancelled, or re-sent
-once already and still not counted) is billed again by a new row, the next revision of its bucket, with
-the same value: an identifier Stripe refused or cancelled is never sent again. Rows out of Stripe's window
-cannot be repaired. What Stripe holds *beyond* what edgebill sent, per hour (:attr:`WindowResult.excess`), is
-the other repair's (:mod:`models.reconcile_over`): a window can need both, in different hours.
-
-Values are exact decimals (the ledger's value strings, Stripe's numbers parsed as decimals); never floats.
+Pure rules; the ledger side and the Stripe side are read by ``sinks`` and handed in. A row belongs to the
+window (UTC day or hour) holding its bucket end. Labels, in precedence: ``meter_misconfigured``,
+``unknown_customer``, ``ok`` / ``short`` / ``over``; causes per difference (:func:`compare_window`); repairs
+of short windows (:func:`plan_repair`). Exact decimals, never floats. The rules at length:
+docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations
@@ -338,7 +309,7 @@ class WindowKey:
 @dataclass(frozen=True, slots=True)
 class WindowResult:
     key: WindowKey
-    ledger: Decimal  # what Stripe should hold (see the module docstring)
+    ledger: Decimal  # what Stripe should hold (docs/architecture.md, "Module notes")
     stripe: Decimal | None  # what Stripe holds; None when it could not say (no meter, no customer)
     label: Label
     causes: tuple[CauseNote, ...] = ()

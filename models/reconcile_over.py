@@ -1,33 +1,9 @@
-"""Taking back what Stripe holds beyond what edgebill sent: the rules of ``edgebill reconcile --repair`` for the
-hours a reconciliation found *over* (:attr:`models.reconcile.WindowResult.excess`). Pure; the ledger and Stripe
-sides are :mod:`sinks.reconcile.repair` and :mod:`sinks.reconcile.run`.
+"""Taking back what Stripe holds beyond what edgebill sent (:attr:`models.reconcile.WindowResult.excess`).
 
-Stripe holding more than edgebill sent (another sender, a re-send after Stripe's identifier window, rows lost
-from the ledger) is not a difference between the usage topic and the ledger, so replay never sees it: the
-ledger equals the ticks. It is mended here, per (org, meter, hour) and excess, in one of two ways:
-
-* **cancel and bill again** (:attr:`OverAction.CANCEL_REPLACE`): the excess sits on one of edgebill's own
-  identifiers. The only one the ledger can name is a row Stripe answered "already exists" for (``held``:
-  Stripe holds that identifier, from an earlier send whose value the ledger no longer knows). Stripe received
-  it less than 24 hours ago (with a margin), so a meter-event adjustment cancels it, and the ledger's value
-  goes out again under a new identifier (the bucket's next revision, ``repair_of`` naming the row): Stripe
-  then holds exactly the ledger's value for it. An identifier is never sent twice with two values.
-* **credit** (:attr:`OverAction.CREDIT`): everything else. One meter event of the negative excess, timestamped
-  inside the hour (the end of the hour's newest bucket), on the same meter and customer. Stripe's
-  documentation: "You can also fix incorrectly recorded usage data by recording negative quantities" (meter
-  configuration, *Fix incorrect usage data*); the meter sums every event of the period, so the correction lands
-  on the invoice of the period the hour belongs to, in the same line and unit as the usage it takes back, and
-  it takes back exactly what Stripe holds beyond the ledger in that hour, so the period's total never goes
-  below what edgebill sent. A customer balance credit or a credit note would be in money, not usage: it would
-  have to re-price a tiered or per-unit meter, lands on whichever invoice is next, and a credit note needs a
-  finalized invoice. They remain for what a meter event cannot reach: an hour past Stripe's 35-day window, or
-  of a period whose invoice is finalized (refused here, with the amount, for a manual credit note).
-
-**Once per difference.** Each step carries :func:`over_key`, one per (org, meter, hour, excess, action). The
-ledger records it with the write it made, under a unique index, in the same transaction: a second run, or a
-run after a crash, finds the key and writes nothing again. A credit row is the ledger's record that Stripe
-held that excess; a reconciliation counts the row and the excess it takes back as adding up to zero
-(:attr:`models.reconcile.RowKind.CREDIT`), so the hour compares clean once Stripe holds the credit.
+Pure; the ledger and Stripe sides are :mod:`sinks.reconcile.repair` and :mod:`sinks.reconcile.run`. Per
+(org, meter, hour) and excess: :attr:`OverAction.CANCEL_REPLACE` (a held identifier inside Stripe's 24 h
+cancel window: cancel, bill again under a new identifier) or :attr:`OverAction.CREDIT` (a negative meter
+event in the hour); each step once, by :func:`over_key`. Why these two: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations
@@ -118,7 +94,7 @@ def plan_over_repair(
     result: WindowResult, now_s: int, bucket_seconds: int
 ) -> tuple[list[OverStep], list[tuple[int, str]]]:
     """The repairs of the hours of one compared window that Stripe holds more of, and what is refused, per
-    hour with the reason (see the module docstring).
+    hour with the reason (docs/architecture.md, "Module notes").
 
     A window without hourly values (the hours could not be read) has no excess per hour and plans nothing:
     the next run reads them again.

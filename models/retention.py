@@ -1,25 +1,9 @@
 """Retention: how long the ledger keeps per-tick data, and the ticks it can then no longer deduplicate.
 
-The ledger keeps one sample per tick: the tick id deduplicates redelivered ticks, and the sample is what
-the closer aggregates, what a replay compares tick by tick and what an arbitrary parity window sums. Once
-a bucket is settled, none of that can change a bill any more after Stripe's window has passed: Stripe
-takes no meter event older than 35 days (:mod:`models.stripe_window`). So the per-tick data of a bucket
-is dropped once the bucket is *retired*:
-
-* it is closed and every sample of it is aggregated into its meter rows (none above its cursor);
-* every meter row of it is final (none ``pending`` or ``deferred_no_customer``: see :data:`UNSETTLED_STATES`);
-* it ended at least the retention period ago (:func:`retire_before_s`).
-
-What stays: meter rows, unbilled usage, the parity table and its kept edge sums, the audit logs, counters.
-
-**The dedup horizon.** Dropping a bucket's samples drops its tick ids, so a copy of one of those ticks could
-no longer be recognised. The ledger therefore keeps a *dedup horizon*: the end of the newest bucket whose
-per-tick data was dropped (it never moves back). Ingest refuses every tick before it (dead letter
-:data:`OLDER_THAN_RETENTION`) rather than count it a second time; such a tick could not be billed anyway, its
-bucket having ended more than Stripe's 35 days ago. Ticks at or after the horizon are deduplicated exactly
-as before, and a replay compares ticks only from the horizon on.
-
-Pure: times are integers, ``now`` is passed in.
+A bucket is *retired* (its samples dropped) once closed with every sample aggregated, every meter row final
+(:data:`UNSETTLED_STATES`) and ended at least the retention period ago (:func:`retire_before_s`). The dedup
+horizon (the end of the newest retired bucket, never moving back) refuses every tick before it
+(:data:`OLDER_THAN_RETENTION`). Pure: ``now`` is passed in. Why: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations
@@ -49,9 +33,7 @@ DAY_SECONDS: Final = 86_400
 #: correction row from a late tick, so its ticks must still be deduplicated.
 MIN_RETENTION_DAYS: Final = -(-STRIPE_MAX_AGE_SECONDS // DAY_SECONDS)
 
-#: Beyond Stripe's window, the default keeps one more day: a replay of everything Stripe can still bill,
-#: started a little late, still compares every tick; clocks that disagree by minutes, a close that ran late
-#: and the sender's and closer's margins (:mod:`models.stripe_window`) all fit inside it.
+#: Beyond Stripe's window, the default keeps one more day (why: docs/architecture.md, "Module notes").
 RETENTION_MARGIN_DAYS: Final = 1
 DEFAULT_RETENTION_DAYS: Final = MIN_RETENTION_DAYS + RETENTION_MARGIN_DAYS
 

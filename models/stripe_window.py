@@ -1,12 +1,7 @@
 """Stripe's time window for meter events, and the safety margin each stage keeps inside it.
 
-Stripe takes a meter event only when its timestamp lies at most 35 days in the past and at most 5 minutes
-in the future (v1 answers 400 otherwise; the v2 stream answers 202 and reports the error later). A meter
-row is sent with its bucket end as timestamp, so the bucket end decides whether Stripe still takes the
-row. Every stage that asks the question asks it here, each with its own named margin: a stage that lets
-a row through must leave it inside the window for the stages after it, and for Stripe itself.
-
-Pure: times are integers (unix seconds, or milliseconds where the name says so), ``now`` is passed in.
+Stripe takes a meter event stamped at most 35 days in the past and 5 minutes in the future; a row is stamped
+with its bucket end. Every stage asks here, each with its own named margin. Pure: ``now`` is passed in.
 """
 
 from __future__ import annotations
@@ -36,28 +31,19 @@ __all__ = [
 STRIPE_MAX_AGE_SECONDS: Final = 35 * 86_400
 STRIPE_MAX_FUTURE_SECONDS: Final = 5 * 60
 
-# The closer writes a row ``expired`` instead of ``pending`` when less than this is left of the window at
-# close time: the row still waits for the sender's next batch and must then pass the sender's own margin;
-# a row written closer to the edge could only be expired by the sender.
+# The margins each stage keeps inside Stripe's window (why each: docs/architecture.md, "Module notes").
+# The closer writes a row ``expired`` instead of ``pending`` with less than this left at close time.
 CLOSE_MARGIN_SECONDS: Final = 300
-# The sender expires a row instead of sending it when less than this is left: the request still has to
-# be built, cross the network (through retries of a transient error) and be checked against Stripe's clock,
-# which may run ahead of ours.
+# The sender expires a row instead of sending it when less than this is left.
 SEND_MARGIN_SECONDS: Final = 60
-# The Stripe sink's last check before a request is Stripe's own rule, without margin: it refuses exactly
-# what Stripe would refuse, so nothing is sent that Stripe answers with an error (the earlier stages keep
-# the margins).
+# The Stripe sink's last check before a request: Stripe's own rule, without margin.
 VALIDATE_MARGIN_SECONDS: Final = 0
-# Parity marks a bucket for recomputation only while Stripe could still take a correction for it: the
-# exact window, since parity only reports and sends nothing.
+# Parity recomputes a bucket only while Stripe could still take a correction for it (the exact window).
 PARITY_MARGIN_SECONDS: Final = 0
-# The parity endpoint answers windows at most this long: all that Stripe can still bill, and no more (a
-# longer window costs a scan of samples whose usage can no longer change a bill).
+# The parity endpoint answers windows at most this long: all that Stripe can still bill.
 PARITY_QUERY_MAX_SECONDS: Final = STRIPE_MAX_AGE_SECONDS
 
-# Stripe cancels a meter event (a meter-event adjustment) only within 24 h of having received it. A command
-# cancels one only while that window has at least the margin left: the ledger's ``sent_ms`` is a little
-# after Stripe received the event, and the adjustment itself takes a request.
+# Stripe cancels a meter event only within 24 h of receiving it; a command cancels one only with the margin left.
 CANCEL_WINDOW_SECONDS: Final = 24 * 3600
 CANCEL_MARGIN_SECONDS: Final = 15 * 60
 

@@ -1,25 +1,9 @@
-"""The event-time watermark that decides when a bucket may close.
+"""The event-time watermark that decides when a bucket may close. Pure functions: no I/O, no clock.
 
-Closing must neither wait for ever on an idle partition nor close a bucket while unread ticks for it may
-still sit in the topic; it must also survive restarts and rebalances, so it is driven by what the ledger
-holds, not by Faust's wall-clock windows (which never fire for a window open at shutdown and drop late
-data silently).
-
-The watermark is the minimum, over every partition of every input topic, of what that partition
-guarantees:
-
-* a partition that is **caught up** (everything up to its log end is written to the ledger, and
-  its owner reported the log end recently) guarantees wall-clock *now*: any tick still to come is
-  produced from now on, and one for an old bucket is late data (a correction), not a reason to wait;
-* a partition that is **lagging** guarantees only the newest event time it has written
-  (``max_event_ms``): unread ticks behind it may still belong to older buckets;
-* a partition with no report, a stale report (owner gone, rebalance in progress), or nothing
-  written while lagging guarantees nothing, and holds the watermark back (``None``).
-
-Topics that carry no event time (``org-policy``) hold the watermark back while lagging, so a tick is
-never priced before the policy that was published ahead of it has been read.
-
-A bucket ``[s, e)`` closes once ``e + grace <= watermark``. Pure functions: no I/O, no clock.
+The watermark is the minimum over every partition of every input topic of what it guarantees: *now* when
+caught up and reported recently, its newest event time written when lagging, nothing (``None``) when
+unreported, stale, or lagging with nothing written. A bucket ``[s, e)`` closes once ``e + grace <=
+watermark``. Why: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
 """Stripe webhook events as billing decisions: which events matter, what each one means for an org's plan,
 and the ordering guard. Pure: no I/O; the receiver, the agent and the store call these.
 
-How an org becomes pro (and free again):
-
-* ``checkout.session.completed`` whose ``metadata.type`` is ``setup`` (with ``metadata.org_id`` and a
-  ``customer``): the org asked for pro; provision one subscription with every catalog price (under authority
-  ``edge``; under ``cell`` only record what would have been done), then the org is pro from the event's time.
-* ``customer.subscription.created`` / ``updated``: the org is pro while one of its subscriptions is in a
-  paying status (:data:`PRO_STATUSES`); applying the same state twice changes nothing.
-* ``customer.subscription.deleted``: that subscription has ended; without another paying one the org is free
-  from the event's time.
-* anything else: acknowledged, counted by type, ignored.
-
-Ordering: Stripe does not deliver events in order. Per subscription the guard keeps the ``created`` of the last
-event applied and the status it left: an older event is out of order, and an ended subscription never becomes
-paying again (Stripe cannot reactivate a canceled subscription), so a ``created`` delivered after ``deleted``
-changes nothing, even within the same second. Plan records are a history keyed by (org, effective time), so
-each change is published at a time no earlier than the newest record already published (:func:`plan_changes`).
+Setup checkouts provision pro; subscription events keep an org pro while one subscription pays
+(:data:`PRO_STATUSES`); other events are ignored. Out-of-order events change nothing (per subscription:
+the last ``created`` applied, and an ended one never pays again); plan records are published at times that
+never go back (:func:`plan_changes`). In detail: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """The zombie rule: usage a worker reports for a sandbox it did not own at the time is counted, not billed.
 
-A tick of sandbox S from worker W at time t covers ``(t - interval_s, t]``. It is a *zombie* when the cell
-side knows that S had started by t, and yet no interval of S owned by W covers t: either another worker
-owned S then (W kept reporting after a migration), or every interval of S had ended before t (W kept
-reporting after S stopped). An interval covers t when ``started - slack <= t <= ended + slack`` (an open
-interval has no end), where ``slack = interval_s * 1000 + ZOMBIE_SLACK_MS``: the tick's own span, plus
-clock jitter between worker and cell. S counts as started by t when some interval of S starts at or
-before ``t + slack``. Unknown ownership is allowed: no interval of S known by then, or a tick without a
-worker id (an older producer).
-
-The rule is decided in event time, from the ticks' and intervals' own timestamps, so a replay decides it
-as the closer did whenever it runs: the closer and replay both decide it through :func:`is_zombie`
-(by way of :class:`models.usage.Pricer`).
+Decided in event time by :func:`is_zombie` (through :class:`models.usage.Pricer`, for the closer and replay
+alike), with a slack of the tick's span plus ``ZOMBIE_SLACK_MS``; unknown ownership bills. The rule at
+length: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations
@@ -71,7 +62,7 @@ def ownership_by_sandbox(intervals: Iterable[Interval]) -> dict[str, SandboxOwne
 
 
 def is_zombie(owner: SandboxOwnership | None, worker_id: str, ts_ms: int, interval_s: int) -> bool:
-    """The rule (module docstring) for a tick of ``worker_id`` at ``ts_ms``; ``owner``: what the cell side
+    """The zombie rule for a tick of ``worker_id`` at ``ts_ms``; ``owner``: what the cell side
     knows of the tick's sandbox (None: nothing)."""
     if not worker_id or owner is None:
         return False

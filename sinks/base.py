@@ -98,12 +98,7 @@ class RetryPolicy:
     ``retryable``: the exception types another attempt may cure (a sink's ``transient`` outcome says the same,
     decided by exception type where its errors are classified). ``max_attempts``: attempts in all (None: until
     done or stopped). The wait after attempt n is the backoff's, or the destination's ``retry_after`` when
-    longer (at most ``max_retry_after``).
-
-    Stripe's SDK retries stay off (``max_network_retries=0`` in :func:`sinks.stripe.make_client`): every
-    attempt re-sends the same meter-event identifier, which Stripe deduplicates, so one schedule is enough,
-    and it is this one, which counts attempts and honours ``Retry-After``. The SDK's own retries would
-    replay one Idempotency-Key, for which Stripe answers its first reply again, a 500 included.
+    longer (at most ``max_retry_after``). Stripe's SDK retries stay off: docs/architecture.md, "Module notes".
     """
 
     backoff: Backoff = Backoff()
@@ -122,7 +117,8 @@ class RetryPolicy:
 
 
 #: Meter events to Stripe (:class:`RetryingSink`): what is still transient after these waits for the next cycle.
-SEND_RETRY: Final = RetryPolicy(Backoff(0.25, 8.0), max_attempts=6)
+SEND_ATTEMPTS: Final = 6
+SEND_RETRY: Final = RetryPolicy(Backoff(0.25, 8.0), max_attempts=SEND_ATTEMPTS)
 #: Reads of what Stripe holds (the reconciliation); an unreachable Stripe gets fewer attempts (the reader's).
 READ_RETRY: Final = RetryPolicy(Backoff(0.5, 30.0), max_attempts=6)
 #: The worker's ledger writes: until done, since a batch whose write failed is never acknowledged.

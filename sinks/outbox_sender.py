@@ -1,13 +1,8 @@
 """The outbox sender: drains sendable meter rows from the ledger's outbox (:mod:`sinks.ledger.outbox`) into a
-meter-event sink.
+meter-event sink; run from a timer in a thread (:meth:`OutboxSender.run_once`), never in an agent.
 
-It never runs inside a stream agent's event handling: the worker calls :meth:`OutboxSender.run_once`
-from a timer (in a thread), and tests call it directly.
-
-With the v2 stream, a row is ``sent`` as soon as Stripe accepted the request (202), with the note
-:data:`V2_ACCEPTED_NOTE` in ``last_error``; Stripe validates such events later, and the optional
-``reconciler`` (:class:`sinks.stripe.v2.ErrorReportReconciler`), run every ``reconcile_every_s``,
-moves the rows Stripe reports as refused to ``rejected`` with Stripe's code and message.
+With the v2 stream a row is ``sent`` on Stripe's 202, noted :data:`V2_ACCEPTED_NOTE`; the optional
+``reconciler`` moves rows Stripe later refuses to ``rejected``.
 """
 
 from __future__ import annotations
@@ -23,6 +18,7 @@ from models.stripe_window import expired_at_send
 from sinks.base import Outcome, Sink, Status
 from sinks.ledger import Ledger, MeterRow
 from sinks.stripe.v1 import MeterEvent
+from sinks.stripe.v2 import ACCEPTED_ASYNC
 
 __all__ = ["DUPLICATE_NOTE", "V2_ACCEPTED_NOTE", "OutboxSender", "Reconciler", "SendReport"]
 
@@ -32,8 +28,6 @@ log = logging.getLogger(__name__)
 V2_ACCEPTED_NOTE = "accepted by the v2 meter-event stream (202); Stripe validates it asynchronously"
 #: How ``last_error`` of a row Stripe answered "already exists" begins: Stripe holds its identifier.
 DUPLICATE_NOTE = "duplicate at Stripe"
-#: Outcome code the v2 sink gives an accepted event (``sinks.stripe.v2.ACCEPTED_ASYNC``).
-_ACCEPTED_ASYNC = "accepted_async"
 
 
 class _Reconciled(Protocol):
@@ -204,7 +198,7 @@ class OutboxSender:
         for o in outcomes:
             row = by_id[o.item.identifier]
             if o.status is Status.OK:
-                accepted_async = o.code == _ACCEPTED_ASYNC
+                accepted_async = o.code == ACCEPTED_ASYNC
                 note = V2_ACCEPTED_NOTE if accepted_async else None
                 updates.append((row.id, RowState.SENT, o.item.customer, note))
                 report.sent += 1

@@ -1,15 +1,8 @@
 """Retention: drops the per-tick data of retired buckets, moves the dedup horizon, and reports the ledger's size.
 
-The policy is :mod:`models.retention`: a bucket is *retired* once it is closed with every sample aggregated,
-every meter row of it is final, and it ended at least the retention period ago; its samples then go, and
-the dedup horizon moves to its end (ingest refuses every tick before the horizon). Old ended cell intervals
-go too, once no kept or future tick can be decided by them. Meter rows, unbilled usage, the parity table and
-its kept edge sums, the audit logs and the counters stay.
-
-A compaction (:meth:`Retention.compact`) is a few short transactions, never one long one, so ingest and the
-closer are held up for one chunk at a time (see the method for their order and what a crash between them
-does). :meth:`Retention.plan` says what a compaction would do without doing it, and :meth:`Retention.sizes`
-measures every ledger table (rows and bytes).
+The policy is :mod:`models.retention`. :meth:`Retention.compact` runs in a few short transactions (see it
+for their order and what a crash between them does); :meth:`Retention.plan` says what it would do;
+:meth:`Retention.sizes` measures every table. Meter rows, unbilled usage, parity, audit logs and counters stay.
 """
 
 from __future__ import annotations

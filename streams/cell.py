@@ -1,12 +1,9 @@
 """The cell side and the parity refresher, wired onto the Faust app by :func:`install_parity`.
 
-* ``cell`` agent (``sandbox-scale-events``): batches of records -> parse (:func:`prepare_scale`) -> bad
-  ones to ``sandbox-scale-events-dlq`` (reason + source headers, original bytes) -> intervals into the
-  ledger with the partition's progress, in one transaction (:meth:`ParityStore.write_scale_events`).
-  Offsets are acked only after that commit: a failed write is retried, never acked.
-* ``parity`` timer (leader): :meth:`ParityStore.refresh` in a thread — recomputes the buckets that changed,
-  stores the watermark — then publishes due alerts to the alerts topic (``billing-alerts``) and logs them,
-  once each, and logs every newly flagged settled (org, bucket) once per process.
+* ``cell`` agent: records -> :func:`prepare_scale` -> dead letters -> intervals and progress in one
+  transaction; offsets acked only after that commit (a failed write is retried, never acked).
+* ``parity`` timer (leader): :meth:`ParityStore.refresh` in a thread, then due alerts published and logged
+  once each; newly flagged settled (org, bucket) logged once per process.
 """
 
 from __future__ import annotations
@@ -21,7 +18,8 @@ from typing import Any
 from models.parity import ScaleEvent, parse_scale_event
 from models.ticks import FUTURE_TOLERANCE_MS
 from models.watermark import last_closable_bucket
-from sinks.parity import ParityStore, PendingAlert, RefreshResult, RefreshState, SourcedScaleEvent
+from sinks.parity import ParityConfig, ParityStore, PendingAlert, RefreshResult, RefreshState, SourcedScaleEvent
+from streams.config import Topics
 from streams.health import RateLimitedLog
 from streams.pipeline import Deps
 from streams.records import (
@@ -74,14 +72,12 @@ def prepare_scale(records: Iterable[Record], topic: str, now_ms: int) -> ScaleBa
 class ParityRuntime:
     """The cell agent's and the refresher's behaviour, independent of Faust so tests can drive it."""
 
-    def __init__(self, deps: Deps) -> None:
-        self.deps = deps
-        cfg = deps.config
-        self.scale_topic = cfg.topics.scale
-        self.dlq_topic = cfg.topics.scale_dlq
-        self.alerts_topic = cfg.topics.alerts
-        self.store = ParityStore(deps.ledger.engine, bucket_seconds=cfg.bucket_seconds, clock=deps.clock_ms)
-        self.cfg = cfg.parity
+    def __init__(self, store: ParityStore, cfg: ParityConfig, topics: Topics) -> None:
+        self.scale_topic = topics.scale
+        self.dlq_topic = topics.scale_dlq
+        self.alerts_topic = topics.alerts
+        self.store = store
+        self.cfg = cfg
         self.state = RefreshState()
         self.last_refresh: RefreshResult | None = None
         self._lock = asyncio.Lock()
@@ -153,7 +149,10 @@ def install_parity(app: Any, deps: Deps) -> ParityRuntime:
     The scale topic's log end is reported by the worker's progress timer, with the other topics the
     closer waits on (:mod:`streams.wiring`).
     """
-    rt = ParityRuntime(deps)
+    cfg = deps.config
+    rt = ParityRuntime(
+        ParityStore(deps.ledger.engine, bucket_seconds=cfg.bucket_seconds, clock=deps.clock_ms), cfg.parity, cfg.topics
+    )
     n = deps.config.kafka.partitions
     raw = RAW_BYTES
     scale = app.topic(rt.scale_topic, partitions=n, **raw)

@@ -26,6 +26,8 @@ from sinks.reconcile.run import ReconcileConfig
 
 __all__ = ["KafkaConfig", "Topics", "WebConfig", "WebLimits", "WebhookConfig", "WorkerConfig"]
 
+_BODY_TIMEOUT_S = 10.0  # seconds a body a route reads has to arrive (the web server's and the webhook receiver's)
+
 
 @dataclass(frozen=True, slots=True)
 class Topics:
@@ -90,7 +92,7 @@ class WebLimits:
     max_field_bytes: int = 8190
     max_headers: int = 64
     idle_timeout_s: float = 15.0
-    body_timeout_s: float = 10.0
+    body_timeout_s: float = _BODY_TIMEOUT_S
     body_bytes: tuple[tuple[str, int], ...] = ()
     max_connections: int = 256
     metrics_per_org: bool = False
@@ -131,7 +133,7 @@ class WebhookConfig:
     secret: str = field(repr=False)
     tolerance_s: int = 300
     max_body_bytes: int = 256 * 1024
-    body_timeout_s: float = 10.0
+    body_timeout_s: float = _BODY_TIMEOUT_S
     append_timeout_s: float = 10.0
     retry_interval_s: float = 5.0
 

@@ -1,19 +1,10 @@
 """What the worker knows about its own health: readiness conditions, their metrics, and logs that do not flood.
 
-Liveness and readiness are apart. The process is *live* while its event loop answers (``/healthz``). It is
-*ready* while none of these conditions holds (``/readyz``, and the ``edgebill_unready{condition}`` gauges):
-
-==========================  ===================================================================================
-``starting``                the ingest consumer has not started yet
-``ingest_stalled``          records wait to be written (lag > 0) and no batch was written for ``stall_after_s``
-``ledger_unwritable``       the last write to the ledger failed for a reason that is not the record's
-``broker_unreachable``      no answer from the Kafka broker for ``broker_timeout_s``
-``dead_letters_unwritable`` a dead letter could not be produced: ingestion waits rather than skip the record
-==========================  ===================================================================================
-
-Repeated failures are logged once per interval with a count (:class:`RateLimitedLog` for our own loops,
-:class:`RepeatedLogFilter` on the log handlers for the Kafka client's and Faust's own messages), so a broker
-that is down for a minute writes a few dozen lines, not thousands.
+*Live* while the event loop answers (``/healthz``); *ready* while none of ``starting``, ``ingest_stalled``,
+``ledger_unwritable``, ``broker_unreachable``, ``dead_letters_unwritable`` holds (``/readyz``,
+``edgebill_unready{condition}``). Repeated failures are logged once per interval with a count
+(:class:`RateLimitedLog` for our loops, :class:`RepeatedLogFilter` for the libraries'). What each condition
+means: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations
@@ -167,12 +158,9 @@ class RateLimitedLog:
 class RepeatedLogFilter(logging.Filter):
     """A handler filter: each warning or error *message template* passes at most once per ``interval_s``.
 
-    For messages we do not write ourselves (the Kafka client logs every failed connection attempt, several
-    times a second while a broker is down): records of edgebill's own packages always pass (they limit
-    their repeats with :class:`RateLimitedLog`, and some, like a parity flag per org and bucket, are
-    distinct events with one template). A repeat inside the interval is dropped and counted; the next
-    one that passes says how many were dropped. Records below WARNING always pass. One decision per
-    record, whatever the number of handlers the filter sits on.
+    For the libraries' messages: records of edgebill's own packages and records below WARNING always pass. A
+    repeat inside the interval is dropped and counted; the next one that passes says how many were dropped.
+    One decision per record, whatever the number of handlers the filter sits on.
     """
 
     _MARK: Final = "_edgebill_passes"

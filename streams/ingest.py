@@ -43,7 +43,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition, errors
 from aiokafka.abc import ConsumerRebalanceListener
@@ -51,16 +52,19 @@ from aiokafka.errors import CommitFailedError, ConsumerStoppedError, IllegalStat
 from mode import Service
 
 from sinks.base import BATCH_RETRY, DEAD_LETTER_RETRY
+from streams.config import KafkaConfig
 from streams.health import (
     BROKER,
     DEAD_LETTERS,
     LEDGER,
     STARTING,
+    Health,
+    RateLimitedLog,
     dead_letter_failures_total,
     ingest_fetch_errors_total,
     ledger_write_failures_total,
 )
-from streams.pipeline import IngestBatch, Pipeline, WritePlan, prepare_ingest
+from streams.pipeline import IngestBatch, WritePlan, prepare_ingest
 from streams.records import (
     DeadLetter,
     Record,
@@ -73,7 +77,7 @@ from streams.records import (
     sleep_unless,
 )
 
-__all__ = ["TickIngestor", "make_ingest_service"]
+__all__ = ["BatchWriter", "IngestContext", "IngestService", "TickIngestor"]
 
 log = logging.getLogger(__name__)
 
@@ -103,43 +107,73 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("ingest: partitions assigned %s", sorted(tp.partition for tp in assigned))
 
 
+class BatchWriter(Protocol):
+    """The ledger side of ingest (:class:`streams.pipeline.Pipeline` is one): writes, dead letters, horizon."""
+
+    horizon_s: int  # the ledger's dedup horizon as its last write reported it (prepare_ingest refuses before it)
+
+    def write_step(self, plan: WritePlan) -> None: ...
+    def too_old_letters(self, plan: WritePlan) -> list[DeadLetter]: ...
+    def conflict_letters(self, plan: WritePlan) -> list[DeadLetter]: ...
+    def refused_letters(self, plan: WritePlan) -> list[DeadLetter]: ...
+    def finish_isolated(self, plan: WritePlan) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class IngestContext:
+    """What a :class:`TickIngestor` reads from and reports to, besides its writer: the broker, ``topic``
+    (dead letters to ``dlq_topic``), the owner's name, the clock, the readiness conditions it sets
+    (``BROKER``, ``LEDGER``, ``DEAD_LETTERS``) and the log throttle of its repeated failures."""
+
+    kafka: KafkaConfig
+    topic: str
+    dlq_topic: str
+    owner: str
+    clock_ms: Callable[[], int]
+    health: Health
+    log_throttle: RateLimitedLog
+
+
 class TickIngestor:
-    """Reads ``usage-ticks`` in batches and writes them to the ledger; see the module docstring."""
+    """Reads ``ctx.topic`` in batches and writes them through ``writer``; see the module docstring.
+    ``send_dead`` produces dead letters."""
 
     def __init__(
         self,
-        pipe: Pipeline,
+        ctx: IngestContext,
+        writer: BatchWriter,
         send_dead: SendDead,
         *,
         target_ticks: int = 8000,
         depth: int = 2,
         stop_grace_s: float = 3.0,
     ) -> None:
-        self.pipe = pipe
-        self.health = pipe.health
-        self._limiter = pipe.log_throttle
+        self._ctx = ctx
+        self._writer = writer
+        self.health = ctx.health
+        self._log_throttle = ctx.log_throttle
         self._send_dead = send_dead
         # Batches are sized in ticks, not messages: a message may carry one tick or hundreds.
         self._target_ticks = target_ticks
         self._ticks_per_message = 1.0
         self._stop_grace_s = stop_grace_s
-        k = pipe.deps.config.kafka
-        self.group_id = f"{k.group_id}.ticks"
+        kafka = ctx.kafka
+        self.group_id = f"{kafka.group_id}.ticks"
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=k.servers,
+            bootstrap_servers=kafka.servers,
             group_id=self.group_id,
-            client_id=f"edgebill-ingest-{pipe.deps.owner}",
+            client_id=f"edgebill-ingest-{ctx.owner}",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             # This consumer joins after Faust's own group (Faust starts services once it is ready), and on
             # Tansu a join lasts about session_timeout / 2: keep it short so ingest starts ~1 s later.
-            session_timeout_ms=int(min(k.session_timeout, 2.0) * 1000),
-            heartbeat_interval_ms=int(min(k.heartbeat_interval, 0.2) * 1000),
-            rebalance_timeout_ms=int(min(k.rebalance_timeout, 2.0) * 1000),
+            session_timeout_ms=int(min(kafka.session_timeout, 2.0) * 1000),
+            heartbeat_interval_ms=int(min(kafka.heartbeat_interval, 0.2) * 1000),
+            rebalance_timeout_ms=int(min(kafka.rebalance_timeout, 2.0) * 1000),
             max_poll_interval_ms=300_000,
-            request_timeout_ms=int(max(k.request_timeout, k.session_timeout + 5) * 1000),
+            request_timeout_ms=int(max(kafka.request_timeout, kafka.session_timeout + 5) * 1000),
             fetch_max_bytes=64 * 1024 * 1024,
-            max_partition_fetch_bytes=k.max_fetch_bytes,
+            max_partition_fetch_bytes=kafka.max_fetch_bytes,
         )
         self._queue: asyncio.Queue[tuple[IngestBatch, dict[TopicPartition, int]] | None] = asyncio.Queue(depth)
         self._stopping = asyncio.Event()
@@ -156,14 +190,14 @@ class TickIngestor:
 
     async def start(self) -> None:
         await self._consumer.start()
-        self._consumer.subscribe([self.pipe.ticks_topic], listener=_Listener(self))
+        self._consumer.subscribe([self._ctx.topic], listener=_Listener(self))
         self._tasks = [
             asyncio.create_task(self._fetch_loop(), name="edgebill.ingest.fetch"),
             asyncio.create_task(self._write_loop(), name="edgebill.ingest.write"),
             asyncio.create_task(self._monitor_loop(), name="edgebill.ingest.monitor"),
         ]
         self.health.ok(STARTING)
-        log.info("ingest: consuming %s as group %s", self.pipe.ticks_topic, self.group_id)
+        log.info("ingest: consuming %s as group %s", self._ctx.topic, self.group_id)
 
     async def stop(self) -> None:
         """Stop reading; finish the batches already read if that takes under ``stop_grace_s``; leave the group.
@@ -240,7 +274,7 @@ class TickIngestor:
     # -- loops ----------------------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        topic = self.pipe.ticks_topic
+        topic = self._ctx.topic
         while not self._stopping.is_set():
             try:
                 max_records = max(1, min(10_000, int(self._target_ticks / self._ticks_per_message)))
@@ -249,10 +283,10 @@ class TickIngestor:
                 return
             except KafkaError as exc:
                 ingest_fetch_errors_total.inc()
-                self._limiter.failure("fetch", "ingest: fetch failed (%s: %s); retrying", type(exc).__name__, exc)
+                self._log_throttle.failure("fetch", "ingest: fetch failed (%s: %s); retrying", type(exc).__name__, exc)
                 await asyncio.sleep(0.5)
                 continue
-            self._limiter.recovered("fetch")
+            self._log_throttle.recovered("fetch")
             if not batch:
                 continue
             records: list[Record] = []  # the consumer's own records: no copy per message
@@ -261,7 +295,7 @@ class TickIngestor:
                 records.extend(msgs)
                 offsets[tp] = msgs[-1].offset + 1
                 self._first_fetched.setdefault(tp, msgs[0].offset)
-            prepared = prepare_ingest(records, topic, self.pipe.deps.clock_ms(), self.pipe.horizon_s)
+            prepared = prepare_ingest(records, topic, self._ctx.clock_ms(), self._writer.horizon_s)
             per = (len(prepared.ticks) + len(prepared.dead)) / len(records)
             self._ticks_per_message = 0.7 * self._ticks_per_message + 0.3 * max(per, 1.0)
             await self._queue.put((prepared, offsets))
@@ -287,11 +321,11 @@ class TickIngestor:
         """:meth:`_write`, again after an unexpected error, by :data:`~sinks.base.BATCH_RETRY` (a bug must
         stall ingestion loudly, not kill it). Raises :class:`Stopped` when the worker stops meanwhile."""
         msg = "ingest: writing a batch failed unexpectedly (%s: %s); trying it again"
-        failed = log_failure(self._limiter, "ingest batch", msg, level=logging.ERROR)
+        failed = log_failure(self._log_throttle, "ingest batch", msg, level=logging.ERROR)
         await retry_until_done(
             "ingest batch", lambda: self._write(prepared), BATCH_RETRY, failed, stopping=self._stopping
         )
-        self._limiter.recovered("ingest batch")
+        self._log_throttle.recovered("ingest batch")
 
     async def _write(self, prepared: IngestBatch) -> None:
         """Write one batch: everything but the offset commit, which the caller does only after this returns.
@@ -312,23 +346,23 @@ class TickIngestor:
         await retry_forever(
             "ledger write",
             lambda: self._step(plan),
-            log_throttle=self._limiter,
+            log_throttle=self._log_throttle,
             health=self.health,
             condition=LEDGER,
             stopping=self._stopping,
         )
         if plan.too_old:
-            await self._dead_letters(self.pipe.too_old_letters(plan))
+            await self._dead_letters(self._writer.too_old_letters(plan))
         if plan.conflicts:
-            await self._dead_letters(self.pipe.conflict_letters(plan))
+            await self._dead_letters(self._writer.conflict_letters(plan))
         if plan.isolating:
-            letters = self.pipe.refused_letters(plan)
+            letters = self._writer.refused_letters(plan)
             if letters:
                 await self._dead_letters(letters)
             await retry_forever(
                 "ledger write",
-                lambda: self.pipe.finish_isolated(plan),
-                log_throttle=self._limiter,
+                lambda: self._writer.finish_isolated(plan),
+                log_throttle=self._log_throttle,
                 health=self.health,
                 condition=LEDGER,
                 stopping=self._stopping,
@@ -337,7 +371,7 @@ class TickIngestor:
 
     def _step(self, plan: WritePlan) -> None:
         try:
-            self.pipe.write_step(plan)
+            self._writer.write_step(plan)
         except Exception:
             ledger_write_failures_total.labels("unavailable").inc()
             raise
@@ -347,14 +381,14 @@ class TickIngestor:
             await asyncio.wait_for(self._consumer.commit(offsets), timeout=10.0)
         except (CommitFailedError, IllegalStateError, KafkaError, TimeoutError) as exc:
             # The batch is in the ledger; whoever reads these offsets again finds duplicates.
-            self._limiter.failure(
+            self._log_throttle.failure(
                 "offset commit",
                 "ingest: offset commit skipped (%s); re-reads are absorbed by tick-id dedup",
                 type(exc).__name__,
                 level=logging.INFO,
             )
         else:
-            self._limiter.recovered("offset commit")
+            self._log_throttle.recovered("offset commit")
         for tp, nxt in offsets.items():
             if tp in self._first_fetched:  # still owned
                 self._written[tp] = max(nxt, self._written.get(tp, 0))
@@ -371,7 +405,7 @@ class TickIngestor:
         stops meanwhile.
         """
         for d in letters:
-            self._limiter.failure(
+            self._log_throttle.failure(
                 f"dead letter {d.headers.get('edgebill-reason', b'?').decode(errors='replace')}",
                 "dead-lettered %s: %s",
                 d.headers["edgebill-source"].decode(),
@@ -393,12 +427,12 @@ class TickIngestor:
         def failed(exc: Exception) -> None:
             dead_letter_failures_total.inc()
             self.health.fail(DEAD_LETTERS, f"{type(exc).__name__}: {first_line(exc)}")
-            self._limiter.failure(
+            self._log_throttle.failure(
                 "dead letters",
                 "ingest: STOPPED - cannot write %d dead letter(s) to %s (%s: %s); nothing past them is "
                 "committed until they are written",
                 len(letters),
-                self.pipe.dlq_topic,
+                self._ctx.dlq_topic,
                 type(exc).__name__,
                 first_line(exc),
                 level=logging.ERROR,
@@ -406,7 +440,7 @@ class TickIngestor:
 
         await retry_until_done("dead letters", send, DEAD_LETTER_RETRY, failed, stopping=self._stopping)
         self.health.ok(DEAD_LETTERS)
-        self._limiter.recovered("dead letters")
+        self._log_throttle.recovered("dead letters")
 
     async def _monitor_loop(self) -> None:
         """Every second: the lag (for the stall condition) and whether the broker answers."""
@@ -415,7 +449,7 @@ class TickIngestor:
                 self.health.observe_lag(await self.lag())
                 await self._check_broker()
             except Exception as exc:
-                self._limiter.failure("health check", "ingest: health check failed (%s)", first_line(exc))
+                self._log_throttle.failure("health check", "ingest: health check failed (%s)", first_line(exc))
             await sleep_unless(self._stopping, 1.0)
 
     async def _check_broker(self) -> None:
@@ -442,9 +476,9 @@ class TickIngestor:
         except (TimeoutError, KafkaError, OSError) as exc:
             silent = time.monotonic() - self._answer_at
             if silent >= timeout_s:
-                servers = self.pipe.deps.config.kafka.servers
+                servers = self._ctx.kafka.servers
                 self.health.fail(BROKER, f"no answer from {servers} for {silent:.0f} s")
-            self._limiter.failure(
+            self._log_throttle.failure(
                 "broker", "ingest: the Kafka broker does not answer (%s: %s)", type(exc).__name__, first_line(exc)
             )
         else:
@@ -453,24 +487,23 @@ class TickIngestor:
 
     def _reachable(self) -> None:
         self.health.ok(BROKER)
-        self._limiter.recovered("broker")
+        self._log_throttle.recovered("broker")
 
 
-def make_ingest_service(pipe: Pipeline, send_dead: SendDead) -> type[Service]:
-    """A :class:`mode.Service` class that runs a :class:`TickIngestor` with the Faust worker.
+class IngestService(Service):
+    """Starts a new :class:`TickIngestor` with the worker, stops it with it; ``ingestor`` is the running one."""
 
-    The running ingestor is published as ``pipe.ingestor`` (the progress reporter reads its log ends).
-    """
+    def __init__(self, new_ingestor: Callable[[], TickIngestor]) -> None:
+        super().__init__()
+        self._new_ingestor = new_ingestor
+        self.ingestor: TickIngestor | None = None
 
-    class IngestService(Service):
-        async def on_start(self) -> None:
-            ingestor = TickIngestor(pipe, send_dead)
-            await ingestor.start()
-            pipe.ingestor = ingestor
+    async def on_start(self) -> None:
+        ingestor = self._new_ingestor()
+        await ingestor.start()
+        self.ingestor = ingestor
 
-        async def on_stop(self) -> None:
-            ingestor, pipe.ingestor = pipe.ingestor, None
-            if isinstance(ingestor, TickIngestor):
-                await ingestor.stop()
-
-    return IngestService
+    async def on_stop(self) -> None:
+        ingestor, self.ingestor = self.ingestor, None
+        if ingestor is not None:
+            await ingestor.stop()

@@ -1,41 +1,14 @@
 """The ``/metrics`` page: the process registry (:mod:`sinks.observe`) and the ledger's durable figures.
 
-Two kinds of metrics:
-
-* **In-process** objects in :data:`REGISTRY`, updated where things happen: :data:`stripe_request_seconds`
-  (histogram of Stripe API call latency) and :data:`stripe_errors_total` (``kind`` = rate_limited, server,
-  connection, permanent, duplicate, …). They reset when the process restarts, as Prometheus expects.
-* **Durable** figures read from the ledger at scrape time (:class:`sinks.parity.MetricsSnapshot`): tick
-  counters live in the ``counters`` table (they survive restarts and are shared by every worker), meter rows
-  by state, buckets closed, consumer lag per partition, the parity of the newest settled bucket.
-
-Exported names (all prefixed ``edgebill_``): ``ticks_ingested_total``, ``ticks_rejected_total``,
-``ticks_duplicate_total``, ``ticks_zombie_total``, ``scale_events_rejected_total``, ``buckets_closed_total``,
-``meter_rows{state}``, ``consumer_lag{topic,partition}``, ``parity_worst_drift``, ``parity_rows{status}``,
-``parity_aggregate_drift``, ``parity_bucket_start_seconds``, ``parity_clean_hours``,
-``parity_refresh_age_seconds``, ``ledger_counter{name}`` (every ledger counter); the reconciliation with
-Stripe (its last scheduled run, :class:`sinks.reconcile.store.ReconcileSnapshot`): ``reconcile_windows{label}``,
-``reconcile_differing_orgs{label}`` (``reconcile_difference{org_id,meter,label}`` with per-org metrics on),
-``reconcile_unsettled``, ``reconcile_last_run_seconds``, ``reconcile_newest_compared_timestamp_seconds``,
-``reconcile_run_failed``, ``reconcile_requests``, ``reconcile_throttled``, ``reconcile_alerts_total``,
-``reconcile_alerts_unpublished``, ``reconcile_invoice_lines{label}``, ``reconcile_repairs_total``;
-``stripe_request_seconds``, ``stripe_errors_total{kind}``; readiness and ingest health from
-:mod:`streams.health`: ``ready``, ``unready{condition}``, ``ingest_lag``, ``ingest_progress_age_seconds``,
-``ledger_write_failures_total{kind}``, ``ticks_refused_total``, ``dead_letter_failures_total``,
-``dead_letters_truncated_total``, ``ingest_fetch_errors_total``; the web server's
-``web_connections``, ``web_connections_evicted_total``, ``web_connections_refused_total``.
-
-**What an unauthenticated scraper reads.** No org id, customer id or amount (usage or money), and a bounded
-number of series: labels are states, reasons, conditions, labels, topics and partitions, meter names and
-ledger counter names (whose reasons include ``provider_<name>`` per billing provider in use), never one per
-org. Only with ``per_org`` (``EDGEBILL_WEB_METRICS_PER_ORG=true``, for a scraper trusted with them) come
-the series per org: ``parity_drift{org_id}`` and ``reconcile_difference{org_id,meter,label}`` (Stripe minus
-the ledger in meter units, summed over the windows that differ).
+In-process metrics reset with the process; durable figures (:class:`sinks.parity.MetricsSnapshot`,
+:class:`sinks.reconcile.store.ReconcileSnapshot`) are read from the ledger at scrape time. Unless
+``per_org``, no series names an org, a customer or an amount, and the series are bounded. The exported
+names: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from decimal import Decimal
 from typing import Final
 
@@ -81,73 +54,98 @@ class SnapshotCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         s = self.snap
         for key, (name, doc) in _COUNTERS.items():
-            c = CounterMetricFamily(name, doc)
-            c.add_metric([], sum(s.counters.get(k, 0) for k in _ALIASES.get(key, (key,))))
-            yield c
-        closed = CounterMetricFamily("edgebill_buckets_closed", "Buckets closed by the closer.")
-        closed.add_metric([], s.buckets_closed)
-        yield closed
-        rows = GaugeMetricFamily("edgebill_meter_rows", "Meter rows in the outbox, by state.", labels=["state"])
-        for state, n in sorted(s.rows_by_state.items()):
-            rows.add_metric([state], n)
-        yield rows
-        lag = GaugeMetricFamily(
+            yield _one(CounterMetricFamily, name, doc, sum(s.counters.get(k, 0) for k in _ALIASES.get(key, (key,))))
+        yield _one(CounterMetricFamily, "edgebill_buckets_closed", "Buckets closed by the closer.", s.buckets_closed)
+        yield _by(
+            "edgebill_meter_rows",
+            "Meter rows in the outbox, by state.",
+            ["state"],
+            (([state], n) for state, n in sorted(s.rows_by_state.items())),
+        )
+        yield _by(
             "edgebill_consumer_lag",
             "Records not yet written to the ledger: log end (as last reported) - committed offset - 1.",
-            labels=["topic", "partition"],
+            ["topic", "partition"],
+            (
+                ([p.topic, str(p.partition)], max(0, p.highwater - (p.committed_offset + 1)))
+                for p in sorted(s.progress, key=lambda p: (p.topic, p.partition))
+                if p.topic in self.topics and p.highwater is not None
+            ),
         )
-        for p in sorted(s.progress, key=lambda p: (p.topic, p.partition)):
-            if p.topic in self.topics and p.highwater is not None:
-                lag.add_metric([p.topic, str(p.partition)], max(0, p.highwater - (p.committed_offset + 1)))
-        yield lag
-        drift = GaugeMetricFamily(
-            "edgebill_parity_drift",
-            "(edge - cell) / cell per pro org, newest settled bucket with parity rows.",
-            labels=["org_id"],
+        yield from self._parity()
+        yield _one(
+            GaugeMetricFamily, "edgebill_parity_bucket_start_seconds", "Start of that bucket (unix s).", s.parity_bucket
         )
-        by_status = GaugeMetricFamily(
-            "edgebill_parity_rows", "Parity rows of the newest settled bucket, by status.", labels=["status"]
+        yield _one(
+            GaugeMetricFamily,
+            "edgebill_parity_clean_hours",
+            "Consecutive clean settled hours of parity (the cutover gate).",
+            None if s.gate is None else float(s.gate.clean_hours),
         )
-        worst = GaugeMetricFamily(
-            "edgebill_parity_worst_drift", "Largest |drift| among the pro orgs of the newest settled bucket."
+        yield _one(
+            GaugeMetricFamily,
+            "edgebill_parity_refresh_age_seconds",
+            "Seconds since the last parity refresh.",
+            None if s.refreshed_ms is None else max(0.0, self.now_s - s.refreshed_ms / 1000),
         )
+        yield _by(
+            "edgebill_ledger_counter",
+            "Every counter of the ledger.",
+            ["name"],
+            (([name], v) for name, v in sorted(s.counters.items())),
+        )
+
+    def _parity(self) -> Iterator[Metric]:
+        """The newest settled bucket's parity: drift per org (only ``per_org``), worst, rows by status, aggregate."""
+        rows = self.snap.parity_rows
         counts: dict[str, int] = {"ok": 0, "drift": 0, "edge_only": 0, "cell_only": 0}
         edge = cell = 0
-        for r in s.parity_rows:
-            drift.add_metric([r.org_id], float(r.drift))
+        for r in rows:
             counts[r.status.value] = counts.get(r.status.value, 0) + 1
             edge += r.edge_mb_s * 1000
             cell += r.cell_mb_ms
-        if s.parity_rows:
-            worst.add_metric([], max(abs(float(r.drift)) for r in s.parity_rows))
-        for status, n in sorted(counts.items()):
-            by_status.add_metric([status], n)
         if self.per_org:
-            yield drift
-        yield worst
-        yield by_status
-        agg = GaugeMetricFamily("edgebill_parity_aggregate_drift", "Aggregate drift of the newest settled bucket.")
-        if s.parity_rows:
-            agg.add_metric([], float((edge - cell) / cell) if cell else (1.0 if edge else 0.0))
-        yield agg
-        bucket = GaugeMetricFamily("edgebill_parity_bucket_start_seconds", "Start of that bucket (unix s).")
-        if s.parity_bucket is not None:
-            bucket.add_metric([], s.parity_bucket)
-        yield bucket
-        clean = GaugeMetricFamily(
-            "edgebill_parity_clean_hours", "Consecutive clean settled hours of parity (the cutover gate)."
+            yield _by(
+                "edgebill_parity_drift",
+                "(edge - cell) / cell per pro org, newest settled bucket with parity rows.",
+                ["org_id"],
+                (([r.org_id], float(r.drift)) for r in rows),
+            )
+        yield _one(
+            GaugeMetricFamily,
+            "edgebill_parity_worst_drift",
+            "Largest |drift| among the pro orgs of the newest settled bucket.",
+            max(abs(float(r.drift)) for r in rows) if rows else None,
         )
-        if s.gate is not None:
-            clean.add_metric([], float(s.gate.clean_hours))
-        yield clean
-        age = GaugeMetricFamily("edgebill_parity_refresh_age_seconds", "Seconds since the last parity refresh.")
-        if s.refreshed_ms is not None:
-            age.add_metric([], max(0.0, self.now_s - s.refreshed_ms / 1000))
-        yield age
-        every = GaugeMetricFamily("edgebill_ledger_counter", "Every counter of the ledger.", labels=["name"])
-        for name, v in sorted(s.counters.items()):
-            every.add_metric([name], v)
-        yield every
+        yield _by(
+            "edgebill_parity_rows",
+            "Parity rows of the newest settled bucket, by status.",
+            ["status"],
+            (([status], n) for status, n in sorted(counts.items())),
+        )
+        aggregate = (float((edge - cell) / cell) if cell else (1.0 if edge else 0.0)) if rows else None
+        yield _one(
+            GaugeMetricFamily,
+            "edgebill_parity_aggregate_drift",
+            "Aggregate drift of the newest settled bucket.",
+            aggregate,
+        )
+
+
+def _one(family: type[GaugeMetricFamily | CounterMetricFamily], name: str, doc: str, value: float | None) -> Metric:
+    """A metric of one unlabelled sample, ``value`` (none when None)."""
+    m = family(name, doc)
+    if value is not None:
+        m.add_metric([], value)
+    return m
+
+
+def _by(name: str, doc: str, labels: list[str], samples: Iterable[tuple[list[str], float]]) -> Metric:
+    """A gauge with a sample per label values."""
+    g = GaugeMetricFamily(name, doc, labels=labels)
+    for values, v in samples:
+        g.add_metric(values, v)
+    return g
 
 
 _LABELS: Final = ("ok", "short", "over", "unknown_customer", "meter_misconfigured")
@@ -163,41 +161,60 @@ class ReconcileCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.snap
-        run = s.last_run or {}
-        windows = GaugeMetricFamily(
+        yield _by(
             "edgebill_reconcile_windows",
             "Windows (org, customer, meter, day or hour) compared with Stripe's summaries in the last run, by label.",
-            labels=["label"],
+            ["label"],
+            (([label], s.by_label.get(label, 0)) for label in _LABELS),
         )
-        for label in _LABELS:
-            windows.add_metric([label], s.by_label.get(label, 0))
-        yield windows
-        diff = GaugeMetricFamily(
-            "edgebill_reconcile_difference",
-            "Stripe's value minus the ledger's (meter units) over the windows that differ, per org, meter, label.",
-            labels=["org_id", "meter", "label"],
-        )
-        sums: dict[tuple[str, str, str], Decimal] = {}
-        for d in s.differences:
-            if d["stripe_value"] is None:
-                continue
-            k = (d["org_id"], d["meter"], d["label"])
-            sums[k] = sums.get(k, Decimal(0)) + Decimal(d["stripe_value"]) - Decimal(d["ledger_value"])
-        for (org, meter, label), v in sorted(sums.items()):
-            diff.add_metric([org, meter, label], float(v))
         if self.per_org:
-            yield diff
-        differing = GaugeMetricFamily(
-            "edgebill_reconcile_differing_orgs",
-            "Orgs with a window that differs from Stripe in the last run, by label.",
-            labels=["label"],
-        )
+            sums: dict[tuple[str, str, str], Decimal] = {}
+            for d in s.differences:
+                if d["stripe_value"] is not None:
+                    k = (d["org_id"], d["meter"], d["label"])
+                    sums[k] = sums.get(k, Decimal(0)) + Decimal(d["stripe_value"]) - Decimal(d["ledger_value"])
+            yield _by(
+                "edgebill_reconcile_difference",
+                "Stripe's value minus the ledger's (meter units) over the windows that differ, per org, meter, label.",
+                ["org_id", "meter", "label"],
+                ((list(k), float(v)) for k, v in sorted(sums.items())),
+            )
         orgs: dict[str, set[str]] = {label: set() for label in _LABELS if label != "ok"}
         for d in s.differences:
             orgs.setdefault(d["label"], set()).add(d["org_id"])
-        for label in sorted(orgs):
-            differing.add_metric([label], len(orgs[label]))
-        yield differing
+        yield _by(
+            "edgebill_reconcile_differing_orgs",
+            "Orgs with a window that differs from Stripe in the last run, by label.",
+            ["label"],
+            (([label], len(orgs[label])) for label in sorted(orgs)),
+        )
+        yield from self._run_gauges()
+        yield _one(
+            CounterMetricFamily,
+            "edgebill_reconcile_alerts",
+            "Reconciliation alerts recorded (a difference in consecutive runs).",
+            s.alerts_total,
+        )
+        yield _one(
+            CounterMetricFamily,
+            "edgebill_reconcile_repairs",
+            "Rows queued again or billed again by repairs.",
+            s.repairs,
+        )
+        counts: dict[str, int] = {}
+        for i in s.invoices:
+            counts[i["label"]] = counts.get(i["label"], 0) + 1
+        yield _by(
+            "edgebill_reconcile_invoice_lines",
+            "Invoice-preview usage lines checked, by label.",
+            ["label"],
+            (([label], counts.get(label, 0)) for label in _LABELS),
+        )
+
+    def _run_gauges(self) -> Iterator[Metric]:
+        """The last run's figures, and the newest window compared."""
+        s = self.snap
+        run = s.last_run or {}
         for name, doc, value in (
             (
                 "edgebill_reconcile_unsettled",
@@ -216,40 +233,19 @@ class ReconcileCollector(Collector):
                 "Reconciliation alerts not yet on the alerts topic.",
                 s.alerts_unpublished,
             ),
+            (
+                "edgebill_reconcile_newest_compared_timestamp_seconds",
+                "End (unix s) of the newest window any run compared with Stripe: a stale value is a reconciliation "
+                "that compares nothing.",
+                s.newest_compared,
+            ),
+            (
+                "edgebill_reconcile_last_run_seconds",
+                "Seconds since the last scheduled run ended.",
+                None if run.get("finished_ms") is None else max(0.0, self.now_s - run["finished_ms"] / 1000),
+            ),
         ):
-            g = GaugeMetricFamily(name, doc)
-            if value is not None:
-                g.add_metric([], float(value))
-            yield g
-        newest = GaugeMetricFamily(
-            "edgebill_reconcile_newest_compared_timestamp_seconds",
-            "End (unix s) of the newest window any run compared with Stripe: a stale value is a reconciliation "
-            "that compares nothing.",
-        )
-        if s.newest_compared is not None:
-            newest.add_metric([], float(s.newest_compared))
-        yield newest
-        age = GaugeMetricFamily("edgebill_reconcile_last_run_seconds", "Seconds since the last scheduled run ended.")
-        if run.get("finished_ms") is not None:
-            age.add_metric([], max(0.0, self.now_s - run["finished_ms"] / 1000))
-        yield age
-        alerts = CounterMetricFamily(
-            "edgebill_reconcile_alerts", "Reconciliation alerts recorded (a difference in consecutive runs)."
-        )
-        alerts.add_metric([], s.alerts_total)
-        yield alerts
-        repairs = CounterMetricFamily("edgebill_reconcile_repairs", "Rows queued again or billed again by repairs.")
-        repairs.add_metric([], s.repairs)
-        yield repairs
-        lines = GaugeMetricFamily(
-            "edgebill_reconcile_invoice_lines", "Invoice-preview usage lines checked, by label.", labels=["label"]
-        )
-        counts: dict[str, int] = {}
-        for i in s.invoices:
-            counts[i["label"]] = counts.get(i["label"], 0) + 1
-        for label in _LABELS:
-            lines.add_metric([label], counts.get(label, 0))
-        yield lines
+            yield _one(GaugeMetricFamily, name, doc, None if value is None else float(value))
 
 
 def render_metrics(
@@ -262,7 +258,7 @@ def render_metrics(
 ) -> bytes:
     """The Prometheus text exposition: the process registry, then the ledger snapshot (None: the ledger
     could not be read; the process metrics, readiness included, are still exposed) and the reconciliation's.
-    ``per_org``: the series per org too (see the module docstring)."""
+    ``per_org``: the series per org too (docs/architecture.md, "Module notes")."""
     if snap is None:
         return generate_latest(REGISTRY)
     per_scrape = CollectorRegistry(auto_describe=False)

@@ -1,22 +1,9 @@
 """The worker's behaviour without Faust: parse a batch, write it, close buckets, send rows.
 
-:class:`Pipeline` is what the Faust wiring (:mod:`streams.wiring`) calls from its agents and timers, and
-what tests drive directly:
-
-* ingest: :func:`prepare_ingest` parses a batch of ``usage-ticks`` records into good ticks, dead letters
-  and per-partition progress; :meth:`Pipeline.write_batch` writes them in one ledger transaction, or, when
-  the database refuses a record in it, :meth:`Pipeline.write_step` isolates the refused ticks
-  (:class:`WritePlan`) and writes the rest;
-* policies: :meth:`Pipeline.policies_from` parses ``org-policy`` records;
-* closing: :meth:`Pipeline.close_once` computes the watermark from partition progress and closes buckets;
-* sending: :meth:`Pipeline.send_once` drains the outbox to Stripe, only while the cutover state in force
-  is live (shadow off);
-* the cutover: :meth:`Pipeline.record_control` records what the ``billing-control`` topic carries (a change
-  made by any tool), and :meth:`Pipeline.control_tick` notices a new state, logs it once and acknowledges it;
-  a running worker applies a change without restart (the closer and the sender read the state each run).
-
-No Stripe call and no long transaction runs on the event loop: the closer and the sender run in a
-thread, one at a time.
+:class:`Pipeline` is what :mod:`streams.wiring` calls from its agents and timers, and what tests drive:
+ingest (:func:`prepare_ingest`, :meth:`Pipeline.write_step`), policies, closing, sending (only while the
+cutover state in force is live) and the cutover (:meth:`Pipeline.record_control`,
+:meth:`Pipeline.control_tick`). The closer and the sender run in a thread, one at a time.
 """
 
 from __future__ import annotations
@@ -30,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Final, Protocol
+from typing import Final
 
 from models.cutover import CONTROL_KEY, CutoverState
 from models.errors import InvalidRecord
@@ -58,7 +45,6 @@ from streams.records import DeadLetter, Record, dead_letter, first_line, run_log
 
 __all__ = [
     "Deps",
-    "HighwaterSource",
     "IngestBatch",
     "Pipeline",
     "WritePlan",
@@ -227,12 +213,6 @@ class Deps:
         self.cutover = CutoverView(self.ledger, self.config.close.bootstrap)
 
 
-class HighwaterSource(Protocol):
-    """A consumer that knows the log end of the partitions it owns (the ingest service's)."""
-
-    def highwaters(self) -> dict[int, int]: ...
-
-
 class Pipeline:
     """The worker's behaviour, independent of Faust's decorators so it can be driven by tests."""
 
@@ -257,7 +237,6 @@ class Pipeline:
         self._retention_lock = asyncio.Lock()
         self.last_retention: CompactResult | None = None
         self.last_close: CloseResult | None = None
-        self.ingestor: HighwaterSource | None = None  # the running ingest service's consumer, once started
         self.last_send: SendReport | None = None
         self.health = Health()
         self.log_throttle = RateLimitedLog(log)
@@ -302,27 +281,36 @@ class Pipeline:
         calling again resumes. A crash in step 2 or 3 re-delivers the batch: written ticks are duplicates by
         id, refused ones are isolated and dead-lettered again (a dead letter may be written twice).
         """
-        if plan.whole:
-            try:
-                too_old, conflicts = self.write_batch(plan.batch)
-            except Exception as exc:
-                if not is_record_error(exc):
-                    raise
-                ledger_write_failures_total.labels("refused").inc()
-                ticks = plan.batch.ticks
-                self.log_throttle.failure(
-                    "ledger refused a batch",
-                    "ingest: the ledger refused a batch of %d tick(s) (%s); isolating the refused one(s)",
-                    len(ticks),
-                    describe_error(exc),
-                )
-                plan.whole = False
-                plan.parts = _halves(ticks)
-            else:
-                plan.too_old.extend(too_old)
-                plan.conflicts.extend(conflicts)
-                plan.written = True
-                return
+        if plan.whole and self._write_whole(plan):
+            return
+        self._write_parts(plan)
+        plan.written = True
+
+    def _write_whole(self, plan: WritePlan) -> bool:
+        """Step 1: whether the batch is written in one transaction; on a record error, split it (step 2)."""
+        try:
+            too_old, conflicts = self.write_batch(plan.batch)
+        except Exception as exc:
+            if not is_record_error(exc):
+                raise
+            ledger_write_failures_total.labels("refused").inc()
+            ticks = plan.batch.ticks
+            self.log_throttle.failure(
+                "ledger refused a batch",
+                "ingest: the ledger refused a batch of %d tick(s) (%s); isolating the refused one(s)",
+                len(ticks),
+                describe_error(exc),
+            )
+            plan.whole = False
+            plan.parts = _halves(ticks)
+            return False
+        plan.too_old.extend(too_old)
+        plan.conflicts.extend(conflicts)
+        plan.written = True
+        return True
+
+    def _write_parts(self, plan: WritePlan) -> None:
+        """Step 2: write the parts left, halving a refused one down to single (refused) ticks."""
         led = self.deps.ledger
         while plan.parts:
             part = plan.parts[-1]
@@ -347,7 +335,6 @@ class Pipeline:
             plan.too_old.extend(res.too_old)
             plan.conflicts.extend(res.conflicts)
             self.horizon_s = max(self.horizon_s, res.horizon_s)
-        plan.written = True
 
     def refused_letters(self, plan: WritePlan) -> list[DeadLetter]:
         """Dead letters for the ticks the ledger refused: the envelope's bytes (its array element when the

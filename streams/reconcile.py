@@ -1,29 +1,18 @@
 """The scheduled reconciliation with Stripe, on the leader (:func:`install_reconcile`).
 
-Every ``EDGEBILL_STRIPE_AUDIT_INTERVAL`` seconds, never in shadow (nothing is sent, so nothing is held), in a
-thread (the Stripe reads are paced and may take a while; never on the event loop), one run at a time:
-
-1. compare the lookback with Stripe's meter event summaries as soon as each hour is settled: whole UTC days
-   where they are complete, hours elsewhere, today's included
-   (:meth:`sinks.reconcile.run.Reconciliation.compare_recent`), and check the upcoming invoice of each pro org
-   whose period ends within ``EDGEBILL_STRIPE_AUDIT_INVOICE_AHEAD_HOURS``
-   (:meth:`~sinks.reconcile.run.Reconciliation.check_invoices`), so a difference alerts before Stripe
-   finalizes the invoice;
-2. keep the results in the ledger (:meth:`sinks.reconcile.store.ReconcileStore.record_run`): the latest result
-   per window (and invoice line) and how many runs in a row it has differed; a difference seen in
-   ``EDGEBILL_STRIPE_AUDIT_ALERT_RUNS`` consecutive runs (default 2) records an alert, once per episode;
-3. publish the alerts not yet published to the alerts topic (``billing-alerts``, as parity's) and log each
-   once, when first recorded; log every newly seen difference once per process.
-
-``/metrics`` and the dashboard read the stored results (:func:`dashboard_json`).
+Every ``EDGEBILL_STRIPE_AUDIT_INTERVAL`` seconds, never in shadow, in a thread, one run at a time: (1) compare
+the lookback and check due invoices (:class:`sinks.reconcile.run.Reconciliation`); (2) record the results
+and alerts (:meth:`sinks.reconcile.store.ReconcileStore.record_run`); (3) publish unpublished alerts to
+``billing-alerts``, each logged once. ``/metrics`` and the dashboard read the stored results.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from models.reconcile import Grouping
 from sinks.reconcile.run import ReconcileReport, Reconciliation
@@ -49,11 +38,11 @@ def _window(ts: int, grouping: Grouping) -> str:
 class ReconcileRuntime:
     """The scheduled run's behaviour, independent of Faust so tests can drive it."""
 
-    def __init__(self, deps: Deps, reconciliation: Reconciliation) -> None:
-        self.deps = deps
+    def __init__(self, reconciliation: Reconciliation, *, alerts_topic: str, clock_ms: Callable[[], int]) -> None:
         self.rec = reconciliation
         self.store = reconciliation.store
-        self.alerts_topic = deps.config.topics.alerts
+        self.alerts_topic = alerts_topic
+        self._clock_ms = clock_ms
         self.last: ReconcileReport | None = None
         self._lock = asyncio.Lock()
         self._log_throttle = RateLimitedLog(log)
@@ -69,7 +58,7 @@ class ReconcileRuntime:
             self.rec.check_invoices(report, due_only=True)
             report.requests = self.rec.reader.requests
             report.throttled = self.rec.reader.throttled
-            report.finished_ms = self.deps.clock_ms()
+            report.finished_ms = self._clock_ms()
         alerts = self.store.record_run(
             RunRecord(
                 started_ms=report.started_ms,
@@ -169,45 +158,66 @@ class ReconcileRuntime:
         )
 
 
+_RUN_FIELDS: Final = (
+    "id",
+    "started_ms",
+    "finished_ms",
+    "window_lo",
+    "window_hi",
+    "grouping",
+    "compared",
+    "differences",
+    "unsettled",
+    "requests",
+    "throttled",
+    "invoice_lines",
+    "invoice_differences",
+    "error",
+)
+# (the panel's key, the snapshot's) of a difference, an alert and an invoice line
+_DIFFERENCE_FIELDS: Final = (
+    ("org_id", "org_id"),
+    ("customer", "customer_id"),
+    ("meter", "meter"),
+    ("window_start", "window_start"),
+    ("grouping", "grouping"),
+    ("label", "label"),
+    ("ledger", "ledger_value"),
+    ("stripe", "stripe_value"),
+    ("streak", "streak"),
+)
+_ALERT_FIELDS: Final = tuple((k, k) for k in ("id", "org_id", "meter", "window_start", "label"))
+_INVOICE_FIELDS: Final = (
+    ("org_id", "org_id"),
+    ("subscription", "subscription_id"),
+    ("price", "price_id"),
+    ("meter", "meter"),
+    ("period_start", "period_start"),
+    ("period_end", "period_end"),
+    ("stripe", "stripe_quantity"),
+    ("ledger", "ledger_value"),
+    ("pending", "pending_value"),
+    ("label", "label"),
+    ("detail", "detail"),
+    ("checked_ms", "checked_ms"),
+)
+
+
+def _pick(row: Mapping[str, Any], fields: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    return {out: row[name] for out, name in fields}
+
+
 def dashboard_json(snap: ReconcileSnapshot) -> dict[str, Any]:
     """The reconciliation panel's data: the last run, the windows that differ, the alerts, the invoice checks.
     Values are exact decimal strings."""
     run = snap.last_run
     return {
-        "last_run": None
-        if run is None
-        else {
-            k: run[k]
-            for k in (
-                "id",
-                "started_ms",
-                "finished_ms",
-                "window_lo",
-                "window_hi",
-                "grouping",
-                "compared",
-                "differences",
-                "unsettled",
-                "requests",
-                "throttled",
-                "invoice_lines",
-                "invoice_differences",
-                "error",
-            )
-        },
+        "last_run": None if run is None else {k: run[k] for k in _RUN_FIELDS},
         "newest_compared": snap.newest_compared,
         "by_label": dict(sorted(snap.by_label.items())),
         "differences": [
             {
-                "org_id": d["org_id"],
-                "customer": d["customer_id"],
-                "meter": d["meter"],
-                "window_start": d["window_start"],
-                "grouping": d["grouping"],
-                "label": d["label"],
-                "ledger": d["ledger_value"],
-                "stripe": d["stripe_value"],
-                "streak": d["streak"],
+                **_pick(d, _DIFFERENCE_FIELDS),
                 "causes": [
                     {"cause": c["cause"], "value": c["value"], "rows": len(c["rows"]), "explains": c["explains"]}
                     for c in d["causes"]
@@ -215,34 +225,8 @@ def dashboard_json(snap: ReconcileSnapshot) -> dict[str, Any]:
             }
             for d in snap.differences[:50]
         ],
-        "alerts": [
-            {
-                "id": a["id"],
-                "org_id": a["org_id"],
-                "meter": a["meter"],
-                "window_start": a["window_start"],
-                "label": a["label"],
-                "published": a["published_ms"] is not None,
-            }
-            for a in snap.alerts
-        ],
-        "invoices": [
-            {
-                "org_id": i["org_id"],
-                "subscription": i["subscription_id"],
-                "price": i["price_id"],
-                "meter": i["meter"],
-                "period_start": i["period_start"],
-                "period_end": i["period_end"],
-                "stripe": i["stripe_quantity"],
-                "ledger": i["ledger_value"],
-                "pending": i["pending_value"],
-                "label": i["label"],
-                "detail": i["detail"],
-                "checked_ms": i["checked_ms"],
-            }
-            for i in snap.invoices
-        ],
+        "alerts": [{**_pick(a, _ALERT_FIELDS), "published": a["published_ms"] is not None} for a in snap.alerts],
+        "invoices": [_pick(i, _INVOICE_FIELDS) for i in snap.invoices],
         "repairs": snap.repairs,
         "recent_repairs": snap.recent_repairs,
     }
@@ -256,7 +240,7 @@ def install_reconcile(app: Any, deps: Deps) -> ReconcileRuntime | None:
     rec = deps.reconciliation
     if rec is None or cfg.reconcile_interval_s <= 0:
         return None
-    rt = ReconcileRuntime(deps, rec)
+    rt = ReconcileRuntime(rec, alerts_topic=cfg.topics.alerts, clock_ms=deps.clock_ms)
     alerts = app.topic(rt.alerts_topic, partitions=1, **RAW_BYTES)
 
     publish = alert_publisher(alerts)

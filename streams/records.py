@@ -1,21 +1,9 @@
 """What every consumer of the worker shares: the record it reads, the dead letter it writes, the retry loop.
 
-A leaf module: the pipeline, the ingest service and the cell agent import it; it imports none of them.
-
-Dead letters (``*-dlq`` topics) carry the rejected bytes and these headers:
-
-=========================  =========================================================================
-``edgebill-reason``        short, stable reason (``not_json``, ``sandbox_id_too_long``, ``ledger_refused``…)
-``edgebill-source``        ``topic/partition/offset`` of the record it comes from
-``edgebill-array-index``   position of the element in an array record (absent for a whole record)
-``edgebill-truncated``     original size in bytes, when the value is only a prefix of the rejected bytes
-``edgebill-key-truncated`` original key size in bytes, when the key is only a prefix
-``edgebill-detail``        what the database said, for a record it refused (at most 1,000 characters)
-=========================  =========================================================================
-
-A dead letter always fits a producer request: key + value stay under :data:`DEAD_LETTER_MAX_BYTES`
-(Kafka's default request and message limits are about 1 MB). The whole record can be read again from its
-source offset while the topic's retention keeps it.
+A leaf module (the pipeline, the ingest service and the cell agent import it). A dead letter carries the
+rejected bytes (key + value under :data:`DEAD_LETTER_MAX_BYTES`) and the headers ``edgebill-reason``,
+``-source`` (``topic/partition/offset``), ``-array-index``, ``-truncated``, ``-key-truncated`` and
+``-detail``: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations

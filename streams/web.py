@@ -1,33 +1,9 @@
 """The worker's web views, registered by :func:`install_web` (bound to ``EDGEBILL_WEB_HOST``, 127.0.0.1).
 
-=================================  ==============================================================================
-``GET /healthz``                   liveness: 200 while the process answers, whatever else is wrong; flags: the
-                                   cutover state in force as last read (and its source) (open)
-``GET /readyz``                    readiness: 200 when ready, 503 with the conditions that hold and since
-                                   when (open; see :mod:`streams.health`); each condition's detail (an
-                                   error's first line, which may name hosts or users) only for a request
-                                   signed as ``/internal/*`` requests are, else in the log
-``GET /metrics``                   Prometheus text format (open, like any scrape target on loopback): no org
-                                   id, customer id or amount and bounded series unless
-                                   ``EDGEBILL_WEB_METRICS_PER_ORG`` (see :mod:`streams.metrics_view`); the
-                                   process metrics still render when the ledger cannot be read
-``GET /internal/usage-parity``     ``?from=&to=`` (unix s): parity per pro org over the window, live from the
-                                   raw samples and cell intervals. Signed as the cell side's callers sign:
-                                   ``X-Timestamp`` (unix s, ±300 s) and ``X-Signature`` = hex HMAC-SHA256 over
-                                   ``"{ts}.{path+query}"`` with ``EDGEBILL_WEB_INTERNAL_SECRET``. Unsigned, stale
-                                   or forged -> 401; bad or empty window, or one that starts before the
-                                   ledger's dedup horizon (retention dropped those samples) -> 400.
-``GET /dashboard``                 the parity dashboard (HTML + ``/dashboard/app.js`` + ``/dashboard/app.css``), with
-                                   the reconciliation with Stripe next to parity
-``GET /dashboard/data.json``       what the dashboard draws (``?hours=``, default 48)
-=================================  ==============================================================================
-
-Dashboard access: a link from ``edgebill parity --dashboard-url`` carries ``?token={expires}.{hmac}``
-(HMAC-SHA256 of ``"dashboard.{expires}"`` with the internal secret; valid ``EDGEBILL_PARITY_DASHBOARD_TOKEN_TTL``
-seconds). The first request trades it for an HttpOnly, SameSite=Strict cookie scoped to ``/dashboard`` and
-redirects to the bare URL, so the token does not stay in the address bar. ``/dashboard/data.json`` also
-accepts the signed headers of the internal endpoint. Pages are sent with a strict Content-Security-Policy
-(no inline script, no third-party origin; the chart is drawn by our own ``app.js`` as inline SVG).
+``/healthz`` (liveness), ``/readyz`` (readiness; condition details only when signed), ``/metrics`` (no org
+data unless ``EDGEBILL_WEB_METRICS_PER_ORG``), ``/internal/usage-parity`` (signed: 401; bad window or before
+the dedup horizon: 400), ``/dashboard`` and ``/dashboard/data.json`` (a signed link's token, traded for a
+cookie, or signed headers; strict CSP). The page table and access rules: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations
@@ -36,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from decimal import Decimal
 from importlib import resources
@@ -50,10 +27,11 @@ from models.stripe_window import PARITY_QUERY_MAX_SECONDS
 from models.watermark import last_closable_bucket
 from sinks.parity import ParityConfig, ParityRow, ParityStore
 from sinks.reconcile.store import ReconcileStore
-from streams.config import WebConfig
+from streams.config import WebConfig, WorkerConfig
+from streams.health import Health, RateLimitedLog
 from streams.metrics_view import render_metrics
 from streams.parity_json import gate_json, number, window_org_json
-from streams.pipeline import Deps, Pipeline
+from streams.pipeline import Deps
 from streams.reconcile import dashboard_json
 
 __all__ = ["COOKIE", "dashboard_data", "dashboard_html", "dashboard_url", "install_web", "parity_window_json"]
@@ -112,54 +90,11 @@ def dashboard_data(
     wm = st.get("watermark_ms")
     last = last_closable_bucket(wm, size, cfg.grace_seconds) if wm is not None else None
     gate = store.gate(cfg.grace_seconds, watermark_ms=wm)
-    by_bucket: dict[int, list[ParityRow]] = defaultdict(list)
-    for r in rows:
-        by_bucket[r.bucket_start].append(r)
-    # From the first bucket with data (at least the last 12 buckets) to the current one.
-    first = min(min(by_bucket, default=current), current - 11 * size)
-    buckets = []
-    for b in range(max(lo, first), current + size, size):
-        rs = by_bucket.get(b, [])
-        edge = sum((r.edge_gb_s for r in rs), Decimal(0))
-        cell = sum((r.cell_gb_s for r in rs), Decimal(0))
-        flagged = sorted((r for r in rs if r.flagged), key=lambda r: (-abs(r.drift), r.org_id))
-        drift = (edge - cell) / cell if cell else (Decimal(1) if edge else Decimal(0))
-        buckets.append(
-            {
-                "start": b,
-                "label": datetime.fromtimestamp(b, UTC).strftime("%m-%d %H:%M"),
-                "edge": number(edge),
-                "cell": number(cell),
-                "drift": number(drift),
-                "orgs": len(rs),
-                "flagged": len(flagged),
-                # Named on hover, worst first; a long list is cut (the count above is complete).
-                "flagged_orgs": [r.org_id for r in flagged[:MAX_FLAGGED_NAMES]],
-                "settled": last is not None and b <= last,
-            }
-        )
-    orgs: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        o = orgs.setdefault(r.org_id, {"org_id": r.org_id, "cells": {}, "flagged": 0, "worst": 0.0})
-        o["cells"][str(r.bucket_start)] = {
-            "drift": number(r.drift),
-            "status": r.status.value,
-            "edge": number(r.edge_gb_s),
-            "cell": number(r.cell_gb_s),
-        }
-        if r.flagged:
-            o["flagged"] += 1
-            o["worst"] = max(o["worst"], abs(number(r.drift)))
     worst = sorted(
         (r for r in rows if r.flagged and last is not None and r.bucket_start <= last),
         key=lambda r: (-abs(r.drift), -r.bucket_start, r.org_id),
     )[:10]
     progress = store.metrics(cfg.grace_seconds).progress
-    lag = [
-        {"topic": p.topic, "partition": p.partition, "lag": max(0, p.highwater - (p.committed_offset + 1))}
-        for p in sorted(progress, key=lambda p: (p.topic, p.partition))
-        if p.highwater is not None
-    ]
     return {
         "now_ms": now_ms,
         "refreshed_ms": st.get("refreshed_ms"),
@@ -167,27 +102,78 @@ def dashboard_data(
         "bucket_seconds": size,
         "tolerance": str(cfg.tolerance),
         "gate": gate_json(gate, web.gate_hours),
-        "buckets": buckets,
-        "orgs": sorted(orgs.values(), key=lambda o: (-o["flagged"], -o["worst"], o["org_id"])),
+        "buckets": _buckets_json(rows, lo, current, size, last),
+        "orgs": _orgs_json(rows),
         "worst": [
-            {
-                "org_id": r.org_id,
-                "bucket_start": r.bucket_start,
-                "label": datetime.fromtimestamp(r.bucket_start, UTC).strftime("%m-%d %H:%M"),
-                "drift": number(r.drift),
-                "status": r.status.value,
-                "edge": number(r.edge_gb_s),
-                "cell": number(r.cell_gb_s),
-            }
+            {"org_id": r.org_id, "bucket_start": r.bucket_start, "label": _label(r.bucket_start), **_cell_json(r)}
             for r in worst
         ],
-        "lag": lag,
+        "lag": [
+            {"topic": p.topic, "partition": p.partition, "lag": max(0, p.highwater - (p.committed_offset + 1))}
+            for p in sorted(progress, key=lambda p: (p.topic, p.partition))
+            if p.highwater is not None
+        ],
         "alerts": [
             {"id": a["id"], "first_bucket": a["first_bucket"], "published": a["published_ms"] is not None}
             for a in store.alerts()[-10:]
         ],
         "reconcile": None if reconcile is None else dashboard_json(reconcile.snapshot()),
     }
+
+
+def _label(start_s: int) -> str:
+    return datetime.fromtimestamp(start_s, UTC).strftime("%m-%d %H:%M")
+
+
+def _cell_json(r: ParityRow) -> dict[str, Any]:
+    return {
+        "drift": number(r.drift),
+        "status": r.status.value,
+        "edge": number(r.edge_gb_s),
+        "cell": number(r.cell_gb_s),
+    }
+
+
+def _buckets_json(rows: list[ParityRow], lo: int, current: int, size: int, last: int | None) -> list[dict[str, Any]]:
+    """Per bucket, from the first with data (at least the last 12 buckets) to the current one: the sums and
+    the flagged orgs, named worst first (a long list is cut; the count is complete)."""
+    by_bucket: dict[int, list[ParityRow]] = defaultdict(list)
+    for r in rows:
+        by_bucket[r.bucket_start].append(r)
+    first = min(min(by_bucket, default=current), current - 11 * size)
+    out = []
+    for b in range(max(lo, first), current + size, size):
+        rs = by_bucket.get(b, [])
+        edge = sum((r.edge_gb_s for r in rs), Decimal(0))
+        cell = sum((r.cell_gb_s for r in rs), Decimal(0))
+        flagged = sorted((r for r in rs if r.flagged), key=lambda r: (-abs(r.drift), r.org_id))
+        drift = (edge - cell) / cell if cell else (Decimal(1) if edge else Decimal(0))
+        out.append(
+            {
+                "start": b,
+                "label": _label(b),
+                "edge": number(edge),
+                "cell": number(cell),
+                "drift": number(drift),
+                "orgs": len(rs),
+                "flagged": len(flagged),
+                "flagged_orgs": [r.org_id for r in flagged[:MAX_FLAGGED_NAMES]],
+                "settled": last is not None and b <= last,
+            }
+        )
+    return out
+
+
+def _orgs_json(rows: list[ParityRow]) -> list[dict[str, Any]]:
+    """Per org, its cells by bucket, most flagged and worst first."""
+    orgs: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        o = orgs.setdefault(r.org_id, {"org_id": r.org_id, "cells": {}, "flagged": 0, "worst": 0.0})
+        o["cells"][str(r.bucket_start)] = _cell_json(r)
+        if r.flagged:
+            o["flagged"] += 1
+            o["worst"] = max(o["worst"], abs(number(r.drift)))
+    return sorted(orgs.values(), key=lambda o: (-o["flagged"], -o["worst"], o["org_id"]))
 
 
 def _static(name: str) -> bytes:
@@ -200,44 +186,60 @@ def dashboard_html(data: dict[str, Any]) -> str:
     return _static("dashboard.html").decode().replace("{{DATA}}", blob)
 
 
-def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
-    """Register ``/healthz``, ``/metrics``, ``/internal/usage-parity`` and the dashboard on ``app``."""
-    config = deps.config
-    web_cfg = config.web
-    cfg = config.parity
-    store = ParityStore(deps.ledger.engine, bucket_seconds=config.bucket_seconds, clock=deps.clock_ms)
-    recon = ReconcileStore(deps.ledger.engine, clock=deps.clock_ms)
-    secret = web_cfg.internal_secret
-    tolerance = web_cfg.signature_tolerance_s
-    consumed = {pipe.ticks_topic, pipe.policy_topic, pipe.scale_topic}
+class _Guard:
+    """Who may read what: requests signed as ``/internal/*`` are, and the dashboard's token or cookie."""
 
-    def now_s() -> int:
-        return deps.clock_ms() // 1000
+    def __init__(self, web: WebConfig, clock_ms: Callable[[], int]) -> None:
+        self._secret = web.internal_secret
+        self._tolerance = web.signature_tolerance_s
+        self._clock_ms = clock_ms
 
-    def signed(request: Any) -> str | None:
+    def now_s(self) -> int:
+        return self._clock_ms() // 1000
+
+    def signed(self, request: Any) -> str | None:
+        """None when ``request`` is signed, else why not."""
+        h = request.headers
         return verify_request(
-            secret,
-            request.headers.get("X-Timestamp"),
-            request.headers.get("X-Signature"),
-            request.raw_path,
-            now_s(),
-            tolerance,
+            self._secret, h.get("X-Timestamp"), h.get("X-Signature"), request.raw_path, self.now_s(), self._tolerance
         )
 
-    def dashboard_allowed(request: Any) -> bool:
-        return verify_dashboard_token(secret, request.cookies.get(COOKIE), now_s()) or signed(request) is None
+    def token_ok(self, token: str | None) -> bool:
+        return verify_dashboard_token(self._secret, token, self.now_s())
 
-    def secure(headers: dict[str, str] | None = None) -> dict[str, str]:
-        return {
-            "Content-Security-Policy": _CSP,
-            "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
-            "Cache-Control": "no-store",
-            **(headers or {}),
-        }
+    def dashboard_allowed(self, request: Any) -> bool:
+        return self.token_ok(request.cookies.get(COOKIE)) or self.signed(request) is None
 
-    health = pipe.health
 
+def _secure(headers: dict[str, str] | None = None) -> dict[str, str]:
+    return {
+        "Content-Security-Policy": _CSP,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store",
+        **(headers or {}),
+    }
+
+
+def install_web(
+    app: Any, deps: Deps, *, health: Health, log_throttle: RateLimitedLog, consumed: Collection[str]
+) -> None:
+    """Register ``/healthz``, ``/readyz``, ``/metrics``, ``/internal/usage-parity`` and the dashboard on ``app``.
+
+    ``health`` answers the probes, ``log_throttle`` logs a ledger ``/metrics`` cannot read, ``consumed`` are
+    the topics whose progress ``/metrics`` shows.
+    """
+    config = deps.config
+    store = ParityStore(deps.ledger.engine, bucket_seconds=config.bucket_seconds, clock=deps.clock_ms)
+    recon = ReconcileStore(deps.ledger.engine, clock=deps.clock_ms)
+    guard = _Guard(config.web, deps.clock_ms)
+    _install_probes(app, deps, health, guard)
+    _install_metrics(app, config, store, recon, health, log_throttle, consumed)
+    _install_parity_window(app, deps, store, guard)
+    _install_dashboard(app, deps, store, recon, guard)
+
+
+def _install_probes(app: Any, deps: Deps, health: Health, guard: _Guard) -> None:
     @app.page("/healthz")  # type: ignore[untyped-decorator]
     async def healthz(web: Any, request: Any) -> Any:
         # Liveness only: no database or broker call, so a sick dependency never gets the process restarted.
@@ -260,33 +262,46 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
     async def readyz(web: Any, request: Any) -> Any:
         body = health.report()
         body["owner"] = deps.owner
-        if signed(request) is not None:  # unauthenticated: the conditions, not their error texts
+        if guard.signed(request) is not None:  # unauthenticated: the conditions, not their error texts
             for held in body["conditions"].values():
                 held.pop("detail", None)
         return web.json(body, status=200 if body["ready"] else 503)
 
+
+def _install_metrics(
+    app: Any,
+    config: WorkerConfig,
+    store: ParityStore,
+    recon: ReconcileStore,
+    health: Health,
+    log_throttle: RateLimitedLog,
+    consumed: Collection[str],
+) -> None:
+    per_org = config.web.limits.metrics_per_org
+
+    def render() -> bytes:
+        try:
+            snap = store.metrics(config.close.grace_seconds)
+            rsnap = recon.snapshot()
+        except Exception as exc:
+            log_throttle.failure(
+                "metrics snapshot", "/metrics: the ledger cannot be read (%s: %s)", type(exc).__name__, exc
+            )
+            return render_metrics(None, consumed, time.time())
+        log_throttle.recovered("metrics snapshot")
+        return render_metrics(snap, consumed, time.time(), reconcile=rsnap, per_org=per_org)
+
     @app.page("/metrics")  # type: ignore[untyped-decorator]
     async def metrics(web: Any, request: Any) -> Any:
         health.report()  # refresh the readiness gauges
-
-        def render() -> bytes:
-            try:
-                snap = store.metrics(config.close.grace_seconds)
-                rsnap = recon.snapshot()
-            except Exception as exc:
-                pipe.log_throttle.failure(
-                    "metrics snapshot", "/metrics: the ledger cannot be read (%s: %s)", type(exc).__name__, exc
-                )
-                return render_metrics(None, consumed, time.time())
-            pipe.log_throttle.recovered("metrics snapshot")
-            return render_metrics(snap, consumed, time.time(), reconcile=rsnap, per_org=web_cfg.limits.metrics_per_org)
-
         body = await asyncio.to_thread(render)
         return web.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+
+def _install_parity_window(app: Any, deps: Deps, store: ParityStore, guard: _Guard) -> None:
     @app.page("/internal/usage-parity")  # type: ignore[untyped-decorator]
     async def usage_parity(web: Any, request: Any) -> Any:
-        reason = signed(request)
+        reason = guard.signed(request)
         if reason is not None:
             log.warning("refused %s from %s: %s", request.raw_path, request.remote, reason)
             return web.json({"error": "unauthorized", "reason": reason}, status=401)
@@ -309,41 +324,47 @@ def install_web(app: Any, deps: Deps, pipe: Pipeline) -> None:
                 },
                 status=400,
             )
+        cfg = deps.config.parity
         body = await asyncio.to_thread(parity_window_json, store, cfg, from_s, to_s, deps.clock_ms())
         return web.json(body)
+
+
+def _install_dashboard(app: Any, deps: Deps, store: ParityStore, recon: ReconcileStore, guard: _Guard) -> None:
+    cfg, web_cfg = deps.config.parity, deps.config.web
+
+    def data(hours: int) -> dict[str, Any]:
+        return dashboard_data(store, cfg, web_cfg, deps.clock_ms(), hours, recon)
 
     @app.page("/dashboard")  # type: ignore[untyped-decorator]
     async def dashboard(web: Any, request: Any) -> Any:
         token = request.query.get("token")
         if token is not None:
-            if not verify_dashboard_token(secret, token, now_s()):
-                return web.text("dashboard link expired or invalid\n", status=401, headers=secure())
+            if not guard.token_ok(token):
+                return web.text("dashboard link expired or invalid\n", status=401, headers=_secure())
             exp = int(token.partition(".")[0])
-            cookie = f"{COOKIE}={token}; Max-Age={max(1, exp - now_s())}; Path=/dashboard; HttpOnly; SameSite=Strict"
-            return web.text("", status=303, headers=secure({"Location": "/dashboard", "Set-Cookie": cookie}))
-        if not dashboard_allowed(request):
+            age = max(1, exp - guard.now_s())
+            cookie = f"{COOKIE}={token}; Max-Age={age}; Path=/dashboard; HttpOnly; SameSite=Strict"
+            return web.text("", status=303, headers=_secure({"Location": "/dashboard", "Set-Cookie": cookie}))
+        if not guard.dashboard_allowed(request):
             return web.text(
-                "open the link printed by `edgebill parity --dashboard-url`\n", status=401, headers=secure()
+                "open the link printed by `edgebill parity --dashboard-url`\n", status=401, headers=_secure()
             )
-        hours = 48
-        data = await asyncio.to_thread(dashboard_data, store, cfg, web_cfg, deps.clock_ms(), hours, recon)
-        return web.html(dashboard_html(data), headers=secure())
+        return web.html(dashboard_html(await asyncio.to_thread(data, 48)), headers=_secure())
 
     @app.page("/dashboard/data.json")  # type: ignore[untyped-decorator]
     async def dashboard_json(web: Any, request: Any) -> Any:
-        if not dashboard_allowed(request):
+        if not guard.dashboard_allowed(request):
             return web.json({"error": "unauthorized"}, status=401)
         try:
             hours = min(24 * 35, max(1, int(request.query.get("hours", "48"))))
         except ValueError:
             return web.json({"error": "hours must be an integer"}, status=400)
-        data = await asyncio.to_thread(dashboard_data, store, cfg, web_cfg, deps.clock_ms(), hours, recon)
-        return web.json(data, headers=secure())
+        return web.json(await asyncio.to_thread(data, hours), headers=_secure())
 
     @app.page("/dashboard/{name}")  # type: ignore[untyped-decorator]
     async def dashboard_static(web: Any, request: Any, name: str) -> Any:
         if name not in _STATIC:
             return web.text("not found\n", status=404)
-        if not dashboard_allowed(request):
+        if not guard.dashboard_allowed(request):
             return web.text("unauthorized\n", status=401)
-        return web.bytes(_static(name), content_type=_STATIC[name], headers=secure())
+        return web.bytes(_static(name), content_type=_STATIC[name], headers=_secure())

@@ -1,31 +1,9 @@
 """The worker's HTTP server: Faust's aiohttp driver, run with limits a hostile client cannot get around.
 
-What one client may cost (:class:`streams.config.WebLimits`, from ``EDGEBILL_WEB_*``):
-
-* **Request head.** A request line longer than ``max_line_bytes``, a header name or value longer than
-  ``max_field_bytes`` or more than ``max_headers`` headers: 400, from aiohttp's parser, before any page runs.
-* **Slow or silent clients.** A connection must send a complete request head within ``idle_timeout_s`` of
-  opening or of its last answer; otherwise it is closed without an answer (a slowloris client that sends one
-  header line at a time is closed at the same deadline: the clock does not restart on partial data). A page
-  that reads a body reads it within ``body_timeout_s`` (the webhook receiver answers 408). Every connection
-  is served on the event loop without blocking the others, so one slow client never holds ``/healthz``,
-  the dashboard or the webhook receiver.
-* **Bodies, per path.** A body declared larger than the path's limit (``body_bytes``: the webhook receiver's
-  ``EDGEBILL_STRIPE_WEBHOOK_MAX_BODY``; every other page takes none), or any body on a page that takes none:
-  413 and the connection is closed. What a client sends after an answer is discarded for at most
-  :data:`LINGER_S` seconds, then the connection is closed.
-* **Connections.** At most ``max_connections`` open at once. One more closes idle connections (no request
-  in progress: a keep-alive, silent or slow client), the longest idle first, back below the cap, or, when
-  every connection has a request in progress, is answered 503 (``Retry-After: 1``) and closed. Connections
-  accepted in one burst count before they are open; when only those are idle they are let in, and the next
-  connection closes the extra ones. A request counts as in progress while its page computes the answer. Counted in
-  ``edgebill_web_connections_evicted_total`` and ``edgebill_web_connections_refused_total``; logged at most
-  once a minute with a count.
-
-:class:`LimitedWeb` is the Faust web driver the app uses (:class:`streams.app.EdgebillApp`): Faust builds its
-aiohttp application and routes as usual; this class only serves them through its own runner and
-:class:`CappedSite` (aiohttp's runner takes the parser and timeout options; its listening site is where
-connections are counted).
+The limits are :class:`streams.config.WebLimits`: request head sizes (400), the idle deadline for a request
+head (closed), body size per path (413, closed; :data:`LINGER_S` of discard), ``max_connections`` (the
+longest-idle closed, else 503). :class:`LimitedWeb` (the app's web driver) serves Faust's routes through
+its own runner and :class:`CappedSite`. In detail: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations
@@ -75,7 +53,7 @@ _TOO_MANY: Final = (
 
 
 class ConnectionCap:
-    """At most ``limit`` open connections; the decision for one more (see the module docstring).
+    """At most ``limit`` open connections; the decision for one more (docs/architecture.md, "Module notes").
 
     Connections are any hashable objects (aiohttp's request handlers in the server). :meth:`begin` and
     :meth:`end` bracket each request (a connection with a request in progress is never closed for room).

@@ -1,20 +1,10 @@
 """Stripe webhooks in the worker: the receiver page, the webhook agent and its retry timer.
 
-* ``POST /webhooks/stripe`` (:func:`receive_webhook`): reads the raw body (at most ``max_body_bytes``, else
-  413; within ``body_timeout_s``, else 408), checks the ``Stripe-Signature`` header with the official SDK's
-  verifier on those exact bytes (any ``v1`` signature, ``tolerance_s`` seconds; missing, stale or forged ->
-  400, as Stripe's libraries do), checks that the body is a Stripe event (else 400), appends it unchanged to
-  ``stripe-webhook-events`` keyed by its object's id and waits for the broker's acknowledgement; only then
-  200. Anything not acknowledged in time answers 503, so Stripe delivers it again (a duplicate on the topic
-  is harmless: events are applied once by id). Nothing logged carries the signature, the secret or the body.
-* the ``webhooks`` agent (``stripe-webhook-events``): stores each batch in the ledger's inbox before its
-  records are acknowledged (:meth:`WebhookStore.receive`), then applies each event (:meth:`WebhookRuntime.apply`)
-  and publishes the plan records it decided on ``org-policy``.
-* the ``webhooks-retry`` timer (leader): applies events still waiting (a transient Stripe failure, a crash
-  mid-way, ``edgebill webhooks reapply``) and publishes plan records left unpublished.
-
-Provisioning calls Stripe; it runs in a thread, never on the event loop, and only under authority ``edge``.
-Under ``cell`` a setup checkout is logged with what would have been done (outcome ``shadow``).
+``POST /webhooks/stripe`` (:func:`receive_webhook`): 200 only after the verified event is acknowledged on
+``stripe-webhook-events`` (413, 408, 400 or 503 otherwise; nothing logged carries the signature, secret or
+body). The agent stores each batch (:meth:`WebhookStore.receive`) before acking, then applies each event and
+publishes plan records; the retry timer (leader) applies what waits. Provisioning runs in a thread, only
+under authority ``edge``. In detail: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations

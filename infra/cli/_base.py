@@ -1,19 +1,10 @@
 """The ``edgebill`` command group and what every command shares: settings, time parsing, the ledger, and the
 "cannot run" errors.
 
-Exit codes, for every command: 0 done; 1 the command ran and found something wrong (differences, bad lines,
-invalid settings for ``check-config``); 2 the command could not run (a broker, database or Stripe that cannot
-be reached, no ledger, invalid settings, a usage error); ``reconcile`` has a fourth, 3: it ran and compared
-nothing (never to be read as clean); ``replay`` has 4: its only finding is ticks in the ledger not billed yet
-(``pending_close``, never clean either). A "cannot run" error is one line naming the setting and the fix, never a
-traceback.
-
-Commands print for humans (or ``--json``); logs and the "which ledger" line go to stderr. With ``--json``, an
-error that ends a command (every :class:`click.ClickException`: "cannot run", invalid settings, a usage error)
-also prints one JSON object on stdout, ``{"error", "exit_code", "hint", "command"}`` (``problems`` for invalid
-settings), so a script always reads JSON; the stderr line and the exit code stay the same. Every command and
-group of :data:`cli` is an :class:`EdgebillCommand` / :class:`EdgebillGroup`, which do this in one place: a
-command raises its errors and never prints them itself.
+Exit codes: 0 done; 1 found something wrong; 2 could not run; 3 (``reconcile``) compared nothing; 4
+(``replay``) only ticks pending close. A command raises its errors and never prints them:
+:class:`EdgebillCommand` / :class:`EdgebillGroup` print one line, and with ``--json`` one JSON object on
+stdout. In detail: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
 """``edgebill replay --apply``, the other way: repair (org, bucket, meter) keys the ledger bills more or less
-than the topic's ticks say, for a reason other than missing ticks (a policy or an ownership the closer did
-not know yet when it closed the bucket).
+than the topic's ticks say, for a reason other than missing ticks.
 
-* **under-billed**: a correction row of the difference, in the bucket's decided state (the sender ships it
-  when the bucket is billed by the edge);
-* **over-billed**, bucket billed by the edge: the key's rows Stripe received less than 24 h ago (with a
-  margin) are cancelled at Stripe (meter-event adjustments), then one row with the corrected value goes out
-  under a new identifier (the next revision); when nothing can be cancelled any more, a negative correction
-  row. Stripe sums meter values, negative ones included, per billing period; a negative correction carries
-  the timestamp of the hour it corrects, so it lands in the same period as the usage it takes back and never
-  exceeds what that hour billed: the period total cannot go below zero because of it. A credit that Stripe
-  cannot take (the hour is past its 35-day window) is listed for a manual credit instead;
-* **over-billed**, bucket not billed by the edge (shadow, skipped): a negative row in that same state, for the
-  accounting; nothing reaches Stripe.
-
-Only compared keys of closed buckets without missing ticks and without samples pending close are repaired:
-a key with missing ticks is the tick writer's (:mod:`~infra.replay.apply`), and a key labelled
-``pending_close`` (samples no meter row accounts for yet) is the closer's, whatever else it shows: its next
-run bills those samples, and a correction computed before then would be measured against rows the closer
-is about to add to. After a repair the key agrees, so a second ``--apply`` finds nothing to do and sends nothing.
+Under-billed: a correction row. Over-billed and billed by the edge: cancel at Stripe what is inside its
+24 h window and resend under a new identifier, else a negative correction (past 35 days: listed for a
+manual credit). Over-billed, not billed by the edge: a negative row in that state. Keys with missing ticks
+or pending close are left alone; a second ``--apply`` finds nothing. Why: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations

@@ -1,30 +1,9 @@
 """The SQL ledger: ticks in compressed batches (dedup by bucket and tick id), org policy history, the meter-row
-outbox.
+outbox; one module per job, joined into :class:`Ledger`.
 
-Every write here is one database transaction; each function's docstring gives the order of its
-side effects and what a crash between two of them does. The tables are in :mod:`sinks.schema`, and
-only this package (and the parity store, over its own tables) touches them: replay, the benchmarks and
-the commands read through :class:`Ledger` methods.
-
-One module per job, joined into :class:`Ledger`:
-
-* :mod:`~sinks.ledger.store` — the engine, the write view, upserts, counters, partition progress;
-* :mod:`~sinks.ledger.batches` — the stored form of tick batches, and their decoding;
-* :mod:`~sinks.ledger.dedup` — exact dedup of tick ids in memory, in step with the stored batches;
-* :mod:`~sinks.ledger.ingest` — tick batches, policies, progress, highwaters (the worker's hot path);
-* :mod:`~sinks.ledger.closer` — ticks into meter rows, priced by :class:`models.usage.Pricer`;
-* :mod:`~sinks.ledger.outbox` — the rows to send, send outcomes, Stripe's error-report cursor;
-* :mod:`~sinks.ledger.queries` — read models for reports, commands and replay;
-* :mod:`~sinks.ledger.corrections` — rows written or moved after a close by operator commands (replay's
-  corrections, cancellations at Stripe), keeping the rounding carry exact;
-* :mod:`~sinks.ledger.cutover` — the cutover's audit log, the state in force, the workers' acknowledgements,
-  a rollback's sweep and a release; :class:`CutoverView` for the worker.
-
-Concurrency: SQLite serialises writers; on PostgreSQL ingest transactions take an advisory lock one at a
-time (dedup must see every batch committed before it), the closer takes another so that two workers can
-never close at once, plus a short SHARE lock on ``tick_batches`` so that no batch below the insertion
-``seq`` it reads can still be uncommitted. Ingest only inserts; batches are never updated (see
-:meth:`Ledger.close`).
+Every write is one database transaction; each function's docstring gives the order of its side effects and
+what a crash between two of them does. Only this package (and the parity store) touches the tables. Its
+modules and locking: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from models.cutover import CutoverState, Decision, decide
 from models.policy import OrgPolicy
 from models.pricing import row_placement
 from models.ticks import TickColumns
-from models.usage import Groups, Pricer
+from models.usage import Aggregates, Groups, Pricer
 from models.watermark import last_closable_bucket
 from models.zombie import Interval
 from sinks.ledger.batches import decode_columns
@@ -151,46 +151,35 @@ class LedgerCloser(SqlStore):
         late ticks into corrections.
 
         Batches are never rewritten: a bucket's cursor (``closed_buckets.seq``) says up to which insertion
-        ``seq`` its batches are aggregated, and the last close run (``upto_seq``, ``last_bucket``) says that
-        every batch with ``seq <= upto_seq`` in a bucket ``<= last_bucket`` (or closed already) is. One
-        transaction, in order:
-          1. take the closer lock and stop ingest for the moment (SQLite: BEGIN IMMEDIATE, the only writer;
-             PostgreSQL: an advisory lock, then ``LOCK TABLE tick_batches IN SHARE MODE``, which waits for
-             in-flight ingest transactions, so no batch below the ``seq`` read next can still appear);
-          2. read ``S = max(seq)``; the buckets to work on: those ``<= last closable`` holding batches above
-             the previous run's ``upto_seq``, those newly closable, and every bucket closed already that
-             holds a batch above the previous ``upto_seq`` (whatever the watermark: a closed bucket that gains
-             ticks is closed again on the rules that closed it);
-          3. insert the ``close_runs`` row (``upto_seq = S``, ``last_bucket``) -> ``close_id``; read each
-             bucket's stored decision, and decide the buckets closing for the first time from the cutover
-             state in force (the ledger's newest, else ``cfg.bootstrap``), read here, inside the transaction;
-          4. per bucket, decode exactly its batches with ``cursor < seq <= S`` and price their ticks with
-             :class:`models.usage.Pricer` (zombie ticks set aside, the policy in effect at each tick's time);
-          5. per (org, bucket, meter): the next revision (0, or r{n} when the bucket already has rows),
-             the value through the rounding carry in ``meter_totals``, the state from the bucket's one
-             decision (:func:`models.pricing.row_placement`: skipped_before_bill_from / skipped_rolled_back /
-             expired / shadow / pending), insert the row; non-billable usage (unknown org, free
-             plan, legacy size outside the tiers, zombie) into ``unbilled_usage`` with its reason;
-          6. move each bucket's cursor to ``S`` and store the decisions made in 3 (a stored one is kept);
-             counters; commit.
+        ``seq`` its batches are aggregated, and the last close run (``upto_seq``, ``last_bucket``) covers every
+        batch with ``seq <= upto_seq`` in a bucket ``<= last_bucket`` (or closed already). One transaction:
+          1. take the closer lock and stop ingest for the moment (SQLite: BEGIN IMMEDIATE; PostgreSQL: an
+             advisory lock, then ``LOCK TABLE tick_batches IN SHARE MODE``, which waits for in-flight ingest
+             transactions, so no batch below the ``seq`` read next can still appear);
+          2. read ``S = max(seq)`` and the buckets to work on (:meth:`_open_run`: closable ones with batches
+             above the previous ``upto_seq``, newly closable ones, and closed ones that gained batches);
+          3. insert the ``close_runs`` row; decide the buckets closing for the first time from the cutover
+             state in force, read inside the transaction (:meth:`_decide`);
+          4. decode each bucket's batches with ``cursor < seq <= S`` and price them (:meth:`_price`);
+          5. insert the meter rows (next revision, value through the rounding carry, state by
+             :func:`models.pricing.row_placement`: :meth:`_write_rows`) and the unbilled usage with its reason;
+          6. move each bucket's cursor to ``S``, store the new decisions, counters (:meth:`_finish_run`); commit.
         A crash anywhere before the commit changes nothing: the next run does the same work again. After
         the commit every tick up to ``S`` of those buckets is in exactly one row set — aggregated once,
         never skipped — and rows are never rewritten, so an identifier can never reach Stripe with two values.
         """
-        result = CloseResult()
         last = (
             None if watermark_ms is None else last_closable_bucket(watermark_ms, cfg.bucket_seconds, cfg.grace_seconds)
         )
-        result.last_bucket = last
         with self.engine.connect() as probe:
             if not self._close_buckets(probe, last):
-                return result
+                return CloseResult(last_bucket=last)
         now = self._clock()
         with self._w.begin() as conn:
             self._lock_closer(conn)
             if self._dialect == "postgresql":
                 conn.execute(text("LOCK TABLE tick_batches IN SHARE MODE"))
-            self._close_in_tx(conn, now, watermark_ms or 0, last, cfg, result)
+            result = self._close_in_tx(conn, now, watermark_ms or 0, last, cfg)
         if result.rows or result.samples:
             log.info(
                 "close run %s: buckets<=%s aggregated %d ticks -> %d rows (%d corrections); unbilled %s",
@@ -223,10 +212,29 @@ class LedgerCloser(SqlStore):
         return sorted(found)
 
     def _close_in_tx(
-        self, conn: Connection, now: int, watermark_ms: int, last: int | None, cfg: CloseConfig, result: CloseResult
-    ) -> None:
-        tb = tick_batches.c
-        top = conn.execute(select(func.max(tb.seq))).scalar_one_or_none() or 0
+        self, conn: Connection, now: int, watermark_ms: int, last: int | None, cfg: CloseConfig
+    ) -> CloseResult:
+        """Steps 2-6 of :meth:`close`, inside its transaction (a crash between any two leaves nothing).
+
+        Read state (:meth:`_open_run`, :meth:`_decide`, :meth:`_price`), then write (:meth:`_write_rows`,
+        :meth:`_write_unbilled`, :meth:`_finish_run`); each step returns what the next needs.
+        """
+        run = self._open_run(conn, now, watermark_ms, last)
+        result = CloseResult(close_id=run.close_id, last_bucket=last)
+        if not run.buckets:
+            return result
+        decisions, result.decided = self._decide(conn, run.buckets, cfg)
+        result.samples, priced = self._price(conn, run, cfg)
+        items = [(o, b, m, u, n, priced.modes[(o, b, m)]) for (o, b, m), (u, n) in sorted(priced.billable.items())]
+        result.rows, result.corrections = self._write_rows(conn, run.close_id, now, items, cfg, decisions)
+        result.unbilled = self._write_unbilled(conn, priced.unbilled)
+        result.buckets = run.buckets
+        self._finish_run(conn, run, now, decisions, result)
+        return result
+
+    def _open_run(self, conn: Connection, now: int, watermark_ms: int, last: int | None) -> _Run:
+        """Read ``S = max(seq)`` and the buckets to work on; insert the ``close_runs`` row (step 2-3)."""
+        top = conn.execute(select(func.max(tick_batches.c.seq))).scalar_one_or_none() or 0
         buckets = self._close_buckets(conn, last, upto=top)
         done_seq, done_bucket = close_position(conn)
         reach = [b for b in (last, done_bucket) if b is not None]
@@ -242,31 +250,44 @@ class LedgerCloser(SqlStore):
             )
             .returning(close_runs.c.id)
         ).scalar_one()
-        result.close_id = cid
-        if not buckets:
-            return
         cb = closed_buckets.c
-        cursors: dict[int, int] = {}
-        decisions: dict[int, Decision] = {}
-        for r in conn.execute(select(cb.bucket_start, cb.seq, cb.decision).where(cb.bucket_start.in_(buckets))):
-            cursors[int(r.bucket_start)] = int(r.seq)
-            if r.decision is not None:
-                decisions[int(r.bucket_start)] = Decision(r.decision)
-        # Each bucket's decision is made once, at its first close, from the cutover state in force now (read
-        # in this transaction: a change commits before or after this run, never during it).
+        cursors = {
+            int(r.bucket_start): int(r.seq)
+            for r in conn.execute(select(cb.bucket_start, cb.seq).where(cb.bucket_start.in_(buckets)))
+        }
+        return _Run(cid, top, buckets, cursors)
+
+    def _decide(
+        self, conn: Connection, buckets: list[int], cfg: CloseConfig
+    ) -> tuple[dict[int, Decision], dict[int, Decision]]:
+        """Every bucket's decision (the stored one, else made now), and the ones made now (step 3).
+
+        A bucket's decision is made once, at its first close, from the cutover state in force now (read in
+        this transaction: a change commits before or after this run, never during it).
+        """
+        cb = closed_buckets.c
+        decisions = {
+            int(r.bucket_start): Decision(r.decision)
+            for r in conn.execute(select(cb.bucket_start, cb.decision).where(cb.bucket_start.in_(buckets)))
+            if r.decision is not None
+        }
         got = read_effective_state(conn)
         state = cfg.bootstrap if got is None else got[1]
-        for b in buckets:
-            if b not in decisions:
-                decisions[b] = result.decided[b] = decide(state, b)
+        decided = {b: decide(state, b) for b in buckets if b not in decisions}
+        return decisions | decided, decided
+
+    def _price(self, conn: Connection, run: _Run, cfg: CloseConfig) -> tuple[int, Aggregates]:
+        """Decode each bucket's batches with ``cursor < seq <= S`` and price them (step 4); (ticks, priced)."""
+        tb = tick_batches.c
         batches: list[tuple[int, TickColumns]] = []
-        for b in buckets:
+        for b in run.buckets:
             rows = conn.execute(
-                select(tb.data).where(tb.bucket_start == b, tb.seq > cursors.get(b, 0), tb.seq <= top).order_by(tb.seq)
+                select(tb.data)
+                .where(tb.bucket_start == b, tb.seq > run.cursors.get(b, 0), tb.seq <= run.top)
+                .order_by(tb.seq)
             )
             # Aggregated, never compared by id: decoded as columns, without ids or a tick object per tick.
             batches.extend((b, decode_columns(data)) for data in rows.scalars())
-        result.samples = sum(len(c.org) for _, c in batches)
         orgs: set[str] = set()
         for _, c in batches:
             orgs.update(c.org_names)
@@ -275,35 +296,35 @@ class LedgerCloser(SqlStore):
         groups = Groups()
         for b, c in batches:
             pricer.collect_columns(b, c, groups)
-        priced = pricer.finish(groups)
-        self._write_rows(
-            conn,
-            cid,
-            now,
-            [(org, b, m, u, n, priced.modes[(org, b, m)]) for (org, b, m), (u, n) in sorted(priced.billable.items())],
-            cfg,
-            decisions,
-            result,
+        return sum(len(c.org) for _, c in batches), pricer.finish(groups)
+
+    def _write_unbilled(self, conn: Connection, unbilled: dict[tuple[str, int, str], list[int]]) -> dict[str, int]:
+        """Add non-billable usage to ``unbilled_usage`` with its reason (step 5); ticks per reason."""
+        by_reason: dict[str, int] = {}
+        if not unbilled:
+            return by_reason
+        stmt = self._insert(unbilled_usage)
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["org_id", "bucket_start", "reason"],
+                set_={
+                    "samples": unbilled_usage.c.samples + stmt.excluded.samples,
+                    "mb_seconds": unbilled_usage.c.mb_seconds + stmt.excluded.mb_seconds,
+                },
+            ),
+            [
+                {"org_id": o, "bucket_start": b, "reason": reason, "samples": v[0], "mb_seconds": v[1]}
+                for (o, b, reason), v in sorted(unbilled.items())
+            ],
         )
-        unbilled = priced.unbilled
-        if unbilled:
-            stmt = self._insert(unbilled_usage)
-            conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=["org_id", "bucket_start", "reason"],
-                    set_={
-                        "samples": unbilled_usage.c.samples + stmt.excluded.samples,
-                        "mb_seconds": unbilled_usage.c.mb_seconds + stmt.excluded.mb_seconds,
-                    },
-                ),
-                [
-                    {"org_id": o, "bucket_start": b, "reason": reason, "samples": v[0], "mb_seconds": v[1]}
-                    for (o, b, reason), v in sorted(unbilled.items())
-                ],
-            )
-            for (_, _, reason), v in unbilled.items():
-                result.unbilled[reason] = result.unbilled.get(reason, 0) + v[0]
-        result.buckets = buckets
+        for (_, _, reason), v in unbilled.items():
+            by_reason[reason] = by_reason.get(reason, 0) + v[0]
+        return by_reason
+
+    def _finish_run(
+        self, conn: Connection, run: _Run, now: int, decisions: dict[int, Decision], result: CloseResult
+    ) -> None:
+        """Move each bucket's cursor to ``S``, store new decisions (a stored one is kept), counters (step 6)."""
         stmt = self._insert(closed_buckets)
         conn.execute(
             stmt.on_conflict_do_update(
@@ -315,11 +336,13 @@ class LedgerCloser(SqlStore):
                 },
             ),
             [
-                {"bucket_start": b, "closed_ms": now, "close_id": cid, "seq": top, "decision": decisions[b].value}
-                for b in buckets
+                {"bucket_start": b, "closed_ms": now, "close_id": run.close_id, "seq": run.top, "decision": d.value}
+                for b, d in ((b, decisions[b]) for b in run.buckets)
             ],
         )
-        conn.execute(update(close_runs).where(close_runs.c.id == cid).values(samples=result.samples, rows=result.rows))
+        conn.execute(
+            update(close_runs).where(close_runs.c.id == run.close_id).values(samples=result.samples, rows=result.rows)
+        )
         self._bump_counters(
             conn,
             {
@@ -339,77 +362,19 @@ class LedgerCloser(SqlStore):
         items: list[tuple[str, int, str, int, int, BillingMode]],
         cfg: CloseConfig,
         decisions: dict[int, Decision],
-        result: CloseResult,
-    ) -> None:
-        """Write the meter rows of one close run: (org, bucket, meter, units, samples, mode), sorted.
+    ) -> tuple[int, int]:
+        """Write the meter rows of one close run from (org, bucket, meter, units, samples, mode), sorted, and
+        upsert the rounding carries (step 5); returns (rows, corrections).
 
-        Set-based: the previous revisions of the buckets involved and the rounding carries of the orgs
-        involved are read in a few queries, the rows are computed in order (per (org, meter) in bucket
-        order, so the carry runs forwards), then inserted and the carries upserted with one executemany
-        each. Part of the close transaction (see :meth:`close`).
+        The previous revisions and the carries involved are read in a few queries (:meth:`_revisions`,
+        :meth:`_carries`), the rows computed in order (per (org, meter) in bucket order, so the carry runs
+        forwards), then inserted and the carries upserted with one executemany each.
         """
         if not items:
-            return
-        me = meter_events.c
-        mt = meter_totals.c
-        prev_rev: dict[tuple[str, int, str], int] = {}
-        buckets = sorted({b for _, b, _, _, _, _ in items})
-        for i in range(0, len(buckets), 500):
-            for r in conn.execute(
-                select(me.org_id, me.bucket_start, me.meter, func.max(me.revision).label("rev"))
-                .where(me.bucket_start.in_(buckets[i : i + 500]))
-                .group_by(me.org_id, me.bucket_start, me.meter)
-            ):
-                prev_rev[(r.org_id, r.bucket_start, r.meter)] = r.rev
-        totals: dict[tuple[str, str, str], tuple[int, Decimal]] = {}
-        orgs = sorted({o for o, _, _, _, _, _ in items})
-        for i in range(0, len(orgs), 500):
-            for r in conn.execute(select(meter_totals).where(mt.org_id.in_(orgs[i : i + 500]))):
-                totals[(r.org_id, r.meter, r.stream)] = (r.units, Decimal(r.assigned))
-        changed: set[tuple[str, str, str]] = set()
-        rows: list[dict[str, Any]] = []
-        for org, bstart, meter, units, samples, mode in items:
-            bend = bucket_end(bstart, cfg.bucket_seconds)
-            divisor = meter_unit_divisor(meter)
-            state, stream = row_placement(decisions[bstart], bend, now)
-            if stream is None:
-                value = round_value(units, divisor)
-            else:
-                key = (org, meter, stream)
-                before_units, before_assigned = totals.get(key, (0, Decimal(0)))
-                value, assigned = carry_rounded_delta(before_units, before_assigned, units, divisor)
-                totals[key] = (before_units + units, assigned)
-                changed.add(key)
-            if value <= 0:
-                continue  # nothing to send (the rounding carry keeps the units for the next row)
-            prev = prev_rev.get((org, bstart, meter))
-            revision = 0 if prev is None else prev + 1
-            prev_rev[(org, bstart, meter)] = revision
-            rows.append(
-                {
-                    "id": meter_row_id(org, bstart, meter, revision),
-                    "org_id": org,
-                    "bucket_start": bstart,
-                    "bucket_end": bend,
-                    "meter": meter,
-                    "revision": revision,
-                    "billing_mode": mode.value,
-                    "value": format_value(value),
-                    "units": units,
-                    "samples": samples,
-                    "state": state.value,
-                    "stripe_customer_id": None,
-                    "close_id": cid,
-                    "created_ms": now,
-                    "updated_ms": now,
-                    "sent_ms": None,
-                    "attempts": 0,
-                    "last_error": None,
-                }
-            )
-            result.rows += 1
-            if revision:
-                result.corrections += 1
+            return 0, 0
+        prev_rev = self._revisions(conn, sorted({b for _, b, _, _, _, _ in items}))
+        totals = self._carries(conn, sorted({o for o, _, _, _, _, _ in items}))
+        rows, changed = _meter_rows(items, cid, now, cfg.bucket_seconds, decisions, prev_rev, totals)
         if rows:
             conn.execute(insert(meter_events), rows)
         if changed:
@@ -421,12 +386,99 @@ class LedgerCloser(SqlStore):
                 ),
                 [
                     {
-                        "org_id": o,
-                        "meter": m,
-                        "stream": st,
-                        "units": totals[(o, m, st)][0],
-                        "assigned": str(totals[(o, m, st)][1]),
+                        "org_id": k[0],
+                        "meter": k[1],
+                        "stream": k[2],
+                        "units": totals[k][0],
+                        "assigned": str(totals[k][1]),
                     }
-                    for (o, m, st) in sorted(changed)
+                    for k in sorted(changed)
                 ],
             )
+        return len(rows), sum(1 for r in rows if r["revision"])
+
+    def _revisions(self, conn: Connection, buckets: list[int]) -> dict[tuple[str, int, str], int]:
+        """The newest revision of each (org, bucket, meter) of ``buckets`` that has rows."""
+        me = meter_events.c
+        out: dict[tuple[str, int, str], int] = {}
+        for i in range(0, len(buckets), 500):
+            for r in conn.execute(
+                select(me.org_id, me.bucket_start, me.meter, func.max(me.revision).label("rev"))
+                .where(me.bucket_start.in_(buckets[i : i + 500]))
+                .group_by(me.org_id, me.bucket_start, me.meter)
+            ):
+                out[(r.org_id, r.bucket_start, r.meter)] = r.rev
+        return out
+
+    def _carries(self, conn: Connection, orgs: list[str]) -> dict[tuple[str, str, str], tuple[int, Decimal]]:
+        """The rounding carry (units, assigned value) of each (org, meter, stream) of ``orgs``."""
+        out: dict[tuple[str, str, str], tuple[int, Decimal]] = {}
+        for i in range(0, len(orgs), 500):
+            for r in conn.execute(select(meter_totals).where(meter_totals.c.org_id.in_(orgs[i : i + 500]))):
+                out[(r.org_id, r.meter, r.stream)] = (r.units, Decimal(r.assigned))
+        return out
+
+
+def _meter_rows(
+    items: list[tuple[str, int, str, int, int, BillingMode]],
+    cid: int,
+    now: int,
+    bucket_seconds: int,
+    decisions: dict[int, Decision],
+    prev_rev: dict[tuple[str, int, str], int],
+    totals: dict[tuple[str, str, str], tuple[int, Decimal]],
+) -> tuple[list[dict[str, Any]], set[tuple[str, str, str]]]:
+    """The meter rows of ``items``, in order; advances ``prev_rev`` and the carries ``totals`` (and returns
+    the carries changed). Pure but for those two."""
+    changed: set[tuple[str, str, str]] = set()
+    rows: list[dict[str, Any]] = []
+    for org, bstart, meter, units, samples, mode in items:
+        bend = bucket_end(bstart, bucket_seconds)
+        divisor = meter_unit_divisor(meter)
+        state, stream = row_placement(decisions[bstart], bend, now)
+        if stream is None:
+            value = round_value(units, divisor)
+        else:
+            key = (org, meter, stream)
+            before_units, before_assigned = totals.get(key, (0, Decimal(0)))
+            value, assigned = carry_rounded_delta(before_units, before_assigned, units, divisor)
+            totals[key] = (before_units + units, assigned)
+            changed.add(key)
+        if value <= 0:
+            continue  # nothing to send (the rounding carry keeps the units for the next row)
+        prev = prev_rev.get((org, bstart, meter))
+        revision = 0 if prev is None else prev + 1
+        prev_rev[(org, bstart, meter)] = revision
+        rows.append(
+            {
+                "id": meter_row_id(org, bstart, meter, revision),
+                "org_id": org,
+                "bucket_start": bstart,
+                "bucket_end": bend,
+                "meter": meter,
+                "revision": revision,
+                "billing_mode": mode.value,
+                "value": format_value(value),
+                "units": units,
+                "samples": samples,
+                "state": state.value,
+                "stripe_customer_id": None,
+                "close_id": cid,
+                "created_ms": now,
+                "updated_ms": now,
+                "sent_ms": None,
+                "attempts": 0,
+                "last_error": None,
+            }
+        )
+    return rows, changed
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """A close run as opened: its id, ``S`` (``top``), the buckets it works on and their cursors."""
+
+    close_id: int
+    top: int
+    buckets: list[int]
+    cursors: dict[int, int]

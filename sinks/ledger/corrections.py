@@ -1,14 +1,8 @@
 """Meter rows written or moved after a bucket's close run, by operator commands: a replay's correction rows,
 rows cancelled at Stripe, and rows moved between states by a rollback or a release.
 
-Every one of them keeps the rounding carry of its stream exact (``meter_totals``, see
-:func:`models.billing.carry_rounded_delta`): a row that leaves a stream (cancelled at Stripe, skipped by a
-rollback, released out of shadow) takes its units and its value out of that stream's totals, and a row that
-enters one gets its value assigned through the carry. So the values of the rows a stream still counts add
-up, after the next row of that (org, meter) at the latest, to their exact units rounded once.
-
-Rows are identified by their Stripe identifier; a row that was ever sent never changes its value. Rows an
-operator command writes carry ``close_id`` 0 (no close run wrote them).
+Each keeps its stream's rounding carry exact (``meter_totals``, :func:`models.billing.carry_rounded_delta`);
+a row ever sent never changes its value; rows written here carry ``close_id`` 0.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """The cutover in the ledger: its history of changes (the audit), the state in force, the workers'
 acknowledgements, and the row moves a change implies (a rollback's sweep, a release).
 
-The state in force (:meth:`LedgerCutover.effective_cutover`) is the newest ``state`` entry of
-``cutover_log``, or, before the first one, the environment's bootstrap state the caller passes in. Every
-change is recorded idempotently by its change id, so the command that made it and the worker agent that
-reads it back from the ``billing-control`` topic record it once. A change's side effects on rows are part
-of the transaction that records it, under the closer's lock: a close run sees the state before the change
-or after it, never half of it.
+The state in force is the newest ``state`` entry of ``cutover_log``, else the caller's bootstrap state.
+Changes are recorded idempotently by change id; a change's row moves are in the transaction that records
+it, under the closer's lock: a close run sees the state before or after, never half.
 """
 
 from __future__ import annotations
@@ -353,43 +350,15 @@ class LedgerCutover(LedgerCorrections):
         value. A crash before the commit changes nothing; a repeat finds the bucket billed and refuses.
         """
         now = self._clock()
-        cb = closed_buckets.c
-        me = meter_events.c
         with self._w.begin() as conn:
             self._lock_closer(conn)
             old = self._existing(conn, change_id)
             if old is not None:
                 return Recorded(int(old.seq), False)
-            got = read_effective_state(conn)
-            state = bootstrap if got is None else got[1]
-            problems: list[str] = []
-            if not state.live:
-                problems.append("the edge is in shadow: a released bucket would not be sent")
-            if bucket < state.bill_from or (state.bill_until is not None and bucket >= state.bill_until):
-                problems.append(f"bucket {bucket} is outside the edge's billing range [T, R): the cell bills it")
-            decision = conn.execute(select(cb.decision).where(cb.bucket_start == bucket)).scalar_one_or_none()
-            if decision != Decision.SHADOW.value:
-                problems.append(f"bucket {bucket} is not a gap (decision: {decision or 'not closed'})")
+            problems = self._release_problems(conn, bucket, bootstrap)
             if problems:
                 raise CutoverRefused(problems)
-            rows = conn.execute(
-                select(me.id, me.org_id, me.meter, me.state, me.units, me.value)
-                .where(me.bucket_start == bucket, me.state == RowState.SHADOW.value)
-                .order_by(me.org_id, me.meter, me.revision)
-            ).all()
-            self._leave_stream(conn, rows)
-            state_to, stream = row_placement(Decision.BILLED, bucket_end(bucket, bucket_seconds), now)
-            released: list[dict[str, str]] = []
-            for r in rows:
-                value = self._assign(conn, r.org_id, r.meter, stream, int(r.units))
-                text = format_value(value)
-                conn.execute(
-                    update(meter_events)
-                    .where(me.id == r.id)
-                    .values(state=state_to.value, value=text, updated_ms=now, last_error="released from shadow")
-                )
-                released.append({"id": r.id, "value": text, "state": state_to.value})
-            conn.execute(update(closed_buckets).where(cb.bucket_start == bucket).values(decision=Decision.BILLED.value))
+            released = self._release_rows(conn, bucket, bucket_seconds, now)
             seq = self._insert_entry(
                 conn,
                 kind=KIND_RELEASE,
@@ -403,6 +372,45 @@ class LedgerCutover(LedgerCorrections):
             )
             self._bump_counters(conn, {"rows.released": len(released)})
         return Recorded(seq, True, [r["id"] for r in released])
+
+    def _release_problems(self, conn: Connection, bucket: int, bootstrap: CutoverState) -> list[str]:
+        """Why ``bucket`` may not be released under the state in force (none: it may)."""
+        got = read_effective_state(conn)
+        state = bootstrap if got is None else got[1]
+        problems: list[str] = []
+        if not state.live:
+            problems.append("the edge is in shadow: a released bucket would not be sent")
+        if bucket < state.bill_from or (state.bill_until is not None and bucket >= state.bill_until):
+            problems.append(f"bucket {bucket} is outside the edge's billing range [T, R): the cell bills it")
+        cb = closed_buckets.c
+        decision = conn.execute(select(cb.decision).where(cb.bucket_start == bucket)).scalar_one_or_none()
+        if decision != Decision.SHADOW.value:
+            problems.append(f"bucket {bucket} is not a gap (decision: {decision or 'not closed'})")
+        return problems
+
+    def _release_rows(self, conn: Connection, bucket: int, bucket_seconds: int, now: int) -> list[dict[str, str]]:
+        """Move ``bucket``'s shadow rows to the billed carry stream and state, decide it billed; the rows."""
+        me = meter_events.c
+        rows = conn.execute(
+            select(me.id, me.org_id, me.meter, me.state, me.units, me.value)
+            .where(me.bucket_start == bucket, me.state == RowState.SHADOW.value)
+            .order_by(me.org_id, me.meter, me.revision)
+        ).all()
+        self._leave_stream(conn, rows)
+        state_to, stream = row_placement(Decision.BILLED, bucket_end(bucket, bucket_seconds), now)
+        released: list[dict[str, str]] = []
+        for r in rows:
+            value = self._assign(conn, r.org_id, r.meter, stream, int(r.units))
+            text = format_value(value)
+            conn.execute(
+                update(meter_events)
+                .where(me.id == r.id)
+                .values(state=state_to.value, value=text, updated_ms=now, last_error="released from shadow")
+            )
+            released.append({"id": r.id, "value": text, "state": state_to.value})
+        cb = closed_buckets.c
+        conn.execute(update(closed_buckets).where(cb.bucket_start == bucket).values(decision=Decision.BILLED.value))
+        return released
 
     # ------------------------------------------------------------------ workers' acknowledgements
 

@@ -1,24 +1,10 @@
-"""Repairs of a short window, through the outbox: a row Stripe does not hold is queued again, or billed again by
-a new row. The rules deciding which (:func:`models.reconcile.plan_repair`) are pure; this module writes them.
+"""Repairs through the outbox, recorded in ``reconcile_repairs`` with their evidence; the rules are pure
+(:func:`models.reconcile.plan_repair`, :mod:`models.reconcile_over`), this module writes them.
 
-Two writes, both on ``meter_events`` and both recorded in ``reconcile_repairs`` with their evidence:
-
-* **resend** a ``sent`` row Stripe does not hold: back to ``pending`` with its identifier, value and customer
-  unchanged, so the sender sends exactly the same event again (should Stripe hold it after all, its identifier
-  dedup answers "already exists" and the row is ``sent`` again). The only way a ``sent`` row leaves ``sent``.
-* **replace** a row whose identifier is lost (refused after the send, or held by Stripe without being counted):
-  a new row, the next revision of the same bucket, same meter, value and units, ``pending``, with ``repair_of``
-  naming the lost row. The lost identifier is never sent again. The rounding carry is not touched (the value is
-  the lost row's, already assigned), and readers counting billing decisions skip rows with ``repair_of``.
-
-And two for what Stripe holds *beyond* what edgebill sent (:mod:`models.reconcile_over`), each once per key
-(``reconcile_repairs.repair_key``, unique):
-
-* **credit**: a new row of the negative excess, ``pending``, 0 units (it bills no usage: the excess was never
-  the ledger's), ``repair_of`` = ``stripe_excess:`` + the key. Outside the rounding carry for the same reason;
-  readers counting billing decisions skip it (``repair_of``).
-* **cancel_replace**, after Stripe confirmed the cancellation of a row it held with another value: the row is
-  billed again under a new identifier, exactly as *replace* above.
+Short windows: **resend** a ``sent`` row (back to ``pending``, unchanged) or **replace** a row whose
+identifier is lost (the next revision, ``repair_of`` naming it). Excess at Stripe, once per key: **credit**
+(a negative row, 0 units) or **cancel_replace**. None touches the rounding carry. In detail:
+docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations
@@ -27,7 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import Connection, func, insert, select, update
 
@@ -112,7 +98,7 @@ class ReconcileRepairs(SqlStore):
                     if hit is None:
                         done.append(RepairDone(st.row_id, st.action, st.value, skipped=f"the row is {row.state}"))
                         continue
-                    self._record(conn, req, None, by, reason, now)
+                    self._record(conn, st, st.row_id, None, st.cause, req.evidence, (by, reason, now))
                     done.append(RepairDone(st.row_id, st.action, st.value))
                     resent += 1
                     continue
@@ -120,7 +106,7 @@ class ReconcileRepairs(SqlStore):
                 if new_id is None:
                     done.append(RepairDone(st.row_id, st.action, st.value, skipped="already replaced"))
                     continue
-                self._record(conn, req, new_id, by, reason, now)
+                self._record(conn, st, st.row_id, new_id, st.cause, req.evidence, (by, reason, now))
                 done.append(RepairDone(st.row_id, st.action, st.value, new_row_id=new_id))
                 replaced += 1
             self._bump_counters(conn, {"reconcile.resent": resent, "reconcile.replaced": replaced})
@@ -184,112 +170,71 @@ class ReconcileRepairs(SqlStore):
                     )
                     target, row_id = str(st.row_id), written
                     counter = "reconcile.cancelled"
-                conn.execute(
-                    insert(reconcile_repairs).values(
-                        row_id=target,
-                        action=st.action.value,
-                        new_row_id=written,
-                        value=dec(st.value),
-                        cause=Cause.STRIPE_HOLDS_MORE.value,
-                        evidence=json.dumps(w.evidence, sort_keys=True),
-                        by=by,
-                        reason=reason,
-                        repair_key=st.key,
-                        created_ms=now,
-                    )
-                )
+                who = (by, reason, now)
+                self._record(conn, st, target, written, Cause.STRIPE_HOLDS_MORE, w.evidence, who, key=st.key)
                 self._bump_counters(conn, {counter: 1})
             out.append(OverDone(st, row_id))
         return out
 
     @staticmethod
     def _credit(conn: Connection, st: OverStep, now: int) -> str:
-        me = meter_events.c
-        top = conn.execute(
-            select(func.max(me.revision)).where(
-                me.org_id == st.org_id, me.bucket_start == st.bucket_start, me.meter == st.meter
-            )
-        ).scalar_one()
-        revision = 0 if top is None else int(top) + 1
-        row_id = meter_row_id(st.org_id, st.bucket_start, st.meter, revision)
         mode = BillingMode.LEGACY if st.meter in _TIER_METERS else BillingMode.UNIFIED
-        conn.execute(
-            insert(meter_events).values(
-                id=row_id,
-                org_id=st.org_id,
-                bucket_start=st.bucket_start,
-                bucket_end=st.bucket_end,
-                meter=st.meter,
-                revision=revision,
-                billing_mode=mode.value,
-                value=format_value(st.value),
-                units=0,
-                samples=0,
-                state=RowState.PENDING.value,
-                stripe_customer_id=None,
-                close_id=0,
-                created_ms=now,
-                updated_ms=now,
-                sent_ms=None,
-                attempts=0,
-                last_error=f"takes back {dec(st.excess)} Stripe held beyond what edgebill sent in this hour "
-                "(reconciliation repair)",
-                repair_of=CREDIT_PREFIX + st.key,
-            )
+        return _insert_next_revision(
+            conn,
+            now,
+            org_id=st.org_id,
+            bucket_start=st.bucket_start,
+            bucket_end=st.bucket_end,
+            meter=st.meter,
+            billing_mode=mode.value,
+            value=format_value(st.value),
+            units=0,
+            samples=0,
+            close_id=0,
+            last_error=f"takes back {dec(st.excess)} Stripe held beyond what edgebill sent in this hour "
+            "(reconciliation repair)",
+            repair_of=CREDIT_PREFIX + st.key,
         )
-        return row_id
 
     @staticmethod
     def _replace(conn: Connection, row: Any, now: int) -> str | None:
         me = meter_events.c
         if conn.execute(select(me.id).where(me.repair_of == row.id).limit(1)).first() is not None:
             return None
-        top = conn.execute(
-            select(func.max(me.revision)).where(
-                me.org_id == row.org_id, me.bucket_start == row.bucket_start, me.meter == row.meter
-            )
-        ).scalar_one()
-        revision = int(top or 0) + 1
-        new_id = meter_row_id(row.org_id, row.bucket_start, row.meter, revision)
-        conn.execute(
-            insert(meter_events).values(
-                id=new_id,
-                org_id=row.org_id,
-                bucket_start=row.bucket_start,
-                bucket_end=row.bucket_end,
-                meter=row.meter,
-                revision=revision,
-                billing_mode=row.billing_mode,
-                value=row.value,
-                units=row.units,
-                samples=row.samples,
-                state=RowState.PENDING.value,
-                stripe_customer_id=None,
-                close_id=row.close_id,
-                created_ms=now,
-                updated_ms=now,
-                sent_ms=None,
-                attempts=0,
-                last_error=f"bills again {row.id}, which Stripe does not hold (reconciliation repair)",
-                repair_of=row.id,
-            )
+        return _insert_next_revision(
+            conn,
+            now,
+            last_error=f"bills again {row.id}, which Stripe does not hold (reconciliation repair)",
+            repair_of=row.id,
+            **{c: getattr(row, c) for c in _COPIED},
         )
-        return new_id
 
     @staticmethod
-    def _record(conn: Connection, req: RepairRequest, new_id: str | None, by: str, reason: str, now: int) -> None:
-        st = req.step
+    def _record(
+        conn: Connection,
+        st: RepairStep | OverStep,
+        row_id: str,
+        new_id: str | None,
+        cause: Cause,
+        evidence: Any,
+        who: tuple[str, str, int],
+        key: str | None = None,
+    ) -> None:
+        """Record one repair of ``row_id`` (``new_id``: the row written for it) in ``reconcile_repairs``;
+        ``who``: (by, reason, now); ``key``: an over-billing repair's once-per-difference key."""
+        by, reason, now = who
         conn.execute(
             insert(reconcile_repairs).values(
-                row_id=st.row_id,
+                row_id=row_id,
                 action=st.action.value,
                 new_row_id=new_id,
                 value=dec(st.value),
-                cause=st.cause.value,
-                evidence=json.dumps(req.evidence, sort_keys=True),
+                cause=cause.value,
+                evidence=json.dumps(evidence, sort_keys=True),
                 by=by,
                 reason=reason,
                 created_ms=now,
+                **({} if key is None else {"repair_key": key}),
             )
         )
 
@@ -300,3 +245,33 @@ class ReconcileRepairs(SqlStore):
                 dict(r._mapping)
                 for r in conn.execute(select(reconcile_repairs).order_by(reconcile_repairs.c.id.desc()).limit(limit))
             ]
+
+
+#: What a row billing again a lost one copies from it.
+_COPIED: Final = (
+    "org_id",
+    "bucket_start",
+    "bucket_end",
+    "meter",
+    "billing_mode",
+    "value",
+    "units",
+    "samples",
+    "close_id",
+)
+#: What every row a repair writes starts as.
+_NEW_ROW: Final = {"state": RowState.PENDING.value, "stripe_customer_id": None, "sent_ms": None, "attempts": 0}
+
+
+def _insert_next_revision(conn: Connection, now: int, **row: Any) -> str:
+    """Insert ``row`` as a new ``pending`` row, the next revision of its (org, bucket, meter); returns its id."""
+    org, start, meter = row["org_id"], row["bucket_start"], row["meter"]
+    me = meter_events.c
+    top = conn.execute(
+        select(func.max(me.revision)).where(me.org_id == org, me.bucket_start == start, me.meter == meter)
+    ).scalar_one()
+    revision = 0 if top is None else int(top) + 1
+    row_id = meter_row_id(org, start, meter, revision)
+    values = {"id": row_id, "revision": revision, "created_ms": now, "updated_ms": now, **_NEW_ROW, **row}
+    conn.execute(insert(meter_events).values(**values))
+    return row_id

@@ -1,14 +1,9 @@
-"""One reconciliation: the ledger's rows of a range against what Stripe holds (meter event summaries), the check
-of each pro org's upcoming invoice (invoice preview), and the repair of short windows through the outbox.
+"""One reconciliation: the ledger's rows of a range against Stripe's meter event summaries, the check of each
+pro org's upcoming invoice, and the repair of short windows through the outbox.
 
-Reads the ledger through :class:`~sinks.reconcile.store.ReconcileStore` and Stripe through
-:class:`~sinks.reconcile.stripe_reader.StripeReader` (paced, read-only); the rules are :mod:`models.reconcile`. Used by
-``edgebill reconcile`` and by the worker's scheduled run (``streams.reconcile``), which stores the results.
-
-Stripe requests per run: one list of the meters; one list of the v2 error reports since the ledger's
-error-report cursor (only when rows were sent); per (customer, meter) with settled windows, one summaries list
-for the whole range (a page holds 100 windows); per window that differs, one more, by hour, to find which rows
-are missing; per subscription checked, one invoice preview.
+Reads through :class:`~sinks.reconcile.store.ReconcileStore` and :class:`~sinks.reconcile.stripe_reader.StripeReader`;
+the rules are :mod:`models.reconcile`. Used by ``edgebill reconcile`` and ``streams.reconcile``. Its Stripe
+requests per run: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations
@@ -310,8 +305,12 @@ class Reconciliation:
         now = self._now_ms()
         report.started_ms = now
         report.reads_per_s = self.reader.reads_per_s
+        return self._measured(report, lambda: self._compare(report, orgs, now))
+
+    def _measured(self, report: ReconcileReport, work: Callable[[], object]) -> ReconcileReport:
+        """Run ``work`` for ``report``, then stamp its end and the reader's request counts (also on failure)."""
         try:
-            self._compare(report, orgs, now)
+            work()
         finally:
             report.finished_ms = self._now_ms()
             report.requests = self.reader.requests
@@ -484,13 +483,7 @@ class Reconciliation:
         now = self._now_ms()
         day = now // 1000 // DAY * DAY
         report = ReconcileReport(day, day + DAY, Grouping.DAY, started_ms=now, reads_per_s=self.reader.reads_per_s)
-        try:
-            self.check_invoices(report, orgs=orgs)
-        finally:
-            report.finished_ms = self._now_ms()
-            report.requests = self.reader.requests
-            report.throttled = self.reader.throttled
-        return report
+        return self._measured(report, lambda: self.check_invoices(report, orgs=orgs))
 
     def check_invoices(
         self, report: ReconcileReport, *, orgs: Sequence[str] | None = None, due_only: bool = False
@@ -650,13 +643,8 @@ class Reconciliation:
             out.done = self.store.apply_repairs(requests, by=by, reason=reason)
             for d in out.done:
                 if d.skipped is None:
-                    log.warning(
-                        "reconcile repair: %s %s (%s)%s",
-                        d.action.value,
-                        d.row_id,
-                        dec(d.value),
-                        f" as {d.new_row_id}" if d.new_row_id else "",
-                    )
+                    made = f" as {d.new_row_id}" if d.new_row_id else ""
+                    log.warning("reconcile repair: %s %s (%s)%s", d.action.value, d.row_id, dec(d.value), made)
         writes: list[OverWrite] = []
         for o in out.over:
             res = next(r for r in diffs if _owns(r, o))
@@ -676,15 +664,9 @@ class Reconciliation:
             out.over_done = self.store.apply_over_repairs(writes, by=by, reason=reason)
             for od in out.over_done:
                 if od.skipped is None:
-                    log.warning(
-                        "reconcile repair: %s org=%s meter=%s hour=%s excess=%s as %s",
-                        od.step.action.value,
-                        od.step.org_id,
-                        od.step.meter,
-                        od.step.hour,
-                        dec(od.step.excess),
-                        od.row_id,
-                    )
+                    st = od.step
+                    what = f"{st.action.value} org={st.org_id} meter={st.meter} hour={st.hour} excess={dec(st.excess)}"
+                    log.warning("reconcile repair: %s as %s", what, od.row_id)
         return out
 
     @staticmethod

@@ -1,10 +1,7 @@
-"""The ledger side of the reconciliation with Stripe: the meter rows of a range as Stripe should hold them, the
-pro orgs' subscriptions and the catalog's prices (reads), and the results of the scheduled runs: each run, the
-latest result per window with how many runs in a row it differed, the alerts, the invoice checks (writes).
-
-Tables: ``reconcile_runs``, ``reconcile_results``, ``reconcile_alerts``, ``reconcile_invoices`` (and, through
-:class:`~sinks.reconcile.repair.ReconcileRepairs`, ``reconcile_repairs`` and the outbox's ``meter_events``).
-The comparison's rules are in :mod:`models.reconcile`.
+"""The ledger side of the reconciliation with Stripe: the rows of a range as Stripe should hold them, the pro
+orgs' subscriptions and prices (reads), and each scheduled run's results, streaks, alerts and invoice checks
+(writes: ``reconcile_runs``, ``reconcile_results``, ``reconcile_alerts``, ``reconcile_invoices``). The rules
+are :mod:`models.reconcile`.
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
-"""Reading back what Stripe holds: billing meters, meter event summaries, invoice previews and the v2 error
-reports, through the official SDK, read-only, paced under a share of Stripe's rate limit.
+"""Reading back what Stripe holds (meters, meter event summaries, invoice previews, v2 error reports) through
+the official SDK, read-only, paced (:class:`Pacer`, ``reads_per_s``; a 429 halves the pace for the run).
 
-**Pacing.** Stripe allows 100 read requests a second per account in live mode and 25 in test mode, and 25 a
-second on any one endpoint unless documented otherwise. The reconciliation is background work next to
-everything else that reads the account, so it keeps to ``reads_per_s`` (default 5: a fifth of the lowest of
-those limits), one request at a time, evenly spaced (:class:`Pacer`), rather than in bursts. A 429 halves
-that pace for the rest of the run and is retried after the longer of ``Retry-After`` and a jittered
-exponential backoff; ``Stripe-Should-Retry`` is obeyed; 5xx answers and cut connections are retried the same
-way. Every request here is a read (an invoice *preview* creates nothing), so retrying never changes Stripe.
-
-**Exact values.** Summaries' ``aggregated_value`` is a JSON number: the body is parsed with every number as a
-:class:`~decimal.Decimal` (``client.raw_request``), never as a float.
-
-**Outcomes as data.** Every read returns an :class:`Answer`: the value, or the :class:`Problem` that stopped
-it (Stripe unreachable, the key refused, an object Stripe does not know, still throttled after every attempt,
-another error). Nothing Stripe-specific leaves this module. Clock, sleep and randomness are injected.
+Numbers are parsed as :class:`~decimal.Decimal`, never floats. Every read returns an :class:`Answer`: the
+value or the :class:`Problem` that stopped it; nothing Stripe-specific leaves this module. Clock, sleep and
+randomness are injected. Why these limits: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations

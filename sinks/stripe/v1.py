@@ -1,25 +1,9 @@
 """The Stripe meter sink (v1): sends meter events through the official ``stripe`` SDK.
 
-Stripe's exceptions end here: :func:`~sinks.stripe.errors.classify` maps every one onto a
-:class:`~sinks.base.Status` (transient / permanent / duplicate).
-
-Delivery guarantee: at-least-once per flush, made effectively-once by Stripe's ``identifier``
-dedup (our row id; Stripe answers a repeat with 400 "An event already exists with identifier …",
-which ``classify`` turns into ``duplicate`` = delivered). A row's value never changes after it
-is created, so a re-send is always the same event.
-
-Why no deterministic ``Idempotency-Key``: Stripe stores the *first* answer under a key, 500s
-included, and replays it for 24 h — a key equal to the identifier would turn one transient 500 into
-a day of identical 500s. The SDK's random per-call key plus the identifier dedup is strictly better.
-The same reasoning decides how a 5xx carrying ``Stripe-Should-Retry: false`` is read: the header
-says that *replaying that request* (same key) cannot succeed; our next attempt is a new request with
-a new key, so for senders (``new_request_per_attempt=True``) a 5xx stays transient.
-
-Stripe's live-mode limits on v1 meter events are 1,000 calls/s per account and one concurrent call
-per (customer, meter). :class:`StripeMeterSink` keeps to both on its own side: calls for one
-(customer, meter) are serialised by :class:`KeyedLocks` shared by every flush and thread using the
-sink, all calls share one concurrency bound, and an optional :class:`RateLimiter` paces them.
-Whatever still comes back 429 is retried by :class:`~sinks.base.RetryingSink`.
+At-least-once per flush, effectively once by Stripe's ``identifier`` dedup (a repeat is ``duplicate`` =
+delivered); no deterministic Idempotency-Key. Calls for one (customer, meter) are serialised
+(:class:`KeyedLocks`), all share one concurrency bound, and :class:`RateLimiter` may pace them; Stripe's
+exceptions end here (:func:`~sinks.stripe.errors.classify`). Why: docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations

@@ -1,30 +1,11 @@
 """The v2 meter-event stream sink, its session, and the reconciliation of Stripe's error reports.
 
-Sending (:class:`StripeStreamSink`): events go through the official SDK,
-``client.v2.billing.meter_event_stream.create({"events": [...]}, {"api_key": token})`` on the
-``meter_events`` base address, at most 100 events a request, timestamps in ISO-8601, several requests
-in flight (bounded by ``concurrency`` across every flush of the sink). The token comes from
-``client.v2.billing.meter_event_session.create()`` (:class:`MeterEventSessions`): valid 15 minutes,
-renewed ``margin`` seconds before it expires, and once more on demand when the stream answers 401
-(session expired or unknown), after which the request is sent again.
-
-What a 202 means: Stripe has *received* the events; it validates them later and reports the ones it
-refused as ``v1.billing.meter.error_report_triggered`` (or ``…no_meter_found``) v2 events. So:
-
-* every event is checked first with :func:`sinks.stripe.v1.validate_event` (the rules Stripe applies),
-  and an event that fails is never sent (``permanent``, code ``edgebill_presend_validation``);
-* an accepted event's outcome is ``ok`` with code :data:`ACCEPTED_ASYNC`: the outbox records the row
-  ``sent`` with a note saying so (the row counts as billed, as it will be unless Stripe reports it);
-* :class:`ErrorReportReconciler` reads the error reports and moves the rows they name from ``sent``
-  (or ``pending``) to ``rejected`` with Stripe's code and message (Ledger.reject_after_send), keeping
-  a cursor in the ledger so each poll reads only recent reports.
-
-A request refused as a whole with a permanent error (a 400 on the shape of one event) is split in
-halves until the event at fault is alone, so one bad event cannot take 99 good ones with it.
-Transient failures (429, 5xx, a cut connection) are returned as ``transient`` for every event of the
-request, with Stripe's ``Retry-After``: :class:`~sinks.base.RetryingSink` sends them again, in a new
-request with a new Idempotency-Key. A resend of an event Stripe already recorded is absorbed by
-Stripe's identifier dedup.
+:class:`StripeStreamSink` sends at most 100 events a request with a session token
+(:class:`MeterEventSessions`, renewed before expiry and once on a 401). Every event is validated first
+(refused: ``permanent``, never sent); an accepted one is ``ok`` with code :data:`ACCEPTED_ASYNC`; a request
+refused whole is split in halves to isolate the bad event; transient failures are ``transient`` for every
+event of the request. :class:`ErrorReportReconciler` moves rows Stripe later refuses to ``rejected``. Why:
+docs/architecture.md, "Module notes".
 """
 
 from __future__ import annotations
@@ -158,14 +139,8 @@ class MeterEventSessions:
 
 
 class _JsonBodyList(list[Any]):
-    """The ``events`` list, marked so the SDK does not also form-encode it.
-
-    The SDK builds a form-encoded copy of every request's params (``_api_encode`` + ``urlencode``) even
-    for v2 POSTs, whose body is JSON and where that copy only feeds a debug log line: for 100 events
-    that is about 5 ms of CPU per request, half of the sender's cost. ``_api_encode`` emits a value
-    with an ``id`` attribute as that id instead of walking it, so this list costs one pair there; the
-    JSON body (``json.dumps``) is unchanged, a list subclass serialises as a list. If a future SDK
-    stops taking the shortcut, requests are only slower, never different.
+    """The ``events`` list, marked (``id``) so the SDK does not also form-encode it for a debug line (about 5 ms
+    of CPU per 100 events); the JSON body is unchanged. Why it is safe: docs/architecture.md, "Module notes".
     """
 
     id = "(events: sent as JSON)"

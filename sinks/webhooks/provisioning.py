@@ -1,16 +1,9 @@
 """Provisioning an org's pro subscription at Stripe: one subscription carrying every catalog price, with
 ``metadata.org_id``, and the sign-up credit (a −3000 cents customer balance transaction) once per org.
 
-Outcomes are data (:class:`ProvisionOutcome` with a :class:`sinks.base.Status`), never exceptions: the caller
-records ``ok`` results, retries ``transient`` ones later and shows ``permanent`` ones to an operator. Stripe's
-errors are classified at this boundary (:func:`sinks.stripe.errors.classify`).
-
-Why a crash at any point still ends with one subscription and one credit: every write carries a key derived
-from the org (``sub-create-{org}`` for its first subscription, ``credit-{org}``), so a retry within Stripe's
-idempotency window (24 h) gets the first answer back; and before writing, the driver looks for what an earlier
-attempt may have left (a subscription of the customer whose ``metadata.org_id`` is the org and that has not
-ended; a balance transaction whose ``metadata.edgebill_credit`` is the org), which covers a retry after the
-window.
+Outcomes are data (:class:`ProvisionOutcome`), never exceptions. A crash at any point still ends with one
+subscription and one credit: org-derived idempotency keys within Stripe's 24 h, and a look for an earlier
+attempt's objects before writing.
 """
 
 from __future__ import annotations

@@ -1,20 +1,10 @@
 """The webhook store: received Stripe events, applied exactly once; subscription and provisioning state; the
 plan records to publish on ``org-policy``; the price catalog (``billing_prices``).
 
-Tables (:mod:`sinks.schema`, "Stripe webhooks" section). The rules (ordering guard, plan of an org, when to
-publish) are in :mod:`models.webhooks`; this module reads and writes them, one transaction per function.
-
-How an event is applied exactly once:
-
-1. :meth:`WebhookStore.receive` stores every event read from ``stripe-webhook-events`` in ``webhook_events``
-   (outcome ``received``) with a receipt per record, before the agent acknowledges the records. Events the
-   ledger already holds with a final outcome are receipts marked duplicate, nothing more.
-2. one ``finish_*`` transaction per event writes the effect (subscription state, provisioning, plan records to
-   publish, the shadow log) **and** the final outcome, after first moving the outcome out of ``received`` /
-   ``failed`` under a row lock; if another run finished the event meanwhile, the whole transaction rolls back
-   and the event counts as a duplicate. A crash before that commit leaves the event ``received``: the agent's
-   retry timer applies it again (:meth:`WebhookStore.due`), and whatever Stripe call it makes again is
-   idempotent (see :mod:`sinks.webhooks.provisioning`).
+One transaction per function. :meth:`WebhookStore.receive` stores events (``received``) before the agent
+acks them; one ``finish_*`` transaction per event writes the effect and the final outcome (a race rolls
+back as a duplicate). A crash before that commit leaves the event ``received``, applied again by the retry
+timer (:meth:`WebhookStore.due`).
 """
 
 from __future__ import annotations

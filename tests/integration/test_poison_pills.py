@@ -33,6 +33,7 @@ from streams.health import DEAD_LETTERS, LEDGER, STARTING
 from streams.ingest import TickIngestor
 from streams.pipeline import Deps, IngestBatch, Pipeline, WritePlan, prepare_ingest
 from streams.records import DEAD_LETTER_MAX_BYTES, DeadLetter, RawRecord, Stopped
+from streams.wiring import tick_ingestor
 
 pytestmark = pytest.mark.integration
 
@@ -161,7 +162,7 @@ def _batch(pipe: Pipeline) -> IngestBatch:
 
 @contextlib.asynccontextmanager
 async def _ingestor(pipe: Pipeline, send: Any) -> AsyncIterator[TickIngestor]:
-    ing = TickIngestor(pipe, send)  # not started: only its write path is driven here
+    ing = tick_ingestor(pipe, send)  # not started: only its write path is driven here
     pipe.health.ok(STARTING)
     try:
         yield ing

@@ -74,7 +74,7 @@ def _runtime(ledger: Ledger, url: str, base: str) -> ReconcileRuntime:
     )
     rec = build_reconciliation(settings, ledger.engine)
     deps = Deps(config=worker_config(settings), ledger=ledger, sender=None, reconciliation=rec)
-    return ReconcileRuntime(deps, rec)
+    return ReconcileRuntime(rec, alerts_topic=deps.config.topics.alerts, clock_ms=deps.clock_ms)
 
 
 def test_the_scheduled_run_stays_under_a_fifth_of_stripes_read_limit(ledger: Ledger, sqlite_url: str) -> None:

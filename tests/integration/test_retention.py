@@ -28,9 +28,9 @@ from sinks.parity import ParityStore
 from sinks.retention import NOT_AGGREGATED, NOT_CLOSED, PARITY_BEHIND, UNSETTLED_ROWS, Retention
 from sinks.schema import cell_intervals, make_engine, migrate, parity_edge, unbilled_usage
 from streams.health import STARTING
-from streams.ingest import TickIngestor
 from streams.pipeline import Deps, Pipeline, prepare_ingest
 from streams.records import DeadLetter, RawRecord
+from streams.wiring import tick_ingestor
 
 pytestmark = pytest.mark.integration
 
@@ -191,7 +191,7 @@ def test_the_worker_dead_letters_ticks_before_the_horizon_even_when_it_moved_mea
 
     async def run(records: list[RawRecord]) -> int:
         batch = prepare_ingest(records, pipe.ticks_topic, NOW_MS, pipe.horizon_s)
-        ing = TickIngestor(pipe, send)  # not started: only its write path is driven here
+        ing = tick_ingestor(pipe, send)  # not started: only its write path is driven here
         pipe.health.ok(STARTING)
         try:
             await ing._write(batch)
