@@ -123,10 +123,12 @@ class _Sections:
             raise LedgerError(f"tick batch damaged: {len(ids)} ids for {self.n} ticks")
         return ids
 
-    def _section(self, at: int, length: int | None, columns: int) -> list[Any]:
+    def _section(self, at: int, length: int | None, columns: int, *, dictionary: bool = True) -> list[Any]:
+        """Decode one section of ``columns`` columns, each one value per tick (but the first, when it is the
+        org ``dictionary``)."""
         part = self.data[at:] if length is None else self.data[at : at + length]
         got: list[Any] = _payload_dec.decode(_unzip(part))
-        if len(got) != columns or any(len(c) != self.n for c in got[1:]):
+        if len(got) != columns or any(len(c) != self.n for c in got[1 if dictionary else 0 :]):
             raise LedgerError("tick batch damaged: a section has the wrong number of columns or values")
         return got
 
@@ -146,9 +148,7 @@ class _Sections:
         if self.fmt == 1:
             p = self._v1()
             return p[2], p[3], p[4], p[6], p[8], p[9], p[10]
-        r = self._section(_HEAD.size + self.id_len + self.sum_len, None, 7)
-        if len(r[0]) != self.n:
-            raise LedgerError("tick batch damaged: a section has the wrong number of columns or values")
+        r = self._section(_HEAD.size + self.id_len + self.sum_len, None, 7, dictionary=False)
         return r[0], r[1], r[2], r[3], r[4], r[5], r[6]
 
 

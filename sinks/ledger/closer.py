@@ -137,12 +137,11 @@ class LedgerCloser(SqlStore):
         return [(r[0], r[1], int(r[2]), None if r[3] is None else int(r[3])) for r in rows]
 
     def _intervals_of(self, conn: Connection, ordered: list[str]) -> Iterator[Any]:
-        param = "%s" if self._dialect == "postgresql" else "?"
         for i in range(0, len(ordered), 500):
             chunk = ordered[i : i + 500]
             sql = (
                 "SELECT sandbox_id, worker_id, started_ms, ended_ms FROM cell_intervals "  # noqa: S608 - placeholders
-                f"WHERE sandbox_id IN ({', '.join([param] * len(chunk))})"
+                f"WHERE sandbox_id IN ({', '.join([self._param] * len(chunk))})"
             )
             yield from conn.exec_driver_sql(sql, tuple(chunk))
 

@@ -240,7 +240,7 @@ class LedgerIngest(SqlStore):
             dbapi = conn.connection.dbapi_connection
             assert dbapi is not None
             pg = self._dialect == "postgresql"
-            param = "%s" if pg else "?"
+            param = self._param
             cur = dbapi.cursor()
             try:
                 if pg and by_bucket:

@@ -114,6 +114,8 @@ class SqlStore:
             raise LedgerError(f"unsupported database dialect {self._dialect!r}")
         # Writes go through this engine view: on SQLite it begins with BEGIN IMMEDIATE (sinks.schema).
         self._w = engine.execution_options(sqlite_write=True)
+        # The driver's positional placeholder, for SQL sent past SQLAlchemy's compiler on hot paths.
+        self._param = "%s" if self._dialect == "postgresql" else "?"
 
     def dispose(self) -> None:
         """Close the pooled connections (before a fork, or when done); the store stays usable."""
