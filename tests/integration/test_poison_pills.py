@@ -280,9 +280,12 @@ def test_poison_records_cost_only_themselves_in_a_running_worker(make_stack: Any
         good += publish_sync(stack.bootstrap, topic, msgs)
 
     def all_in() -> bool:
-        return stack.ledger.counters().get("ticks.ingested", 0) >= good + 2
+        # A batch written around a refused tick stores its ticks first and its counters (the rejections
+        # among them) in a second transaction: wait for both, not for the ticks alone.
+        counters = stack.ledger.counters()
+        return counters.get("ticks.ingested", 0) >= good + 2 and counters.get("records.rejected", 0) >= 5
 
-    stack.wait(all_in, 120, "the good ticks behind the poison records")
+    stack.wait(all_in, 120, "the good ticks behind the poison records, and the poison records counted")
     assert stack.ledger.sample_totals() == {"o1": (good, good * 20 * 1024), "o2": (2, 2 * 20 * 1024)}
     assert stack.ledger.counters()["records.rejected"] == 5
     dlq = read_topic_sync(stack.bootstrap, stack.topic("usage-ticks-dlq"), idle_timeout=2.0, max_wait=30)
