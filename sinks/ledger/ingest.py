@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from sqlalchemy import Engine, select
@@ -106,6 +106,74 @@ def unstorable(ticks: Sequence[SourcedTick]) -> dict[str, str]:
     return out
 
 
+@dataclass(slots=True)
+class _Split:
+    """A batch's ticks by bucket: the first copy of each id per bucket, the ticks before the horizon, the
+    later copies of an id within the batch, and the earliest time among the ticks kept."""
+
+    by_bucket: dict[int, dict[str, SourcedTick]]
+    too_old: list[SourcedTick]
+    again: list[SourcedTick]
+    earliest: int
+
+
+def _split(ticks: Sequence[SourcedTick], oldest: int, bucket_seconds: int) -> _Split:
+    """:class:`_Split` of ``ticks``, refusing those before ``oldest`` (unix ms)."""
+    if not ticks:
+        return _Split({}, [], [], 2**63)
+    bs = bucket_start  # a local name: one global lookup per batch, not per tick
+    # The common case in bulk (one bucket, no id twice, nothing too old), without a loop in Python.
+    times = [st[0][8] for st in ticks]
+    lo, hi = min(times), max(times)
+    if lo >= oldest and bs(lo, bucket_seconds) == bs(hi, bucket_seconds):
+        first = dict(zip([st[0][0] for st in ticks], ticks, strict=True))
+        if len(first) == len(ticks):
+            return _Split({bs(lo, bucket_seconds): first}, [], [], lo)
+    by_bucket: dict[int, dict[str, SourcedTick]] = {}
+    too_old: list[SourcedTick] = []
+    again: list[SourcedTick] = []
+    earliest = 2**63
+    for st in ticks:
+        t = st[0]
+        ts = t.ts_ms
+        if ts < oldest:
+            too_old.append(st)
+            continue
+        if ts < earliest:
+            earliest = ts
+        b = bs(ts, bucket_seconds)
+        got = by_bucket.get(b)
+        if got is None:
+            got = by_bucket[b] = {}
+        if t.id in got:
+            again.append(st)
+        else:
+            got[t.id] = st
+    return _Split(by_bucket, too_old, again, earliest)
+
+
+@dataclass(slots=True)
+class _Stored:
+    """What one transaction inserted: the count, per bucket the new ids with their batch's seq, the
+    conflicting duplicates, and the highest seq written."""
+
+    inserted: int = 0
+    added: dict[int, dict[str, int]] = field(default_factory=dict)
+    conflicts: list[Conflict] = field(default_factory=list)
+    top_seq: int = 0
+
+
+def _ingest_counts(counts: Mapping[str, int] | None, stored: _Stored, dup: int, too_old: int) -> dict[str, int]:
+    """The caller's counters plus what the write itself counted."""
+    out = dict(counts or {})
+    out["ticks.ingested"] = out.get("ticks.ingested", 0) + stored.inserted
+    out["ticks.duplicate"] = out.get("ticks.duplicate", 0) + dup
+    for name, n in ((OLDER_THAN_RETENTION, too_old), (CONFLICTING_DUPLICATE, len(stored.conflicts))):
+        if n:
+            out[f"ticks.{name}"] = out.get(f"ticks.{name}", 0) + n
+    return out
+
+
 class LedgerIngest(SqlStore):
     """The ingest side of the :class:`sinks.ledger.Ledger`: tick batches, policies, progress."""
 
@@ -164,52 +232,15 @@ class LedgerIngest(SqlStore):
         reaches could hold; ``validated``: the caller's parser checked exactly those limits already
         (:func:`models.ticks.parse_record`), so the check is skipped.
         """
-        bs = bucket_start  # a local name: one global lookup per batch, not per tick
-
-        def split(oldest: int) -> tuple[dict[int, dict[str, SourcedTick]], list[SourcedTick], list[SourcedTick], int]:
-            """(per bucket the first copy of each id, the ticks before ``oldest``, later copies, earliest ts)."""
-            if not ticks:
-                return {}, [], [], 2**63
-            # The common case in bulk (one bucket, no id twice, nothing too old), without a loop in Python.
-            times = [st[0][8] for st in ticks]
-            lo, hi = min(times), max(times)
-            if lo >= oldest and bs(lo, bucket_seconds) == bs(hi, bucket_seconds):
-                first = dict(zip([st[0][0] for st in ticks], ticks, strict=True))
-                if len(first) == len(ticks):
-                    return {bs(lo, bucket_seconds): first}, [], [], lo
-            by_bucket: dict[int, dict[str, SourcedTick]] = {}
-            refused: list[SourcedTick] = []
-            again: list[SourcedTick] = []
-            earliest = 2**63
-            for st in ticks:
-                t = st[0]
-                ts = t.ts_ms
-                if ts < oldest:
-                    refused.append(st)
-                    continue
-                if ts < earliest:
-                    earliest = ts
-                b = bs(ts, bucket_seconds)
-                got = by_bucket.get(b)
-                if got is None:
-                    got = by_bucket[b] = {}
-                if t.id in got:
-                    again.append(st)
-                else:
-                    got[t.id] = st
-            return by_bucket, refused, again, earliest
-
         refusals = {} if validated else unstorable(ticks)
         if refusals:
             raise TickRefused("; ".join(sorted(set(refusals.values()))))
-        # Built before the write lock is taken, as if nothing were before the horizon (the caller has already
-        # refused the ticks before the horizon it last saw); built again only if the horizon says otherwise.
-        by_bucket, too_old, again, earliest = split(NO_HORIZON_MS)
+        # Split before the write lock is taken, as if nothing were before the horizon (the caller has already
+        # refused the ticks before the horizon it last saw); split again only if the horizon says otherwise.
+        split = _split(ticks, NO_HORIZON_MS, bucket_seconds)
         with self._ingest_lock:
             try:
-                return self._write(
-                    topic, ticks, bucket_seconds, progress, counts, split, by_bucket, too_old, again, earliest
-                )
+                return self._write(topic, ticks, bucket_seconds, progress, counts, split)
             except BaseException:
                 self.dedup.reset()
                 self._kept.clear()
@@ -222,72 +253,66 @@ class LedgerIngest(SqlStore):
         bucket_seconds: int,
         progress: Mapping[int, tuple[int, int | None]],
         counts: Mapping[str, int] | None,
-        split: Any,
-        by_bucket: dict[int, dict[str, SourcedTick]],
-        too_old: list[SourcedTick],
-        again: list[SourcedTick],
-        earliest: int,
+        split: _Split,
     ) -> IngestResult:
         """:meth:`write_ticks`' transaction (steps 1 to 6)."""
-        inserted = 0
-        added: dict[int, dict[str, int]] = {}
-        conflicts: list[Conflict] = []
-        top = 0
         with self._w.begin() as conn:
             horizon = read_dedup_horizon(conn, shared_lock=True)
-            if earliest < horizon_ms(horizon):
-                by_bucket, too_old, again, _ = split(horizon_ms(horizon))
+            if split.earliest < horizon_ms(horizon):
+                split = _split(ticks, horizon_ms(horizon), bucket_seconds)
             dbapi = conn.connection.dbapi_connection
             assert dbapi is not None
-            pg = self._dialect == "postgresql"
-            param = self._param
             cur = dbapi.cursor()
             try:
-                if pg and by_bucket:
-                    cur.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_INGEST,))
-                if by_bucket:
-                    self.dedup.sync(cur, param)
-                stored: dict[tuple[int, str], SourcedTick | None] = {}  # ids held before: their kept copy
-                for b in sorted(by_bucket):
-                    held = self.dedup.bucket(cur, param, b)
-                    mine = by_bucket[b]
-                    seen = mine.keys() & held.keys()  # in C: usually empty
-                    fresh = [st for tid, st in mine.items() if tid not in seen] if seen else list(mine.values())
-                    for tid in seen:
-                        st = mine[tid]
-                        kept = stored[(b, tid)] = self._kept_copy(cur, param, held[tid], tid)
-                        if kept is not None and kept.tick[1:] != st.tick[1:]:
-                            conflicts.append(Conflict(st, kept))
-                    if not fresh:
-                        continue
-                    seq = self._insert_batch(cur, pg, b, fresh)
-                    added[b] = dict.fromkeys([st[0][0] for st in fresh], seq)
-                    inserted += len(fresh)
-                    top = max(top, seq)
-                for st in again:  # a later copy inside this batch: compared with the copy that counts
-                    b = bucket_start(st.tick.ts_ms, bucket_seconds)
-                    at = (b, st.tick.id)
-                    first = stored[at] if at in stored else by_bucket[b][st.tick.id]
-                    if first is not None and first.tick[1:] != st.tick[1:]:
-                        conflicts.append(Conflict(st, first))
+                stored = self._store_new(cur, split, bucket_seconds)
             finally:
                 cur.close()
             self._upsert_progress(conn, topic, progress)
-            dup = len(ticks) - len(too_old) - inserted - len(conflicts)
-            all_counts = dict(counts or {})
-            all_counts["ticks.ingested"] = all_counts.get("ticks.ingested", 0) + inserted
-            all_counts["ticks.duplicate"] = all_counts.get("ticks.duplicate", 0) + dup
-            if too_old:
-                key = f"ticks.{OLDER_THAN_RETENTION}"
-                all_counts[key] = all_counts.get(key, 0) + len(too_old)
-            if conflicts:
-                key = f"ticks.{CONFLICTING_DUPLICATE}"
-                all_counts[key] = all_counts.get(key, 0) + len(conflicts)
-            self._bump_counters(conn, all_counts)
-        self.dedup.add(added, top)
+            dup = len(ticks) - len(split.too_old) - stored.inserted - len(stored.conflicts)
+            self._bump_counters(conn, _ingest_counts(counts, stored, dup, len(split.too_old)))
+        self.dedup.add(stored.added, stored.top_seq)
         return IngestResult(
-            inserted=inserted, duplicates=dup, too_old=tuple(too_old), horizon_s=horizon, conflicts=tuple(conflicts)
+            inserted=stored.inserted,
+            duplicates=dup,
+            too_old=tuple(split.too_old),
+            horizon_s=horizon,
+            conflicts=tuple(stored.conflicts),
         )
+
+    def _store_new(self, cur: Any, split: _Split, bucket_seconds: int) -> _Stored:
+        """Steps 2 and 3 on the transaction's driver cursor: per bucket, the ids not held yet inserted as one
+        batch; the held ones (and the batch's own later copies) compared with the copy that counts."""
+        out = _Stored()
+        if not split.by_bucket:
+            return out
+        param = self._param
+        if self._dialect == "postgresql":
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_INGEST,))
+        self.dedup.sync(cur, param)
+        stored: dict[tuple[int, str], SourcedTick | None] = {}  # ids held before: their kept copy
+        for b in sorted(split.by_bucket):
+            held = self.dedup.bucket(cur, param, b)
+            mine = split.by_bucket[b]
+            seen = mine.keys() & held.keys()  # in C: usually empty
+            for tid in seen:
+                st = mine[tid]
+                kept = stored[(b, tid)] = self._kept_copy(cur, param, held[tid], tid)
+                if kept is not None and kept.tick[1:] != st.tick[1:]:
+                    out.conflicts.append(Conflict(st, kept))
+            fresh = [st for tid, st in mine.items() if tid not in seen] if seen else list(mine.values())
+            if not fresh:
+                continue
+            seq = self._insert_batch(cur, self._dialect == "postgresql", b, fresh)
+            out.added[b] = dict.fromkeys([tid for tid in mine if tid not in seen] if seen else mine, seq)
+            out.inserted += len(fresh)
+            out.top_seq = max(out.top_seq, seq)
+        for st in split.again:  # a later copy inside this batch: compared with the copy that counts
+            b = bucket_start(st.tick.ts_ms, bucket_seconds)
+            at = (b, st.tick.id)
+            first = stored[at] if at in stored else split.by_bucket[b][st.tick.id]
+            if first is not None and first.tick[1:] != st.tick[1:]:
+                out.conflicts.append(Conflict(st, first))
+        return out
 
     @staticmethod
     def _insert_batch(cur: Any, pg: bool, bucket: int, ticks: list[SourcedTick]) -> int:
