@@ -5,7 +5,7 @@ For every record coldec accepts, its columns must give exactly parse_record's ti
 ignored count, and parse_record must have rejected nothing in it. A record coldec lists in ``fallback`` is fine
 (the caller would parse it in Python); the hand-made "must fall back" cases check it does so where it has to.
 
-Run: cd /work/main && .venv/bin/python prototypes/columnar/check.py
+Run: .venv/bin/python prototypes/columnar/check.py
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 # ruff: noqa: T201
 """CPU µs per tick of the Python parse path and of the throwaway coldec prototype (see README.md).
 
-Run: cd /work/main && nice -n 19 .venv/bin/python prototypes/columnar/measure.py
+Run: nice -n 19 .venv/bin/python prototypes/columnar/measure.py
 """
 
 from __future__ import annotations
