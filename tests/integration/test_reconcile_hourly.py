@@ -68,6 +68,10 @@ def test_a_loss_and_an_excess_in_todays_hours_are_found_within_the_hour(make_sta
         time.sleep(5 - now % HOUR)
         now = int(time.time())
     cur = now // HOUR * HOUR  # the current hour: its bucket is still open
+    if (cur + HOUR) % 86_400 == 0:
+        # In a UTC day's last hour every bucket ending that day is closed, so the reconciler compares the day
+        # as one day window (as it should): the hour windows this test is about do not exist then.
+        pytest.skip("the day's last UTC hour: today is compared as one day window, not by hour")
     stack = make_stack(
         EDGEBILL_GRACE_SECONDS="0",
         EDGEBILL_BILL_FROM=str(cur - 6 * HOUR),
