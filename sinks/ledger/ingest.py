@@ -285,8 +285,8 @@ class LedgerIngest(SqlStore):
         out = _Stored()
         if not split.by_bucket:
             return out
-        param = self._param
-        if self._dialect == "postgresql":
+        param, pg = self._param, self._dialect == "postgresql"
+        if pg:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_INGEST,))
         self.dedup.sync(cur, param)
         stored: dict[tuple[int, str], SourcedTick | None] = {}  # ids held before: their kept copy
@@ -299,12 +299,12 @@ class LedgerIngest(SqlStore):
                 kept = stored[(b, tid)] = self._kept_copy(cur, param, held[tid], tid)
                 if kept is not None and kept.tick[1:] != st.tick[1:]:
                     out.conflicts.append(Conflict(st, kept))
-            fresh = [st for tid, st in mine.items() if tid not in seen] if seen else list(mine.values())
-            if not fresh:
+            new = {tid: st for tid, st in mine.items() if tid not in seen} if seen else mine
+            if not new:
                 continue
-            seq = self._insert_batch(cur, self._dialect == "postgresql", b, fresh)
-            out.added[b] = dict.fromkeys([tid for tid in mine if tid not in seen] if seen else mine, seq)
-            out.inserted += len(fresh)
+            seq = self._insert_batch(cur, pg, b, list(new.values()))
+            out.added[b] = dict.fromkeys(new, seq)
+            out.inserted += len(new)
             out.top_seq = max(out.top_seq, seq)
         for st in split.again:  # a later copy inside this batch: compared with the copy that counts
             b = bucket_start(st.tick.ts_ms, bucket_seconds)
